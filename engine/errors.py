@@ -1,0 +1,29 @@
+"""Typed errors. Every one is a ValueError subclass whose message names the file, key, field or limit at fault."""
+
+
+class PllavaError(ValueError):
+    """Base class of the engine's input errors."""
+
+
+class ConfigError(PllavaError):
+    """config.json, preprocessor_config.json or adapter_config.json is missing a field or holds a bad value."""
+
+
+class CheckpointError(PllavaError):
+    """A weight file is unreadable, or a key is missing, unexpected, or has the wrong shape."""
+
+
+class TokenizerError(PllavaError):
+    """The tokenizer disagrees with the model config (e.g. it does not know the image token)."""
+
+
+class PromptError(PllavaError):
+    """A prompt without exactly one <image> token, an unknown conv_mode, or a prompt over the context."""
+
+
+class VideoError(PllavaError):
+    """A source that is not a decodable video (empty, truncated, audio-only, unsupported codec...)."""
+
+
+class InputError(PllavaError):
+    """A `video` argument of the wrong type, dtype or shape."""

@@ -1,0 +1,184 @@
+"""The generation loop as small free functions: prefill, decode_one_token, sample, and a text streamer that
+detokenizes incrementally and watches for stop strings without decoding the whole text every step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+
+    def validate(self):
+        def bad(name, why):
+            raise ValueError(f"{name}: {why}, got {getattr(self, name)!r}")
+
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            bad("max_new_tokens", "must be an integer >= 1")
+        if not (self.temperature >= 0):
+            bad("temperature", "must be >= 0")
+        if not (0 < self.top_p <= 1):
+            bad("top_p", "must be in (0, 1]")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            bad("top_k", "must be an integer >= 0")
+        if not (self.repetition_penalty > 0):
+            bad("repetition_penalty", "must be > 0")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            bad("stop", "must be non-empty strings")
+
+
+@torch.no_grad()
+def prefill(lm, embeds: torch.Tensor) -> torch.Tensor:
+    """embeds (1, L, D) from position 0 -> logits (1, 1, V) of the last position; fills the KV cache."""
+    pos = torch.arange(embeds.shape[1], device=embeds.device)
+    return lm(embeds, pos)
+
+
+@torch.no_grad()
+def decode_one_token(lm, token: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+    """token (1, 1) at input_pos (1,) -> logits (1, 1, V)."""
+    return lm(lm.embed_tokens(token), input_pos)
+
+
+def sample(logits: torch.Tensor, p: SamplingParams, seen: torch.Tensor | None, gen: torch.Generator | None) -> int:
+    """logits (V,) -> next token id, with transformers' processor order: repetition penalty, temperature,
+    top-k, top-p."""
+    logits = logits.float()
+    if p.repetition_penalty != 1.0 and seen is not None and seen.numel():
+        s = logits.gather(0, seen)
+        logits = logits.scatter(0, seen, torch.where(s < 0, s * p.repetition_penalty, s / p.repetition_penalty))
+    if p.temperature == 0:
+        return int(logits.argmax())
+    logits = logits / p.temperature
+    if p.top_k and p.top_k < logits.numel():
+        kth = torch.topk(logits, p.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if p.top_p < 1.0:
+        sorted_logits, idx = torch.sort(logits, descending=False)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        remove = cum <= (1 - p.top_p)
+        remove[-1] = False  # always keep the most likely token
+        logits = logits.masked_fill(remove.scatter(0, idx, remove), float("-inf"))
+    probs = logits.softmax(-1)
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+class TextStreamer:
+    """Incremental detokenization (prefix/read offsets, so multi-token characters come out whole) with stop
+    strings. Text that could still be the start of a stop string is held back until it cannot."""
+
+    def __init__(self, tokenizer, stop: list[str]):
+        self.tok = tokenizer
+        self.stop = stop
+        self.ids: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+        self.text = ""  # all text decoded so far
+        self.emitted = 0  # chars of self.text handed out
+        self.stopped = False
+
+    def _decode(self, ids):
+        return self.tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def add(self, token_id: int) -> str:
+        """Feed one token; return the text that is now safe to emit."""
+        self.ids.append(token_id)
+        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        full = self._decode(self.ids[self.prefix_offset:])
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            self.text += full[len(prefix):]
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        if self.stop:
+            longest = max(len(s) for s in self.stop)
+            window_start = max(0, self.emitted - longest)
+            hits = [i for i in (self.text.find(s, window_start) for s in self.stop) if i >= 0]
+            if hits:
+                self.text = self.text[:min(hits)]
+                self.stopped = True
+                return self._flush()
+            hold = max((k for s in self.stop for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
+            return self._take(len(self.text) - hold)
+        return self._take(len(self.text))
+
+    def _take(self, upto: int) -> str:
+        if upto <= self.emitted:
+            return ""
+        out = self.text[self.emitted:upto]
+        self.emitted = upto
+        return out
+
+    def _flush(self) -> str:
+        return self._take(len(self.text))
+
+    def finish(self) -> str:
+        """At the end: the whole text is decoded once more (so nothing incremental decoding held is lost)."""
+        if not self.stopped:
+            full = self._decode(self.ids)
+            if full.startswith(self.text[:self.emitted]):
+                self.text = full
+        return self._flush()
+
+
+@dataclass
+class StepEvent:
+    token_id: int
+    text: str  # text newly safe to emit (may be "")
+
+
+def generate_tokens(lm, embeds: torch.Tensor, params: SamplingParams, tokenizer, eos_ids: set[int],
+                    prompt_ids: torch.Tensor | None, timings: dict, clock) -> Iterator[StepEvent]:
+    """Prefill then decode one token a step; yields each token with its text. Sets timings['prefill'] and
+    timings['decode'], and leaves the streamer's finish reason in timings['_finish'] ('stop' or 'length')."""
+    device = embeds.device
+    gen = None
+    if params.seed is not None:
+        gen = torch.Generator(device=device).manual_seed(int(params.seed))
+    streamer = TextStreamer(tokenizer, params.stop)
+    stop_ids = set(eos_ids) | set(params.stop_token_ids)
+    seen = prompt_ids.to(device) if (prompt_ids is not None and params.repetition_penalty != 1.0) else None
+    t0 = clock()
+    logits = prefill(lm, embeds)
+    pos = embeds.shape[1]
+    tok = sample(logits[0, -1], params, seen, gen)
+    timings["prefill"] = clock() - t0
+    t1 = clock()
+    finish = "length"
+    n = 0
+    while True:
+        n += 1
+        text = streamer.add(tok)
+        if tok in stop_ids:
+            finish = "stop"
+            yield StepEvent(tok, text + streamer.finish())
+            break
+        if streamer.stopped:
+            finish = "stop"
+            yield StepEvent(tok, text)
+            break
+        if n >= params.max_new_tokens:
+            yield StepEvent(tok, text + streamer.finish())
+            break
+        yield StepEvent(tok, text)
+        if seen is not None:
+            seen = torch.cat([seen, torch.tensor([tok], device=device)])
+        cur = torch.tensor([[tok]], device=device)
+        logits = decode_one_token(lm, cur, torch.tensor([pos], device=device))
+        pos += 1
+        tok = sample(logits[0, -1], params, seen, gen)
+    timings["decode"] = clock() - t1
+    timings["decode_tokens"] = n
+    timings["_finish"] = finish
+    timings["_text"] = streamer.text

@@ -1,0 +1,3 @@
+from .pllava import PllavaModel
+
+__all__ = ["PllavaModel"]

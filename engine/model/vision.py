@@ -1,0 +1,89 @@
+"""CLIP ViT (pre-layernorm, quick_gelu, class token, learned positions), run only up to the layer PLLaVA reads.
+
+Module names equal the checkpoint's after `vision_tower.vision_model.` (HF's `pre_layrnorm` spelling included).
+post_layernorm and the layers after `vision_feature_layer` are never built: for ViT-L/14-336 with layer -2 that
+skips 1 of 24 layers and the final norm.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import VisionConfig
+from pllava.kernels.pool_projector import _ACTS
+
+
+class CLIPEmbeddings(nn.Module):
+    def __init__(self, c: VisionConfig):
+        super().__init__()
+        self.class_embedding = nn.Parameter(torch.empty(c.hidden_size))
+        self.patch_embedding = nn.Conv2d(c.num_channels, c.hidden_size, c.patch_size, c.patch_size, bias=False)
+        self.position_embedding = nn.Embedding(c.grid * c.grid + 1, c.hidden_size)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:  # (T, 3, S, S)
+        p = self.patch_embedding(pixels.to(self.patch_embedding.weight.dtype))  # (T, D, g, g)
+        p = p.flatten(2).transpose(1, 2)  # (T, g*g, D)
+        cls = self.class_embedding.expand(p.shape[0], 1, -1)
+        return torch.cat([cls, p], dim=1) + self.position_embedding.weight  # (T, 1+g*g, D)
+
+
+class CLIPAttention(nn.Module):
+    def __init__(self, c: VisionConfig):
+        super().__init__()
+        d = c.hidden_size
+        self.n_head = c.num_attention_heads
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x):  # (T, L, D)
+        t, n, d = x.shape
+        q, k, v = (p(x).view(t, n, self.n_head, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        o = F.scaled_dot_product_attention(q, k, v)  # (T, H, L, hd); no mask: CLIP's vision side is bidirectional
+        return self.out_proj(o.transpose(1, 2).reshape(t, n, d))
+
+
+class CLIPMLP(nn.Module):
+    def __init__(self, c: VisionConfig):
+        super().__init__()
+        self.act = _ACTS[c.hidden_act]
+        self.fc1 = nn.Linear(c.hidden_size, c.intermediate_size)
+        self.fc2 = nn.Linear(c.intermediate_size, c.hidden_size)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class CLIPEncoderLayer(nn.Module):
+    def __init__(self, c: VisionConfig):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.self_attn = CLIPAttention(c)
+        self.layer_norm2 = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.mlp = CLIPMLP(c)
+
+    def forward(self, x):
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPEncoder(nn.Module):
+    def __init__(self, c: VisionConfig, num_layers: int):
+        super().__init__()
+        self.layers = nn.ModuleList(CLIPEncoderLayer(c) for _ in range(num_layers))
+
+
+class CLIPVisionTower(nn.Module):
+    """Returns hidden_states[vision_feature_layer] with the CLS token dropped: (T, g*g, D)."""
+
+    def __init__(self, c: VisionConfig, num_layers: int):
+        super().__init__()
+        self.config = c
+        self.embeddings = CLIPEmbeddings(c)
+        self.pre_layrnorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.encoder = CLIPEncoder(c, num_layers)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = self.pre_layrnorm(self.embeddings(pixels))  # hidden_states[0]
+        for layer in self.encoder.layers:
+            x = layer(x)
+        return x[:, 1:]  # (T, g*g, D): CLS dropped ("default" strategy)

@@ -1,0 +1,138 @@
+"""PLLaVA's conversation templates (magic-research/PLLaVA tasks/eval/eval_utils.py) and <image> splicing.
+
+The strings, separators and the two multimodal styles follow `Conversation.get_prompt` / `user_query` exactly:
+MM_ALONE puts the image token in a message of its own (so the user role appears twice), MM_INTERLEAF prefixes it
+to the question with a space. mvbench carries the post-query and answer prompt its eval script passes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import PromptError, TokenizerError
+
+IMAGE_TOKEN = "<image>"
+
+_VCG_SYSTEM = ("You are Video-ChatGPT, a large vision-language assistant. "
+               "You are able to understand the video content that the user provides, and assist the user with a "
+               "variety of tasks using natural language."
+               "Follow the instructions carefully and explain your answers in detail based on the provided video.")
+_MVBENCH_SYSTEM = ("Carefully watch the video and pay attention to the cause and sequence of events, the detail and "
+                   "movement of objects, and the action and pose of persons. Based on your observations, select the "
+                   "best option that accurately addresses the question.\n")
+_RECAPTION_SYSTEM = """You are a powerful Video Magic ChatBot, a large vision-language assistant. 
+You are able to understand the video content that the user provides and assist the user in a video recaptioning task.
+The user will provide you with the video and maybe some extra noisy information to help you out. Make use of the information in a proper way to be competent for the recaption job
+### INSTRUCTIONS:
+1. Follow the user's instruction.
+2. Be critical yet believe in yourself.
+"""
+_VIDEOQA_PRE = ("The input consists of a sequence of key frames from a video. Answer the question concisely first and "
+                "followed by significant events, characters, or objects that appear throughout the frames. Question:")
+_VICUNA = dict(roles=("USER: ", "ASSISTANT:"), sep=(" ", "</s>"))
+_CHATML = dict(roles=("<|im_start|>user\n", "<|im_start|>assistant\n"), sep=("<|im_end|>\n", "<|im_end|>\n"))
+
+
+@dataclass(frozen=True)
+class Template:
+    system: str
+    roles: tuple
+    sep: tuple
+    mm_token: str = "<image>\n"
+    mm_alone: bool = True  # MM_ALONE; False: MM_INTERLEAF
+    pre_query: str | None = None
+    post_query: str | None = None
+    answer_prompt: str | None = None
+
+    def render(self, question: str, system: str | None = None) -> str:
+        """get_prompt() after user_query(question, pre, post, is_mm=True) [+ assistant_response(answer_prompt)]."""
+        q = question
+        if self.post_query is not None:
+            q = f"{q} {self.post_query}"
+        if self.pre_query is not None:
+            q = f"{self.pre_query} {q}"
+        user, bot = self.roles
+        msgs = []
+        if self.mm_alone:
+            msgs.append((user, self.mm_token))
+        elif self.mm_token not in q:
+            q = f"{self.mm_token} {q}"
+        msgs.append((user, q))
+        if self.answer_prompt is not None:
+            msgs.append((bot, self.answer_prompt))
+        sep = dict(zip(self.roles, self.sep))
+        system = self.system if system is None else system
+        out = system + sep[user] if system != "" else ""
+        for i, (role, msg) in enumerate(msgs):
+            if i + 1 == len(msgs):
+                out += role + msg + sep[role] + bot if role != bot else role + msg
+            else:
+                out += role + msg + sep[role]
+        return out
+
+
+TEMPLATES: dict[str, Template] = {
+    "plain": Template("", ("USER:", "ASSISTANT:"), (" ", "</s>"), mm_token="<image>", mm_alone=False),
+    "vcg": Template(_VCG_SYSTEM, **_VICUNA),
+    "mvbench": Template(_MVBENCH_SYSTEM, **_VICUNA, post_query="\nOnly give the best option.",
+                        answer_prompt="Best option:("),
+    "videoqa": Template("", **_VICUNA, mm_alone=False, pre_query=_VIDEOQA_PRE, post_query="\n",
+                        answer_prompt="\nAnswer: In the video,"),
+    "recaption": Template(_RECAPTION_SYSTEM, **_VICUNA),
+    "vcg_chatml": Template(_VCG_SYSTEM, **_CHATML),
+    "mvbench_chatml": Template(_VCG_SYSTEM, **_CHATML, post_query="\nOnly give the best option.",
+                               answer_prompt="Best option:("),
+    "videoqa_chatml": Template("<|im_start|>system\nAnswer the question.", **_CHATML, mm_alone=False,
+                               pre_query=_VIDEOQA_PRE, post_query="\n", answer_prompt="\nAnswer: In the video,"),
+    "recaption_chatml": Template(_RECAPTION_SYSTEM, **_CHATML),
+}
+# PLLaVA's own names for the same templates.
+ALIASES = {"eval_vcgbench": "vcg", "eval_mvbench": "mvbench", "eval_videoqabench": "videoqa",
+           "eval_recaption": "recaption", "eval_vcg_llavanext": "vcg_chatml", "eval_mvbench_llavanext": "mvbench_chatml",
+           "eval_videoqa_llavanext": "videoqa_chatml", "eval_recaption_llavanext": "recaption_chatml"}
+CONV_MODES = tuple(TEMPLATES) + tuple(ALIASES) + ("raw",)
+
+
+def build_prompt(question: str, conv_mode: str = "plain", system: str | None = None) -> str:
+    """The full prompt text for `question`; conv_mode 'raw' takes `question` as the whole prompt."""
+    if not isinstance(question, str):
+        raise PromptError(f"prompt must be a str, got {type(question).__name__}")
+    if conv_mode == "raw":
+        return question
+    name = ALIASES.get(conv_mode, conv_mode)
+    if name not in TEMPLATES:
+        raise PromptError(f"conv_mode {conv_mode!r} is unknown; choose one of {', '.join(CONV_MODES)}")
+    return TEMPLATES[name].render(question, system)
+
+
+def default_conv_mode(tokenizer) -> str:
+    """ChatML templates for tokenizers that know <|im_start|> (PLLaVA-34B / Yi), PLLaVA's demo 'plain' otherwise."""
+    return "vcg_chatml" if "<|im_start|>" in tokenizer.get_vocab() else "plain"
+
+
+def check_image_token(tokenizer, image_token_index: int, where: str):
+    """The tokenizer must map '<image>' to the config's image_token_index (PLLaVA issue #32)."""
+    tid = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    if tid is None or tid == tokenizer.unk_token_id or tid != image_token_index:
+        raise TokenizerError(f"{where}: the tokenizer maps '{IMAGE_TOKEN}' to {tid!r} but config.json's "
+                             f"'image_token_index' is {image_token_index}; the tokenizer and the model config "
+                             "come from different checkpoints")
+
+
+def tokenize(tokenizer, prompt: str, image_token_index: int) -> tuple[torch.Tensor, int]:
+    """Prompt text -> (input_ids (L,) int64, position of the single image token)."""
+    n = prompt.count(IMAGE_TOKEN)
+    if n != 1:
+        raise PromptError(f"the prompt must contain exactly one '{IMAGE_TOKEN}' token, found {n}: {prompt[:200]!r}")
+    ids = torch.tensor(tokenizer(prompt)["input_ids"], dtype=torch.long)
+    where = (ids == image_token_index).nonzero().flatten()
+    if where.numel() != 1:
+        raise TokenizerError(f"the tokenized prompt holds {where.numel()} image tokens (id {image_token_index}), "
+                             "expected 1")
+    return ids, int(where[0])
+
+
+def splice(text_embeds: torch.Tensor, image_pos: int, visual: torch.Tensor) -> torch.Tensor:
+    """Replace the one <image> embedding at image_pos by all visual embeddings: (L, d) -> (L - 1 + N, d)."""
+    return torch.cat([text_embeds[:image_pos], visual.to(text_embeds.dtype), text_embeds[image_pos + 1:]], dim=0)

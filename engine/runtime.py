@@ -1,0 +1,332 @@
+"""Engine: ties decode -> preprocess -> vision -> projector -> prompt -> generation together, with timings."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field, replace
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from . import ops
+from .checkpoint import LAYOUT_NAMES, attach_adapter_config, load_weights, plan_adapter, plan_checkpoint
+from .config import DEFAULT_LORA_ALPHA, PllavaConfig, load_config
+from .errors import CheckpointError, ConfigError, InputError, PromptError
+from .generate import SamplingParams, generate_tokens
+from .model import PllavaModel
+from .preprocess import clip_defaults, load_processor_config, preprocess
+from .prompt import build_prompt, check_image_token, default_conv_mode, splice, tokenize
+from .video import read_frames
+
+log = logging.getLogger("pllava")
+
+CAPTION_PROMPT = "Describe the video in details."  # PLLaVA's single_test / recaption query
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32, "float16": torch.float16,
+           "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class GenerationOutput:
+    text: str
+    token_ids: list[int]  # new tokens only; ends with EOS when generation stopped on EOS
+    num_prompt_tokens: int
+    timings: dict = field(default_factory=dict)  # seconds per stage
+    finish_reason: str = "length"  # 'stop' (EOS, stop token or stop string) or 'length'
+
+
+def resolve_dtype(dtype, device: torch.device, cfg_dtype: str | None) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is not None:
+        if str(dtype) not in _DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)}")
+        return _DTYPES[str(dtype)]
+    if device.type != "cuda":
+        return torch.float32  # CPUs have no fast half-precision GEMM worth the accuracy loss
+    return _DTYPES.get(str(cfg_dtype), torch.bfloat16) if cfg_dtype not in (None, "float32") else torch.bfloat16
+
+
+def resolve_model_dir(model: str) -> str:
+    if os.path.isdir(model):
+        return model
+    if os.path.exists(model):
+        raise ConfigError(f"{model}: not a directory (a model is a directory with config.json, or a hub repo id)")
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+        return snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"])
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as e:
+        raise ConfigError(f"{model}: not a local directory, and the hub repo could not be fetched: {e}") from e
+
+
+class Engine:
+    """A loaded PLLaVA model. Build with `Engine.from_pretrained`."""
+
+    def __init__(self, model: PllavaModel, tokenizer, processor_config: dict, device: torch.device,
+                 dtype: torch.dtype, conv_mode: str, model_dir: str, eos_ids: set[int]):
+        self.model = model
+        self.config: PllavaConfig = model.config
+        self.tokenizer = tokenizer
+        self.processor_config = processor_config
+        self.device = device
+        self.dtype = dtype
+        self.conv_mode = conv_mode
+        self.model_dir = model_dir
+        self.eos_ids = eos_ids
+        self.lora_alpha = self.config.lora.alpha
+
+    # ------------------------------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, model: str, device=None, dtype=None, num_frames=None, pooling_shape=None,
+                        lora_alpha=None, conv_mode=None, adapter: str | None = None) -> "Engine":
+        """Load a PLLaVA checkpoint (any of the three key layouts) or a llava-hf one (training-free PLLaVA).
+
+        `model` is a local directory or a hub repo id. A directory holding adapter_config.json is a PEFT adapter:
+        its base is the same directory when it has config.json, else `base_model_name_or_path`. `adapter` names a
+        separate adapter directory. lora_alpha defaults to 4 (PLLaVA's caption setting) whatever the adapter was
+        trained with; the scale is alpha / r (alpha / sqrt(r) for rsLoRA).
+        """
+        t0 = time.perf_counter()
+        model_dir = resolve_model_dir(os.fspath(model))
+        if adapter is None and os.path.isfile(os.path.join(model_dir, "adapter_config.json")):
+            adapter = model_dir
+            if not os.path.isfile(os.path.join(model_dir, "config.json")):
+                with open(os.path.join(model_dir, "adapter_config.json"), encoding="utf-8") as f:
+                    base = json.load(f).get("base_model_name_or_path")
+                if not base:
+                    raise ConfigError(f"{model_dir}/adapter_config.json: no config.json beside it and no "
+                                      "'base_model_name_or_path' to find the base model")
+                model_dir = resolve_model_dir(base)
+        device = torch.device(device) if device is not None else torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu")
+        cfg = load_config(model_dir).with_overrides(num_frames=num_frames, pooling_shape=pooling_shape,
+                                                    lora_alpha=DEFAULT_LORA_ALPHA if lora_alpha is None else lora_alpha)
+        dt = resolve_dtype(dtype, device, cfg.torch_dtype)
+        plan = plan_checkpoint(model_dir, cfg)
+        tensors = dict(plan.tensors)
+        lcfg = None
+        if adapter is not None:
+            if plan.lora_r:
+                raise CheckpointError(f"{model_dir}: the checkpoint already carries a LoRA (r={plan.lora_r}); "
+                                      f"refusing to stack the adapter in {adapter} on it")
+            a_tensors, lcfg, _ = plan_adapter(os.fspath(adapter))
+            tensors.update(a_tensors)
+        cfg = attach_adapter_config(cfg, plan, lcfg)
+
+        from transformers import AutoTokenizer
+
+        tok_dir = model_dir if os.path.isfile(os.path.join(model_dir, "tokenizer_config.json")) or adapter is None \
+            else os.fspath(adapter)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{tok_dir}: cannot load the tokenizer: {e}") from e
+        check_image_token(tokenizer, cfg.image_token_index, tok_dir)
+        if len(tokenizer) > cfg.text.vocab_size:
+            raise ConfigError(f"{tok_dir}: the tokenizer has {len(tokenizer)} tokens but text_config.vocab_size is "
+                              f"{cfg.text.vocab_size}")
+
+        with torch.device("meta"):
+            net = PllavaModel(cfg)
+        load_weights(net, tensors, plan.layout, dt, device, model_dir)
+        net.lora_scale = torch.tensor(cfg.lora.scale, dtype=torch.float32, device=device)
+        net.bind_lora_scale()
+        net.language_model.setup_rope(device)
+        net.eval()
+        path = ops.log_kernel_path(device)
+        net.set_kernel_path(path)
+
+        pp = os.path.join(model_dir, "preprocessor_config.json")
+        if os.path.isfile(pp):
+            proc = load_processor_config(pp)
+        else:
+            log.warning("%s: no preprocessor_config.json; using CLIP's defaults at %dpx", model_dir,
+                        cfg.vision.image_size)
+            proc = clip_defaults(cfg.vision.image_size)
+        eos = _eos_ids(tokenizer, cfg, model_dir)
+        mode = conv_mode or default_conv_mode(tokenizer)
+        build_prompt("x <image>" if mode == "raw" else "x", mode)  # unknown conv_mode: fail at load, not later
+        log.info("loaded %s (%s layout, LoRA r=%d alpha=%g) on %s as %s in %.2fs", model_dir,
+                 LAYOUT_NAMES[plan.layout], cfg.lora.r, cfg.lora.alpha, device, dt, time.perf_counter() - t0)
+        return cls(net, tokenizer, proc, device, dt, mode, model_dir, eos)
+
+    # ------------------------------------------------------------------------------------------ LoRA
+    def set_lora_alpha(self, alpha: float):
+        """Change the LoRA scale to alpha / r in place: no reload, no recompile (alpha 0 = the image LLM)."""
+        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not np.isfinite(alpha):
+            raise ValueError(f"lora_alpha must be a finite number, got {alpha!r}")
+        self.model.set_lora_alpha(float(alpha))
+        self.lora_alpha = float(alpha)
+
+    # ------------------------------------------------------------------------------------------ inputs
+    def _clock(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def pixels(self, video, timings: dict | None = None) -> torch.Tensor:
+        """Any accepted `video` -> preprocessed (T, 3, S, S) on the engine's device."""
+        timings = {} if timings is None else timings
+        t0 = self._clock()
+        s = self.config.vision.image_size
+        frames = None
+        if isinstance(video, (str, os.PathLike, bytes, bytearray, memoryview)) or hasattr(video, "read"):
+            frames = read_frames(video, self.config.num_frames)
+            timings["video_decode"] = self._clock() - t0
+        elif _is_pil(video):
+            frames = _pil_frames([video])
+        elif isinstance(video, (list, tuple)) and video and all(_is_pil(v) for v in video):
+            frames = _pil_frames(list(video))
+        elif isinstance(video, np.ndarray):
+            frames = video
+        elif isinstance(video, torch.Tensor):
+            if video.is_floating_point():
+                if video.dim() != 4 or tuple(video.shape[1:]) != (3, s, s):
+                    raise InputError(f"video: a float tensor must be preprocessed frames (T, 3, {s}, {s}), "
+                                     f"got {tuple(video.shape)}")
+                return video.to(self.device, self.dtype)
+            frames = video
+        else:
+            raise InputError(f"video: unsupported type {type(video).__name__}; pass a path, bytes, a uint8 array "
+                             "(T, H, W, 3), PIL image(s), or preprocessed float frames (T, 3, S, S)")
+        t1 = self._clock()
+        if isinstance(frames, list):  # PIL images of different sizes: one at a time
+            px = torch.cat([preprocess(f, self.processor_config, dtype=self.dtype, device=self.device)
+                            for f in frames])
+        else:
+            px = preprocess(frames, self.processor_config, dtype=self.dtype, device=self.device)
+        timings["preprocess"] = self._clock() - t1
+        if tuple(px.shape[1:]) != (3, s, s):
+            raise InputError(f"preprocessor_config.json produces {tuple(px.shape[1:])} frames but the vision tower "
+                             f"takes (3, {s}, {s})")
+        return px
+
+    @torch.no_grad()
+    def encode(self, video, timings: dict | None = None) -> torch.Tensor:
+        """Visual embeddings (T'·h'·w', d) for `video`."""
+        timings = {} if timings is None else timings
+        px = self.pixels(video, timings)
+        t0 = self._clock()
+        feats = self.model.vision_tower(px)
+        t1 = self._clock()
+        n = self.config.num_frames
+        if feats.shape[0] < n:
+            feats = feats.repeat_interleave(n // feats.shape[0] + 1, dim=0)[:n]
+        vis = self.model.multi_modal_projector(feats)
+        t2 = self._clock()
+        timings["vision"], timings["projector"] = t1 - t0, t2 - t1
+        return vis
+
+    def _prompt_ids(self, prompt: str, conv_mode: str | None, system: str | None):
+        text = build_prompt(prompt, conv_mode or self.conv_mode, system)
+        return tokenize(self.tokenizer, text, self.config.image_token_index)
+
+    @torch.no_grad()
+    def prompt_logits(self, video, prompt: str, conv_mode: str | None = None, system: str | None = None):
+        """Logits (L, V) of every position of the spliced prompt (for scoring options, and parity tests)."""
+        ids, img_pos = self._prompt_ids(prompt, conv_mode, system)
+        n = ids.numel() - 1 + self.config.num_visual_tokens
+        if n > self.config.text.max_position_embeddings:
+            raise PromptError(f"the prompt is {n} tokens but the model's context (max_position_embeddings) is "
+                              f"{self.config.text.max_position_embeddings}")
+        lm = self.model.language_model
+        embeds = splice(lm.embed_tokens(ids.to(self.device)), img_pos, self.encode(video)).unsqueeze(0)
+        lm.setup_cache(1, n, self.dtype, self.device)
+        return lm(embeds, torch.arange(n, device=self.device), all_logits=True)[0]
+
+    # ------------------------------------------------------------------------------------------ generation
+    def _run(self, video, prompt, params: SamplingParams, conv_mode, system, timings):
+        params.validate()
+        t_start = self._clock()
+        ids, img_pos = self._prompt_ids(prompt, conv_mode, system)
+        n_prompt = ids.numel() - 1 + self.config.num_visual_tokens
+        ctx = self.config.text.max_position_embeddings
+        if n_prompt >= ctx:
+            raise PromptError(f"the prompt is {n_prompt} tokens ({self.config.num_visual_tokens} visual) but the "
+                              f"model's context (max_position_embeddings) is {ctx}")
+        if n_prompt + params.max_new_tokens > ctx:
+            log.warning("max_new_tokens %d cut to %d to fit the %d-token context", params.max_new_tokens,
+                        ctx - n_prompt, ctx)
+            params = replace(params, max_new_tokens=ctx - n_prompt)
+        vis = self.encode(video, timings)
+        lm = self.model.language_model
+        embeds = splice(lm.embed_tokens(ids.to(self.device)), img_pos, vis).unsqueeze(0)  # (1, L, D)
+        lm.setup_cache(1, n_prompt + params.max_new_tokens, self.dtype, self.device)
+        prompt_text_ids = torch.cat([ids[:img_pos], ids[img_pos + 1:]])
+        first = True
+        for ev in generate_tokens(lm, embeds, params, self.tokenizer, self.eos_ids, prompt_text_ids, timings,
+                                  self._clock):
+            if first:
+                timings["ttft"] = self._clock() - t_start
+                first = False
+            yield ev
+        timings["total"] = self._clock() - t_start
+        timings["num_prompt_tokens"] = n_prompt
+
+    def generate(self, video, prompt: str, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+                 stop=None, *, top_k: int = 0, repetition_penalty: float = 1.0, seed: int | None = None,
+                 stop_token_ids=None, conv_mode: str | None = None, system: str | None = None) -> GenerationOutput:
+        params = SamplingParams(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed,
+                                list(stop or []) if not isinstance(stop, str) else [stop], list(stop_token_ids or []))
+        timings: dict = {}
+        toks = [ev.token_id for ev in self._run(video, prompt, params, conv_mode, system, timings)]
+        n_prompt = timings.pop("num_prompt_tokens")
+        finish, text = timings.pop("_finish"), timings.pop("_text")
+        return GenerationOutput(text, toks, n_prompt, timings, finish)
+
+    def stream(self, video, prompt: str, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+               stop=None, **kw) -> Iterator[str]:
+        """Yield text pieces as they are generated (''.join(pieces) == generate(...).text)."""
+        params = SamplingParams(max_new_tokens, temperature, top_p, kw.pop("top_k", 0),
+                                kw.pop("repetition_penalty", 1.0), kw.pop("seed", None),
+                                list(stop or []) if not isinstance(stop, str) else [stop],
+                                list(kw.pop("stop_token_ids", None) or []))
+        conv_mode, system = kw.pop("conv_mode", None), kw.pop("system", None)
+        if kw:
+            raise TypeError(f"stream() got unexpected arguments {sorted(kw)}")
+        for ev in self._run(video, prompt, params, conv_mode, system, {}):
+            if ev.text:
+                yield ev.text
+
+    def caption(self, video, max_new_tokens: int = 256, **kw) -> str:
+        return self.generate(video, CAPTION_PROMPT, max_new_tokens=max_new_tokens, **kw).text
+
+
+def _is_pil(x) -> bool:
+    try:
+        from PIL import Image
+    except ImportError:
+        return False
+    return isinstance(x, Image.Image)
+
+
+def _pil_frames(images: list):
+    arrs = [np.asarray(im.convert("RGB")) for im in images]
+    if len({a.shape for a in arrs}) == 1:
+        return np.stack(arrs)
+    return [a[None] for a in arrs]
+
+
+def _eos_ids(tokenizer, cfg: PllavaConfig, model_dir: str) -> set[int]:
+    ids: set[int] = set()
+
+    def add(v):
+        if isinstance(v, int):
+            ids.add(v)
+        elif isinstance(v, (list, tuple)):
+            ids.update(int(x) for x in v)
+
+    add(tokenizer.eos_token_id)
+    add(cfg.text.eos_token_id)
+    gc = os.path.join(model_dir, "generation_config.json")
+    if os.path.isfile(gc):
+        try:
+            with open(gc, encoding="utf-8") as f:
+                add(json.load(f).get("eos_token_id"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{gc}: cannot read JSON: {e}") from e
+    return ids

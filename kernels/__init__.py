@@ -1,0 +1,23 @@
+"""pllava.kernels: one op per file. Each module holds the Triton kernel(s), a launcher that validates its
+arguments, a plain-torch reference (the tests' oracle and the CPU path) and a torch custom-op registration.
+
+Triton is imported lazily: this package imports on machines without triton (macOS, CPU-only CI images).
+"""
+from .lora_linear import lora_linear, lora_linear_reference
+from .pool_projector import pool_projector, pool_projector_reference, pool_projector_torch
+
+__all__ = ["lora_linear", "lora_linear_reference", "pool_projector", "pool_projector_reference",
+           "pool_projector_torch", "triton_available"]
+
+
+def triton_available() -> bool:
+    """True when triton imports and can launch here (a CUDA device, or TRITON_INTERPRET=1 on the CPU)."""
+    import os
+
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    import torch
+
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"

@@ -1,0 +1,39 @@
+"""Seeds everything and builds the tiny checkpoints once per session."""
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def ckpts(tmp_path_factory):
+    """One tiny model (seed 0) in every layout, plus the current-layout copy the oracle loads."""
+    from pllava.testing import make_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("ckpt")
+    return {
+        "pllava": make_tiny_checkpoint(str(root / "pllava"), "pllava", shards=2),
+        "legacy": make_tiny_checkpoint(str(root / "legacy"), "legacy", shards=1),
+        "current": make_tiny_checkpoint(str(root / "current"), "current", shards=3),
+        "adapter": make_tiny_checkpoint(str(root / "adapter"), "adapter", shards=2),
+    }
+
+
+@pytest.fixture(scope="session")
+def video_path(tmp_path_factory):
+    from pllava.testing import make_video
+
+    return make_video(str(tmp_path_factory.mktemp("vid") / "clip.mp4"), num_frames=30, size=(80, 60))

@@ -1,0 +1,120 @@
+"""End-to-end parity with the transformers oracle on tiny checkpoints in every layout (fp32, CPU)."""
+import glob
+import os
+
+import pytest
+import torch
+
+import pllava
+from oracle import load_oracle, oracle_embeds, oracle_greedy, oracle_logits, read_lora
+
+QUESTION = "What is happening in the video?"
+
+
+def _lora_files(layout, path):
+    if layout == "adapter":
+        return [os.path.join(path, "adapter_model.safetensors")]
+    if layout == "pllava":
+        return sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    return []
+
+
+def _pixels(engine, seed=0):
+    s = engine.config.vision.image_size
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(engine.config.num_frames, 3, s, s, generator=g)
+
+
+def _rel(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.fixture(scope="module")
+def oracles(ckpts):
+    """Oracle models keyed by (layout, alpha), built lazily."""
+    cache = {}
+
+    def get(layout, alpha):
+        lora = read_lora(_lora_files(layout, ckpts[layout]))
+        key = (layout, alpha) if lora else (layout, None)
+        if key not in cache:
+            cache[key] = load_oracle(ckpts["current"], lora, alpha)
+        return cache[key]
+
+    return get
+
+
+@pytest.mark.parametrize("layout,alpha", [("pllava", 0.0), ("pllava", 4.0), ("pllava", 32.0), ("legacy", None),
+                                          ("current", None), ("adapter", 4.0), ("adapter", 32.0)])
+def test_logits_and_greedy_match_oracle(ckpts, oracles, layout, alpha):
+    eng = pllava.Engine.from_pretrained(ckpts[layout], lora_alpha=alpha)
+    assert eng.config.lora.r == (8 if layout in ("pllava", "adapter") else 0)
+    ref = oracles(layout, 4.0 if alpha is None else alpha)
+    px = _pixels(eng)
+    ids, _ = eng._prompt_ids(QUESTION, None, None)
+    ref_emb = oracle_embeds(ref, px, ids, eng.config.image_token_index, eng.config.pooling_shape, eng.config.num_frames)
+    ref_logits = oracle_logits(ref, ref_emb)
+    got = eng.prompt_logits(px, QUESTION)
+    assert got.shape == ref_logits.shape
+    assert _rel(got, ref_logits) <= 1e-4, f"relative logit error {_rel(got, ref_logits):.2e}"
+    out = eng.generate(px, QUESTION, max_new_tokens=32)
+    want = oracle_greedy(ref, ref_emb, 32, eos=eng.eos_ids)
+    assert out.token_ids == want
+    assert out.num_prompt_tokens == ref_emb.shape[0]
+
+
+def test_set_lora_alpha_on_loaded_engine(ckpts, oracles):
+    eng = pllava.Engine.from_pretrained(ckpts["pllava"])  # default alpha 4
+    assert eng.lora_alpha == 4.0
+    px = _pixels(eng, seed=1)
+    ids, _ = eng._prompt_ids(QUESTION, None, None)
+    outs = {}
+    for alpha in (32.0, 0.0, 4.0):
+        eng.set_lora_alpha(alpha)
+        ref = oracles("pllava", alpha)
+        emb = oracle_embeds(ref, px, ids, eng.config.image_token_index, eng.config.pooling_shape, eng.config.num_frames)
+        assert _rel(eng.prompt_logits(px, QUESTION), oracle_logits(ref, emb)) <= 1e-4
+        outs[alpha] = eng.generate(px, QUESTION, max_new_tokens=32).token_ids
+        assert outs[alpha] == oracle_greedy(ref, emb, 32, eos=eng.eos_ids)
+    assert outs[0.0] != outs[32.0], "alpha must change the output of this checkpoint"
+
+
+def test_alpha_zero_equals_image_llm(ckpts):
+    """alpha 0 is the image model's LLM: the same logits as the checkpoint without its LoRA."""
+    a = pllava.Engine.from_pretrained(ckpts["pllava"], lora_alpha=0)
+    b = pllava.Engine.from_pretrained(ckpts["current"])
+    px = _pixels(a, seed=2)
+    torch.testing.assert_close(a.prompt_logits(px, QUESTION), b.prompt_logits(px, QUESTION), rtol=0, atol=1e-5)
+
+
+def test_fewer_frames_repeat_like_pllava(ckpts, oracles):
+    eng = pllava.Engine.from_pretrained(ckpts["pllava"])
+    px = _pixels(eng, seed=3)[:1]  # a single image: fed as num_frames identical frames
+    ref = oracles("pllava", 4.0)
+    ids, _ = eng._prompt_ids(QUESTION, None, None)
+    emb = oracle_embeds(ref, px.repeat(eng.config.num_frames, 1, 1, 1), ids, eng.config.image_token_index,
+                        eng.config.pooling_shape, eng.config.num_frames)
+    assert _rel(eng.prompt_logits(px, QUESTION), oracle_logits(ref, emb)) <= 1e-4
+
+
+def test_video_file_end_to_end_matches_oracle(ckpts, oracles, video_path):
+    """Decode + preprocess + the model: the oracle gets the same frames through transformers' CLIP processor."""
+    from transformers import CLIPImageProcessor
+
+    eng = pllava.Engine.from_pretrained(ckpts["pllava"])
+    frames = pllava.read_frames(video_path, eng.config.num_frames)
+    proc = CLIPImageProcessor.from_pretrained(ckpts["pllava"])
+    px_ref = proc(images=list(frames.numpy()), return_tensors="pt")["pixel_values"]
+    px = eng.pixels(frames)
+    std = torch.tensor(proc.image_std).view(1, 3, 1, 1)
+    diff = ((px - px_ref) * std).abs()  # back in [0, 1] pixel units, before normalization
+    # The torch path rounds like PIL's two uint8 passes but not its 22-bit fixed-point taps: measured max 2/255
+    # on hard edges (the native path of the preprocessing issue owns the 1/255 bound).
+    assert diff.max() <= 2 / 255 + 1e-6 and diff.mean() <= 0.1 / 255, f"max {diff.max() * 255:.2f}/255"
+    ref = oracles("pllava", 4.0)
+    ids, _ = eng._prompt_ids(QUESTION, None, None)
+    emb = oracle_embeds(ref, px, ids, eng.config.image_token_index, eng.config.pooling_shape, eng.config.num_frames)
+    out = eng.generate(video_path, QUESTION, max_new_tokens=16)
+    assert out.token_ids == oracle_greedy(ref, emb, 16, eos=eng.eos_ids)
+    for k in ("video_decode", "preprocess", "vision", "projector", "prefill", "decode", "total", "ttft"):
+        assert out.timings[k] >= 0
