@@ -180,10 +180,15 @@ class LlamaLM(nn.Module):
         """embeds (B, L, D) at positions input_pos (L,) -> logits (B, L, V) or, by default, (B, 1, V) of the last."""
         dt = embeds.dtype
         cos, sin = self.rope_cos[input_pos].to(dt), self.rope_sin[input_pos].to(dt)  # (L, hd)
-        if int(input_pos.numel()) > 1 and self._starts_at_zero(input_pos):
+        win = self.config.sliding_window
+        windowed = win is not None and self.max_len > win  # Mistral: a key older than `win` positions is unseen
+        if int(input_pos.numel()) > 1 and not windowed and self._starts_at_zero(input_pos):
             mask = None
         else:
-            mask = torch.arange(self.max_len, device=embeds.device)[None, :] <= input_pos[:, None]  # (L, S)
+            kpos = torch.arange(self.max_len, device=embeds.device)[None, :]
+            mask = kpos <= input_pos[:, None]  # (L, S)
+            if windowed:
+                mask = mask & (kpos > input_pos[:, None] - win)
         x = embeds
         for layer in self.layers:
             x = layer(x, cos, sin, input_pos, mask)

@@ -1,0 +1,47 @@
+"""`pllava demo`, `pllava caption` and `pllava chat` on PyAV-made videos, as a user runs them."""
+import json
+import subprocess
+import sys
+
+
+def _run(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "pllava.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_demo_runs_offline_and_says_weights_are_random():
+    r = _run("demo", "--max-new-tokens", "8")
+    assert r.returncode == 0, r.stderr
+    assert "RANDOM weights" in r.stdout and "new tokens: 8" in r.stdout
+
+
+def test_caption_json_over_several_files_with_one_bad(ckpts, video_path, tmp_path):
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"\x00" * 100)
+    r = _run("caption", video_path, str(bad), video_path, "--model", ckpts["pllava"], "--json",
+             "--max-new-tokens", "6")
+    assert r.returncode == 1, r.stderr  # one file failed, the batch went on
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [("error" in x) for x in rows] == [False, True, False]
+    assert rows[0]["num_new_tokens"] == 6 and rows[0]["text"] == rows[2]["text"]
+    assert "bad.mp4" in rows[1]["error"]
+
+
+def test_caption_matches_engine_api(ckpts, video_path):
+    import pllava
+
+    want = pllava.Engine.from_pretrained(ckpts["pllava"], lora_alpha=20).caption(video_path, max_new_tokens=10)
+    r = _run("caption", video_path, "--model", ckpts["pllava"], "--lora-alpha", "20", "--max-new-tokens", "10")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"{video_path}: {want}\n"
+
+
+def test_chat_streams_answer(ckpts, video_path):
+    r = _run("chat", video_path, "What is happening?", "--model", ckpts["adapter"], "--max-new-tokens", "6")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.endswith("\n") and len(r.stdout) > 1
+
+
+def test_bad_model_dir_is_a_clear_error(tmp_path):
+    r = _run("caption", "x.mp4", "--model", str(tmp_path))
+    assert r.returncode == 2 and "config.json" in r.stderr

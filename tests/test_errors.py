@@ -1,0 +1,157 @@
+"""Every bad input named in the engine-core issue gives a typed error naming what was wrong."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import pllava
+from pllava.errors import CheckpointError, ConfigError, PromptError, TokenizerError
+
+
+def _copy(src, tmp_path, name="m"):
+    dst = tmp_path / name
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _single_file(d):
+    return [f for f in os.listdir(d) if f.endswith(".safetensors")]
+
+
+def test_missing_key_names_key_and_shape(ckpts, tmp_path):
+    d = _copy(ckpts["legacy"], tmp_path)  # legacy is a single model.safetensors
+    sd = load_file(d / "model.safetensors")
+    del sd["language_model.model.layers.1.mlp.up_proj.weight"]
+    save_file(sd, d / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"missing key 'language_model\.model\.layers\.1\.mlp\.up_proj\.weight'.*\[128, 64\]"):
+        pllava.Engine.from_pretrained(str(d))
+
+
+def test_unexpected_key(ckpts, tmp_path):
+    d = _copy(ckpts["legacy"], tmp_path)
+    sd = load_file(d / "model.safetensors")
+    sd["language_model.model.layers.0.mlp.extra.weight"] = torch.zeros(3, 3)
+    save_file(sd, d / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"unexpected key 'language_model\.model\.layers\.0\.mlp\.extra\.weight'"):
+        pllava.Engine.from_pretrained(str(d))
+
+
+def test_shape_mismatch_names_both_shapes(ckpts, tmp_path):
+    d = _copy(ckpts["legacy"], tmp_path)
+    sd = load_file(d / "model.safetensors")
+    sd["multi_modal_projector.linear_2.weight"] = torch.zeros(64, 60)
+    save_file(sd, d / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"multi_modal_projector\.linear_2\.weight' has shape \[64, 60\].*\[64, 64\]"):
+        pllava.Engine.from_pretrained(str(d))
+
+
+def test_pllava_layout_missing_lora_key(ckpts, tmp_path):
+    d = _copy(ckpts["pllava"], tmp_path)
+    idx = json.loads((d / "model.safetensors.index.json").read_text())
+    key = "language_model.base_model.model.model.layers.0.self_attn.v_proj.lora_B.default.weight"
+    fn = idx["weight_map"].pop(key)
+    sd = load_file(d / fn)
+    del sd[key]
+    save_file(sd, d / fn)
+    (d / "model.safetensors.index.json").write_text(json.dumps(idx))
+    with pytest.raises(CheckpointError, match=r"missing key '" + key.replace(".", r"\.") + "'"):
+        pllava.Engine.from_pretrained(str(d))
+
+
+def test_truncated_shard_names_file(ckpts, tmp_path):
+    d = _copy(ckpts["pllava"], tmp_path)
+    shard = sorted(f for f in _single_file(d))[1]
+    data = (d / shard).read_bytes()
+    (d / shard).write_bytes(data[: len(data) - 1000])
+    with pytest.raises(CheckpointError, match=shard):
+        pllava.Engine.from_pretrained(str(d))
+
+
+def test_shard_listed_but_missing(ckpts, tmp_path):
+    d = _copy(ckpts["pllava"], tmp_path)
+    shard = sorted(_single_file(d))[0]
+    os.remove(d / shard)
+    with pytest.raises(CheckpointError, match=shard):
+        pllava.Engine.from_pretrained(str(d))
+
+
+def test_image_token_index_unknown_to_tokenizer(ckpts, tmp_path):
+    d = _copy(ckpts["pllava"], tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["image_token_index"] = 7
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(TokenizerError, match="image_token_index"):
+        pllava.Engine.from_pretrained(str(d))
+
+
+def test_config_field_errors(ckpts, tmp_path):
+    d = _copy(ckpts["pllava"], tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    bad = dict(cfg, pooling_shape=[4, 0, 3])
+    (d / "config.json").write_text(json.dumps(bad))
+    with pytest.raises(ConfigError, match="pooling_shape"):
+        pllava.Engine.from_pretrained(str(d))
+    bad = dict(cfg, model_type="bert")
+    (d / "config.json").write_text(json.dumps(bad))
+    with pytest.raises(ConfigError, match="model_type"):
+        pllava.Engine.from_pretrained(str(d))
+    (d / "config.json").unlink()
+    with pytest.raises(ConfigError, match="config.json"):
+        pllava.Engine.from_pretrained(str(d))
+
+
+@pytest.fixture(scope="module")
+def engine(ckpts):
+    return pllava.Engine.from_pretrained(ckpts["pllava"])
+
+
+def _px(engine):
+    s = engine.config.vision.image_size
+    return torch.randn(engine.config.num_frames, 3, s, s)
+
+
+def test_prompt_with_zero_or_two_image_tokens(engine):
+    with pytest.raises(PromptError, match="exactly one '<image>'.*found 0"):
+        engine.generate(_px(engine), "USER: hi ASSISTANT:", conv_mode="raw", max_new_tokens=2)
+    with pytest.raises(PromptError, match="found 2"):
+        engine.generate(_px(engine), "USER: <image> <image> hi ASSISTANT:", conv_mode="raw", max_new_tokens=2)
+    with pytest.raises(PromptError, match="found 2"):  # vcg puts its own <image> in a message of its own
+        engine.generate(_px(engine), "<image> what?", conv_mode="vcg", max_new_tokens=2)
+
+
+def test_prompt_over_context_fails_before_compute(engine, monkeypatch):
+    calls = []
+    monkeypatch.setattr(engine.model.vision_tower, "forward", lambda *a: calls.append(1))
+    long = "video " * 600  # ~600+ tokens against a 512-token context
+    with pytest.raises(PromptError, match="max_position_embeddings.*512"):
+        engine.generate(_px(engine), long, max_new_tokens=4)
+    assert not calls, "the vision tower ran before the length check"
+
+
+def test_unknown_conv_mode_and_bad_params(engine, ckpts):
+    with pytest.raises(PromptError, match="conv_mode 'nope'"):
+        engine.generate(_px(engine), "hi", conv_mode="nope")
+    with pytest.raises(PromptError, match="conv_mode"):
+        pllava.Engine.from_pretrained(ckpts["pllava"], conv_mode="nope")
+    with pytest.raises(ValueError, match="top_p"):
+        engine.generate(_px(engine), "hi", top_p=0.0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        engine.generate(_px(engine), "hi", max_new_tokens=0)
+
+
+def test_bad_video_arguments(engine, tmp_path):
+    with pytest.raises(pllava.InputError, match=r"\(T, 3, 42, 42\)"):
+        engine.generate(torch.randn(4, 3, 40, 40), "hi")
+    with pytest.raises(pllava.InputError, match="unsupported type"):
+        engine.generate(123, "hi")
+    with pytest.raises(pllava.InputError, match="uint8"):
+        engine.generate(torch.zeros(2, 30, 30, 3, dtype=torch.int32), "hi")
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    with pytest.raises(pllava.VideoError, match="zero bytes"):
+        engine.generate(str(tmp_path / "empty.mp4"), "hi")
+    (tmp_path / "junk.mp4").write_bytes(b"not a video at all" * 50)
+    with pytest.raises(pllava.VideoError, match="junk.mp4"):
+        engine.generate(str(tmp_path / "junk.mp4"), "hi")

@@ -1,0 +1,117 @@
+"""Generation semantics: stop tokens, stop strings, streaming, sampling, the static cache against recompute."""
+import pytest
+import torch
+
+import pllava
+from pllava.generate import SamplingParams, TextStreamer, sample
+
+
+@pytest.fixture(scope="module")
+def engine(ckpts):
+    return pllava.Engine.from_pretrained(ckpts["pllava"])
+
+
+@pytest.fixture(scope="module")
+def px(engine):
+    s = engine.config.vision.image_size
+    return torch.randn(engine.config.num_frames, 3, s, s, generator=torch.Generator().manual_seed(5))
+
+
+def test_stop_token_ends_generation_with_that_token(engine, px):
+    full = engine.generate(px, "hello", max_new_tokens=20)
+    assert len(full.token_ids) == 20 and full.finish_reason == "length"
+    k = next(i for i in range(3, 20) if full.token_ids[i] not in full.token_ids[:i])
+    out = engine.generate(px, "hello", max_new_tokens=20, stop_token_ids=[full.token_ids[k]])
+    assert out.token_ids == full.token_ids[:k + 1] and out.finish_reason == "stop"
+
+
+def test_eos_is_kept_last_like_transformers(engine, px):
+    full = engine.generate(px, "hello", max_new_tokens=20)
+    k = next(i for i in range(3, 20) if full.token_ids[i] not in full.token_ids[:i])
+    saved = set(engine.eos_ids)
+    engine.eos_ids = {full.token_ids[k]}
+    try:
+        out = engine.generate(px, "hello", max_new_tokens=20)
+    finally:
+        engine.eos_ids = saved
+    assert out.token_ids[-1] == full.token_ids[k] and len(out.token_ids) == k + 1
+    assert out.text == engine.tokenizer.decode(out.token_ids, skip_special_tokens=True,
+                                               clean_up_tokenization_spaces=False)
+
+
+def test_stop_string_cuts_text_and_stream_agrees(engine, px):
+    full = engine.generate(px, "hello", max_new_tokens=24)
+    text = full.text
+    assert len(text) > 8
+    stop = text[5:8]
+    if stop in text[:5 + 2]:
+        stop = text[5:9]
+    out = engine.generate(px, "hello", max_new_tokens=24, stop=[stop])
+    assert out.finish_reason == "stop"
+    assert out.text == text[:text.find(stop)]
+    assert len(out.token_ids) < 24
+    pieces = list(engine.stream(px, "hello", max_new_tokens=24, stop=[stop]))
+    assert "".join(pieces) == out.text
+
+
+def test_stream_joins_to_generate_text(engine, px):
+    out = engine.generate(px, "hello", max_new_tokens=24)
+    pieces = list(engine.stream(px, "hello", max_new_tokens=24))
+    assert len(pieces) > 1 and "".join(pieces) == out.text
+
+
+def test_seeded_sampling_is_reproducible(engine, px):
+    a = engine.generate(px, "hello", max_new_tokens=12, temperature=0.9, top_p=0.9, seed=3)
+    b = engine.generate(px, "hello", max_new_tokens=12, temperature=0.9, top_p=0.9, seed=3)
+    c = engine.generate(px, "hello", max_new_tokens=12, temperature=0.9, top_p=0.9, seed=4)
+    assert a.token_ids == b.token_ids
+    assert a.token_ids != c.token_ids
+
+
+def test_sample_processors_match_transformers():
+    from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+                                                        TopKLogitsWarper, TopPLogitsWarper)
+
+    torch.manual_seed(0)
+    logits = torch.randn(50)
+    seen = torch.tensor([3, 7, 7, 11])
+    ids = seen[None]
+    ref = RepetitionPenaltyLogitsProcessor(1.3)(ids, logits[None].clone())
+    ref = TemperatureLogitsWarper(0.7)(ids, ref)
+    ref = TopKLogitsWarper(10)(ids, ref)
+    ref = TopPLogitsWarper(0.8)(ids, ref)
+    allowed = set(torch.isfinite(ref[0]).nonzero().flatten().tolist())
+    p = SamplingParams(temperature=0.7, top_k=10, top_p=0.8, repetition_penalty=1.3)
+    drawn = {sample(logits, p, seen, torch.Generator().manual_seed(i)) for i in range(400)}
+    assert drawn <= allowed and len(drawn) >= 2
+    greedy = SamplingParams(repetition_penalty=1.3)
+    assert sample(logits, greedy, seen, None) == int(RepetitionPenaltyLogitsProcessor(1.3)(ids, logits[None].clone()).argmax())
+
+
+def test_streamer_holds_back_partial_stop_string():
+    class Tok:  # one character per token id
+        def decode(self, ids, **kw):
+            return "".join(chr(i) for i in ids)
+
+    s = TextStreamer(Tok(), ["END"])
+    out = [s.add(ord(c)) for c in "abcEN"]
+    assert "".join(out) == "abc"  # "EN" may still become "END"
+    out2 = [s.add(ord(c)) for c in "Xy"]
+    assert "".join(out2) == "ENXy" and not s.stopped
+    assert s.add(ord("E")) == "" and s.add(ord("N")) == "" and s.add(ord("D")) == ""
+    assert s.stopped and s.text == "abcENXy"
+
+
+def test_kv_cache_decode_equals_full_recompute(engine, px):
+    """Each decode step's logits with the static cache equal a fresh prefill of the whole sequence."""
+    out = engine.generate(px, "hello", max_new_tokens=6)
+    lm = engine.model.language_model
+    ids, pos = engine._prompt_ids("hello", None, None)
+    from pllava.prompt import splice
+
+    emb = splice(lm.embed_tokens(ids), pos, engine.encode(px))
+    seq = torch.cat([emb, lm.embed_tokens(torch.tensor(out.token_ids[:-1]))])[None]
+    lm.setup_cache(1, seq.shape[1], engine.dtype, engine.device)
+    with torch.no_grad():
+        full = lm(seq, torch.arange(seq.shape[1]), all_logits=True)[0]
+    assert full[emb.shape[0] - 1:].argmax(-1).tolist() == out.token_ids
