@@ -159,8 +159,35 @@ class Engine:
         """Change the LoRA scale to alpha / r in place: no reload, no recompile (alpha 0 = the image LLM)."""
         if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not np.isfinite(alpha):
             raise ValueError(f"lora_alpha must be a finite number, got {alpha!r}")
+        if self.lora_merged:
+            raise ValueError("lora_alpha cannot change while the LoRA is merged; call unmerge_lora() first")
         self.model.set_lora_alpha(float(alpha))
         self.lora_alpha = float(alpha)
+
+    def merge_lora(self):
+        """Fold the LoRA into q/v at the current alpha (W + s·B·A): zero LoRA cost for a fixed-alpha deployment.
+        set_lora_alpha then fails until unmerge_lora()."""
+        from pllava.kernels import merge
+
+        s = float(self.model.lora_scale)
+        for m in self.model.lora_linears():
+            if not m.merged:
+                m.weight.data = merge(m.weight.data, m.lora_A.data, m.lora_B.data, s)
+                m.merged = True
+        self._merged_scale = s
+
+    def unmerge_lora(self):
+        """Undo merge_lora (exact to rounding in fp32; within one rounding of the weight in bf16/fp16)."""
+        from pllava.kernels import unmerge
+
+        for m in self.model.lora_linears():
+            if m.merged:
+                m.weight.data = unmerge(m.weight.data, m.lora_A.data, m.lora_B.data, self._merged_scale)
+                m.merged = False
+
+    @property
+    def lora_merged(self) -> bool:
+        return any(m.merged for m in self.model.lora_linears())
 
     # ------------------------------------------------------------------------------------------ inputs
     def _clock(self):

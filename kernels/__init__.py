@@ -3,10 +3,10 @@ arguments, a plain-torch reference (the tests' oracle and the CPU path) and a to
 
 Triton is imported lazily: this package imports on machines without triton (macOS, CPU-only CI images).
 """
-from .lora_linear import lora_linear, lora_linear_reference
+from .lora_linear import lora_linear, lora_linear_reference, merge, unmerge
 from .pool_projector import pool_projector, pool_projector_reference, pool_projector_torch
 
-__all__ = ["lora_linear", "lora_linear_reference", "pool_projector", "pool_projector_reference",
+__all__ = ["lora_linear", "lora_linear_reference", "merge", "unmerge", "pool_projector", "pool_projector_reference",
            "pool_projector_torch", "triton_available"]
 
 

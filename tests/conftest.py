@@ -7,6 +7,12 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# No GPU here or in CI: Triton kernels run in Triton's interpreter on the CPU (set before triton is imported).
+import torch as _torch  # noqa: E402
+
+if not _torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

@@ -115,3 +115,17 @@ def test_kv_cache_decode_equals_full_recompute(engine, px):
     with torch.no_grad():
         full = lm(seq, torch.arange(seq.shape[1]), all_logits=True)[0]
     assert full[emb.shape[0] - 1:].argmax(-1).tolist() == out.token_ids
+
+
+def test_merged_lora_gives_the_same_tokens(ckpts, px):
+    eng = pllava.Engine.from_pretrained(ckpts["pllava"], lora_alpha=20)
+    want = eng.generate(px, "hello", max_new_tokens=12).token_ids
+    w0 = eng.model.language_model.layers[0].self_attn.q_proj.weight.clone()
+    eng.merge_lora()
+    assert eng.lora_merged and eng.generate(px, "hello", max_new_tokens=12).token_ids == want
+    with pytest.raises(ValueError, match="unmerge_lora"):
+        eng.set_lora_alpha(4)
+    eng.unmerge_lora()
+    torch.testing.assert_close(eng.model.language_model.layers[0].self_attn.q_proj.weight, w0, rtol=0, atol=1e-6)
+    eng.set_lora_alpha(0)
+    assert eng.generate(px, "hello", max_new_tokens=12).token_ids != want

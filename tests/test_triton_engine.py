@@ -1,0 +1,50 @@
+"""The engine with PLLAVA_KERNELS=triton (interpreted on the CPU) gives the torch path's greedy tokens."""
+import os
+
+import pytest
+import torch
+
+import pllava
+
+pytest.importorskip("triton")
+if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+    pytest.skip("needs a CUDA device or TRITON_INTERPRET=1", allow_module_level=True)
+
+
+@pytest.mark.parametrize("layout", ["pllava", "adapter"])
+def test_triton_path_tokens_equal_torch_path(ckpts, monkeypatch, caplog, layout):
+    s = 42
+    px = torch.randn(4, 3, s, s, generator=torch.Generator().manual_seed(9))
+    monkeypatch.setenv("PLLAVA_KERNELS", "torch")
+    ref = pllava.Engine.from_pretrained(ckpts[layout], lora_alpha=20)
+    monkeypatch.setenv("PLLAVA_KERNELS", "triton")
+    with caplog.at_level("INFO", logger="pllava"):
+        eng = pllava.Engine.from_pretrained(ckpts[layout], lora_alpha=20)
+    assert "triton path" in caplog.text
+    calls = {"lora": 0, "pool": 0}
+    real_lora, real_pool = torch.ops.pllava.lora_linear, torch.ops.pllava.pool_gelu
+
+    def count(name, fn):
+        def wrapped(*a):
+            calls[name] += 1
+            return fn(*a)
+        return wrapped
+
+    monkeypatch.setattr(torch.ops.pllava, "lora_linear", count("lora", real_lora))
+    monkeypatch.setattr(torch.ops.pllava, "pool_gelu", count("pool", real_pool))
+    torch.testing.assert_close(eng.prompt_logits(px, "What is he doing?"), ref.prompt_logits(px, "What is he doing?"),
+                               rtol=1e-4, atol=1e-4)
+    a = eng.generate(px, "What is he doing?", max_new_tokens=16)
+    b = ref.generate(px, "What is he doing?", max_new_tokens=16)
+    assert a.token_ids == b.token_ids
+    assert calls["pool"] == 2 and calls["lora"] > 0, calls
+    eng.set_lora_alpha(0.0)  # the scale tensor changes in place; the kernels read it on the device
+    ref.set_lora_alpha(0.0)
+    assert eng.generate(px, "What is he doing?", max_new_tokens=8).token_ids == \
+        ref.generate(px, "What is he doing?", max_new_tokens=8).token_ids
+
+
+def test_forced_unknown_kernel_path_is_an_error(ckpts, monkeypatch):
+    monkeypatch.setenv("PLLAVA_KERNELS", "cuda-magic")
+    with pytest.raises(ValueError, match="PLLAVA_KERNELS"):
+        pllava.Engine.from_pretrained(ckpts["pllava"])
