@@ -19,7 +19,7 @@ from .generate import SamplingParams, generate_tokens
 from .model import PllavaModel
 from .preprocess import clip_defaults, load_processor_config, preprocess
 from .prompt import build_prompt, check_image_token, default_conv_mode, splice, tokenize
-from .video import read_frames
+from .video import DEFAULT_LIMITS, is_source, read_frames, stream_frames
 
 log = logging.getLogger("pllava")
 
@@ -78,6 +78,7 @@ class Engine:
         self.model_dir = model_dir
         self.eos_ids = eos_ids
         self.lora_alpha = self.config.lora.alpha
+        self.limits = DEFAULT_LIMITS  # decode limits (pllava.video.DecodeLimits); replace to tighten
 
     # ------------------------------------------------------------------------------------------ loading
     @classmethod
@@ -201,8 +202,8 @@ class Engine:
         t0 = self._clock()
         s = self.config.vision.image_size
         frames = None
-        if isinstance(video, (str, os.PathLike, bytes, bytearray, memoryview)) or hasattr(video, "read"):
-            frames = read_frames(video, self.config.num_frames)
+        if is_source(video):
+            frames = read_frames(video, self.config.num_frames, limits=self.limits)
             timings["video_decode"] = self._clock() - t0
         elif _is_pil(video):
             frames = _pil_frames([video])
@@ -233,20 +234,50 @@ class Engine:
         return px
 
     @torch.no_grad()
-    def encode(self, video, timings: dict | None = None) -> torch.Tensor:
-        """Visual embeddings (T'·h'·w', d) for `video`."""
+    def encode(self, video, timings: dict | None = None, overlap: bool = True) -> torch.Tensor:
+        """Visual embeddings (T'·h'·w', d) for `video`. A file/bytes/URL source is decoded in a background thread
+        while the vision tower encodes the frames already decoded (overlap=False: decode all, then encode)."""
         timings = {} if timings is None else timings
-        px = self.pixels(video, timings)
-        t0 = self._clock()
-        feats = self.model.vision_tower(px)
+        if is_source(video) and overlap:
+            feats = self._encode_streaming(video, timings)
+        else:
+            px = self.pixels(video, timings)
+            t0 = self._clock()
+            feats = self.model.vision_tower(px)
+            timings["vision"] = self._clock() - t0
         t1 = self._clock()
         n = self.config.num_frames
         if feats.shape[0] < n:
             feats = feats.repeat_interleave(n // feats.shape[0] + 1, dim=0)[:n]
         vis = self.model.multi_modal_projector(feats)
-        t2 = self._clock()
-        timings["vision"], timings["projector"] = t1 - t0, t2 - t1
+        timings["projector"] = self._clock() - t1
         return vis
+
+    def _encode_streaming(self, video, timings: dict) -> torch.Tensor:
+        """Frame k goes through preprocess + vision tower while frame k+1 decodes; a repeated frame (a clip
+        shorter than num_frames) is encoded once."""
+        wait = prep = vis = 0.0
+        s = self.config.vision.image_size
+        by_index: dict[int, torch.Tensor] = {}
+        order: list[int] = []
+        it = stream_frames(video, self.config.num_frames, limits=self.limits)
+        t = self._clock()
+        for idx, _ts, frame in it:
+            t1 = self._clock()
+            wait += t1 - t
+            order.append(idx)
+            if idx not in by_index:
+                px = preprocess(frame, self.processor_config, dtype=self.dtype, device=self.device)
+                if tuple(px.shape[1:]) != (3, s, s):
+                    raise InputError(f"preprocessor_config.json produces {tuple(px.shape[1:])} frames but the "
+                                     f"vision tower takes (3, {s}, {s})")
+                t2 = self._clock()
+                by_index[idx] = self.model.vision_tower(px)
+                t3 = self._clock()
+                prep, vis = prep + t2 - t1, vis + t3 - t2
+            t = self._clock()
+        timings.update(video_decode=wait, preprocess=prep, vision=vis)
+        return torch.cat([by_index[i] for i in order])
 
     def _prompt_ids(self, prompt: str, conv_mode: str | None, system: str | None):
         text = build_prompt(prompt, conv_mode or self.conv_mode, system)

@@ -210,16 +210,37 @@ def make_tiny_checkpoint(path: str, layout: str = "pllava", lora: bool = True, *
 
 
 def make_video(path: str, num_frames: int = 24, size=(64, 48), fps: int = 12, codec: str = "mpeg4",
-               audio: bool = False) -> str:
-    """A synthetic clip whose frames differ (moving gradient + a bright block at a per-frame position)."""
+               audio: bool = False, gop: int | None = None, vfr: bool = False, bframes: int | None = None,
+               container_format: str | None = None) -> str:
+    """A synthetic clip whose frames all differ (moving gradient + a bright block at a per-frame position).
+
+    gop: keyframe interval (small values make the seek sampler really seek); vfr: irregular frame durations
+    (pts in milliseconds); bframes: B-frames between references (h264, mpeg4)."""
     import av
+    from fractions import Fraction
 
     w, h = size
-    with av.open(path, mode="w") as c:
+    with av.open(path, mode="w", format=container_format) as c:
         s = c.add_stream(codec, rate=fps)
         s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+        opts = {}
+        if gop is not None:
+            s.codec_context.gop_size = gop
+            if codec == "libx264":
+                opts.update({"keyint": str(gop), "min-keyint": str(gop), "scenecut": "0"})
+        if bframes is not None:
+            s.codec_context.max_b_frames = bframes
+            if codec == "libx264":
+                opts["bframes"] = str(bframes)
+        if codec == "libx264":
+            s.options = {"preset": "ultrafast" if bframes is None else "fast", **(
+                {"x264-params": ":".join(f"{k}={v}" for k, v in opts.items())} if opts else {})}
+        if vfr:
+            s.codec_context.time_base = Fraction(1, 1000)
+            s.time_base = Fraction(1, 1000)
         a = c.add_stream("aac", rate=16000) if audio else None
         yy, xx = np.mgrid[0:h, 0:w]
+        t_ms = 0
         for i in range(num_frames):
             img = np.zeros((h, w, 3), np.uint8)
             img[..., 0] = (xx * 255 // max(w - 1, 1) + 10 * i) % 256
@@ -227,7 +248,11 @@ def make_video(path: str, num_frames: int = 24, size=(64, 48), fps: int = 12, co
             img[..., 2] = (40 * i) % 256
             bx = (i * 5) % max(w - 8, 1)
             img[h // 3:h // 3 + 8, bx:bx + 8] = 255
-            for pkt in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+            fr = av.VideoFrame.from_ndarray(img, format="rgb24")
+            if vfr:
+                fr.pts, fr.time_base = t_ms, Fraction(1, 1000)
+                t_ms += (40, 90, 15, 200)[i % 4]  # irregular durations
+            for pkt in s.encode(fr):
                 c.mux(pkt)
         for pkt in s.encode():
             c.mux(pkt)

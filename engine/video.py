@@ -1,12 +1,28 @@
-"""Decoding and frame sampling. Every decoder call goes through `read_frames` / `stream_frames`.
+"""Decoding and frame sampling: 16 frames from any clip without decoding the whole clip, in a background thread.
 
-The uniform sampler is PLLaVA's `get_index`: seg = (N-1)/n; idx_i = int(seg/2) + round(seg*i) (round half to
-even, as numpy's), over the N frames of a full sequential decode.
+Index i always means the i-th frame of a full sequential decode in presentation order. For seekable sources the
+frame timestamps come from one demux pass (packets only, no decoding): sorted packet pts = presentation order.
+Each wanted frame is then reached by seeking to the keyframe before it and decoding forward; wanted frames in the
+same GOP share one seek. The uniform sampler is PLLaVA's `get_index`: seg = (N-1)/n; idx_i = int(seg/2) +
+round(seg*i) (round half to even, as numpy's), so a clip with fewer frames than asked repeats frames as PLLaVA's do.
+
+Backends sit behind `DecoderBackend`; PyAV (bundled FFmpeg) is the one shipped. Live sources (pipes, growing
+files, RTSP, devices) go through `live_windows`.
 """
 from __future__ import annotations
 
+import bisect
 import io
+import logging
 import os
+import queue
+import select
+import stat
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
@@ -14,15 +30,31 @@ import torch
 
 from .errors import VideoError
 
+log = logging.getLogger("pllava")
+SAMPLERS = ("uniform", "fps")
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """Refusals made before decoding (each error names the limit)."""
+    max_pixels: int = 7680 * 4320  # 8K; a 16k x 16k stream is refused from its header
+    max_duration_s: float = 6 * 3600.0
+    max_bytes: int = 2 << 30  # bytes / URL bodies held in memory
+    max_frames: int = 1024  # frames one request may sample
+    timeout_s: float = 15.0  # network connect/read and live-source silence
+
+
+DEFAULT_LIMITS = DecodeLimits()
+
 
 def uniform_indices(num_total: int, num_frames: int) -> list[int]:
-    """PLLaVA's middle-of-segment indices; with fewer frames than asked, indices repeat as PLLaVA's do."""
+    """PLLaVA's middle-of-segment indices over num_total frames."""
     seg = float(num_total - 1) / num_frames
     start = int(seg / 2)
     return [start + int(round(seg * i)) for i in range(num_frames)]
 
 
-def _describe(source) -> str:
+def describe(source) -> str:
     if isinstance(source, (str, os.PathLike)):
         return str(source)
     if isinstance(source, (bytes, bytearray, memoryview)):
@@ -30,103 +62,465 @@ def _describe(source) -> str:
     return f"<{type(source).__name__}>"
 
 
-def _open(source, what: str):
-    import av
+def is_source(x) -> bool:
+    """Whether `x` is something the decoder opens (a path, URL, bytes or a binary file-like object)."""
+    return isinstance(x, (str, os.PathLike, bytes, bytearray, memoryview)) or hasattr(x, "read")
 
+
+def fetch_url(url: str, limits: DecodeLimits = DEFAULT_LIMITS) -> bytes:
+    """GET an http(s) URL into memory with a timeout and a size cap."""
+    req = urllib.request.Request(url, headers={"User-Agent": "pllava-engine"})
+    try:
+        with urllib.request.urlopen(req, timeout=limits.timeout_s) as r:
+            n = r.headers.get("Content-Length")
+            if n is not None and int(n) > limits.max_bytes:
+                raise VideoError(f"{url}: {int(n)} bytes exceeds max_bytes={limits.max_bytes}")
+            data = r.read(limits.max_bytes + 1)
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        raise VideoError(f"{url}: unreachable: {e}") from e
+    if len(data) > limits.max_bytes:
+        raise VideoError(f"{url}: body exceeds max_bytes={limits.max_bytes}")
+    return data
+
+
+def _as_input(source, limits: DecodeLimits):
+    """-> (what to hand av.open, a description). URLs are fetched; bytes wrapped; paths checked."""
+    what = describe(source)
+    if isinstance(source, (str, os.PathLike)):
+        s = os.fspath(source)
+        if s.startswith(("http://", "https://")):
+            data = fetch_url(s, limits)
+            if not data:
+                raise VideoError(f"{what}: zero bytes, not a video")
+            return io.BytesIO(data), what
+        if not os.path.isfile(s):
+            raise VideoError(f"{what}: no such file")
+        size = os.path.getsize(s)
+        if size == 0:
+            raise VideoError(f"{what}: zero bytes, not a video")
+        return s, what
     if isinstance(source, (bytes, bytearray, memoryview)):
         if len(source) == 0:
             raise VideoError(f"{what}: zero bytes, not a video")
-        f = io.BytesIO(bytes(source))
-    elif isinstance(source, (str, os.PathLike)):
-        path = os.fspath(source)
-        if not os.path.isfile(path):
-            raise VideoError(f"{what}: no such file")
-        if os.path.getsize(path) == 0:
-            raise VideoError(f"{what}: zero bytes, not a video")
-        f = path
-    elif hasattr(source, "read"):
-        f = source
-    else:
-        raise VideoError(f"{what}: unsupported source type {type(source).__name__} (path, bytes or file-like)")
-    try:
-        container = av.open(f, mode="r")
-    except (av.FFmpegError, OSError, ValueError) as e:
-        raise VideoError(f"{what}: not a decodable video: {e}") from e
-    if not container.streams.video:
-        container.close()
-        raise VideoError(f"{what}: no video stream (audio-only or not a video)")
-    return container
+        if len(source) > limits.max_bytes:
+            raise VideoError(f"{what}: exceeds max_bytes={limits.max_bytes}")
+        return io.BytesIO(bytes(source)), what
+    if hasattr(source, "read"):
+        return source, what
+    raise VideoError(f"{what}: unsupported source type {type(source).__name__} (path, URL, bytes or file-like)")
 
 
-def _count_frames(source, what: str) -> int:
-    """Frames of the first video stream, counted by demuxing packets (no decoding)."""
+@dataclass
+class VideoInfo:
+    pts: list[int]  # presentation timestamps of every frame, sorted (frame i has pts[i])
+    keyframe_pts: list[int]  # sorted
+    time_base: float
+    width: int
+    height: int
+    codec: str
+
+    @property
+    def num_frames(self) -> int:
+        return len(self.pts)
+
+    def seconds(self, i: int) -> float:
+        return (self.pts[i] - self.pts[0]) * self.time_base
+
+
+class DecoderBackend:
+    """The interface a decoder implements (PyAV here; torchcodec can be registered with `register_backend`)."""
+
+    name = "abstract"
+
+    def probe(self, src, what: str, limits: DecodeLimits) -> VideoInfo:
+        raise NotImplementedError
+
+    def frames(self, src, what: str, info: VideoInfo, wanted: list[int], size, stop: threading.Event
+               ) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield (index, RGB uint8 frame) for the sorted distinct wanted indices."""
+        raise NotImplementedError
+
+
+class PyAVBackend(DecoderBackend):
+    name = "pyav"
+
+    def _open(self, src, what):
+        import av
+
+        if hasattr(src, "seek"):
+            src.seek(0)
+        try:
+            c = av.open(src, mode="r", metadata_errors="ignore")
+        except (av.FFmpegError, OSError, ValueError, UnicodeDecodeError) as e:
+            raise VideoError(f"{what}: not a decodable video (corrupt, truncated, or not a video): {e}") from e
+        if not c.streams.video:
+            c.close()
+            raise VideoError(f"{what}: no video stream (audio-only or not a video)")
+        return c
+
+    def probe(self, src, what, limits):
+        import av
+
+        c = self._open(src, what)
+        try:
+            st = c.streams.video[0]
+            cc = st.codec_context
+            w, h = int(cc.width or 0), int(cc.height or 0)
+            if w * h > limits.max_pixels:
+                raise VideoError(f"{what}: {w}x{h} frames exceed max_pixels={limits.max_pixels}")
+            if not _has_decoder(cc.name):
+                raise VideoError(f"{what}: unsupported codec '{cc.name}' (no decoder in this FFmpeg build)")
+            tb = float(st.time_base) if st.time_base else 1.0
+            dur = (st.duration * tb) if st.duration else ((c.duration or 0) / 1e6)
+            if dur > limits.max_duration_s:
+                raise VideoError(f"{what}: {dur:.0f} s exceeds max_duration_s={limits.max_duration_s:.0f}")
+            pts, keys = [], []
+            try:
+                for p in c.demux(st):
+                    if p.size == 0:
+                        continue
+                    t = p.pts if p.pts is not None else p.dts
+                    if t is None:
+                        raise VideoError(f"{what}: packets without timestamps; cannot index frames")
+                    pts.append(int(t))
+                    if p.is_keyframe:
+                        keys.append(int(t))
+            except av.FFmpegError as e:  # a damaged tail: index what was read
+                log.warning("%s: demux stopped early (%s); using the first %d frames", what, e, len(pts))
+            if not pts:
+                raise VideoError(f"{what}: the video stream holds no frames")
+            pts.sort()
+            keys.sort()
+            if not keys or keys[0] > pts[0]:
+                keys.insert(0, pts[0])  # streams that start mid-GOP: the first frame decodes after a seek to 0
+            return VideoInfo(pts, keys, tb, w, h, cc.name)
+        finally:
+            c.close()
+
+    def frames(self, src, what, info, wanted, size, stop):
+        import av
+
+        c = self._open(src, what)
+        try:
+            st = c.streams.video[0]
+            st.thread_type = "AUTO"
+            i_want = 0
+            pos_key = None  # keyframe pts the decoder last started from
+            last = None  # (index, frame) of the latest decoded frame at or before the target
+            it = None
+            while i_want < len(wanted):
+                if stop.is_set():
+                    return
+                idx = wanted[i_want]
+                target = info.pts[idx]
+                key = info.keyframe_pts[bisect.bisect_right(info.keyframe_pts, target) - 1]
+                if it is None or pos_key is None or key > pos_key or (last is not None and last[0] > idx):
+                    c.seek(key, backward=True, any_frame=False, stream=st)
+                    it = _decode_iter(c, st, what)
+                    pos_key, last = key, None
+                got = None
+                for fr in it:
+                    if fr.pts is None:
+                        continue
+                    if fr.pts > target:
+                        # the wanted frame was lost (corrupt packet): the nearest earlier one stands in, else this
+                        cur = (bisect.bisect_left(info.pts, fr.pts), fr)
+                        got, last = (last or cur), cur
+                        break
+                    last = (bisect.bisect_left(info.pts, fr.pts), fr)
+                    if fr.pts == target:
+                        got = last
+                        break
+                else:
+                    got = last
+                    it = None
+                if got is None:
+                    raise VideoError(f"{what}: frame {idx} (pts {target}) could not be decoded")
+                arr = _to_rgb(got[1], size)
+                while i_want < len(wanted) and wanted[i_want] <= idx:
+                    yield wanted[i_want], arr
+                    i_want += 1
+        finally:
+            c.close()
+
+
+def _has_decoder(name: str) -> bool:
     import av
 
-    container = _open(source, what)
     try:
-        stream = container.streams.video[0]
-        n = 0
-        for packet in container.demux(stream):
-            if packet.size:
-                n += 1
-        return n
-    except av.FFmpegError as e:
-        raise VideoError(f"{what}: corrupt container: {e}") from e
-    finally:
-        container.close()
+        av.codec.Codec(name, "r")
+        return True
+    except (av.FFmpegError, ValueError):  # UnknownCodecError is both
+        return False
 
 
-def stream_frames(source, num_frames: int = 16, **kw) -> Iterator[tuple[int, float, np.ndarray]]:
-    """Yield (index, timestamp_seconds, uint8 RGB frame (H, W, 3)) of the sampled frames in presentation order."""
+def _decode_iter(c, st, what):
+    """Frames in presentation order; a packet that fails to decode is skipped (the rest of the clip survives)."""
     import av
 
-    sampler = kw.get("sampler", "uniform")
-    if sampler != "uniform" or any(kw.get(k) is not None for k in ("fps", "start", "end", "short_side")):
-        raise ValueError(f"sampler {sampler!r} with fps/start/end/short_side is not supported yet; use 'uniform'")
+    bad = 0
+    for pkt in c.demux(st):
+        try:
+            yield from pkt.decode()
+        except av.FFmpegError as e:
+            bad += 1
+            if bad == 1:
+                log.warning("%s: skipping undecodable packet(s): %s", what, e)
+
+
+def _to_rgb(frame, size) -> np.ndarray:
+    if size is None:
+        return frame.to_ndarray(format="rgb24")
+    # FFmpeg's scaler resizes during the colour conversion: no full-resolution RGB is materialised
+    return frame.to_ndarray(format="rgb24", width=size[0], height=size[1], interpolation="BICUBIC")
+
+
+BACKENDS: dict[str, DecoderBackend] = {"pyav": PyAVBackend()}
+
+
+def register_backend(name: str, backend: DecoderBackend):
+    """Plug in another decoder (e.g. torchcodec) under `name`; select it with backend=name."""
+    BACKENDS[name] = backend
+
+
+def _scaled_size(w: int, h: int, short_side: int | None):
+    if short_side is None or min(w, h) == short_side:
+        return None
+    if short_side <= 0:
+        raise ValueError(f"short_side must be positive, got {short_side}")
+    if w <= h:
+        return short_side, max(1, int(round(h * short_side / w)))
+    return max(1, int(round(w * short_side / h))), short_side
+
+
+def select_indices(info: VideoInfo, num_frames: int, sampler: str, fps, start, end) -> list[int]:
+    """The sampled frame indices (sorted, repeats allowed) for a probed clip."""
+    t = [info.seconds(i) for i in range(info.num_frames)]
+    lo = 0 if start is None else bisect.bisect_left(t, float(start))
+    hi = info.num_frames if end is None else bisect.bisect_left(t, float(end))
+    if hi <= lo:
+        raise VideoError(f"time range [{start}, {end}) s holds no frame (clip spans 0 to {t[-1]:.3f} s)")
+    if sampler == "uniform":
+        return [lo + i for i in uniform_indices(hi - lo, num_frames)]
+    # fps: the frame showing at each tick start + k/fps (the latest frame at or before it), at most num_frames
+    t0 = t[lo]
+    ticks = []
+    k = 0
+    while True:
+        tk = t0 + k / float(fps)
+        if tk > t[hi - 1] + 1e-9:
+            break
+        ticks.append(max(lo, bisect.bisect_right(t, tk + 1e-9, lo, hi) - 1))
+        k += 1
+    if len(ticks) > num_frames:  # thin evenly to the cap
+        ticks = [ticks[i] for i in uniform_indices(len(ticks), num_frames)]
+    return ticks
+
+
+def _check_args(num_frames, sampler, fps, limits):
     if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames <= 0:
         raise ValueError(f"num_frames must be a positive integer, got {num_frames!r}")
-    what = _describe(source)
-    if hasattr(source, "read") and hasattr(source, "seek"):
-        start_pos = source.tell()
-    total = _count_frames(source, what)
-    if total == 0:
-        raise VideoError(f"{what}: the video stream holds no frames")
-    if hasattr(source, "read"):
-        source.seek(start_pos)
-    wanted = uniform_indices(total, num_frames)
-    want_set = set(wanted)
-    last = max(wanted)
-    container = _open(source, what)
-    got: dict[int, tuple[float, np.ndarray]] = {}
-    i = -1
+    if num_frames > limits.max_frames:
+        raise ValueError(f"num_frames={num_frames} exceeds max_frames={limits.max_frames}")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    if sampler == "fps" and not (isinstance(fps, (int, float)) and fps > 0):
+        raise ValueError(f"sampler='fps' needs fps > 0, got {fps!r}")
+
+
+def _iter_frames(source, num_frames, sampler, fps, start, end, short_side, limits, backend, stop):
+    src, what = _as_input(source, limits)
+    be = BACKENDS[backend]
+    info = be.probe(src, what, limits)
+    idx = select_indices(info, num_frames, sampler, fps, start, end)
+    size = _scaled_size(info.width, info.height, short_side)
+    distinct = sorted(set(idx))
+    pos = {i: [] for i in distinct}
+    for k, i in enumerate(idx):
+        pos[i].append(k)
+    for i, arr in be.frames(src, what, info, distinct, size, stop):
+        for _ in pos[i]:
+            yield i, info.seconds(i), arr
+
+
+def stream_frames(source, num_frames: int = 16, *, sampler: str = "uniform", fps=None, start=None, end=None,
+                  short_side=None, limits: DecodeLimits = DEFAULT_LIMITS, backend: str = "pyav",
+                  prefetch: int = 4) -> Iterator[tuple[int, float, np.ndarray]]:
+    """Yield (index, timestamp_seconds, uint8 RGB frame (H, W, 3)) of the sampled frames in presentation order,
+    decoded in a background thread `prefetch` frames ahead (so the caller can encode frame k while k+1 decodes).
+    A repeated index (a clip shorter than num_frames) is yielded once per repeat."""
+    _check_args(num_frames, sampler, fps, limits)
+    q: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
+    stop = threading.Event()
+    done = object()
+
+    def put(item):
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work():
+        try:
+            for item in _iter_frames(source, num_frames, sampler, fps, start, end, short_side, limits, backend, stop):
+                if not put(item):
+                    return
+            put(done)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer thread, re-raised there
+            put(e)
+
+    th = threading.Thread(target=work, name="pllava-decode", daemon=True)
+    th.start()
     try:
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        for frame in container.decode(stream):
-            i += 1
-            if i in want_set:
-                ts = float(frame.time) if frame.time is not None else float("nan")
-                got[i] = (ts, frame.to_ndarray(format="rgb24"))
-            if i >= last:
-                break
-    except av.FFmpegError as e:
-        if not got:
-            raise VideoError(f"{what}: decoding failed: {e}") from e
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
     finally:
-        container.close()
-    if not got:
-        raise VideoError(f"{what}: no frame could be decoded")
-    # Frames lost to corrupt packets: the nearest earlier decoded frame stands in (then the nearest later).
-    have = sorted(got)
-    for idx in wanted:
-        src = max((h for h in have if h <= idx), default=have[0])
-        ts, fr = got[src]
-        yield idx, ts, fr
+        stop.set()
+        th.join(timeout=5)
 
 
 def read_frames(source, num_frames: int = 16, *, sampler: str = "uniform", fps=None, start=None, end=None,
-                short_side=None) -> torch.Tensor:
+                short_side=None, limits: DecodeLimits = DEFAULT_LIMITS, backend: str = "pyav") -> torch.Tensor:
     """Decode `num_frames` frames sampled from `source` -> uint8 tensor (N, H, W, 3)."""
-    frames = [f for _, _, f in stream_frames(source, num_frames, sampler=sampler, fps=fps, start=start, end=end,
-                                              short_side=short_side)]
+    _check_args(num_frames, sampler, fps, limits)
+    stop = threading.Event()
+    frames = [f for _, _, f in _iter_frames(source, num_frames, sampler, fps, start, end, short_side, limits,
+                                             backend, stop)]
     return torch.from_numpy(np.stack(frames))
+
+
+def decode_all(source, limits: DecodeLimits = DEFAULT_LIMITS) -> list[np.ndarray]:
+    """Every frame of a full sequential decode (the reference the samplers are tested against; and the baseline
+    the decode benchmark measures)."""
+    src, what = _as_input(source, limits)
+    be = PyAVBackend()
+    c = be._open(src, what)
+    try:
+        st = c.streams.video[0]
+        st.thread_type = "AUTO"
+        return [f.to_ndarray(format="rgb24") for f in _decode_iter(c, st, what)]
+    finally:
+        c.close()
+
+
+# ---------------------------------------------------------------------------------------------- live sources
+class _PatientReader(io.RawIOBase):
+    """A non-seekable reader over a growing file or a pipe: at EOF it waits for more data up to `idle_s`
+    seconds (then ends), so a live source that stops ends the stream instead of hanging it."""
+
+    def __init__(self, f, idle_s: float, poll_s: float = 0.05):
+        self.f, self.idle_s, self.poll_s = f, idle_s, poll_s
+
+    def readable(self):
+        return True
+
+    def readinto(self, b):
+        t0 = time.monotonic()
+        fd = _pipe_fd(self.f)
+        while True:
+            if fd is not None:  # a pipe/FIFO/socket blocks while its writer is silent: wait with a deadline
+                left = self.idle_s - (time.monotonic() - t0)
+                if left <= 0 or not select.select([fd], [], [], left)[0]:
+                    return 0
+                data = os.read(fd, len(b))
+                b[:len(data)] = data
+                return len(data)
+            n = self.f.readinto(b) if hasattr(self.f, "readinto") else _readinto(self.f, b)
+            if n:
+                return n
+            if time.monotonic() - t0 > self.idle_s:
+                return 0
+            time.sleep(self.poll_s)
+
+
+def _pipe_fd(f):
+    try:
+        fd = f.fileno()
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        return None
+    mode = os.fstat(fd).st_mode
+    return fd if (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISCHR(mode)) else None
+
+
+def _readinto(f, b):
+    data = f.read(len(b))
+    b[:len(data)] = data
+    return len(data)
+
+
+@dataclass
+class LiveWindow:
+    frames: torch.Tensor  # uint8 (N, H, W, 3)
+    timestamps: list[float] = field(default_factory=list)  # seconds from the stream's first frame
+    end_time: float = 0.0
+
+
+def live_windows(source, num_frames: int = 16, *, window_s: float = 8.0, every_s: float = 2.0, short_side=None,
+                 limits: DecodeLimits = DEFAULT_LIMITS, growing: bool = False) -> Iterator[LiveWindow]:
+    """A sliding window over a live source: every `every_s` seconds of stream time, `num_frames` frames spread
+    uniformly over the last `window_s` seconds. `source`: a pipe/file object, a growing file's path (with
+    growing=True), or an FFmpeg URL such as rtsp://... or a device. A source silent for limits.timeout_s ends."""
+    import av
+
+    _check_args(num_frames, "uniform", None, limits)
+    if not (window_s > 0 and every_s > 0):
+        raise ValueError(f"window_s and every_s must be > 0, got {window_s}, {every_s}")
+    what = describe(source)
+    owned = None
+    if isinstance(source, (str, os.PathLike)) and growing:
+        owned = open(os.fspath(source), "rb")
+        src = _PatientReader(owned, limits.timeout_s)
+    elif hasattr(source, "read"):
+        src = _PatientReader(source, limits.timeout_s)
+    else:
+        src = os.fspath(source)
+    try:
+        try:
+            c = av.open(src, mode="r", timeout=limits.timeout_s) if isinstance(src, str) else av.open(src, mode="r")
+        except (av.FFmpegError, OSError, ValueError) as e:
+            raise VideoError(f"{what}: live source could not be opened (stopped or not a video): {e}") from e
+        with c:
+            if not c.streams.video:
+                raise VideoError(f"{what}: no video stream")
+            st = c.streams.video[0]
+            tb = float(st.time_base) if st.time_base else 1.0
+            buf: list[tuple[float, np.ndarray]] = []
+            t0 = None
+            next_emit = None
+            got_any = False
+            for fr in _decode_iter(c, st, what):
+                if fr.pts is None:
+                    continue
+                if fr.width * fr.height > limits.max_pixels:
+                    raise VideoError(f"{what}: {fr.width}x{fr.height} frames exceed max_pixels={limits.max_pixels}")
+                t = fr.pts * tb
+                t0 = t if t0 is None else t0
+                t -= t0
+                size = _scaled_size(fr.width, fr.height, short_side)
+                buf.append((t, _to_rgb(fr, size)))
+                while buf and buf[0][0] < t - window_s:
+                    buf.pop(0)
+                next_emit = window_s if next_emit is None else next_emit
+                if t + 1e-9 >= next_emit:
+                    idx = uniform_indices(len(buf), num_frames)
+                    got_any = True
+                    yield LiveWindow(torch.from_numpy(np.stack([buf[i][1] for i in idx])),
+                                     [buf[i][0] for i in idx], t)
+                    next_emit += every_s
+            if not got_any:
+                if not buf:
+                    raise VideoError(f"{what}: live source stopped before any frame arrived")
+                idx = uniform_indices(len(buf), num_frames)  # shorter than one window: what there is
+                yield LiveWindow(torch.from_numpy(np.stack([buf[i][1] for i in idx])), [buf[i][0] for i in idx],
+                                 buf[-1][0])
+    finally:
+        if owned is not None:
+            owned.close()

@@ -1,0 +1,282 @@
+"""The seek-based sampler returns exactly the frames a full sequential decode has at the same indices, for every
+codec, frame-rate mode and size the tests can make with PyAV; and every bad input is a typed, named error."""
+import http.server
+import os
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import pllava
+from pllava.errors import VideoError
+from pllava.testing import make_video
+from pllava.video import DecodeLimits, decode_all, live_windows, read_frames, stream_frames, uniform_indices
+
+CLIPS = [  # (name, kwargs)
+    ("h264_bframes.mp4", dict(codec="libx264", gop=10, bframes=2, num_frames=90, size=(96, 64))),
+    ("h264_vfr.mkv", dict(codec="libx264", gop=7, vfr=True, num_frames=60, size=(64, 48))),
+    ("mpeg4_audio.mp4", dict(codec="mpeg4", gop=8, bframes=2, audio=True, num_frames=75, size=(97, 65))),
+    ("mpeg4_vfr.mkv", dict(codec="mpeg4", gop=5, vfr=True, num_frames=40, size=(63, 47))),
+    ("vp9.webm", dict(codec="libvpx-vp9", gop=12, num_frames=50, size=(66, 38))),
+    ("one_frame.mp4", dict(codec="mpeg4", num_frames=1, size=(64, 48))),
+]
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    d = tmp_path_factory.mktemp("clips")
+    return {name: make_video(str(d / name), **kw) for name, kw in CLIPS}
+
+
+@pytest.mark.parametrize("name", [c[0] for c in CLIPS])
+@pytest.mark.parametrize("n", [16, 5])
+def test_sampled_frames_equal_sequential_decode(clips, name, n):
+    allf = decode_all(clips[name])
+    got = read_frames(clips[name], n)
+    want = uniform_indices(len(allf), n)
+    assert got.dtype == torch.uint8 and got.shape[0] == n
+    for k, i in enumerate(want):
+        assert np.array_equal(got[k].numpy(), allf[i]), f"{name}: frame {k} (index {i}) differs"
+
+
+def test_fewer_frames_than_asked_repeat_like_pllava(clips):
+    allf = decode_all(clips["mpeg4_vfr.mkv"])  # 40 frames
+    got = read_frames(clips["mpeg4_vfr.mkv"], 64)
+    idx = uniform_indices(40, 64)
+    assert len(set(idx)) < 64 and got.shape[0] == 64
+    assert all(np.array_equal(got[k].numpy(), allf[i]) for k, i in enumerate(idx))
+
+
+def test_stream_frames_order_and_timestamps(clips):
+    items = list(stream_frames(clips["h264_vfr.mkv"], 8))
+    assert [i for i, _, _ in items] == uniform_indices(60, 8)
+    ts = [t for _, t, _ in items]
+    assert ts == sorted(ts) and ts[0] >= 0
+    durations = (0.04, 0.09, 0.015, 0.2)  # the VFR clip's frame durations, cycling
+    for i, t, _ in items:
+        assert t == pytest.approx(sum(durations[k % 4] for k in range(i)), abs=2e-3)
+
+
+def test_fps_sampler_and_time_range(clips):
+    p = clips["h264_bframes.mp4"]  # 90 frames at 12 fps = 7.5 s
+    allf = decode_all(p)
+    items = list(stream_frames(p, 100, sampler="fps", fps=2))
+    assert [i for i, _, _ in items] == list(range(0, 90, 6))
+    assert all(np.array_equal(f, allf[i]) for i, _, f in items)
+    capped = list(stream_frames(p, 4, sampler="fps", fps=2))
+    assert len(capped) == 4
+    rng = list(stream_frames(p, 4, start=2.0, end=4.0))  # frames 24..47
+    assert [i for i, _, _ in rng] == [24 + i for i in uniform_indices(24, 4)]
+    with pytest.raises(VideoError, match="holds no frame"):
+        read_frames(p, 4, start=100.0)
+    with pytest.raises(ValueError, match="fps"):
+        read_frames(p, 4, sampler="fps")
+
+
+def test_short_side_resizes_in_the_scaler(clips):
+    got = read_frames(clips["h264_bframes.mp4"], 4, short_side=32)  # 96x64 -> 48x32
+    assert tuple(got.shape) == (4, 32, 48, 3)
+    full = read_frames(clips["h264_bframes.mp4"], 4)
+    small = torch.nn.functional.interpolate(full.permute(0, 3, 1, 2).float(), size=(32, 48), mode="bicubic",
+                                            antialias=True).permute(0, 2, 3, 1)
+    assert (got.float() - small).abs().mean() < 6  # same picture (scalers differ in their taps)
+
+
+def test_source_kinds_agree(clips):
+    p = clips["vp9.webm"]
+    ref = read_frames(p, 6)
+    data = open(p, "rb").read()
+    assert torch.equal(read_frames(data, 6), ref)
+    with open(p, "rb") as f:
+        assert torch.equal(read_frames(f, 6), ref)
+
+
+def test_still_image_as_video(tmp_path):
+    from PIL import Image
+
+    img = (np.arange(40 * 30 * 3) % 251).astype(np.uint8).reshape(30, 40, 3)
+    Image.fromarray(img).save(tmp_path / "still.png")
+    got = read_frames(str(tmp_path / "still.png"), 16)
+    assert got.shape == (16, 30, 40, 3) and all(np.array_equal(g.numpy(), img) for g in got)
+
+
+def test_breaking_off_a_stream_stops_its_thread(clips):
+    before = threading.active_count()
+    it = stream_frames(clips["h264_bframes.mp4"], 16, prefetch=1)
+    next(it)
+    it.close()
+    time.sleep(0.3)
+    assert threading.active_count() <= before
+
+
+# --------------------------------------------------------------------------------------- bad input
+def test_not_a_video_zero_bytes_and_missing(tmp_path):
+    (tmp_path / "junk.mp4").write_bytes(os.urandom(5000))
+    with pytest.raises(VideoError, match="junk.mp4"):
+        read_frames(str(tmp_path / "junk.mp4"))
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    with pytest.raises(VideoError, match="zero bytes"):
+        read_frames(str(tmp_path / "empty.mp4"))
+    with pytest.raises(VideoError, match="zero bytes"):
+        read_frames(b"")
+    with pytest.raises(VideoError, match="no such file"):
+        read_frames(str(tmp_path / "nope.mp4"))
+
+
+def test_truncated_mp4(clips, tmp_path):
+    data = open(clips["h264_bframes.mp4"], "rb").read()
+    (tmp_path / "cut.mp4").write_bytes(data[: len(data) // 2])
+    with pytest.raises(VideoError, match="cut.mp4"):
+        read_frames(str(tmp_path / "cut.mp4"))
+
+
+def test_truncated_stream_format_returns_what_is_there(tmp_path):
+    p = make_video(str(tmp_path / "full.ts"), num_frames=60, codec="mpeg4", gop=6, container_format="mpegts")
+    data = open(p, "rb").read()
+    (tmp_path / "cut.ts").write_bytes(data[: len(data) // 2])
+    got = read_frames(str(tmp_path / "cut.ts"), 8)
+    assert got.shape[0] == 8
+
+
+def test_corrupt_packets_mid_stream_are_skipped(tmp_path):
+    p = make_video(str(tmp_path / "c.ts"), num_frames=60, codec="mpeg4", gop=6, container_format="mpegts",
+                   size=(96, 64))
+    data = bytearray(open(p, "rb").read())
+    rng = np.random.default_rng(0)
+    for off in range(len(data) // 3, len(data) // 3 + 3000, 188):  # garble payloads, keep TS sync bytes
+        data[off + 8:off + 150] = rng.integers(0, 256, 142, dtype=np.uint8).tobytes()
+    (tmp_path / "bad.ts").write_bytes(bytes(data))
+    got = read_frames(str(tmp_path / "bad.ts"), 16)
+    assert got.shape[0] == 16
+
+
+def test_audio_only(tmp_path):
+    import av
+
+    p = str(tmp_path / "a.m4a")
+    with av.open(p, "w") as c:
+        s = c.add_stream("aac", rate=16000)
+        fr = av.AudioFrame.from_ndarray(np.zeros((1, 16000), np.float32), format="fltp", layout="mono")
+        fr.sample_rate = 16000
+        for pkt in list(s.encode(fr)) + list(s.encode()):
+            c.mux(pkt)
+    with pytest.raises(VideoError, match="no video stream"):
+        read_frames(p)
+
+
+def test_unsupported_codec(clips, monkeypatch):
+    import pllava.video as V
+
+    monkeypatch.setattr(V, "_has_decoder", lambda name: False)
+    with pytest.raises(VideoError, match="unsupported codec 'h264'"):
+        read_frames(clips["h264_bframes.mp4"])
+
+
+def test_limits_refuse_before_decoding(clips):
+    with pytest.raises(VideoError, match="max_pixels=1000"):
+        read_frames(clips["h264_bframes.mp4"], limits=DecodeLimits(max_pixels=1000))
+    with pytest.raises(VideoError, match="max_duration_s"):
+        read_frames(clips["h264_bframes.mp4"], limits=DecodeLimits(max_duration_s=1))
+    with pytest.raises(VideoError, match="max_bytes"):
+        read_frames(open(clips["h264_bframes.mp4"], "rb").read(), limits=DecodeLimits(max_bytes=100))
+    with pytest.raises(ValueError, match="max_frames"):
+        read_frames(clips["h264_bframes.mp4"], 5000)
+
+
+# --------------------------------------------------------------------------------------- URLs (loopback only)
+@pytest.fixture()
+def http_dir(clips):
+    root = os.path.dirname(clips["vp9.webm"])
+
+    class H(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, directory=root, **kw)
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+    th = threading.Thread(target=srv.serve_forever, daemon=True)
+    th.start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()
+
+
+def test_http_url(clips, http_dir):
+    assert torch.equal(read_frames(f"{http_dir}/vp9.webm", 6), read_frames(clips["vp9.webm"], 6))
+    with pytest.raises(VideoError, match="unreachable"):
+        read_frames(f"{http_dir}/missing.mp4")
+    with pytest.raises(VideoError, match="max_bytes"):
+        read_frames(f"{http_dir}/vp9.webm", limits=DecodeLimits(max_bytes=10))
+
+
+def test_unreachable_url_fails_fast():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+    t0 = time.monotonic()
+    with pytest.raises(VideoError, match="unreachable"):
+        read_frames(f"http://127.0.0.1:{port}/clip.mp4", limits=DecodeLimits(timeout_s=2))
+    assert time.monotonic() - t0 < 5
+
+
+# --------------------------------------------------------------------------------------- live sources
+def test_live_pipe_sliding_windows(tmp_path):
+    p = make_video(str(tmp_path / "live.ts"), num_frames=72, fps=12, codec="mpeg4", gop=12, container_format="mpegts")
+    data = open(p, "rb").read()
+    r, w = os.pipe()
+
+    def writer():
+        with os.fdopen(w, "wb") as f:
+            for k in range(0, len(data), 4096):
+                f.write(data[k:k + 4096])
+                f.flush()
+
+    threading.Thread(target=writer, daemon=True).start()
+    with os.fdopen(r, "rb") as f:
+        wins = list(live_windows(f, 4, window_s=2.0, every_s=1.0, limits=DecodeLimits(timeout_s=3)))
+    assert len(wins) >= 3  # 6 s of video: windows ending at 2, 3, 4, 5 s
+    for wdw in wins:
+        assert wdw.frames.shape[0] == 4 and wdw.timestamps == sorted(wdw.timestamps)
+        assert wdw.end_time - wdw.timestamps[0] <= 2.0 + 1e-6
+    assert [round(x.end_time) for x in wins[:3]] == [2, 3, 4]
+
+
+def test_live_growing_file_and_a_source_that_stops(tmp_path):
+    p = make_video(str(tmp_path / "src.ts"), num_frames=36, fps=12, codec="mpeg4", gop=12, container_format="mpegts")
+    data = open(p, "rb").read()
+    grow = tmp_path / "grow.ts"
+    grow.write_bytes(data[:2000])
+
+    def writer():
+        with open(grow, "ab") as f:
+            for k in range(2000, len(data), 3000):
+                time.sleep(0.02)
+                f.write(data[k:k + 3000])
+                f.flush()
+
+    threading.Thread(target=writer, daemon=True).start()
+    wins = list(live_windows(str(grow), 4, window_s=1.0, every_s=1.0, growing=True,
+                             limits=DecodeLimits(timeout_s=1.0)))
+    assert len(wins) >= 2
+    silent = tmp_path / "silent.ts"
+    silent.write_bytes(b"")
+    t0 = time.monotonic()
+    with pytest.raises(VideoError, match="silent.ts"):
+        list(live_windows(str(silent), 4, growing=True, limits=DecodeLimits(timeout_s=0.5)))
+    assert time.monotonic() - t0 < 5
+
+
+# --------------------------------------------------------------------------------------- engine
+def test_engine_overlapped_decode_gives_the_same_answer(ckpts, clips):
+    eng = pllava.Engine.from_pretrained(ckpts["pllava"])
+    p = clips["h264_bframes.mp4"]
+    a = eng.encode(p, overlap=True)
+    b = eng.encode(p, overlap=False)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    out = eng.generate(p, "What happens?", max_new_tokens=6)
+    assert {"video_decode", "preprocess", "vision", "projector", "prefill", "decode", "ttft"} <= set(out.timings)
