@@ -1,0 +1,53 @@
+// pybind11 module pllava._C. The Python side (pllava.preprocess) validates arguments and passes raw pointers and
+// strides; the work runs with the GIL released.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <stdexcept>
+#include <vector>
+
+#include "preprocess.h"
+
+namespace py = pybind11;
+
+static void preprocess_frames(uintptr_t data, std::vector<int64_t> shape, std::vector<int64_t> strides, py::dict cfg,
+                              uintptr_t out, int dtype, int num_threads) {
+  if (shape.size() != 4 || strides.size() != 4 || shape[3] != 3)
+    throw std::invalid_argument("frames: shape must be (T, H, W, 3)");
+  if (dtype < 0 || dtype > 2) throw std::invalid_argument("dtype: expected 0 (fp32), 1 (fp16) or 2 (bf16)");
+  pllava::Frames f{reinterpret_cast<const uint8_t*>(data), shape[0], shape[1], shape[2],
+                   strides[0], strides[1], strides[2], strides[3]};
+  pllava::Params p;
+  p.do_resize = cfg["do_resize"].cast<bool>();
+  p.shortest_edge = cfg["shortest_edge"].cast<int>();
+  p.crop_h = cfg["crop_h"].cast<int>();
+  p.crop_w = cfg["crop_w"].cast<int>();
+  p.do_rescale = cfg["do_rescale"].cast<bool>();
+  p.rescale = cfg["rescale"].cast<double>();
+  p.do_normalize = cfg["do_normalize"].cast<bool>();
+  auto mean = cfg["mean"].cast<std::vector<double>>();
+  auto std_ = cfg["std"].cast<std::vector<double>>();
+  if (mean.size() != 3 || std_.size() != 3) throw std::invalid_argument("mean/std: need 3 values");
+  for (int c = 0; c < 3; ++c) {
+    p.mean[c] = mean[c];
+    p.std[c] = std_[c];
+  }
+  py::gil_scoped_release release;
+  pllava::preprocess(f, p, reinterpret_cast<void*>(out), static_cast<pllava::OutDtype>(dtype), num_threads);
+}
+
+static py::tuple output_size(int h, int w, int shortest_edge) {
+  pllava::Params p;
+  p.shortest_edge = shortest_edge;
+  int nh, nw;
+  pllava::resize_params(p, h, w, &nh, &nw);
+  return py::make_tuple(nh, nw);
+}
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "pllava native preprocessing (PIL-exact bicubic resize + center crop + normalize)";
+  m.def("preprocess", &preprocess_frames, py::arg("data"), py::arg("shape"), py::arg("strides"), py::arg("cfg"),
+        py::arg("out"), py::arg("dtype"), py::arg("num_threads") = 0);
+  m.def("output_size", &output_size);
+  m.attr("ABI") = 1;
+}
