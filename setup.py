@@ -66,7 +66,7 @@ setup(
         "pillow",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "transformers>=4.45", "tokenizers", "pybind11"],
+        "dev": ["pytest", "pytest-benchmark", "transformers>=4.45", "tokenizers", "pybind11", "matplotlib"],
         "gpu": ["flash-attn; platform_system == 'Linux'", "xformers; platform_system == 'Linux'"],
     },
     setup_requires=[],

@@ -88,6 +88,25 @@ def cmd_demo(a) -> int:
     return 0
 
 
+def cmd_bench(a) -> int:
+    from .bench import run_bench
+
+    frames = tuple(int(x) for x in a.frames.split(","))
+    run_bench(a.preset, frames=frames, new_tokens=a.new_tokens, runs=a.runs, device=a.device,
+              dtype=_parse_dtype(a.dtype), baseline=not a.no_baseline, video=a.video, out_dir=a.out)
+    return 0
+
+
+def _parse_dtype(s):
+    if s is None:
+        return None
+    from .runtime import resolve_dtype
+
+    import torch
+
+    return resolve_dtype(s, torch.device("cpu"), None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pllava", description="PLLaVA video-language inference engine")
     p.add_argument("-v", "--verbose", action="store_true", help="log which paths run")
@@ -106,6 +125,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--device", default=None)
     d.add_argument("--max-new-tokens", type=int, default=24)
     d.set_defaults(func=cmd_demo)
+    b = sub.add_parser("bench", help="throughput per frame count and latency breakdown vs transformers")
+    b.add_argument("--preset", default="small", help="small | pllava-7b | pllava-13b | pllava-34b")
+    b.add_argument("--frames", default="1,4,8,16,32,64")
+    b.add_argument("--new-tokens", type=int, default=64)
+    b.add_argument("--runs", type=int, default=3)
+    b.add_argument("--device", default=None)
+    b.add_argument("--dtype", default=None)
+    b.add_argument("--video", default=None, help="clip for the decode stage (default: a cached 720p30 clip)")
+    b.add_argument("--no-baseline", action="store_true")
+    b.add_argument("--out", default="benchmarks/results", help="JSON and PNG plots go here")
+    b.set_defaults(func=cmd_bench)
     return p
 
 

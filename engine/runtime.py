@@ -165,6 +165,12 @@ class Engine:
         self.model.set_lora_alpha(float(alpha))
         self.lora_alpha = float(alpha)
 
+    def set_frames(self, num_frames: int | None = None, pooling_shape=None):
+        """Change how many frames are sampled and the pooling shape without reloading (both are free of weights)."""
+        cfg = self.config.with_overrides(num_frames=num_frames, pooling_shape=pooling_shape)
+        self.model.config = self.config = cfg
+        self.model.multi_modal_projector.pooling_shape = tuple(cfg.pooling_shape)
+
     def merge_lora(self):
         """Fold the LoRA into q/v at the current alpha (W + s·B·A): zero LoRA cost for a fixed-alpha deployment.
         set_lora_alpha then fails until unmerge_lora()."""
