@@ -54,6 +54,7 @@ setup(
     python_requires=">=3.10",
     package_dir={"pllava": "engine", "pllava.kernels": "kernels"},
     packages=["pllava", "pllava.model", "pllava.kernels"],
+    package_data={"pllava": ["static/*.html"]},
     install_requires=[
         "torch",  # never pinned: users bring their CUDA build
         "triton; platform_system == 'Linux'",
@@ -66,7 +67,9 @@ setup(
         "pillow",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "transformers>=4.45", "tokenizers", "pybind11", "matplotlib"],
+        "serve": ["fastapi", "uvicorn", "python-multipart"],
+        "dev": ["pytest", "pytest-benchmark", "transformers>=4.45", "tokenizers", "pybind11", "matplotlib", "fastapi",
+                "uvicorn", "python-multipart", "httpx", "openai", "selenium"],
         "gpu": ["flash-attn; platform_system == 'Linux'", "xformers; platform_system == 'Linux'"],
     },
     setup_requires=[],

@@ -97,6 +97,22 @@ def cmd_bench(a) -> int:
     return 0
 
 
+def cmd_serve(a) -> int:
+    from .runtime import Engine
+    from .server import ServerConfig, serve
+
+    eng = Engine.from_pretrained(a.model, device=a.device, dtype=a.dtype, num_frames=a.num_frames,
+                                 lora_alpha=a.lora_alpha, conv_mode=a.conv_mode)
+    cfg = ServerConfig(model_name=a.served_model_name or os.path.basename(os.path.normpath(a.model)),
+                       api_key=a.api_key, max_concurrency=a.max_concurrency, max_queue=a.max_queue,
+                       allowed_local_media_path=a.allowed_local_media_path, max_video_bytes=a.max_video_bytes,
+                       max_frames=a.max_frames, max_new_tokens_limit=a.max_new_tokens_limit,
+                       lora_alpha=eng.lora_alpha,
+                       allowed_fetch_hosts=frozenset(h for h in (a.allow_fetch_host or []) if h))
+    serve(eng, cfg, a.host, a.port)
+    return 0
+
+
 def _parse_dtype(s):
     if s is None:
         return None
@@ -125,6 +141,25 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--device", default=None)
     d.add_argument("--max-new-tokens", type=int, default=24)
     d.set_defaults(func=cmd_demo)
+    sv = sub.add_parser("serve", help="OpenAI-compatible server (chat completions with video_url, captions, a page)")
+    sv.add_argument("--model", required=True)
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", default=os.environ.get("PLLAVA_API_KEY"))
+    sv.add_argument("--served-model-name", default=None)
+    sv.add_argument("--max-concurrency", type=int, default=1)
+    sv.add_argument("--max-queue", type=int, default=16)
+    sv.add_argument("--allowed-local-media-path", default=None)
+    sv.add_argument("--max-video-bytes", type=int, default=200 << 20)
+    sv.add_argument("--max-frames", type=int, default=64)
+    sv.add_argument("--max-new-tokens-limit", type=int, default=1024)
+    sv.add_argument("--allow-fetch-host", action="append", help="host:port an operator trusts (internal media)")
+    sv.add_argument("--lora-alpha", type=float, default=None)
+    sv.add_argument("--num-frames", type=int, default=None)
+    sv.add_argument("--device", default=None)
+    sv.add_argument("--dtype", default=None)
+    sv.add_argument("--conv-mode", default=None)
+    sv.set_defaults(func=cmd_serve)
     b = sub.add_parser("bench", help="throughput per frame count and latency breakdown vs transformers")
     b.add_argument("--preset", default="small", help="small | pllava-7b | pllava-13b | pllava-34b")
     b.add_argument("--frames", default="1,4,8,16,32,64")

@@ -139,9 +139,10 @@ class StepEvent:
 
 
 def generate_tokens(lm, embeds: torch.Tensor, params: SamplingParams, tokenizer, eos_ids: set[int],
-                    prompt_ids: torch.Tensor | None, timings: dict, clock) -> Iterator[StepEvent]:
+                    prompt_ids: torch.Tensor | None, timings: dict, clock, cancel=None) -> Iterator[StepEvent]:
     """Prefill then decode one token a step; yields each token with its text. Sets timings['prefill'] and
-    timings['decode'], and leaves the streamer's finish reason in timings['_finish'] ('stop' or 'length')."""
+    timings['decode'], and leaves the finish reason in timings['_finish'] ('stop', 'length' or 'cancelled' when
+    the `cancel` event - e.g. a disconnected client - is set)."""
     device = embeds.device
     gen = None
     if params.seed is not None:
@@ -172,6 +173,9 @@ def generate_tokens(lm, embeds: torch.Tensor, params: SamplingParams, tokenizer,
             yield StepEvent(tok, text + streamer.finish())
             break
         yield StepEvent(tok, text)
+        if cancel is not None and cancel.is_set():
+            finish = "cancelled"
+            break
         if seen is not None:
             seen = torch.cat([seen, torch.tensor([tok], device=device)])
         cur = torch.tensor([[tok]], device=device)

@@ -47,29 +47,52 @@ class Template:
 
     def render(self, question: str, system: str | None = None) -> str:
         """get_prompt() after user_query(question, pre, post, is_mm=True) [+ assistant_response(answer_prompt)]."""
-        q = question
-        if self.post_query is not None:
-            q = f"{q} {self.post_query}"
-        if self.pre_query is not None:
-            q = f"{self.pre_query} {q}"
-        user, bot = self.roles
-        msgs = []
-        if self.mm_alone:
-            msgs.append((user, self.mm_token))
-        elif self.mm_token not in q:
-            q = f"{self.mm_token} {q}"
-        msgs.append((user, q))
-        if self.answer_prompt is not None:
-            msgs.append((bot, self.answer_prompt))
-        sep = dict(zip(self.roles, self.sep))
-        system = self.system if system is None else system
-        out = system + sep[user] if system != "" else ""
-        for i, (role, msg) in enumerate(msgs):
-            if i + 1 == len(msgs):
-                out += role + msg + sep[role] + bot if role != bot else role + msg
-            else:
-                out += role + msg + sep[role]
-        return out
+        return render_chat(self, [("user", question)], system)
+
+
+def render_chat(t: Template, turns: list[tuple[str, str]], system: str | None = None) -> str:
+    """A multi-turn conversation [(role, text)] with role 'user' or 'assistant', the video attached to the first
+    user turn (as user_query(is_mm=True) does), rendered by get_prompt's rules; it ends with the assistant role
+    (or the template's answer prompt) so the model answers the last user turn."""
+    user, bot = t.roles
+    msgs: list[tuple[str, str]] = []
+    first = True
+    for role, text in turns:
+        if role == "user":
+            q = text
+            if t.post_query is not None:
+                q = f"{q} {t.post_query}"
+            if t.pre_query is not None:
+                q = f"{t.pre_query} {q}"
+            if first:
+                if t.mm_alone:
+                    msgs.append((user, t.mm_token))
+                elif t.mm_token not in q:
+                    q = f"{t.mm_token} {q}"
+                first = False
+            msgs.append((user, q))
+        else:
+            msgs.append((bot, text))
+    if first:
+        raise PromptError("messages: no user turn to attach the video to")
+    if msgs[-1][0] == user and t.answer_prompt is not None:
+        msgs.append((bot, t.answer_prompt))
+    sep = dict(zip(t.roles, t.sep))
+    system = t.system if system is None else system
+    out = system + sep[user] if system != "" else ""
+    for i, (role, msg) in enumerate(msgs):
+        if i + 1 == len(msgs):
+            out += role + msg + sep[role] + bot if role != bot else role + msg
+        else:
+            out += role + msg + sep[role]
+    return out
+
+
+def build_chat_prompt(turns: list[tuple[str, str]], conv_mode: str, system: str | None = None) -> str:
+    name = ALIASES.get(conv_mode, conv_mode)
+    if name not in TEMPLATES:
+        raise PromptError(f"conv_mode {conv_mode!r} is unknown; choose one of {', '.join(CONV_MODES)}")
+    return render_chat(TEMPLATES[name], turns, system)
 
 
 TEMPLATES: dict[str, Template] = {

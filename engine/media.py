@@ -1,0 +1,153 @@
+"""Media references from API requests -> bytes or a local path, safely.
+
+- data: URLs (base64), with the size checked before decoding.
+- file:// URLs and plain paths: only under the allowed directory, after resolving symlinks and '..'.
+- http(s): the host is resolved once and every address checked (no loopback, private, link-local, multicast,
+  reserved or unspecified addresses), the connection goes to the vetted address (no second DNS answer can
+  differ), redirects are followed by hand and each hop is checked the same way; size and time are capped.
+Every refusal is a MediaError naming the field; nothing here connects before the address is vetted.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import http.client
+import ipaddress
+import os
+import socket
+import ssl
+import time
+import urllib.parse
+
+from .errors import PllavaError
+
+
+class MediaError(PllavaError):
+    """A media reference that is refused or cannot be fetched; `status` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, param: str = "messages", status: int = 400, code: str = "invalid_media"):
+        super().__init__(message)
+        self.param, self.status, self.code = param, status, code
+
+
+def check_ip(addr: str, what: str, param: str):
+    ip = ipaddress.ip_address(addr.split("%")[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    bad = (ip.is_loopback or ip.is_private or ip.is_link_local or ip.is_multicast or ip.is_reserved
+           or ip.is_unspecified or (isinstance(ip, ipaddress.IPv4Address) and ip in ipaddress.ip_network("100.64.0.0/10")))
+    if bad:
+        raise MediaError(f"{what}: refusing to fetch from {ip} (loopback, private, link-local or reserved address)",
+                         param)
+
+
+def resolve_public(host: str, port: int, what: str, param: str, allowed: frozenset = frozenset()) -> list[str]:
+    """Addresses for host:port, every one vetted (unless host:port is explicitly allowed by the operator)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as e:
+        raise MediaError(f"{what}: cannot resolve host {host!r}: {e}", param) from e
+    addrs = list(dict.fromkeys(i[4][0] for i in infos))
+    if f"{host}:{port}" not in allowed:
+        for a in addrs:
+            check_ip(a, what, param)
+    return addrs
+
+
+def fetch_http(url: str, *, max_bytes: int, timeout_s: float, param: str = "messages",
+               allowed_hosts: frozenset = frozenset(), max_redirects: int = 5) -> bytes:
+    """GET url with the checks above. `allowed_hosts` ("host:port") lets an operator permit internal servers."""
+    deadline = time.monotonic() + timeout_s
+    for _ in range(max_redirects + 1):
+        u = urllib.parse.urlsplit(url)
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise MediaError(f"{url[:100]}: only http(s) URLs can be fetched", param)
+        port = u.port or (443 if u.scheme == "https" else 80)
+        addrs = resolve_public(u.hostname, port, url[:100], param, allowed_hosts)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise MediaError(f"{url[:100]}: fetch timed out after {timeout_s:g} s", param)
+        conn = _connect(u, addrs[0], port, left)
+        try:
+            path = (u.path or "/") + (f"?{u.query}" if u.query else "")
+            conn.request("GET", path, headers={"Host": u.netloc, "User-Agent": "pllava-engine"})
+            r = conn.getresponse()
+            if r.status in (301, 302, 303, 307, 308):
+                loc = r.getheader("Location")
+                if not loc:
+                    raise MediaError(f"{url[:100]}: redirect without a Location", param)
+                url = urllib.parse.urljoin(url, loc)
+                continue
+            if r.status != 200:
+                raise MediaError(f"{url[:100]}: HTTP {r.status}", param)
+            n = r.getheader("Content-Length")
+            if n is not None and n.isdigit() and int(n) > max_bytes:
+                raise MediaError(f"{url[:100]}: {n} bytes exceeds the {max_bytes}-byte limit", param, 413, "too_large")
+            chunks, total = [], 0
+            while True:
+                if time.monotonic() > deadline:
+                    raise MediaError(f"{url[:100]}: fetch timed out after {timeout_s:g} s", param)
+                b = r.read(1 << 16)
+                if not b:
+                    break
+                total += len(b)
+                if total > max_bytes:
+                    raise MediaError(f"{url[:100]}: body exceeds the {max_bytes}-byte limit", param, 413, "too_large")
+                chunks.append(b)
+            return b"".join(chunks)
+        except (OSError, http.client.HTTPException) as e:
+            raise MediaError(f"{url[:100]}: fetch failed: {e}", param) from e
+        finally:
+            conn.close()
+    raise MediaError(f"{url[:100]}: more than {max_redirects} redirects", param)
+
+
+class _PinnedHTTPS(http.client.HTTPSConnection):
+    """TLS to a vetted address, with the certificate checked against the URL's host name."""
+
+    def __init__(self, hostname: str, addr: str, port: int, timeout: float):
+        super().__init__(hostname, port, timeout=timeout, context=ssl.create_default_context())
+        self._addr = addr
+
+    def connect(self):
+        sock = socket.create_connection((self._addr, self.port), self.timeout)
+        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+
+
+def _connect(u, addr: str, port: int, timeout: float):
+    if u.scheme == "https":
+        return _PinnedHTTPS(u.hostname, addr, port, timeout)
+    return http.client.HTTPConnection(addr, port, timeout=timeout)  # the Host header carries the name
+
+
+def decode_data_url(url: str, max_bytes: int, param: str) -> bytes:
+    head, _, payload = url.partition(",")
+    if not head.startswith("data:") or ";base64" not in head:
+        raise MediaError("only base64 data: URLs are supported (data:video/mp4;base64,...)", param)
+    mime = head[5:].split(";")[0]
+    if mime and not mime.startswith(("video/", "image/", "application/octet-stream")):
+        raise MediaError(f"unsupported media type {mime!r} (video/* or image/*)", param, 400, "unsupported_media_type")
+    if len(payload) * 3 // 4 > max_bytes:  # refuse before decoding
+        raise MediaError(f"data URL of ~{len(payload) * 3 // 4} bytes exceeds the {max_bytes}-byte limit", param, 413,
+                         "too_large")
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise MediaError(f"invalid base64 in the data URL: {e}", param) from e
+    if not data:
+        raise MediaError("empty data URL", param)
+    return data
+
+
+def local_path(url: str, allowed_dir: str | None, param: str) -> str:
+    """A file:// URL or a plain path -> a real path under allowed_dir (symlinks and '..' resolved first)."""
+    if allowed_dir is None:
+        raise MediaError("local files are disabled (start the server with --allowed-local-media-path)", param)
+    raw = urllib.parse.unquote(urllib.parse.urlsplit(url).path) if url.startswith("file://") else url
+    real = os.path.realpath(raw)
+    root = os.path.realpath(allowed_dir)
+    if os.path.commonpath([real, root]) != root:
+        raise MediaError(f"{url[:200]}: outside the allowed media directory", param)
+    if not os.path.isfile(real):
+        raise MediaError(f"{url[:200]}: no such file", param)
+    return real

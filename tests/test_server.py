@@ -1,0 +1,426 @@
+"""`pllava serve` end to end: the real uvicorn server on loopback, driven by httpx and the openai client."""
+import base64
+import json
+import os
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+
+import pllava
+from pllava.media import MediaError, check_ip, fetch_http
+from pllava.server import ServerConfig
+from pllava.testing import make_video
+from server_util import LiveServer
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+
+@pytest.fixture(scope="module")
+def engine(ckpts):
+    return pllava.Engine.from_pretrained(ckpts["pllava"])
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    d = tmp_path_factory.mktemp("media")
+    clip = make_video(str(d / "clip.mp4"), num_frames=30, size=(80, 60), codec="libx264", gop=10)
+    return d, clip, open(clip, "rb").read()
+
+
+@pytest.fixture(scope="module")
+def server(engine, media):
+    d, _, _ = media
+    cfg = ServerConfig(model_name="tiny-pllava", allowed_local_media_path=str(d), max_frames=32,
+                       max_new_tokens_limit=64, max_video_bytes=2 << 20, max_queue=64, max_concurrency=2)
+    with LiveServer(engine, cfg) as s:
+        yield s
+
+
+def data_url(b: bytes, mime="video/mp4") -> str:
+    return f"data:{mime};base64," + base64.b64encode(b).decode()
+
+
+def chat_body(url, text="What is happening?", **kw):
+    return {"model": "tiny-pllava", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": text}, {"type": "video_url", "video_url": {"url": url}}]}], **kw}
+
+
+def post(server, body, **kw):
+    return httpx.post(server.url + "/v1/chat/completions", json=body, timeout=120, **kw)
+
+
+def sse(resp_text: str):
+    events = []
+    for block in resp_text.strip().split("\n\n"):
+        data = "".join(line[6:] for line in block.split("\n") if line.startswith("data: "))
+        events.append(data)
+    return events
+
+
+# ------------------------------------------------------------------------------------------ the happy paths
+def test_health_models_metrics(server):
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+    m = httpx.get(server.url + "/v1/models").json()
+    assert m["data"][0]["id"] == "tiny-pllava"
+    txt = httpx.get(server.url + "/metrics").text
+    assert "pllava_queue_depth" in txt and "pllava_requests_total" in txt
+
+
+def test_non_streaming_matches_engine(server, engine, media):
+    _, clip, raw = media
+    r = post(server, chat_body(data_url(raw), max_tokens=12, lora_alpha=4))
+    assert r.status_code == 200, r.text
+    j = r.json()
+    assert j["object"] == "chat.completion" and j["choices"][0]["finish_reason"] in ("stop", "length")
+    frames = pllava.read_frames(clip, engine.config.num_frames)
+    engine.set_lora_alpha(4)
+    want = engine.generate(frames, [("user", "What is happening?")], max_new_tokens=12)
+    assert j["choices"][0]["message"]["content"] == want.text
+    assert j["usage"]["completion_tokens"] == len(want.token_ids)
+    assert j["usage"]["prompt_tokens"] == want.num_prompt_tokens
+
+
+def test_per_request_lora_alpha_changes_output_as_the_engine_does(server, engine, media):
+    _, clip, raw = media
+    frames = pllava.read_frames(clip, engine.config.num_frames)
+    got = {}
+    for alpha in (0.0, 32.0):
+        got[alpha] = post(server, chat_body(data_url(raw), max_tokens=12, lora_alpha=alpha)).json()
+        engine.set_lora_alpha(alpha)
+        want = engine.generate(frames, [("user", "What is happening?")], max_new_tokens=12).text
+        assert got[alpha]["choices"][0]["message"]["content"] == want
+    assert got[0.0]["choices"][0]["message"]["content"] != got[32.0]["choices"][0]["message"]["content"]
+
+
+def test_streaming_with_usage(server, media):
+    _, _, raw = media
+    r = post(server, chat_body(data_url(raw), max_tokens=10, stream=True, stream_options={"include_usage": True}))
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = sse(r.text)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    fins = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert fins == ["length"] or fins == ["stop"]
+    usage = chunks[-1]["usage"]
+    assert usage["completion_tokens"] <= 10 and usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    nonstream = post(server, chat_body(data_url(raw), max_tokens=10)).json()
+    assert text == nonstream["choices"][0]["message"]["content"]
+
+
+def test_openai_client(server, media):
+    openai = pytest.importorskip("openai")
+    _, _, raw = media
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    msgs = chat_body(data_url(raw))["messages"]
+    r = client.chat.completions.create(model="tiny-pllava", messages=msgs, max_tokens=8)
+    assert r.choices[0].message.content and r.usage.completion_tokens <= 8
+    parts, usage = [], None
+    for ch in client.chat.completions.create(model="tiny-pllava", messages=msgs, max_tokens=8, stream=True,
+                                             stream_options={"include_usage": True}):
+        if ch.choices and ch.choices[0].delta.content:
+            parts.append(ch.choices[0].delta.content)
+        if ch.usage:
+            usage = ch.usage
+    assert "".join(parts) == r.choices[0].message.content and usage.completion_tokens == r.usage.completion_tokens
+    r2 = client.chat.completions.create(model="tiny-pllava", messages=msgs, max_tokens=8,
+                                        extra_body={"lora_alpha": 32, "num_frames": 8})
+    assert r2.choices[0].message.content
+
+
+def test_captions_upload_and_url(server, media):
+    d, clip, raw = media
+    r = httpx.post(server.url + "/v1/captions", files={"file": ("clip.mp4", raw, "video/mp4")},
+                   data={"max_tokens": "6"}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["caption"] and "vision" in r.json()["timings"]
+    r2 = httpx.post(server.url + "/v1/captions", json={"url": "file://" + clip, "max_tokens": 6}, timeout=60)
+    assert r2.status_code == 200 and r2.json()["caption"] == r.json()["caption"]
+
+
+def test_image_url_and_multi_turn(server, media):
+    from PIL import Image
+    import io
+
+    buf = io.BytesIO()
+    Image.new("RGB", (50, 40), (200, 30, 30)).save(buf, format="PNG")
+    body = {"messages": [{"role": "system", "content": "Answer briefly."},
+                         {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(
+                             buf.getvalue(), "image/png")}}, {"type": "text", "text": "What color?"}]},
+                         {"role": "assistant", "content": "Red."},
+                         {"role": "user", "content": "Are you sure?"}], "max_tokens": 5}
+    r = post(server, body)
+    assert r.status_code == 200, r.text
+
+
+# ------------------------------------------------------------------------------------------ errors
+def err(r, status, param=None):
+    assert r.status_code == status, r.text
+    e = r.json()["error"]
+    assert set(e) == {"message", "type", "param", "code"} and e["message"]
+    if param is not None:
+        assert e["param"] == param, e
+    return e
+
+
+def test_bad_videos_are_400(server, media):
+    _, _, raw = media
+    err(post(server, chat_body(data_url(os.urandom(3000)))), 400)
+    err(post(server, chat_body("data:video/mp4;base64,")), 400)
+    err(post(server, chat_body(data_url(raw[: len(raw) // 3]))), 400)  # truncated mp4
+    e = err(post(server, chat_body(data_url(b"hello", "text/plain"))), 400)
+    assert e["code"] == "unsupported_media_type"
+    err(post(server, chat_body("ftp://example.invalid/x.mp4")), 400)
+
+
+def test_bad_parameters_name_the_field(server, media):
+    _, _, raw = media
+    u = data_url(raw)
+    err(post(server, chat_body(u, num_frames=500)), 400, "num_frames")
+    err(post(server, chat_body(u, temperature=5)), 400, "temperature")
+    err(post(server, chat_body(u, max_tokens=10_000)), 400, "max_tokens")
+    err(post(server, chat_body(u, top_p="x")), 400, "top_p")
+    err(post(server, chat_body(u, stop=[""])), 400, "stop")
+    err(post(server, {"messages": []}), 400, "messages")
+    err(post(server, {"messages": [{"role": "user", "content": "no video"}]}), 400, "messages")
+    r = httpx.post(server.url + "/v1/chat/completions", content=b"{not json", timeout=10,
+                   headers={"content-type": "application/json"})
+    err(r, 400)
+
+
+def test_prompt_over_context(server, media):
+    _, _, raw = media
+    e = err(post(server, chat_body(data_url(raw), text="video " * 700)), 400)
+    assert "context" in e["message"]
+
+
+def test_error_after_streaming_started_is_an_sse_event(server, media):
+    _, _, raw = media
+    r = post(server, chat_body(data_url(raw), text="video " * 700, stream=True))
+    assert r.status_code == 200
+    events = sse(r.text)
+    assert events[-1] == "[DONE]"
+    assert "context" in json.loads(events[-2])["error"]["message"]
+
+
+def test_body_too_large_is_413(server):
+    big = "A" * (4 << 20)
+    r = httpx.post(server.url + "/v1/chat/completions", content=json.dumps(chat_body("data:video/mp4;base64," + big)),
+                   headers={"content-type": "application/json"}, timeout=30)
+    err(r, 413)
+    r = httpx.post(server.url + "/v1/captions", files={"file": ("x.mp4", b"0" * (3 << 20), "video/mp4")}, timeout=30)
+    err(r, 413)
+
+
+def test_api_key(engine, media):
+    _, _, raw = media
+    with LiveServer(engine, ServerConfig(api_key="sekrit")) as s:
+        e = err(post(s, chat_body(data_url(raw), max_tokens=2)), 401)
+        assert e["type"] == "AuthenticationError"
+        err(post(s, chat_body(data_url(raw), max_tokens=2), headers={"Authorization": "Bearer nope"}), 401)
+        assert post(s, chat_body(data_url(raw), max_tokens=2), headers={"Authorization": "Bearer sekrit"}).status_code == 200
+        assert httpx.get(s.url + "/health").status_code == 200  # probes need no key
+
+
+def test_overload_is_503_with_retry_after(engine, media):
+    _, _, raw = media
+    with LiveServer(engine, ServerConfig(max_concurrency=1, max_queue=0, max_new_tokens_limit=400)) as s:
+        slow = threading.Thread(target=post, args=(s, chat_body(data_url(raw), max_tokens=400)))
+        slow.start()
+        deadline = time.monotonic() + 10
+        while "pllava_running 1" not in httpx.get(s.url + "/metrics").text and time.monotonic() < deadline:
+            time.sleep(0.01)
+        r = post(s, chat_body(data_url(raw), max_tokens=2))
+        e = err(r, 503)
+        assert r.headers["retry-after"] == "1" and e["code"] == "overloaded"
+        slow.join()
+
+
+# ------------------------------------------------------------------------------------------ security
+def test_local_files_only_under_the_allowed_dir(server, media, tmp_path):
+    d, clip, _ = media
+    assert post(server, chat_body("file://" + clip, max_tokens=2)).status_code == 200
+    assert post(server, chat_body(clip, max_tokens=2)).status_code == 200  # a plain path
+    err(post(server, chat_body("file:///etc/passwd")), 400)
+    err(post(server, chat_body(str(d) + "/../../etc/passwd")), 400)
+    outside = make_video(str(tmp_path / "outside.mp4"), num_frames=3)
+    link = d / "link.mp4"
+    if not link.exists():
+        os.symlink(outside, link)
+    e = err(post(server, chat_body("file://" + str(link))), 400)
+    assert "outside" in e["message"]
+
+
+def test_local_files_disabled_by_default(engine, media):
+    _, clip, _ = media
+    with LiveServer(engine, ServerConfig()) as s:
+        e = err(post(s, chat_body("file://" + clip)), 400)
+        assert "disabled" in e["message"]
+
+
+def test_loopback_and_private_fetches_are_refused(server, media):
+    import http.server
+
+    d, _, _ = media
+
+    class H(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, directory=str(d), **kw)
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    hits = []
+    H.do_GET_orig = H.do_GET
+
+    def counting(self):
+        hits.append(self.path)
+        return H.do_GET_orig(self)
+
+    H.do_GET = counting
+    try:
+        url = f"http://127.0.0.1:{srv.server_address[1]}/clip.mp4"
+        e = err(post(server, chat_body(url)), 400)
+        assert "refusing" in e["message"]
+        err(post(server, chat_body(f"http://localhost:{srv.server_address[1]}/clip.mp4")), 400)
+        assert hits == [], "the server connected to a loopback address"
+    finally:
+        srv.shutdown()
+
+
+def test_redirects_are_checked_on_every_hop(media):
+    """An operator-allowed host redirects to a loopback port and to the metadata address: both refused."""
+    import http.server
+
+    d, _, _ = media
+    hits = []
+
+    class Redirect(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            hits.append(self.path)
+            self.send_response(302)
+            self.send_header("Location", self.server.target)
+            self.end_headers()
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    allowed = frozenset({f"127.0.0.1:{srv.server_address[1]}"})
+    try:
+        for target in ("http://127.0.0.1:9/x.mp4", "http://169.254.169.254/latest/meta-data",
+                       "http://[::1]:9/x.mp4", "http://10.1.2.3/x.mp4"):
+            srv.target = target
+            with pytest.raises(MediaError, match="refusing"):
+                fetch_http(f"http://127.0.0.1:{srv.server_address[1]}/start", max_bytes=1 << 20, timeout_s=5,
+                           allowed_hosts=allowed)
+        assert len(hits) == 4  # only the allowed first hop was contacted
+    finally:
+        srv.shutdown()
+
+
+@pytest.mark.parametrize("addr", ["127.0.0.1", "10.0.0.1", "172.16.5.4", "192.168.1.1", "169.254.169.254",
+                                  "0.0.0.0", "::1", "fc00::1", "fe80::1", "100.64.0.1", "::ffff:127.0.0.1",
+                                  "224.0.0.1"])
+def test_address_validation_refuses(addr):
+    with pytest.raises(MediaError, match="refusing"):
+        check_ip(addr, "url", "messages")
+
+
+def test_address_validation_allows_public():
+    check_ip("8.8.8.8", "url", "messages")  # validation only: nothing is contacted
+    check_ip("2606:4700:4700::1111", "url", "messages")
+
+
+# ------------------------------------------------------------------------------------------ disconnects, load
+def test_client_disconnect_stops_generation(engine, media):
+    _, _, raw = media
+    with LiveServer(engine, ServerConfig(max_new_tokens_limit=400)) as s:
+        with httpx.stream("POST", s.url + "/v1/chat/completions", timeout=60,
+                          json=chat_body(data_url(raw), max_tokens=400, stream=True)) as r:
+            for _line in r.iter_lines():
+                break  # read one event, then hang up
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            m = httpx.get(s.url + "/metrics").text
+            if "pllava_running 0" in m and 'kind="client_disconnected"' in m:
+                break
+            time.sleep(0.05)
+        assert 'kind="client_disconnected"' in m and "pllava_running 0" in m
+        toks = float(next(line.split()[-1] for line in m.splitlines() if line.startswith("pllava_generated_tokens_total")))
+        assert toks < 400, "generation ran to the end after the client left"
+        assert post(s, chat_body(data_url(raw), max_tokens=2)).status_code == 200  # the slot is free again
+
+
+def _rss_mb():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+def test_bounded_load(engine, media):
+    """200 requests from 50 concurrent clients: each gets a well-formed answer or a 503; none lost or hung."""
+    import asyncio
+    import gc
+
+    _, _, raw = media
+    body = chat_body(data_url(raw), max_tokens=4)
+    with LiveServer(engine, ServerConfig(max_concurrency=2, max_queue=16)) as s:
+        gc.collect()
+        rss0 = _rss_mb()
+
+        retries = []
+
+        async def client(q, out, ac):
+            while True:
+                try:
+                    q.get_nowait()
+                except asyncio.QueueEmpty:
+                    return
+                t = time.monotonic()
+                for attempt in range(6):  # a polite client: back off on 503 (scaled-down Retry-After), then give up
+                    r = await ac.post(s.url + "/v1/chat/completions", json=body, timeout=120)
+                    if r.status_code != 503:
+                        break
+                    retries.append(1)
+                    await asyncio.sleep(0.05 * float(r.headers["retry-after"]) * (attempt + 1))
+                out.append((r.status_code, time.monotonic() - t, r))
+
+        async def main():
+            q = asyncio.Queue()
+            for i in range(200):
+                q.put_nowait(i)
+            out = []
+            limits = httpx.Limits(max_connections=50, max_keepalive_connections=50)
+            async with httpx.AsyncClient(limits=limits) as ac:
+                t = time.monotonic()
+                await asyncio.wait_for(asyncio.gather(*(client(q, out, ac) for _ in range(50))), timeout=300)
+                return out, time.monotonic() - t
+
+        out, wall = asyncio.run(main())
+        assert len(out) == 200
+        codes = [c for c, _, _ in out]
+        assert set(codes) <= {200, 503}, set(codes)
+        for c, _, r in out:
+            j = r.json()
+            if c == 200:
+                assert j["choices"][0]["message"]["content"] is not None
+            else:
+                assert j["error"]["code"] == "overloaded" and r.headers["retry-after"]
+        ok = sorted(t for c, t, _ in out if c == 200)
+        assert ok, "no request was served"
+        p50, p99 = ok[len(ok) // 2], ok[min(len(ok) - 1, int(len(ok) * 0.99))]
+        print(f"\nload: 200 requests / 50 clients in {wall:.1f} s: {codes.count(200)} served, {codes.count(503)} x 503 "
+              f"after retries ({len(retries)} 503s answered on the way); "
+              f"{codes.count(200) / wall:.1f} req/s; latency p50 {p50 * 1000:.0f} ms p99 {p99 * 1000:.0f} ms")
+        m = httpx.get(s.url + "/metrics").text
+        assert "pllava_running 0" in m and "pllava_queue_depth 0" in m
+        gc.collect()
+        assert _rss_mb() - rss0 < 300, f"memory grew by {_rss_mb() - rss0:.0f} MB"
