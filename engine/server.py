@@ -375,6 +375,27 @@ def create_app(engine, cfg: ServerConfig):
                 metrics.error("client_disconnected")
         return task.result()
 
+    async def run_blocking(request: Request, job: Job):
+        """Admit, wait for a slot, fetch + decode the media in a thread, generate under the model lock; a client
+        that disconnects meanwhile cancels the generation. -> (text, n_tokens, n_prompt, finish, timings)."""
+        sched().admit()
+        cancel = threading.Event()
+        try:
+            async with sched().sem:
+                sched().running += 1
+                try:
+                    frames, t_media = await asyncio.to_thread(load_media_timed, job, cfg, engine)
+                    res = await until_disconnect(request, cancel, asyncio.to_thread(run_model, job, frames, cancel))
+                    res[4]["media"] = t_media
+                    return res
+                finally:
+                    sched().running -= 1
+        except Exception as e:  # noqa: BLE001 - mapped to a typed API error (500 only for real bugs)
+            raise to_api(e) from e
+        finally:
+            cancel.set()
+            sched().release()
+
     def finish_reason(f: str) -> str:
         return {"stop": "stop", "length": "length"}.get(f, "stop")
 
@@ -408,25 +429,9 @@ def create_app(engine, cfg: ServerConfig):
         stream = bool(body.get("stream", False))
         include_usage = bool((body.get("stream_options") or {}).get("include_usage", False))
         model = body.get("model") or cfg.model_name
-        sched().admit()
-        cancel = threading.Event()
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if not stream:
-            try:
-                async with sched().sem:
-                    sched().running += 1
-                    try:
-                        frames, t_media = await asyncio.to_thread(load_media_timed, job, cfg, engine)
-                        text, n_tok, n_prompt, fin, timings = await until_disconnect(
-                            request, cancel, asyncio.to_thread(run_model, job, frames, cancel))
-                        timings["media"] = t_media
-                    finally:
-                        sched().running -= 1
-            except Exception as e:  # noqa: BLE001 - mapped to a typed API error (500 only for real bugs)
-                raise to_api(e) from e
-            finally:
-                cancel.set()
-                sched().release()
+            text, n_tok, n_prompt, fin, timings = await run_blocking(request, job)
             metrics.request("/v1/chat/completions", 200)
             return {"id": rid, "object": "chat.completion", "created": created, "model": model,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
@@ -443,6 +448,9 @@ def create_app(engine, cfg: ServerConfig):
             if extra:
                 c.update(extra)
             return f"data: {json.dumps(c)}\n\n"
+
+        sched().admit()
+        cancel = threading.Event()
 
         async def events():
             loop = asyncio.get_running_loop()
@@ -540,23 +548,7 @@ def create_app(engine, cfg: ServerConfig):
                      **{k: body[k] for k in ("max_tokens", "num_frames", "lora_alpha") if k in body}}
         job = parse_chat(chat_body, cfg)
         job.media_bytes = data
-        sched().admit()
-        cancel = threading.Event()
-        try:
-            async with sched().sem:
-                sched().running += 1
-                try:
-                    frames, t_media = await asyncio.to_thread(load_media_timed, job, cfg, engine)
-                    text, n_tok, _, _, timings = await until_disconnect(
-                        request, cancel, asyncio.to_thread(run_model, job, frames, cancel))
-                    timings["media"] = t_media
-                finally:
-                    sched().running -= 1
-        except Exception as e:  # noqa: BLE001 - mapped to a typed API error
-            raise to_api(e) from e
-        finally:
-            cancel.set()
-            sched().release()
+        text, n_tok, _, _, timings = await run_blocking(request, job)
         metrics.request("/v1/captions", 200)
         return {"caption": text, "num_tokens": n_tok, "timings": timings}
 

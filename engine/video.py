@@ -214,7 +214,10 @@ class PyAVBackend(DecoderBackend):
                 idx = wanted[i_want]
                 target = info.pts[idx]
                 key = info.keyframe_pts[bisect.bisect_right(info.keyframe_pts, target) - 1]
-                if it is None or pos_key is None or key > pos_key or (last is not None and last[0] > idx):
+                # decoding on from where we are is cheaper than a seek once we are past the target's keyframe
+                # (wanted frames closer together than a GOP); seek when the target lies beyond the next keyframe
+                ahead = last is not None and info.pts[last[0]] >= key and last[0] <= idx
+                if it is None or (key > pos_key and not ahead) or (last is not None and last[0] > idx):
                     c.seek(key, backward=True, any_frame=False, stream=st)
                     it = _decode_iter(c, st, what)
                     pos_key, last = key, None

@@ -28,13 +28,13 @@ CONFIGS = {
 }
 MAX_RANK = 256
 
-try:
+from ._common import HAVE_TRITON, arch_key, upcast_dot
+
+if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    HAVE_TRITON = True
-except ImportError:  # CPU-only installs: the torch path serves
-    HAVE_TRITON = False
+    from ._common import mma
 
 
 # ------------------------------------------------------------------------------------------------ kernel
@@ -74,22 +74,11 @@ if HAVE_TRITON:
                          mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             wk = tl.load(w_ptr + offs_n[None, :] * stride_wn + (k0 + offs_k)[:, None] * stride_wk,
                          mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            if UPCAST:  # interpreter only (bf16 tl.dot is broken there); fp32 holds the bf16 values exactly
-                xk = xk.to(tl.float32)
-                wk = wk.to(tl.float32)
-            if IEEE or UPCAST:
-                acc = tl.dot(xk, wk, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(xk, wk, acc)
+            acc = mma(xk, wk, acc, IEEE, UPCAST)
             if FUSE_SHRINK:
                 ak = tl.load(a_ptr + offs_r[None, :] * stride_ar + (k0 + offs_k)[:, None] * stride_ak,
                              mask=k_ok[:, None] & r_ok[None, :], other=0.0)
-                if UPCAST:
-                    ak = ak.to(tl.float32)
-                if IEEE or UPCAST:
-                    xa = tl.dot(xk, ak, xa, input_precision="ieee")
-                else:
-                    xa = tl.dot(xk, ak, xa)
+                xa = mma(xk, ak, xa, IEEE, UPCAST)
         if FUSE_SHRINK:
             # the expand on the (BLOCK_M, r) shrink held in registers; s folded in before the rounding to the
             # activation dtype (PEFT rounds x·Aᵀ, then scales the expanded result: the same error class)
@@ -100,12 +89,7 @@ if HAVE_TRITON:
             xs = (xa * s).to(y_ptr.dtype.element_ty)
             bt = tl.load(b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
                          mask=r_ok[:, None] & n_ok[None, :], other=0.0)  # (R_PAD, BLOCK_N)
-            if UPCAST:
-                acc = tl.dot(xs.to(tl.float32), bt.to(tl.float32), acc, input_precision="ieee")
-            elif IEEE:
-                acc = tl.dot(xs, bt, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(xs, bt, acc)
+            acc = mma(xs, bt, acc, IEEE, UPCAST)
         else:
             # prefill: xa_ptr holds s·(x·Aᵀ) in the activation dtype; the expand continues the K loop over r with
             # the same tiles, so it is pipelined like the main GEMM and holds no extra (BLOCK_M, r) registers
@@ -116,13 +100,7 @@ if HAVE_TRITON:
                              mask=m_ok[:, None] & rr_ok[None, :], other=0.0)
                 bt = tl.load(b_ptr + offs_n[None, :] * stride_bn + rr[:, None] * stride_br,
                              mask=rr_ok[:, None] & n_ok[None, :], other=0.0)
-                if UPCAST:
-                    xs = xs.to(tl.float32)
-                    bt = bt.to(tl.float32)
-                if IEEE or UPCAST:
-                    acc = tl.dot(xs, bt, acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(xs, bt, acc)
+                acc = mma(xs, bt, acc, IEEE, UPCAST)
         if HAS_BIAS:
             acc = acc + tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
@@ -130,12 +108,6 @@ if HAVE_TRITON:
 
 
 # ------------------------------------------------------------------------------------------------ launcher
-def _arch(device: torch.device) -> str:
-    if device.type == "cuda":
-        return "sm90" if torch.cuda.get_device_capability(device)[0] >= 9 else "sm80"
-    return "sm90"
-
-
 def pick_config(m: int, n: int, arch: str):
     """Decode: the narrowest N tile that still gives >= 2 waves on 132 SMs (memory-bound: more loads in flight);
     prefill: the big tile unless it leaves SMs idle."""
@@ -179,12 +151,6 @@ def _validate(x, weight, bias, lora_a, lora_b, scale):
     return m, n, k, r
 
 
-def upcast_dot(dtype) -> bool:
-    import os
-
-    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def lora_linear_triton(x, weight, bias, lora_a, lora_b, scale, out: torch.Tensor | None = None,
                        config=None) -> torch.Tensor:
     """The launcher: validates, allocates (or fills `out`, shape (M, N)), picks a config, launches.
@@ -199,7 +165,7 @@ def lora_linear_triton(x, weight, bias, lora_a, lora_b, scale, out: torch.Tensor
         raise ValueError(f"lora_linear: out must be a contiguous ({m}, {n}) {x.dtype} tensor on {x.device}")
     else:
         y = out
-    mode, (bm, bn, bk, gm, nw, ns) = config or pick_config(m, n, _arch(x.device))
+    mode, (bm, bn, bk, gm, nw, ns) = config or pick_config(m, n, arch_key(x.device))
     fuse = mode == "decode"
     if fuse:
         xa = x2  # unused (a dummy pointer): decode computes the shrink in the kernel

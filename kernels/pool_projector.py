@@ -37,13 +37,13 @@ _ACTS = {
     "relu": F.relu,
 }
 
-try:
+from ._common import HAVE_TRITON, arch_key, upcast_dot
+
+if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    HAVE_TRITON = True
-except ImportError:  # CPU-only installs (macOS, no triton wheel): the torch path serves
-    HAVE_TRITON = False
+    from ._common import mma
 
 
 # ------------------------------------------------------------------------------------------------ kernel
@@ -98,12 +98,7 @@ if HAVE_TRITON:
                             mask=rows_ok[:, None] & k_ok[None, :], other=0.0)
                 b = tl.load(w1_ptr + offs_n[None, :] * stride_wn + (k0 + offs_k)[:, None] * stride_wk,
                             mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-                if UPCAST:  # interpreter only: bf16 values are exact in fp32, the products the same
-                    acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-                elif IEEE:
-                    acc = tl.dot(a, b, acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(a, b, acc)
+                acc = mma(a, b, acc, IEEE, UPCAST)
             h = acc + b1[None, :]
             h = 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))  # exact GELU (erf)
             h = tl.where(rows_ok[:, None], h, 0.0)
@@ -117,21 +112,6 @@ if HAVE_TRITON:
 def window_sizes(n_in: int, n_out: int) -> int:
     """The largest adaptive window along one dimension."""
     return max(((i + 1) * n_in + n_out - 1) // n_out - (i * n_in) // n_out for i in range(n_out))
-
-
-def upcast_dot(dtype) -> bool:
-    """Triton's interpreter (TRITON_INTERPRET=1) mis-multiplies bf16 tl.dot operands (numpy has no bf16); there the
-    kernels upcast them to fp32, which holds every bf16 value exactly. Compiled kernels never take this branch."""
-    import os
-
-    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def arch_key(device: torch.device | None = None) -> str:
-    if device is not None and device.type == "cuda":
-        major, _ = torch.cuda.get_device_capability(device)
-        return "sm90" if major >= 9 else "sm80"
-    return "sm90"
 
 
 def pick_config(p_rows: int, n: int, arch: str):
