@@ -164,37 +164,42 @@ void preprocess(const Frames& in, const Params& p, void* out, OutDtype dtype, in
   {
     std::vector<uint8_t> tmp(static_cast<size_t>(rows) * cw * 3);
     std::vector<int> acc(static_cast<size_t>(cw) * 3);
+    const size_t padded = static_cast<size_t>(in.w) + (need_h ? hc.ksize : 0);
+    std::vector<int> plane0(padded, 0), plane1(padded, 0), plane2(padded, 0);
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < in.t; ++t) {
       const uint8_t* base = in.data + t * in.st;
-      // horizontal pass (or a plain copy of the crop columns) over the input rows [y0, y1)
-      const bool packed = in.sw == 3 && in.sc == 1;  // the common layout: interleaved RGB rows
+      // horizontal pass (or a plain copy of the crop columns) over the input rows [y0, y1). Each row is first
+      // split into three int32 planes (any strides), zero-padded by ksize, so every output pixel is a fixed-length
+      // dot product over contiguous memory (taps past a pixel's own count have weight 0): the compiler vectorises
+      // it, and integer sums are exact in any order, so the result stays PIL's.
       for (int r = 0; r < rows; ++r) {
         const int y = y0 + r;
         const uint8_t* row = base + y * in.sh;
         uint8_t* dst = &tmp[static_cast<size_t>(r) * cw * 3];
-        for (int i = 0; i < cw; ++i) {
-          if (!need_h) {
+        if (!need_h) {
+          for (int i = 0; i < cw; ++i)
             for (int c = 0; c < 3; ++c) dst[i * 3 + c] = row[(left + i) * in.sw + c * in.sc];
-            continue;
-          }
-          const int xmin = hc.bounds[2 * i], xn = hc.bounds[2 * i + 1];
-          const int* k = &hc.kk[static_cast<size_t>(i) * hc.ksize];
+          continue;
+        }
+        for (int x = 0; x < in.w; ++x) {
+          const uint8_t* q = row + x * in.sw;
+          plane0[x] = q[0];
+          plane1[x] = q[in.sc];
+          plane2[x] = q[2 * in.sc];
+        }
+        const int ks = hc.ksize;
+        for (int i = 0; i < cw; ++i) {
+          const int xmin = hc.bounds[2 * i];
+          const int* k = &hc.kk[static_cast<size_t>(i) * ks];
+          const int* a0 = &plane0[xmin];
+          const int* a1 = &plane1[xmin];
+          const int* a2 = &plane2[xmin];
           int s0 = 1 << (kPrecisionBits - 1), s1 = s0, s2 = s0;
-          if (packed) {
-            const uint8_t* q = row + xmin * 3;
-            for (int x = 0; x < xn; ++x, q += 3) {
-              s0 += q[0] * k[x];
-              s1 += q[1] * k[x];
-              s2 += q[2] * k[x];
-            }
-          } else {
-            for (int x = 0; x < xn; ++x) {
-              const uint8_t* q = row + (x + xmin) * in.sw;
-              s0 += q[0] * k[x];
-              s1 += q[in.sc] * k[x];
-              s2 += q[2 * in.sc] * k[x];
-            }
+          for (int x = 0; x < ks; ++x) {
+            s0 += a0[x] * k[x];
+            s1 += a1[x] * k[x];
+            s2 += a2[x] * k[x];
           }
           dst[i * 3 + 0] = clip8(s0);
           dst[i * 3 + 1] = clip8(s1);
