@@ -41,9 +41,10 @@ class SamplingParams:
 
 
 @torch.no_grad()
-def prefill(lm, embeds: torch.Tensor) -> torch.Tensor:
-    """embeds (1, L, D) from position 0 -> logits (1, 1, V) of the last position; fills the KV cache."""
-    pos = torch.arange(embeds.shape[1], device=embeds.device)
+def prefill(lm, embeds: torch.Tensor, start: int = 0) -> torch.Tensor:
+    """embeds (1, L, D) at positions start.. -> logits (1, 1, V) of the last position; fills the KV cache.
+    start > 0 continues after a cached prefix (the video part of an earlier request)."""
+    pos = torch.arange(start, start + embeds.shape[1], device=embeds.device)
     return lm(embeds, pos)
 
 
@@ -139,7 +140,8 @@ class StepEvent:
 
 
 def generate_tokens(lm, embeds: torch.Tensor, params: SamplingParams, tokenizer, eos_ids: set[int],
-                    prompt_ids: torch.Tensor | None, timings: dict, clock, cancel=None) -> Iterator[StepEvent]:
+                    prompt_ids: torch.Tensor | None, timings: dict, clock, cancel=None,
+                    start: int = 0) -> Iterator[StepEvent]:
     """Prefill then decode one token a step; yields each token with its text. Sets timings['prefill'] and
     timings['decode'], and leaves the finish reason in timings['_finish'] ('stop', 'length' or 'cancelled' when
     the `cancel` event - e.g. a disconnected client - is set)."""
@@ -151,8 +153,8 @@ def generate_tokens(lm, embeds: torch.Tensor, params: SamplingParams, tokenizer,
     stop_ids = set(eos_ids) | set(params.stop_token_ids)
     seen = prompt_ids.to(device) if (prompt_ids is not None and params.repetition_penalty != 1.0) else None
     t0 = clock()
-    logits = prefill(lm, embeds)
-    pos = embeds.shape[1]
+    logits = prefill(lm, embeds, start)
+    pos = start + embeds.shape[1]
     tok = sample(logits[0, -1], params, seen, gen)
     timings["prefill"] = clock() - t0
     t1 = clock()

@@ -79,6 +79,8 @@ class Engine:
         self.eos_ids = eos_ids
         self.lora_alpha = self.config.lora.alpha
         self.limits = DEFAULT_LIMITS  # decode limits (pllava.video.DecodeLimits); replace to tighten
+        self.prefix_cache = True  # reuse the video part of the KV cache for the next question on the same clip
+        self._prefix = None  # (key, positions) of the prefix the KV cache holds
 
     # ------------------------------------------------------------------------------------------ loading
     @classmethod
@@ -162,11 +164,14 @@ class Engine:
             raise ValueError(f"lora_alpha must be a finite number, got {alpha!r}")
         if self.lora_merged:
             raise ValueError("lora_alpha cannot change while the LoRA is merged; call unmerge_lora() first")
+        if float(alpha) != self.lora_alpha:
+            self._prefix = None  # v_proj's LoRA shaped the cached values
         self.model.set_lora_alpha(float(alpha))
         self.lora_alpha = float(alpha)
 
     def set_frames(self, num_frames: int | None = None, pooling_shape=None):
         """Change how many frames are sampled and the pooling shape without reloading (both are free of weights)."""
+        self._prefix = None
         cfg = self.config.with_overrides(num_frames=num_frames, pooling_shape=pooling_shape)
         self.model.config = self.config = cfg
         self.model.multi_modal_projector.pooling_shape = tuple(cfg.pooling_shape)
@@ -177,6 +182,7 @@ class Engine:
         from pllava.kernels import merge
 
         s = float(self.model.lora_scale)
+        self._prefix = None
         for m in self.model.lora_linears():
             if not m.merged:
                 m.weight.data = merge(m.weight.data, m.lora_A.data, m.lora_B.data, s)
@@ -187,6 +193,7 @@ class Engine:
         """Undo merge_lora (exact to rounding in fp32; within one rounding of the weight in bf16/fp16)."""
         from pllava.kernels import unmerge
 
+        self._prefix = None
         for m in self.model.lora_linears():
             if m.merged:
                 m.weight.data = unmerge(m.weight.data, m.lora_A.data, m.lora_B.data, self._merged_scale)
@@ -288,6 +295,22 @@ class Engine:
         timings.update(video_decode=wait, preprocess=prep, vision=vis)
         return torch.cat([by_index[i] for i in order])
 
+    def _prefix_key(self, video, head_ids: torch.Tensor):
+        """What identifies a reusable video prefix: the clip (a file by path, size and mtime; bytes by hash), the
+        prompt tokens before <image>, and the sampling of frames. Other inputs are not cached."""
+        if not self.prefix_cache:
+            return None
+        if isinstance(video, (str, os.PathLike)) and os.path.isfile(video):
+            st = os.stat(video)
+            vid = ("file", os.path.realpath(video), st.st_size, st.st_mtime_ns)
+        elif isinstance(video, (bytes, bytearray, memoryview)):
+            import hashlib
+
+            vid = ("bytes", hashlib.blake2b(bytes(video), digest_size=16).hexdigest())
+        else:
+            return None
+        return vid, tuple(head_ids.tolist()), self.config.num_frames, tuple(self.config.pooling_shape)
+
     def _prompt_ids(self, prompt: str, conv_mode: str | None, system: str | None):
         text = build_prompt(prompt, conv_mode or self.conv_mode, system)
         return tokenize(self.tokenizer, text, self.config.image_token_index)
@@ -303,6 +326,7 @@ class Engine:
         lm = self.model.language_model
         embeds = splice(lm.embed_tokens(ids.to(self.device)), img_pos, self.encode(video)).unsqueeze(0)
         lm.setup_cache(1, n, self.dtype, self.device)
+        self._prefix = None  # this overwrites the cache from position 0
         return lm(embeds, torch.arange(n, device=self.device), all_logits=True)[0]
 
     # ------------------------------------------------------------------------------------------ generation
@@ -325,14 +349,27 @@ class Engine:
             log.warning("max_new_tokens %d cut to %d to fit the %d-token context", params.max_new_tokens,
                         ctx - n_prompt, ctx)
             params = replace(params, max_new_tokens=ctx - n_prompt)
-        vis = self.encode(video, timings)
         lm = self.model.language_model
-        embeds = splice(lm.embed_tokens(ids.to(self.device)), img_pos, vis).unsqueeze(0)  # (1, L, D)
-        lm.setup_cache(1, n_prompt + params.max_new_tokens, self.dtype, self.device)
+        if lm.setup_cache(1, n_prompt + params.max_new_tokens, self.dtype, self.device):
+            self._prefix = None
+        key = self._prefix_key(video, ids[:img_pos]) if img_pos + 1 < ids.numel() else None
+        n_pre = img_pos + self.config.num_visual_tokens
+        if key is not None and self._prefix == (key, n_pre):
+            # the same clip and prompt head as the last request: its KV for [0, n_pre) is still in the cache
+            # (later writes start at n_pre); only the question is prefilled, the video is not decoded or encoded
+            timings["prefix_cache_hit"] = 1
+            start, embeds = n_pre, lm.embed_tokens(ids[img_pos + 1:].to(self.device)).unsqueeze(0)
+        else:
+            self._prefix = None
+            vis = self.encode(video, timings)
+            start = 0
+            embeds = splice(lm.embed_tokens(ids.to(self.device)), img_pos, vis).unsqueeze(0)  # (1, L, D)
         prompt_text_ids = torch.cat([ids[:img_pos], ids[img_pos + 1:]])
         first = True
         for ev in generate_tokens(lm, embeds, params, self.tokenizer, self.eos_ids, prompt_text_ids, timings,
-                                  self._clock, cancel):
+                                  self._clock, cancel, start):
+            if first and key is not None:
+                self._prefix = (key, n_pre)  # the prefill has written the prefix
             if first:
                 timings["ttft"] = self._clock() - t_start
                 first = False

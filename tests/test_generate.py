@@ -129,3 +129,25 @@ def test_merged_lora_gives_the_same_tokens(ckpts, px):
     torch.testing.assert_close(eng.model.language_model.layers[0].self_attn.q_proj.weight, w0, rtol=0, atol=1e-6)
     eng.set_lora_alpha(0)
     assert eng.generate(px, "hello", max_new_tokens=12).token_ids != want
+
+
+def test_prefix_cache_reuses_the_video_for_the_next_question(ckpts, video_path):
+    eng = pllava.Engine.from_pretrained(ckpts["pllava"])
+    cold = pllava.Engine.from_pretrained(ckpts["pllava"])
+    cold.prefix_cache = False
+    first = eng.generate(video_path, "What is happening?", max_new_tokens=10)
+    assert "prefix_cache_hit" not in first.timings
+    second = eng.generate(video_path, "Who is there?", max_new_tokens=10)
+    assert second.timings.get("prefix_cache_hit") == 1 and "vision" not in second.timings
+    assert second.token_ids == cold.generate(video_path, "Who is there?", max_new_tokens=10).token_ids
+    assert second.num_prompt_tokens == cold.generate(video_path, "Who is there?", max_new_tokens=2).num_prompt_tokens
+    eng.set_lora_alpha(20)  # v_proj's LoRA shaped the cached values: the prefix must not be reused
+    cold.set_lora_alpha(20)
+    third = eng.generate(video_path, "Who is there?", max_new_tokens=10)
+    assert "prefix_cache_hit" not in third.timings
+    assert third.token_ids == cold.generate(video_path, "Who is there?", max_new_tokens=10).token_ids
+    data = open(video_path, "rb").read()
+    eng.generate(data, "What is happening?", max_new_tokens=4)
+    again = eng.generate(data, "And then?", max_new_tokens=10)
+    assert again.timings.get("prefix_cache_hit") == 1
+    assert again.token_ids == cold.generate(data, "And then?", max_new_tokens=10).token_ids

@@ -162,14 +162,18 @@ class LlamaLM(nn.Module):
         self.rope_cos = (emb.cos() * scaling).to(device)
         self.rope_sin = (emb.sin() * scaling).to(device)
 
-    def setup_cache(self, batch: int, max_len: int, dtype, device):
+    def setup_cache(self, batch: int, max_len: int, dtype, device) -> bool:
+        """Make sure the cache holds max_len positions; returns True when it was (re)allocated (contents lost)."""
         if self.max_len >= max_len and self.layers[0].self_attn.kv_cache is not None \
                 and self.layers[0].self_attn.kv_cache.k_cache.shape[0] == batch:
-            return  # reuse: every slot past the write position is masked out
+            return False  # reuse: every slot past the write position is masked out
         c = self.config
+        for layer in self.layers:
+            layer.self_attn.kv_cache = None  # free the old cache before allocating the new one
         for layer in self.layers:
             layer.self_attn.kv_cache = KVCache(batch, c.num_key_value_heads, max_len, c.head_dim, dtype, device)
         self.max_len = max_len
+        return True
 
     def free_cache(self):
         for layer in self.layers:
