@@ -406,6 +406,17 @@ class Engine:
             if ev.text:
                 yield ev.text
 
+    def live(self, source, prompt: str = CAPTION_PROMPT, *, window_s: float = 8.0, every_s: float = 2.0,
+             growing: bool = False, **gen_kw) -> Iterator[tuple[float, GenerationOutput]]:
+        """Caption a live source (pipe, growing file, RTSP/device URL): every `every_s` seconds of stream time, the
+        model answers `prompt` about num_frames frames spread over the last `window_s` seconds.
+        Yields (window end time in stream seconds, GenerationOutput)."""
+        from .video import live_windows
+
+        for win in live_windows(source, self.config.num_frames, window_s=window_s, every_s=every_s,
+                                limits=self.limits, growing=growing):
+            yield win.end_time, self.generate(win.frames, prompt, **gen_kw)
+
     def caption(self, video, max_new_tokens: int = 256, **kw) -> str:
         return self.generate(video, CAPTION_PROMPT, max_new_tokens=max_new_tokens, **kw).text
 

@@ -280,3 +280,21 @@ def test_engine_overlapped_decode_gives_the_same_answer(ckpts, clips):
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     out = eng.generate(p, "What happens?", max_new_tokens=6)
     assert {"video_decode", "preprocess", "vision", "projector", "prefill", "decode", "ttft"} <= set(out.timings)
+
+
+def test_engine_captions_a_live_pipe(ckpts, tmp_path):
+    eng = pllava.Engine.from_pretrained(ckpts["pllava"])
+    eng.limits = DecodeLimits(timeout_s=3)
+    p = make_video(str(tmp_path / "live.ts"), num_frames=48, fps=12, codec="mpeg4", gop=12, container_format="mpegts")
+    data = open(p, "rb").read()
+    r, w = os.pipe()
+
+    def writer():
+        with os.fdopen(w, "wb") as f:
+            f.write(data)
+
+    threading.Thread(target=writer, daemon=True).start()
+    with os.fdopen(r, "rb") as f:
+        outs = list(eng.live(f, "What is happening?", window_s=1.0, every_s=1.0, max_new_tokens=4))
+    assert [round(t) for t, _ in outs] == [1, 2, 3]
+    assert all(len(o.token_ids) == 4 for _, o in outs)
