@@ -49,3 +49,47 @@ def pool_projector(x, w1, b1, w2, b2, frame_shape, pooling_shape, act="gelu", pa
     if path == "triton" and act == "gelu":
         return K.pool_projector(x, w1, b1, w2, b2, frame_shape, pooling_shape)
     return K.pool_projector_torch(x, w1, b1, w2, b2, frame_shape, pooling_shape, act)
+
+
+# ---------------------------------------------------------------------------------------------- attention
+ATTN_BACKENDS = ("sdpa", "flash_attn", "xformers")
+
+
+def check_attn_backend(name: str, device, dtype) -> str:
+    """Validate an attention backend choice: 'sdpa' (torch; the default), or 'flash_attn' / 'xformers' when
+    installed, on CUDA in fp16/bf16. A choice that cannot run is an error, never a silent fallback."""
+    if name not in ATTN_BACKENDS:
+        raise ValueError(f"attn_backend {name!r}: expected one of {ATTN_BACKENDS}")
+    if name == "sdpa":
+        return name
+    mod = {"flash_attn": "flash_attn", "xformers": "xformers.ops"}[name]
+    try:
+        __import__(mod)
+    except ImportError as e:
+        raise ValueError(f"attn_backend {name!r}: {mod} is not installed (pip install 'pllava-engine[gpu]')") from e
+    if torch.device(device).type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"attn_backend {name!r} runs on CUDA in float16/bfloat16, not {torch.device(device)} "
+                         f"{dtype}")
+    log.info("pllava attention: %s for prefill, torch SDPA over the static cache for decode", name)
+    return name
+
+
+def causal_attention(q, k, v, backend: str = "sdpa"):
+    """Causal self-attention of a prefill from position 0: q (B, H, L, hd), k/v (B, KV, L, hd) -> (B, H, L, hd)."""
+    gqa = k.shape[1] != q.shape[1]
+    if backend == "flash_attn":
+        from flash_attn import flash_attn_func  # (B, L, H, hd) layout; GQA native
+
+        o = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
+        return o.transpose(1, 2)
+    if backend == "xformers":
+        import xformers.ops as xops
+
+        if gqa:  # xformers' BMHK path wants as many K/V heads as query heads
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        o = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                            attn_bias=xops.LowerTriangularMask())
+        return o.transpose(1, 2)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+

@@ -85,13 +85,15 @@ class Engine:
     # ------------------------------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, model: str, device=None, dtype=None, num_frames=None, pooling_shape=None,
-                        lora_alpha=None, conv_mode=None, adapter: str | None = None) -> "Engine":
+                        lora_alpha=None, conv_mode=None, adapter: str | None = None,
+                        attn_backend: str = "sdpa") -> "Engine":
         """Load a PLLaVA checkpoint (any of the three key layouts) or a llava-hf one (training-free PLLaVA).
 
         `model` is a local directory or a hub repo id. A directory holding adapter_config.json is a PEFT adapter:
         its base is the same directory when it has config.json, else `base_model_name_or_path`. `adapter` names a
         separate adapter directory. lora_alpha defaults to 4 (PLLaVA's caption setting) whatever the adapter was
-        trained with; the scale is alpha / r (alpha / sqrt(r) for rsLoRA).
+        trained with; the scale is alpha / r (alpha / sqrt(r) for rsLoRA). attn_backend: 'sdpa' (torch), or
+        'flash_attn' / 'xformers' for the prefill when installed (CUDA, fp16/bf16).
         """
         t0 = time.perf_counter()
         model_dir = resolve_model_dir(os.fspath(model))
@@ -109,6 +111,7 @@ class Engine:
         cfg = load_config(model_dir).with_overrides(num_frames=num_frames, pooling_shape=pooling_shape,
                                                     lora_alpha=DEFAULT_LORA_ALPHA if lora_alpha is None else lora_alpha)
         dt = resolve_dtype(dtype, device, cfg.torch_dtype)
+        attn_backend = ops.check_attn_backend(attn_backend, device, dt)
         plan = plan_checkpoint(model_dir, cfg)
         tensors = dict(plan.tensors)
         lcfg = None
@@ -142,6 +145,8 @@ class Engine:
         net.eval()
         path = ops.log_kernel_path(device)
         net.set_kernel_path(path)
+        for layer in net.language_model.layers:
+            layer.self_attn.attn_backend = attn_backend
 
         pp = os.path.join(model_dir, "preprocessor_config.json")
         if os.path.isfile(pp):

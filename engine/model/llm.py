@@ -77,6 +77,7 @@ class Attention(nn.Module):
         self.q_proj, self.k_proj, self.v_proj = lin("q_proj", d, qd), lin("k_proj", d, kvd), lin("v_proj", d, kvd)
         self.o_proj = lin("o_proj", qd, d)
         self.kv_cache: KVCache | None = None
+        self.attn_backend = "sdpa"  # or flash_attn / xformers for the prefill (ops.check_attn_backend)
 
     def forward(self, x, cos, sin, input_pos, mask):  # x (B, L, D)
         bsz, n, _ = x.shape
@@ -88,7 +89,7 @@ class Attention(nn.Module):
         if self.kv_cache is not None:
             k_all, v_all = self.kv_cache.update(input_pos, k, v)
         if mask is None:  # a prefill from position 0 attends only to itself: causal, no padding to mask
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            o = ops.causal_attention(q, k, v, self.attn_backend)
         else:  # decode / continued prefill: the whole static cache, future slots masked out
             o = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=gqa)
         return self.o_proj(o.transpose(1, 2).reshape(bsz, n, -1))
