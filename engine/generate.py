@@ -54,6 +54,55 @@ def decode_one_token(lm, token: torch.Tensor, input_pos: torch.Tensor) -> torch.
     return lm(lm.embed_tokens(token), input_pos)
 
 
+class DecodeStep:
+    """decode_one_token over static input buffers, optionally captured once as a CUDA graph and replayed each
+    step ("compile the step, not the program"): the step has no host sync (device-side positions and mask, the
+    LoRA scale read on the device), so a replay launches the whole layer stack at once.
+
+    The warm-up and capture runs write the cache's last slot (max_len - 1), which no request reads before its
+    own decode writes it (the mask hides a slot until its position is reached), so a cached video prefix
+    survives a (re)capture. The graph is tied to the cache tensors: a reallocated cache is captured again.
+    """
+
+    def __init__(self, lm, use_graph: bool):
+        self.lm, self.use_graph = lm, use_graph
+        self.key = None
+        self.graph = None
+        self.tok = self.pos = self.out = None
+
+    def _buffers(self, device):
+        self.tok = torch.zeros((1, 1), dtype=torch.long, device=device)
+        self.pos = torch.full((1,), self.lm.max_len - 1, dtype=torch.long, device=device)
+
+    def _capture(self, device):
+        self._buffers(device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):  # lazy inits (cuBLAS handles, Triton kernels) happen outside the capture
+                decode_one_token(self.lm, self.tok, self.pos)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = decode_one_token(self.lm, self.tok, self.pos)
+
+    @torch.no_grad()
+    def __call__(self, token: int, pos: int, device) -> torch.Tensor:
+        key = (self.lm.cache_generation, self.lm.max_len)
+        if key != self.key:
+            if self.use_graph:
+                self._capture(device)
+            else:
+                self._buffers(device)
+            self.key = key
+        self.tok.fill_(token)
+        self.pos.fill_(pos)
+        if self.graph is not None:
+            self.graph.replay()
+            return self.out
+        return decode_one_token(self.lm, self.tok, self.pos)
+
+
 def sample(logits: torch.Tensor, p: SamplingParams, seen: torch.Tensor | None, gen: torch.Generator | None) -> int:
     """logits (V,) -> next token id, with transformers' processor order: repetition penalty, temperature,
     top-k, top-p."""
@@ -141,7 +190,7 @@ class StepEvent:
 
 def generate_tokens(lm, embeds: torch.Tensor, params: SamplingParams, tokenizer, eos_ids: set[int],
                     prompt_ids: torch.Tensor | None, timings: dict, clock, cancel=None,
-                    start: int = 0) -> Iterator[StepEvent]:
+                    start: int = 0, step: DecodeStep | None = None) -> Iterator[StepEvent]:
     """Prefill then decode one token a step; yields each token with its text. Sets timings['prefill'] and
     timings['decode'], and leaves the finish reason in timings['_finish'] ('stop', 'length' or 'cancelled' when
     the `cancel` event - e.g. a disconnected client - is set)."""
@@ -180,8 +229,10 @@ def generate_tokens(lm, embeds: torch.Tensor, params: SamplingParams, tokenizer,
             break
         if seen is not None:
             seen = torch.cat([seen, torch.tensor([tok], device=device)])
-        cur = torch.tensor([[tok]], device=device)
-        logits = decode_one_token(lm, cur, torch.tensor([pos], device=device))
+        if step is not None:
+            logits = step(tok, pos, device)
+        else:
+            logits = decode_one_token(lm, torch.tensor([[tok]], device=device), torch.tensor([pos], device=device))
         pos += 1
         tok = sample(logits[0, -1], params, seen, gen)
     timings["decode"] = clock() - t1

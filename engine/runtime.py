@@ -15,7 +15,7 @@ from . import ops
 from .checkpoint import LAYOUT_NAMES, attach_adapter_config, load_weights, plan_adapter, plan_checkpoint
 from .config import DEFAULT_LORA_ALPHA, PllavaConfig, load_config
 from .errors import CheckpointError, ConfigError, InputError, PromptError
-from .generate import SamplingParams, generate_tokens
+from .generate import DecodeStep, SamplingParams, generate_tokens
 from .model import PllavaModel
 from .preprocess import clip_defaults, load_processor_config, preprocess
 from .prompt import build_prompt, check_image_token, default_conv_mode, splice, tokenize
@@ -80,6 +80,9 @@ class Engine:
         self.lora_alpha = self.config.lora.alpha
         self.limits = DEFAULT_LIMITS  # decode limits (pllava.video.DecodeLimits); replace to tighten
         self.prefix_cache = True  # reuse the video part of the KV cache for the next question on the same clip
+        # decode steps as one CUDA graph replay; opt-in until measured on a GPU (PLLAVA_CUDA_GRAPHS=1)
+        self.cuda_graphs = device.type == "cuda" and os.environ.get("PLLAVA_CUDA_GRAPHS", "0") == "1"
+        self._step = None
         self._prefix = None  # (key, positions) of the prefix the KV cache holds
 
     # ------------------------------------------------------------------------------------------ loading
@@ -371,8 +374,13 @@ class Engine:
             embeds = splice(lm.embed_tokens(ids.to(self.device)), img_pos, vis).unsqueeze(0)  # (1, L, D)
         prompt_text_ids = torch.cat([ids[:img_pos], ids[img_pos + 1:]])
         first = True
+        if self._step is None or self._step.use_graph != self.cuda_graphs:
+            if self.cuda_graphs and self.device.type != "cuda":
+                raise ValueError("cuda_graphs needs a CUDA device")
+            self._step = DecodeStep(lm, self.cuda_graphs)
+            log.info("pllava decode: %s", "CUDA graph replay" if self.cuda_graphs else "eager steps")
         for ev in generate_tokens(lm, embeds, params, self.tokenizer, self.eos_ids, prompt_text_ids, timings,
-                                  self._clock, cancel, start):
+                                  self._clock, cancel, start, self._step):
             if first and key is not None:
                 self._prefix = (key, n_pre)  # the prefill has written the prefix
             if first:

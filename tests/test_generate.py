@@ -151,3 +151,22 @@ def test_prefix_cache_reuses_the_video_for_the_next_question(ckpts, video_path):
     again = eng.generate(data, "And then?", max_new_tokens=10)
     assert again.timings.get("prefix_cache_hit") == 1
     assert again.token_ids == cold.generate(data, "And then?", max_new_tokens=10).token_ids
+
+
+def test_static_buffer_decode_step_keeps_the_prefix(ckpts, video_path):
+    """The DecodeStep protocol (static buffers; warm-up writes the cache's last slot) changes nothing: same
+    tokens as plain decode steps, and a cached video prefix survives a re-setup of the step."""
+    from pllava.generate import DecodeStep
+
+    eng = pllava.Engine.from_pretrained(ckpts["pllava"])
+    ref = pllava.Engine.from_pretrained(ckpts["pllava"])
+    ref.prefix_cache = False
+    a = eng.generate(video_path, "What is happening?", max_new_tokens=12)
+    eng._step = DecodeStep(eng.model.language_model, use_graph=False)  # a fresh step re-creates its buffers
+    b = eng.generate(video_path, "Who is there?", max_new_tokens=12)
+    assert b.timings.get("prefix_cache_hit") == 1
+    assert a.token_ids == ref.generate(video_path, "What is happening?", max_new_tokens=12).token_ids
+    assert b.token_ids == ref.generate(video_path, "Who is there?", max_new_tokens=12).token_ids
+    with pytest.raises(ValueError, match="CUDA"):
+        eng.cuda_graphs = True
+        eng.generate(video_path, "x", max_new_tokens=2)

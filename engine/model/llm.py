@@ -153,6 +153,7 @@ class LlamaLM(nn.Module):
         self.rope_cos: torch.Tensor | None = None
         self.rope_sin: torch.Tensor | None = None
         self.max_len = 0
+        self.cache_generation = 0
 
     def setup_rope(self, device):
         """(max_position_embeddings, hd) cos/sin tables in fp32; built once after the weights are loaded."""
@@ -174,6 +175,7 @@ class LlamaLM(nn.Module):
         for layer in self.layers:
             layer.self_attn.kv_cache = KVCache(batch, c.num_key_value_heads, max_len, c.head_dim, dtype, device)
         self.max_len = max_len
+        self.cache_generation += 1  # what a captured decode graph is tied to (ids of freed tensors get reused)
         return True
 
     def free_cache(self):
