@@ -10,7 +10,7 @@ export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
 unset TRITON_INTERPRET
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 echo "== GPU tests (kernels on CUDA, the engine's triton path)"
-python -m pytest -q tests/test_kernels.py tests/test_triton_engine.py tests/test_parity.py 2>&1 | tail -5 | tee "$OUT/gpu_tests.txt"
+python -m pytest -q tests/test_gpu.py tests/test_kernels.py tests/test_triton_engine.py tests/test_parity.py 2>&1 | tail -5 | tee "$OUT/gpu_tests.txt"
 echo "== kernel benchmarks"
 python -m pytest -q -s benchmarks/bench_kernels.py --benchmark-disable 2>&1 | grep -E '^\||^###|speed-up|vs merged' | tee "$OUT/kernels.md"
 echo "== copy bandwidth"
@@ -22,8 +22,8 @@ torch.cuda.synchronize(); s, e = torch.cuda.Event(True), torch.cuda.Event(True)
 s.record(); [y.copy_(x) for _ in range(10)]; e.record(); torch.cuda.synchronize()
 print(f"device copy bandwidth: {2 * 10 * (1 << 30) / (s.elapsed_time(e) / 1e3) / 1e9:.0f} GB/s (read + write)")
 PY
-echo "== pllava-7b end to end"
-PLLAVA_BENCH_PRESET=pllava-7b PLLAVA_BENCH_FRAMES=${FRAMES:-1,4,16,32} PLLAVA_BENCH_RUNS=3 \
+echo "== pllava-7b end to end (decode steps as CUDA graph replays: PLLAVA_CUDA_GRAPHS=${PLLAVA_CUDA_GRAPHS:-1})"
+PLLAVA_CUDA_GRAPHS=${PLLAVA_CUDA_GRAPHS:-1} PLLAVA_BENCH_PRESET=pllava-7b PLLAVA_BENCH_FRAMES=${FRAMES:-1,4,16,32} PLLAVA_BENCH_RUNS=3 \
   python -m pytest -q -s benchmarks/bench_e2e.py --benchmark-disable 2>&1 | grep -E '^\||^###|ratio|TTFT|end to end' | tee "$OUT/e2e_7b.md"
 python - "$OUT" <<'PY'
 import json, re, sys
