@@ -303,12 +303,15 @@ class Engine:
         timings.update(video_decode=wait, preprocess=prep, vision=vis)
         return torch.cat([by_index[i] for i in order])
 
-    def _prefix_key(self, video, head_ids: torch.Tensor):
-        """What identifies a reusable video prefix: the clip (a file by path, size and mtime; bytes by hash), the
-        prompt tokens before <image>, and the sampling of frames. Other inputs are not cached."""
+    def _prefix_key(self, video, head_ids: torch.Tensor, video_key=None):
+        """What identifies a reusable video prefix: the clip (a file by path, size and mtime; bytes by hash; or the
+        caller's `video_key` for frames it decoded itself), the prompt tokens before <image>, and the sampling of
+        frames. Other inputs are not cached."""
         if not self.prefix_cache:
             return None
-        if isinstance(video, (str, os.PathLike)) and os.path.isfile(video):
+        if video_key is not None:
+            vid = ("key", str(video_key))
+        elif isinstance(video, (str, os.PathLike)) and os.path.isfile(video):
             st = os.stat(video)
             vid = ("file", os.path.realpath(video), st.st_size, st.st_mtime_ns)
         elif isinstance(video, (bytes, bytearray, memoryview)):
@@ -338,7 +341,7 @@ class Engine:
         return lm(embeds, torch.arange(n, device=self.device), all_logits=True)[0]
 
     # ------------------------------------------------------------------------------------------ generation
-    def _run(self, video, prompt, params: SamplingParams, conv_mode, system, timings, cancel=None):
+    def _run(self, video, prompt, params: SamplingParams, conv_mode, system, timings, cancel=None, video_key=None):
         params.validate()
         t_start = self._clock()
         if isinstance(prompt, list):  # chat turns [(role, text)], rendered with the template
@@ -360,7 +363,7 @@ class Engine:
         lm = self.model.language_model
         if lm.setup_cache(1, n_prompt + params.max_new_tokens, self.dtype, self.device):
             self._prefix = None
-        key = self._prefix_key(video, ids[:img_pos]) if img_pos + 1 < ids.numel() else None
+        key = self._prefix_key(video, ids[:img_pos], video_key) if img_pos + 1 < ids.numel() else None
         n_pre = img_pos + self.config.num_visual_tokens
         if key is not None and self._prefix == (key, n_pre):
             # the same clip and prompt head as the last request: its KV for [0, n_pre) is still in the cache
@@ -393,13 +396,15 @@ class Engine:
     def generate(self, video, prompt: str, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
                  stop=None, *, top_k: int = 0, repetition_penalty: float = 1.0, seed: int | None = None,
                  stop_token_ids=None, conv_mode: str | None = None, system: str | None = None,
-                 cancel=None) -> GenerationOutput:
+                 cancel=None, video_key=None) -> GenerationOutput:
         """`prompt`: a question (rendered with conv_mode's template), a full prompt with conv_mode='raw', or chat
-        turns [(role, text)]. `cancel`: a threading.Event that stops generation at the next token."""
+        turns [(role, text)]. `cancel`: a threading.Event that stops generation at the next token. `video_key`:
+        an identity for frames the caller decoded (e.g. a content hash) so a follow-up question reuses the video's
+        KV cache."""
         params = SamplingParams(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed,
                                 list(stop or []) if not isinstance(stop, str) else [stop], list(stop_token_ids or []))
         timings: dict = {}
-        toks = [ev.token_id for ev in self._run(video, prompt, params, conv_mode, system, timings, cancel)]
+        toks = [ev.token_id for ev in self._run(video, prompt, params, conv_mode, system, timings, cancel, video_key)]
         n_prompt = timings.pop("num_prompt_tokens")
         finish, text = timings.pop("_finish"), timings.pop("_text")
         return GenerationOutput(text, toks, n_prompt, timings, finish)
@@ -412,10 +417,10 @@ class Engine:
                                 list(stop or []) if not isinstance(stop, str) else [stop],
                                 list(kw.pop("stop_token_ids", None) or []))
         conv_mode, system = kw.pop("conv_mode", None), kw.pop("system", None)
-        cancel, timings = kw.pop("cancel", None), kw.pop("timings", {})
+        cancel, timings, video_key = kw.pop("cancel", None), kw.pop("timings", {}), kw.pop("video_key", None)
         if kw:
             raise TypeError(f"stream() got unexpected arguments {sorted(kw)}")
-        for ev in self._run(video, prompt, params, conv_mode, system, timings, cancel):
+        for ev in self._run(video, prompt, params, conv_mode, system, timings, cancel, video_key):
             if ev.text:
                 yield ev.text
 

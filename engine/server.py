@@ -153,6 +153,7 @@ class Job:
     seed: int | None
     lora_alpha: float
     return_frames: bool = False
+    video_key: str | None = None
 
 
 def _number(body, name, lo, hi, default, integer=False):
@@ -252,7 +253,9 @@ def load_media(job: Job, cfg: ServerConfig, engine) -> torch.Tensor:
             src = local_path(url, cfg.allowed_local_media_path, param)
         else:
             raise MediaError(f"unsupported URL scheme in {url[:40]!r} (data:, http(s):, file://)", param)
-    return _decode(src, n, limits, cfg, param)
+    frames = _decode(src, n, limits, cfg, param)
+    job.video_key = f"{_content_id(src)}/{n}"  # a follow-up question on the same clip reuses its KV prefix
+    return frames
 
 
 def _decode(src, n, limits, cfg, param):
@@ -263,6 +266,15 @@ def _decode(src, n, limits, cfg, param):
         return read_frames(src, n, limits=limits)
     except VideoError as e:
         raise MediaError(f"undecodable video: {e}", param, 400, "invalid_video") from e
+
+
+def _content_id(src) -> str:
+    import hashlib
+
+    if isinstance(src, (bytes, bytearray)):
+        return hashlib.blake2b(bytes(src), digest_size=16).hexdigest()
+    st = os.stat(src)
+    return f"{os.path.realpath(src)}:{st.st_size}:{st.st_mtime_ns}"
 
 
 def load_media_timed(job: Job, cfg: ServerConfig, engine):
@@ -352,7 +364,7 @@ def create_app(engine, cfg: ServerConfig):
             engine.set_lora_alpha(job.lora_alpha)
             timings: dict = {}
             kw = dict(max_new_tokens=job.max_tokens, temperature=job.temperature, top_p=job.top_p, stop=job.stop,
-                      seed=job.seed, cancel=cancel)
+                      seed=job.seed, cancel=cancel, video_key=job.video_key)
             if on_piece is None:
                 out = engine.generate(frames, job.turns, system=job.system, **kw)
                 metrics.generation(out.timings, len(out.token_ids))

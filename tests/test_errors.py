@@ -155,3 +155,9 @@ def test_bad_video_arguments(engine, tmp_path):
     (tmp_path / "junk.mp4").write_bytes(b"not a video at all" * 50)
     with pytest.raises(pllava.VideoError, match="junk.mp4"):
         engine.generate(str(tmp_path / "junk.mp4"), "hi")
+
+
+def test_hub_repo_id_offline_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match="not a local directory"):
+        pllava.Engine.from_pretrained("nobody/no-such-pllava-model")

@@ -424,3 +424,11 @@ def test_bounded_load(engine, media):
         assert "pllava_running 0" in m and "pllava_queue_depth 0" in m
         gc.collect()
         assert _rss_mb() - rss0 < 300, f"memory grew by {_rss_mb() - rss0:.0f} MB"
+
+
+def test_follow_up_question_reuses_the_video_prefix(server, media):
+    _, _, raw = media
+    u = data_url(raw)
+    post(server, chat_body(u, text="What is happening?", max_tokens=4))
+    r = post(server, chat_body(u, text="And who is there?", max_tokens=6)).json()
+    assert r["pllava"]["timings"].get("prefix_cache_hit") == 1 and "vision" not in r["pllava"]["timings"]
