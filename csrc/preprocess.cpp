@@ -157,93 +157,126 @@ void preprocess(const Frames& in, const Params& p, void* out, OutDtype dtype, in
     add[c] = static_cast<float>(-m / s);
   }
   const size_t plane = static_cast<size_t>(ch) * cw;
-#ifdef _OPENMP
-  if (num_threads > 0) omp_set_num_threads(num_threads);
-#endif
-#pragma omp parallel
-  {
-    std::vector<uint8_t> tmp(static_cast<size_t>(rows) * cw * 3);
-    std::vector<int> acc(static_cast<size_t>(cw) * 3);
-    const size_t padded = static_cast<size_t>(in.w) + (need_h ? hc.ksize : 0);
-    std::vector<int> plane0(padded, 0), plane1(padded, 0), plane2(padded, 0);
-#pragma omp for schedule(static)
-    for (int64_t t = 0; t < in.t; ++t) {
-      const uint8_t* base = in.data + t * in.st;
-      // horizontal pass (or a plain copy of the crop columns) over the input rows [y0, y1). Each row is first
-      // split into three int32 planes (any strides), zero-padded by ksize, so every output pixel is a fixed-length
-      // dot product over contiguous memory (taps past a pixel's own count have weight 0): the compiler vectorises
-      // it, and integer sums are exact in any order, so the result stays PIL's.
-      for (int r = 0; r < rows; ++r) {
-        const int y = y0 + r;
-        const uint8_t* row = base + y * in.sh;
-        uint8_t* dst = &tmp[static_cast<size_t>(r) * cw * 3];
-        if (!need_h) {
-          for (int i = 0; i < cw; ++i)
-            for (int c = 0; c < 3; ++c) dst[i * 3 + c] = row[(left + i) * in.sw + c * in.sc];
-          continue;
+  const size_t padded = static_cast<size_t>(in.w) + (need_h ? hc.ksize : 0);
+  const int n3 = cw * 3;
+
+  // Horizontal pass for input row y0 + r of frame `base` into tmp row r (or a plain copy of the crop columns).
+  // The row is first split into three int32 planes (any strides), zero-padded by ksize, so every output pixel is
+  // a fixed-length dot product over contiguous memory (taps past a pixel's own count have weight 0): the compiler
+  // vectorises it, and integer sums are exact in any order, so the result stays PIL's.
+  // (Everything a pass reads is copied into locals first: stores through uint8_t* may alias anything else, and
+  // reloading loop bounds through the closure after each store stopped the compiler from vectorising.)
+  auto horizontal = [&](const uint8_t* base, int r, uint8_t* tmp, int* pl0, int* pl1, int* pl2) {
+    const int64_t sh = in.sh, sw = in.sw, sc = in.sc;
+    const int w = static_cast<int>(in.w), ncol = cw, x0 = left, ks = hc.ksize, row0 = y0, stride = n3;
+    const int* bounds = hc.bounds.data();
+    const int* kk = hc.kk.data();
+    const uint8_t* row = base + (row0 + r) * sh;
+    uint8_t* dst = tmp + static_cast<size_t>(r) * stride;
+    if (!need_h) {
+      for (int i = 0; i < ncol; ++i)
+        for (int c = 0; c < 3; ++c) dst[i * 3 + c] = row[(x0 + i) * sw + c * sc];
+      return;
+    }
+    for (int x = 0; x < w; ++x) {
+      const uint8_t* q = row + x * sw;
+      pl0[x] = q[0];
+      pl1[x] = q[sc];
+      pl2[x] = q[2 * sc];
+    }
+    for (int i = 0; i < ncol; ++i) {
+      const int xmin = bounds[2 * i];
+      const int* k = kk + static_cast<size_t>(i) * ks;
+      const int *a0 = pl0 + xmin, *a1 = pl1 + xmin, *a2 = pl2 + xmin;
+      int s0 = 1 << (kPrecisionBits - 1), s1 = s0, s2 = s0;
+      for (int x = 0; x < ks; ++x) {
+        s0 += a0[x] * k[x];
+        s1 += a1[x] * k[x];
+        s2 += a2[x] * k[x];
+      }
+      dst[i * 3 + 0] = clip8(s0);
+      dst[i * 3 + 1] = clip8(s1);
+      dst[i * 3 + 2] = clip8(s2);
+    }
+  };
+
+  // Vertical pass for output row j of frame t: whole rows at a time (a contiguous inner loop the compiler
+  // vectorises), then rescale + normalize into the planar output.
+  auto vertical = [&](int64_t t, int j, const uint8_t* tmp, int* acc) {
+    const int m = n3, ncol = cw, row0 = y0;
+    const size_t pl = plane;
+    const float mul0 = mul[0], mul1 = mul[1], mul2 = mul[2], add0 = add[0], add1 = add[1], add2 = add[2];
+    if (!need_v) {
+      const uint8_t* src = tmp + static_cast<size_t>(top + j - row0) * m;
+      for (int q = 0; q < m; ++q) acc[q] = src[q];
+    } else {
+      const int ymin = vc.bounds[2 * j] - row0, yn = vc.bounds[2 * j + 1];
+      const int* k = vc.kk.data() + static_cast<size_t>(j) * vc.ksize;
+      for (int q = 0; q < m; ++q) acc[q] = 1 << (kPrecisionBits - 1);
+      for (int y = 0; y < yn; ++y) {
+        const uint8_t* src = tmp + static_cast<size_t>(ymin + y) * m;
+        const int ky = k[y];
+        for (int q = 0; q < m; ++q) acc[q] += src[q] * ky;
+      }
+      for (int q = 0; q < m; ++q) acc[q] = clip8(acc[q]);
+    }
+    const float mc[3] = {mul0, mul1, mul2}, ac[3] = {add0, add1, add2};
+    for (int c = 0; c < 3; ++c) {
+      const size_t o = static_cast<size_t>(t) * 3 * pl + c * pl + static_cast<size_t>(j) * ncol;
+      const float mu = mc[c], ad = ac[c];
+      switch (dtype) {
+        case OutDtype::kFloat32: {
+          float* dst = static_cast<float*>(out) + o;
+          for (int i = 0; i < ncol; ++i) dst[i] = static_cast<float>(acc[i * 3 + c]) * mu + ad;
+          break;
         }
-        for (int x = 0; x < in.w; ++x) {
-          const uint8_t* q = row + x * in.sw;
-          plane0[x] = q[0];
-          plane1[x] = q[in.sc];
-          plane2[x] = q[2 * in.sc];
+        case OutDtype::kFloat16: {
+          uint16_t* dst = static_cast<uint16_t*>(out) + o;
+          for (int i = 0; i < ncol; ++i) dst[i] = to_fp16(static_cast<float>(acc[i * 3 + c]) * mu + ad);
+          break;
         }
-        const int ks = hc.ksize;
-        for (int i = 0; i < cw; ++i) {
-          const int xmin = hc.bounds[2 * i];
-          const int* k = &hc.kk[static_cast<size_t>(i) * ks];
-          const int* a0 = &plane0[xmin];
-          const int* a1 = &plane1[xmin];
-          const int* a2 = &plane2[xmin];
-          int s0 = 1 << (kPrecisionBits - 1), s1 = s0, s2 = s0;
-          for (int x = 0; x < ks; ++x) {
-            s0 += a0[x] * k[x];
-            s1 += a1[x] * k[x];
-            s2 += a2[x] * k[x];
-          }
-          dst[i * 3 + 0] = clip8(s0);
-          dst[i * 3 + 1] = clip8(s1);
-          dst[i * 3 + 2] = clip8(s2);
+        case OutDtype::kBFloat16: {
+          uint16_t* dst = static_cast<uint16_t*>(out) + o;
+          for (int i = 0; i < ncol; ++i) dst[i] = to_bf16(static_cast<float>(acc[i * 3 + c]) * mu + ad);
+          break;
         }
       }
-      // vertical pass: whole rows at a time (a contiguous inner loop the compiler vectorises), then rescale +
-      // normalize into the planar output
-      const int n3 = cw * 3;
-      for (int j = 0; j < ch; ++j) {
-        if (!need_v) {
-          const uint8_t* src = &tmp[static_cast<size_t>(top + j - y0) * n3];
-          for (int q = 0; q < n3; ++q) acc[q] = src[q];
-        } else {
-          const int ymin = vc.bounds[2 * j] - y0, yn = vc.bounds[2 * j + 1];
-          const int* k = &vc.kk[static_cast<size_t>(j) * vc.ksize];
-          for (int q = 0; q < n3; ++q) acc[q] = 1 << (kPrecisionBits - 1);
-          for (int y = 0; y < yn; ++y) {
-            const uint8_t* src = &tmp[static_cast<size_t>(ymin + y) * n3];
-            const int ky = k[y];
-            for (int q = 0; q < n3; ++q) acc[q] += src[q] * ky;
-          }
-          for (int q = 0; q < n3; ++q) acc[q] = clip8(acc[q]);
-        }
-        for (int c = 0; c < 3; ++c) {
-          const size_t o = static_cast<size_t>(t) * 3 * plane + c * plane + static_cast<size_t>(j) * cw;
-          switch (dtype) {
-            case OutDtype::kFloat32: {
-              float* dst = static_cast<float*>(out) + o;
-              for (int i = 0; i < cw; ++i) dst[i] = static_cast<float>(acc[i * 3 + c]) * mul[c] + add[c];
-              break;
-            }
-            case OutDtype::kFloat16: {
-              uint16_t* dst = static_cast<uint16_t*>(out) + o;
-              for (int i = 0; i < cw; ++i) dst[i] = to_fp16(static_cast<float>(acc[i * 3 + c]) * mul[c] + add[c]);
-              break;
-            }
-            case OutDtype::kBFloat16: {
-              uint16_t* dst = static_cast<uint16_t*>(out) + o;
-              for (int i = 0; i < cw; ++i) dst[i] = to_bf16(static_cast<float>(acc[i * 3 + c]) * mul[c] + add[c]);
-              break;
-            }
-          }
-        }
+    }
+  };
+
+  int threads = 1;
+#ifdef _OPENMP
+  threads = num_threads > 0 ? num_threads : omp_get_max_threads();
+#endif
+  if (in.t >= threads) {
+    // enough frames: one frame per thread at a time, each with its own scratch rows
+#pragma omp parallel num_threads(threads)
+    {
+      std::vector<uint8_t> tmp(static_cast<size_t>(rows) * n3);
+      std::vector<int> acc(n3), pl0(padded, 0), pl1(padded, 0), pl2(padded, 0);
+#pragma omp for schedule(static)
+      for (int64_t t = 0; t < in.t; ++t) {
+        const uint8_t* base = in.data + t * in.st;
+        for (int r = 0; r < rows; ++r) horizontal(base, r, tmp.data(), pl0.data(), pl1.data(), pl2.data());
+        for (int j = 0; j < ch; ++j) vertical(t, j, tmp.data(), acc.data());
+      }
+    }
+  } else {
+    // fewer frames than threads (a single image): the threads share each frame's rows
+    std::vector<uint8_t> tmp(static_cast<size_t>(rows) * n3);
+    for (int64_t t = 0; t < in.t; ++t) {
+      const uint8_t* base = in.data + t * in.st;
+#pragma omp parallel num_threads(threads)
+      {
+        std::vector<int> pl0(padded, 0), pl1(padded, 0), pl2(padded, 0);
+#pragma omp for schedule(static)
+        for (int r = 0; r < rows; ++r) horizontal(base, r, tmp.data(), pl0.data(), pl1.data(), pl2.data());
+      }
+#pragma omp parallel num_threads(threads)
+      {
+        std::vector<int> acc(n3);
+#pragma omp for schedule(static)
+        for (int j = 0; j < ch; ++j) vertical(t, j, tmp.data(), acc.data());
       }
     }
   }

@@ -72,6 +72,15 @@ def test_half_outputs_are_rounded_fp32(dtype):
 
 
 @needs_native
+def test_one_frame_row_threads_equal_frame_threads():
+    """A single frame is split across threads by rows; a batch by frames: the same pixels either way."""
+    frames = np.random.default_rng(5).integers(0, 256, (4, 480, 854, 3), dtype=np.uint8)
+    batch = preprocess(frames, CFG)
+    for k in range(4):
+        assert torch.equal(preprocess(frames[k], CFG)[0], batch[k])
+
+
+@needs_native
 def test_strided_inputs_and_out_buffer():
     rng = np.random.default_rng(2)
     big = rng.integers(0, 256, (4, 400, 700, 3), dtype=np.uint8)

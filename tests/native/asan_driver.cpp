@@ -12,7 +12,7 @@ int main() {
   unsigned seed = 1;
   for (auto& hw : sizes) {
     for (int flip = 0; flip < 2; ++flip) {
-      const int t = 2, h = hw[0], w = hw[1];
+      const int t = flip ? 1 : 2, h = hw[0], w = hw[1];  // T=1 < 2 threads: the row-parallel path
       std::vector<uint8_t> buf(static_cast<size_t>(t) * h * w * 3);
       for (auto& b : buf) b = static_cast<uint8_t>(seed = seed * 1103515245u + 12345u);
       pllava::Frames f{buf.data(), t, h, w, int64_t(h) * w * 3, int64_t(w) * 3, 3, 1};
