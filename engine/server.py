@@ -297,10 +297,7 @@ def thumbnails(frames: torch.Tensor, height: int = 72) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- the app
-def create_app(engine, cfg: ServerConfig):
-    from fastapi import FastAPI, Request
-    from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
-
+def create_app(engine, cfg: ServerConfig) -> FastAPI:
     from contextlib import asynccontextmanager
 
     metrics = Metrics()
@@ -468,10 +465,12 @@ def create_app(engine, cfg: ServerConfig):
             loop = asyncio.get_running_loop()
             q: asyncio.Queue = asyncio.Queue()
             done = object()
+            res = None
             try:
                 async with sched().sem:
                     sched().running += 1
                     try:
+                        # a media error here leaves the first __anext__ and is answered with its 4xx status
                         frames, t_media = await asyncio.to_thread(load_media_timed, job, cfg, engine)
                         if job.return_frames:
                             yield f"event: frames\ndata: {json.dumps({'frames': thumbnails(frames)})}\n\n"
@@ -479,46 +478,60 @@ def create_app(engine, cfg: ServerConfig):
 
                         def work():
                             try:
-                                res = run_model(job, frames, cancel,
+                                out = run_model(job, frames, cancel,
                                                 lambda p: loop.call_soon_threadsafe(q.put_nowait, p))
-                                loop.call_soon_threadsafe(q.put_nowait, (done, res))
+                                loop.call_soon_threadsafe(q.put_nowait, (done, out))
                             except Exception as e:  # noqa: BLE001 - handed to the event loop
                                 loop.call_soon_threadsafe(q.put_nowait, (done, e))
 
-                        worker = asyncio.create_task(asyncio.to_thread(work))
-                        while True:
-                            item = await q.get()
-                            if isinstance(item, tuple) and item and item[0] is done:
-                                res = item[1]
-                                break
-                            yield chunk({"content": item})
-                        await worker
+                        try:
+                            worker = asyncio.create_task(asyncio.to_thread(work))
+                            while True:
+                                item = await q.get()
+                                if isinstance(item, tuple) and item and item[0] is done:
+                                    res = item[1]
+                                    break
+                                yield chunk({"content": item})
+                            await worker
+                            if isinstance(res, Exception):
+                                raise res
+                        except asyncio.CancelledError:  # the client went away: stop generating, free the slot
+                            cancel.set()
+                            metrics.error("client_disconnected")
+                            raise
+                        except Exception as e:  # noqa: BLE001 - reported in-band once streaming has started
+                            res = None
+                            err = to_api(e)
+                            metrics.error(err.code or str(err.status))
+                            metrics.request("/v1/chat/completions", err.status)
+                            yield f"data: {json.dumps(err.body())}\n\n"
                     finally:
                         sched().running -= 1
-                if isinstance(res, Exception):
-                    raise res
-                text, n_tok, n_prompt, fin, timings = res
-                timings["media"] = t_media
-                yield chunk({}, finish_reason(fin))
-                if include_usage:
-                    yield chunk(None, usage={"prompt_tokens": n_prompt, "completion_tokens": n_tok,
-                                             "total_tokens": n_prompt + n_tok}, extra={"pllava": {"timings": timings}})
-                metrics.request("/v1/chat/completions", 200)
-            except asyncio.CancelledError:  # the client went away: stop generating, free the slot
-                cancel.set()
-                metrics.error("client_disconnected")
-                raise
-            except Exception as e:  # noqa: BLE001 - reported in-band once streaming has started
-                err = to_api(e)
-                metrics.error(err.code or str(err.status))
-                metrics.request("/v1/chat/completions", err.status)
-                yield f"data: {json.dumps(err.body())}\n\n"
+                if res is not None:
+                    text, n_tok, n_prompt, fin, timings = res
+                    timings["media"] = t_media
+                    yield chunk({}, finish_reason(fin))
+                    if include_usage:
+                        yield chunk(None, usage={"prompt_tokens": n_prompt, "completion_tokens": n_tok,
+                                                 "total_tokens": n_prompt + n_tok}, extra={"pllava": {"timings": timings}})
+                    metrics.request("/v1/chat/completions", 200)
             finally:
                 cancel.set()
                 sched().release()
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(events(), media_type="text/event-stream",
+        gen = events()
+        try:
+            first = await gen.__anext__()  # waits for a slot and the media; nothing is sent before this succeeds
+        except Exception as e:  # noqa: BLE001 - mapped to a typed API error with its status
+            raise to_api(e) from e
+
+        async def body():
+            yield first
+            async for piece in gen:
+                yield piece
+
+        return StreamingResponse(body(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.post("/v1/captions")

@@ -178,6 +178,13 @@ def test_bad_videos_are_400(server, media):
     err(post(server, chat_body("ftp://example.invalid/x.mp4")), 400)
 
 
+def test_streaming_request_with_a_bad_video_gets_its_status(server):
+    r = post(server, chat_body(data_url(os.urandom(3000)), stream=True))
+    e = err(r, 400)
+    assert e["code"] == "invalid_video"
+    assert "pllava_running 0" in httpx.get(server.url + "/metrics").text
+
+
 def test_bad_parameters_name_the_field(server, media):
     _, _, raw = media
     u = data_url(raw)
