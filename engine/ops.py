@@ -45,9 +45,16 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scale, path: str = "torch"):
     return K.lora_linear_reference(x, weight, bias, lora_a, lora_b, scale)
 
 
+_warned: set = set()
+
+
 def pool_projector(x, w1, b1, w2, b2, frame_shape, pooling_shape, act="gelu", path: str = "torch"):
-    if path == "triton" and act == "gelu":
-        return K.pool_projector(x, w1, b1, w2, b2, frame_shape, pooling_shape)
+    if path == "triton":
+        if act == "gelu":
+            return K.pool_projector(x, w1, b1, w2, b2, frame_shape, pooling_shape)
+        if act not in _warned:  # the fused kernel implements PLLaVA's erf GELU only
+            _warned.add(act)
+            log.warning("pllava kernels: projector activation %r has no Triton kernel; the torch path runs it", act)
     return K.pool_projector_torch(x, w1, b1, w2, b2, frame_shape, pooling_shape, act)
 
 
