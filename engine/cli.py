@@ -68,6 +68,21 @@ def cmd_chat(a) -> int:
     return 0
 
 
+def cmd_live(a) -> int:
+    from .video import DecodeLimits
+
+    eng = _load(a)
+    eng.limits = DecodeLimits(timeout_s=a.timeout)
+    src = sys.stdin.buffer if a.source == "-" else a.source
+    for t, out in eng.live(src, a.prompt or "Describe the video in details.", window_s=a.window, every_s=a.every,
+                           growing=a.growing, max_new_tokens=a.max_new_tokens):
+        if a.json:
+            print(json.dumps({"t": round(t, 3), "text": out.text, "timings": out.timings}), flush=True)
+        else:
+            print(f"[{t:8.2f} s] {out.text}", flush=True)
+    return 0
+
+
 def cmd_demo(a) -> int:
     from .runtime import Engine
     from .testing import make_tiny_checkpoint, make_video
@@ -137,6 +152,15 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("question")
     _engine_args(ch)
     ch.set_defaults(func=cmd_chat)
+    lv = sub.add_parser("live", help="caption a live source (pipe '-', growing file, rtsp:// or device URL)")
+    lv.add_argument("source")
+    lv.add_argument("--prompt", default=None)
+    lv.add_argument("--window", type=float, default=8.0, help="seconds of video each answer looks at")
+    lv.add_argument("--every", type=float, default=2.0, help="seconds of stream time between answers")
+    lv.add_argument("--growing", action="store_true", help="the source is a file still being written")
+    lv.add_argument("--timeout", type=float, default=15.0, help="end after this many silent seconds")
+    _engine_args(lv)
+    lv.set_defaults(func=cmd_live)
     d = sub.add_parser("demo", help="run the whole pipeline offline on a tiny random checkpoint")
     d.add_argument("--device", default=None)
     d.add_argument("--max-new-tokens", type=int, default=24)

@@ -45,3 +45,16 @@ def test_chat_streams_answer(ckpts, video_path):
 def test_bad_model_dir_is_a_clear_error(tmp_path):
     r = _run("caption", "x.mp4", "--model", str(tmp_path))
     assert r.returncode == 2 and "config.json" in r.stderr
+
+
+def test_live_from_stdin(ckpts, tmp_path):
+    from pllava.testing import make_video
+
+    p = make_video(str(tmp_path / "live.ts"), num_frames=36, fps=12, codec="mpeg4", gop=12, container_format="mpegts")
+    with open(p, "rb") as f:
+        r = subprocess.run([sys.executable, "-m", "pllava.cli", "live", "-", "--model", ckpts["pllava"], "--window", "1",
+                            "--every", "1", "--timeout", "1", "--max-new-tokens", "3", "--json"], stdin=f,
+                           capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [round(x["t"]) for x in rows] == [1, 2] and all(x["text"] is not None for x in rows)
