@@ -181,3 +181,18 @@ def test_custom_ops_trace_with_fake_tensors():
                                          torch.empty(24, 8), torch.empty(()))
         p = torch.ops.pllava.pool_gelu(torch.empty(4, 36, 16), torch.empty(20, 16), torch.empty(20), 6, 6, 2, 3, 3)
     assert tuple(y.shape) == (3, 24) and tuple(p.shape) == (18, 20)
+
+
+@pytest.mark.parametrize("mode", ["decode", "prefill"])
+def test_lora_linear_both_designs_at_m1(mode):
+    """Fused shrink (decode) and shrink-then-fused-expand (prefill design) give the reference at M = 1."""
+    from pllava.kernels.lora_linear import CONFIGS
+
+    g = torch.Generator().manual_seed(11)
+    x, w, b, a, bb = (_rand(*s, g=g) for s in ((1, 64), (72, 64), (72,), (16, 64), (72, 16)))
+    s = torch.tensor(0.3, dtype=torch.float64)
+    ref = lora_linear_reference(x, w, b, a, bb, s)
+    out = torch.full((1, 72), float("nan"), device=DEV)
+    lora_linear_triton(*(t.float().to(DEV) for t in (x, w, b, a, bb)), s.float().to(DEV), out=out,
+                       config=(mode, CONFIGS["sm90"]["decode"][0]))
+    torch.testing.assert_close(out.double().cpu(), ref, rtol=1e-5, atol=1e-5)
