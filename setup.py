@@ -72,7 +72,6 @@ setup(
                 "uvicorn", "python-multipart", "httpx", "openai", "selenium"],
         "gpu": ["flash-attn; platform_system == 'Linux'", "xformers; platform_system == 'Linux'"],
     },
-    setup_requires=[],
     ext_modules=_extensions(),
     cmdclass={"build_ext": OptionalBuildExt},
     entry_points={"console_scripts": ["pllava=pllava.cli:main"]},

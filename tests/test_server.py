@@ -439,3 +439,30 @@ def test_follow_up_question_reuses_the_video_prefix(server, media):
     post(server, chat_body(u, text="What is happening?", max_tokens=4))
     r = post(server, chat_body(u, text="And who is there?", max_tokens=6)).json()
     assert r["pllava"]["timings"].get("prefix_cache_hit") == 1 and "vision" not in r["pllava"]["timings"]
+
+
+def test_https_fetch_verifies_certificates(tmp_path):
+    """TLS goes to the vetted address with the URL's host checked against the certificate: a self-signed
+    loopback server (allowed by the operator) is refused by verification, not trusted."""
+    import http.server
+    import shutil
+    import ssl
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl CLI to make a certificate")
+    key, crt = tmp_path / "k.pem", tmp_path / "c.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(crt),
+                    "-days", "1", "-subj", "/CN=127.0.0.1"], check=True, capture_output=True)
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(str(crt), str(key))
+    srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    port = srv.server_address[1]
+    try:
+        with pytest.raises(MediaError, match="CERTIFICATE_VERIFY_FAILED|certificate verify failed"):
+            fetch_http(f"https://127.0.0.1:{port}/x.mp4", max_bytes=1 << 20, timeout_s=5,
+                       allowed_hosts=frozenset({f"127.0.0.1:{port}"}))
+    finally:
+        srv.shutdown()
