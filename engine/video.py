@@ -118,6 +118,7 @@ class VideoInfo:
     width: int
     height: int
     codec: str
+    indexed_by: str = "demux"  # "index": the container's sample index; "demux": one pass over the packets
 
     @property
     def num_frames(self) -> int:
@@ -174,7 +175,9 @@ class PyAVBackend(DecoderBackend):
             dur = (st.duration * tb) if st.duration else ((c.duration or 0) / 1e6)
             if dur > limits.max_duration_s:
                 raise VideoError(f"{what}: {dur:.0f} s exceeds max_duration_s={limits.max_duration_s:.0f}")
-            pts, keys = [], []
+            pts, keys = _index_timestamps(c, st)
+            if pts:  # the container's own index: no pass over the file
+                return VideoInfo(pts, keys, tb, w, h, cc.name, "index")
             try:
                 for p in c.demux(st):
                     if p.size == 0:
@@ -193,7 +196,7 @@ class PyAVBackend(DecoderBackend):
             keys.sort()
             if not keys or keys[0] > pts[0]:
                 keys.insert(0, pts[0])  # streams that start mid-GOP: the first frame decodes after a seek to 0
-            return VideoInfo(pts, keys, tb, w, h, cc.name)
+            return VideoInfo(pts, keys, tb, w, h, cc.name, "demux")
         finally:
             c.close()
 
@@ -245,6 +248,25 @@ class PyAVBackend(DecoderBackend):
                     i_want += 1
         finally:
             c.close()
+
+
+def _index_timestamps(c, st) -> tuple[list[int], list[int]]:
+    """Frame timestamps from an MP4/MOV sample index (read with the header), when they are the presentation
+    timestamps: the index holds decode timestamps, equal to presentation ones only without B-frames. ([], [])
+    otherwise, and the caller demuxes."""
+    if not c.format.name.startswith("mov") or st.codec_context.has_b_frames or not st.frames:
+        return [], []
+    try:
+        entries = [e for e in st.index_entries if e.size > 0 and not e.is_discard]
+    except AttributeError:  # PyAV without index_entries
+        return [], []
+    ts = [int(e.timestamp) for e in entries]
+    if len(ts) != st.frames or any(b <= a for a, b in zip(ts, ts[1:])):
+        return [], []
+    keys = [int(e.timestamp) for e in entries if e.is_keyframe]
+    if not keys or keys[0] > ts[0]:
+        keys.insert(0, ts[0])
+    return ts, keys
 
 
 def _has_decoder(name: str) -> bool:

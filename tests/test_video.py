@@ -17,6 +17,7 @@ from pllava.video import DecodeLimits, decode_all, live_windows, read_frames, st
 
 CLIPS = [  # (name, kwargs)
     ("h264_bframes.mp4", dict(codec="libx264", gop=10, bframes=2, num_frames=90, size=(96, 64))),
+    ("h264_nob.mp4", dict(codec="libx264", gop=10, num_frames=70, size=(96, 64))),  # indexed from the header
     ("h264_vfr.mkv", dict(codec="libx264", gop=7, vfr=True, num_frames=60, size=(64, 48))),
     ("mpeg4_audio.mp4", dict(codec="mpeg4", gop=8, bframes=2, audio=True, num_frames=75, size=(97, 65))),
     ("mpeg4_vfr.mkv", dict(codec="mpeg4", gop=5, vfr=True, num_frames=40, size=(63, 47))),
@@ -40,6 +41,16 @@ def test_sampled_frames_equal_sequential_decode(clips, name, n):
     assert got.dtype == torch.uint8 and got.shape[0] == n
     for k, i in enumerate(want):
         assert np.array_equal(got[k].numpy(), allf[i]), f"{name}: frame {k} (index {i}) differs"
+
+
+def test_mp4_without_b_frames_is_indexed_from_its_header(clips):
+    from pllava.video import DEFAULT_LIMITS, PyAVBackend
+
+    be = PyAVBackend()
+    fast = be.probe(clips["h264_nob.mp4"], "x", DEFAULT_LIMITS)
+    slow = be.probe(clips["h264_bframes.mp4"], "x", DEFAULT_LIMITS)
+    assert fast.indexed_by == "index" and slow.indexed_by == "demux"
+    assert fast.num_frames == 70 and len(fast.keyframe_pts) == 7
 
 
 def test_fewer_frames_than_asked_repeat_like_pllava(clips):
