@@ -360,11 +360,11 @@ class Engine:
                         ctx - n_prompt, ctx)
             params = replace(params, max_new_tokens=ctx - n_prompt)
         lm = self.model.language_model
-        if lm.setup_cache(1, n_prompt + params.max_new_tokens, self.dtype, self.device):
-            self._prefix = None
         key = self._prefix_key(video, ids[:img_pos], video_key) if img_pos + 1 < ids.numel() else None
         n_pre = img_pos + self.config.num_visual_tokens
-        if key is not None and self._prefix == (key, n_pre):
+        hit = key is not None and self._prefix == (key, n_pre)
+        lm.setup_cache(1, n_prompt + params.max_new_tokens, self.dtype, self.device, keep=n_pre if hit else 0)
+        if hit:
             # the same clip and prompt head as the last request: its KV for [0, n_pre) is still in the cache
             # (later writes start at n_pre); only the question is prefilled, the video is not decoded or encoded
             timings["prefix_cache_hit"] = 1

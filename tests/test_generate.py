@@ -170,3 +170,17 @@ def test_static_buffer_decode_step_keeps_the_prefix(ckpts, video_path):
     with pytest.raises(ValueError, match="CUDA"):
         eng.cuda_graphs = True
         eng.generate(video_path, "x", max_new_tokens=2)
+
+
+def test_prefix_survives_a_bigger_follow_up(ckpts, video_path):
+    """A follow-up that needs a larger cache (longer question, more new tokens) keeps the cached video prefix."""
+    eng = pllava.Engine.from_pretrained(ckpts["pllava"])
+    cold = pllava.Engine.from_pretrained(ckpts["pllava"])
+    cold.prefix_cache = False
+    eng.generate(video_path, "Hi?", max_new_tokens=2)
+    q = "Describe, in as much detail as you can manage, everything that happens in the video. " * 3
+    before = eng.model.language_model.max_len
+    out = eng.generate(video_path, q, max_new_tokens=300)
+    assert eng.model.language_model.max_len > before  # the cache had to grow
+    assert out.timings.get("prefix_cache_hit") == 1
+    assert out.token_ids == cold.generate(video_path, q, max_new_tokens=300).token_ids

@@ -164,17 +164,25 @@ class LlamaLM(nn.Module):
         self.rope_cos = (emb.cos() * scaling).to(device)
         self.rope_sin = (emb.sin() * scaling).to(device)
 
-    def setup_cache(self, batch: int, max_len: int, dtype, device) -> bool:
-        """Make sure the cache holds max_len positions; returns True when it was (re)allocated (contents lost)."""
-        if self.max_len >= max_len and self.layers[0].self_attn.kv_cache is not None \
-                and self.layers[0].self_attn.kv_cache.k_cache.shape[0] == batch:
+    CACHE_BUCKET = 256  # positions: sizes are rounded up so the next request usually fits without reallocating
+
+    def setup_cache(self, batch: int, max_len: int, dtype, device, keep: int = 0) -> bool:
+        """Make sure the cache holds max_len positions; returns True when it was (re)allocated. The first `keep`
+        positions survive a reallocation (a cached video prefix)."""
+        old = self.layers[0].self_attn.kv_cache
+        if self.max_len >= max_len and old is not None and old.k_cache.shape[0] == batch:
             return False  # reuse: every slot past the write position is masked out
         c = self.config
+        size = min(-(-max_len // self.CACHE_BUCKET) * self.CACHE_BUCKET, max(max_len, c.max_position_embeddings))
+        keep = keep if old is not None and old.k_cache.shape[0] == batch else 0
         for layer in self.layers:
-            layer.self_attn.kv_cache = None  # free the old cache before allocating the new one
-        for layer in self.layers:
-            layer.self_attn.kv_cache = KVCache(batch, c.num_key_value_heads, max_len, c.head_dim, dtype, device)
-        self.max_len = max_len
+            prev = layer.self_attn.kv_cache
+            new = KVCache(batch, c.num_key_value_heads, size, c.head_dim, dtype, device)
+            if keep:
+                new.k_cache[:, :, :keep].copy_(prev.k_cache[:, :, :keep])
+                new.v_cache[:, :, :keep].copy_(prev.v_cache[:, :, :keep])
+            layer.self_attn.kv_cache = new  # the old one is freed layer by layer: peak = one layer's extra
+        self.max_len = size
         self.cache_generation += 1  # what a captured decode graph is tied to (ids of freed tensors get reused)
         return True
 
