@@ -372,7 +372,9 @@ def create_app(engine, cfg: ServerConfig) -> FastAPI:
                 on_piece(piece)
             n_tok = timings.get("decode_tokens", 0)
             metrics.generation(timings, n_tok)
-            return "".join(pieces), n_tok, timings.get("num_prompt_tokens", 0), timings.get("_finish", "length"), timings
+            finish = timings.get("_finish", "length")
+            public = {k: v for k, v in timings.items() if not k.startswith("_")}  # _text/_finish are internal
+            return "".join(pieces), n_tok, timings.get("num_prompt_tokens", 0), finish, public
 
     async def until_disconnect(request: Request, cancel: threading.Event, coro):
         """Await `coro`; if the client disconnects meanwhile, set `cancel` so generation stops at the next token."""

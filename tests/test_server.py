@@ -108,6 +108,7 @@ def test_streaming_with_usage(server, media):
     fins = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
     assert fins == ["length"] or fins == ["stop"]
     usage = chunks[-1]["usage"]
+    assert not any(k.startswith("_") for k in chunks[-1]["pllava"]["timings"])
     assert usage["completion_tokens"] <= 10 and usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
     nonstream = post(server, chat_body(data_url(raw), max_tokens=10)).json()
     assert text == nonstream["choices"][0]["message"]["content"]
