@@ -58,3 +58,13 @@ def test_live_from_stdin(ckpts, tmp_path):
     assert r.returncode == 0, r.stderr
     rows = [json.loads(line) for line in r.stdout.splitlines()]
     assert [round(x["t"]) for x in rows] == [1, 2] and all(x["text"] is not None for x in rows)
+
+
+def test_bench_cli_tiny(tmp_path, video_path):
+    env = dict(__import__("os").environ, PLLAVA_BENCH_CACHE=str(tmp_path / "cache"))
+    r = subprocess.run([sys.executable, "-m", "pllava.cli", "bench", "--preset", "tiny", "--frames", "1,2", "--runs", "1",
+                        "--new-tokens", "3", "--video", video_path, "--out", str(tmp_path / "out")],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "| pllava-engine | 2 |" in r.stdout and "ratio engine / transformers" in r.stdout
+    assert (tmp_path / "out" / "bench_tiny.json").exists() and (tmp_path / "out" / "latency_breakdown.png").exists()
