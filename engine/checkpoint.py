@@ -85,31 +85,34 @@ def _open(path: str):
 
 
 def read_index(files: list[str]) -> dict[str, TensorRef]:
-    """Every tensor's checkpoint key -> where it lives and its shape, from the headers alone (no data read)."""
+    """Every tensor's checkpoint key -> where it lives and its shape, from the headers alone (no data read).
+    Each header is parsed once, here: it gives the keys and shapes and, through the data offsets, catches a shard
+    cut short (safetensors checks offsets only when a tensor is read, i.e. mid-load)."""
     refs: dict[str, TensorRef] = {}
     for path in files:
-        size = os.path.getsize(path)
-        with _open(path) as f:
-            for k in f.keys():
-                sl = f.get_slice(k)
-                if k in refs:
-                    raise CheckpointError(f"{path}: key '{k}' is also in {refs[k].file}")
-                refs[k] = TensorRef(path, k, tuple(sl.get_shape()))
-        _check_length(path, size)
+        for k, shape in _read_header(path).items():
+            if k in refs:
+                raise CheckpointError(f"{path}: key '{k}' is also in {refs[k].file}")
+            refs[k] = TensorRef(path, k, shape)
     return refs
 
 
-def _check_length(path: str, size: int):
-    """safetensors validates offsets lazily; a shard cut short must fail here, naming the file, not mid-load."""
-    with open(path, "rb") as fh:
-        n = int.from_bytes(fh.read(8), "little")
-        try:
+def _read_header(path: str) -> dict[str, tuple]:
+    size = os.path.getsize(path)
+    try:
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if n <= 0 or 8 + n > size:
+                raise CheckpointError(f"{path}: not a safetensors file (header of {n} bytes in a {size}-byte file)")
             header = json.loads(fh.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path}: corrupt safetensors header: {e}") from e
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        entries = {k: v for k, v in header.items() if k != "__metadata__"}
+        end = max((v["data_offsets"][1] for v in entries.values()), default=0)
+        shapes = {k: tuple(v["shape"]) for k, v in entries.items()}
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header: {e}") from e
     if 8 + n + end > size:
         raise CheckpointError(f"{path}: truncated: the header describes {8 + n + end} bytes, the file has {size}")
+    return shapes
 
 
 def detect_layout(keys, where: str) -> str:
