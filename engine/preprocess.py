@@ -93,19 +93,11 @@ def _check_frames_array(frames):
 
 
 def _as_frames(frames) -> torch.Tensor:
+    """Validated frames as a (T, H, W, 3) uint8 tensor (numpy is wrapped, copied only if it has negative strides)."""
+    shape = _check_frames_array(frames)
     if isinstance(frames, np.ndarray):
-        frames = torch.from_numpy(np.ascontiguousarray(frames))
-    if not isinstance(frames, torch.Tensor):
-        raise InputError(f"frames: expected a uint8 array or tensor (T, H, W, 3), got {type(frames).__name__}")
-    if frames.dtype != torch.uint8:
-        raise InputError(f"frames: dtype must be uint8, got {frames.dtype}")
-    if frames.dim() == 3:
-        frames = frames.unsqueeze(0)
-    if frames.dim() != 4 or frames.shape[-1] != 3:
-        raise InputError(f"frames: shape must be (T, H, W, 3), got {tuple(frames.shape)}")
-    if min(frames.shape[:3]) == 0:
-        raise InputError(f"frames: zero-size frames {tuple(frames.shape)}")
-    return frames
+        frames = torch.from_numpy(np.ascontiguousarray(frames) if min(frames.strides) < 0 else frames)
+    return frames.reshape(shape)
 
 
 def native_params(cfg: dict) -> dict | None:
