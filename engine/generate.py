@@ -45,7 +45,7 @@ def prefill(lm, embeds: torch.Tensor, start: int = 0) -> torch.Tensor:
     """embeds (1, L, D) at positions start.. -> logits (1, 1, V) of the last position; fills the KV cache.
     start > 0 continues after a cached prefix (the video part of an earlier request)."""
     pos = torch.arange(start, start + embeds.shape[1], device=embeds.device)
-    return lm(embeds, pos)
+    return lm(embeds, pos, start=start)
 
 
 @torch.no_grad()
@@ -195,6 +195,7 @@ def generate_tokens(lm, embeds: torch.Tensor, params: SamplingParams, tokenizer,
     timings['decode'], and leaves the finish reason in timings['_finish'] ('stop', 'length' or 'cancelled' when
     the `cancel` event - e.g. a disconnected client - is set)."""
     device = embeds.device
+    step = step if step is not None else DecodeStep(lm, use_graph=False)
     gen = None
     if params.seed is not None:
         gen = torch.Generator(device=device).manual_seed(int(params.seed))
@@ -229,10 +230,7 @@ def generate_tokens(lm, embeds: torch.Tensor, params: SamplingParams, tokenizer,
             break
         if seen is not None:
             seen = torch.cat([seen, torch.tensor([tok], device=device)])
-        if step is not None:
-            logits = step(tok, pos, device)
-        else:
-            logits = decode_one_token(lm, torch.tensor([[tok]], device=device), torch.tensor([pos], device=device))
+        logits = step(tok, pos, device)
         pos += 1
         tok = sample(logits[0, -1], params, seen, gen)
     timings["decode"] = clock() - t1

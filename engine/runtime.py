@@ -18,7 +18,7 @@ from .errors import CheckpointError, ConfigError, InputError, PromptError
 from .generate import DecodeStep, SamplingParams, generate_tokens
 from .model import PllavaModel
 from .preprocess import clip_defaults, load_processor_config, preprocess
-from .prompt import build_prompt, check_image_token, default_conv_mode, splice, tokenize
+from .prompt import build_chat_prompt, build_prompt, check_image_token, default_conv_mode, splice, tokenize
 from .video import DEFAULT_LIMITS, is_source, read_frames, stream_frames
 
 log = logging.getLogger("pllava")
@@ -249,6 +249,10 @@ class Engine:
         else:
             px = preprocess(frames, self.processor_config, dtype=self.dtype, device=self.device)
         timings["preprocess"] = self._clock() - t1
+        return self._check_pixels(px)
+
+    def _check_pixels(self, px: torch.Tensor) -> torch.Tensor:
+        s = self.config.vision.image_size
         if tuple(px.shape[1:]) != (3, s, s):
             raise InputError(f"preprocessor_config.json produces {tuple(px.shape[1:])} frames but the vision tower "
                              f"takes (3, {s}, {s})")
@@ -280,7 +284,6 @@ class Engine:
         """Frame k goes through preprocess + vision tower while frame k+1 decodes; a repeated frame (a clip
         shorter than num_frames) is encoded once."""
         wait = prep = vis = 0.0
-        s = self.config.vision.image_size
         by_index: dict[int, torch.Tensor] = {}
         order: list[int] = []
         it = stream_frames(video, self.config.num_frames, limits=self.limits)
@@ -290,10 +293,8 @@ class Engine:
             wait += t1 - t
             order.append(idx)
             if idx not in by_index:
-                px = preprocess(frame, self.processor_config, dtype=self.dtype, device=self.device)
-                if tuple(px.shape[1:]) != (3, s, s):
-                    raise InputError(f"preprocessor_config.json produces {tuple(px.shape[1:])} frames but the "
-                                     f"vision tower takes (3, {s}, {s})")
+                px = self._check_pixels(preprocess(frame, self.processor_config, dtype=self.dtype,
+                                                   device=self.device))
                 t2 = self._clock()
                 by_index[idx] = self.model.vision_tower(px)
                 t3 = self._clock()
@@ -321,40 +322,36 @@ class Engine:
             return None
         return vid, tuple(head_ids.tolist()), self.config.num_frames, tuple(self.config.pooling_shape)
 
-    def _prompt_ids(self, prompt: str, conv_mode: str | None, system: str | None):
-        text = build_prompt(prompt, conv_mode or self.conv_mode, system)
-        return tokenize(self.tokenizer, text, self.config.image_token_index)
+    def _prompt_ids(self, prompt, conv_mode: str | None, system: str | None):
+        """A question, a raw prompt or chat turns [(role, text)] -> (input_ids, image position, prompt length after
+        splicing); a prompt that does not fit the context fails here, before any compute."""
+        mode = conv_mode or self.conv_mode
+        text = build_chat_prompt(prompt, mode, system) if isinstance(prompt, list) else build_prompt(prompt, mode,
+                                                                                                     system)
+        ids, img_pos = tokenize(self.tokenizer, text, self.config.image_token_index)
+        n = ids.numel() - 1 + self.config.num_visual_tokens
+        ctx = self.config.text.max_position_embeddings
+        if n >= ctx:
+            raise PromptError(f"the prompt is {n} tokens ({self.config.num_visual_tokens} visual) but the model's "
+                              f"context (max_position_embeddings) is {ctx}")
+        return ids, img_pos, n
 
     @torch.no_grad()
     def prompt_logits(self, video, prompt: str, conv_mode: str | None = None, system: str | None = None):
         """Logits (L, V) of every position of the spliced prompt (for scoring options, and parity tests)."""
-        ids, img_pos = self._prompt_ids(prompt, conv_mode, system)
-        n = ids.numel() - 1 + self.config.num_visual_tokens
-        if n > self.config.text.max_position_embeddings:
-            raise PromptError(f"the prompt is {n} tokens but the model's context (max_position_embeddings) is "
-                              f"{self.config.text.max_position_embeddings}")
+        ids, img_pos, n = self._prompt_ids(prompt, conv_mode, system)
         lm = self.model.language_model
         embeds = splice(lm.embed_tokens(ids.to(self.device)), img_pos, self.encode(video)).unsqueeze(0)
         lm.setup_cache(1, n, self.dtype, self.device)
         self._prefix = None  # this overwrites the cache from position 0
-        return lm(embeds, torch.arange(n, device=self.device), all_logits=True)[0]
+        return lm(embeds, torch.arange(n, device=self.device), all_logits=True, start=0)[0]
 
     # ------------------------------------------------------------------------------------------ generation
     def _run(self, video, prompt, params: SamplingParams, conv_mode, system, timings, cancel=None, video_key=None):
         params.validate()
         t_start = self._clock()
-        if isinstance(prompt, list):  # chat turns [(role, text)], rendered with the template
-            from .prompt import build_chat_prompt
-
-            text = build_chat_prompt(prompt, conv_mode or self.conv_mode, system)
-            ids, img_pos = tokenize(self.tokenizer, text, self.config.image_token_index)
-        else:
-            ids, img_pos = self._prompt_ids(prompt, conv_mode, system)
-        n_prompt = ids.numel() - 1 + self.config.num_visual_tokens
+        ids, img_pos, n_prompt = self._prompt_ids(prompt, conv_mode, system)
         ctx = self.config.text.max_position_embeddings
-        if n_prompt >= ctx:
-            raise PromptError(f"the prompt is {n_prompt} tokens ({self.config.num_visual_tokens} visual) but the "
-                              f"model's context (max_position_embeddings) is {ctx}")
         if n_prompt + params.max_new_tokens > ctx:
             log.warning("max_new_tokens %d cut to %d to fit the %d-token context", params.max_new_tokens,
                         ctx - n_prompt, ctx)
@@ -392,7 +389,7 @@ class Engine:
         timings["total"] = self._clock() - t_start
         timings["num_prompt_tokens"] = n_prompt
 
-    def generate(self, video, prompt: str, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+    def generate(self, video, prompt, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
                  stop=None, *, top_k: int = 0, repetition_penalty: float = 1.0, seed: int | None = None,
                  stop_token_ids=None, conv_mode: str | None = None, system: str | None = None,
                  cancel=None, video_key=None) -> GenerationOutput:
@@ -401,24 +398,22 @@ class Engine:
         an identity for frames the caller decoded (e.g. a content hash) so a follow-up question reuses the video's
         KV cache."""
         params = SamplingParams(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed,
-                                list(stop or []) if not isinstance(stop, str) else [stop], list(stop_token_ids or []))
+                                stop or [], list(stop_token_ids or []))
         timings: dict = {}
         toks = [ev.token_id for ev in self._run(video, prompt, params, conv_mode, system, timings, cancel, video_key)]
         n_prompt = timings.pop("num_prompt_tokens")
         finish, text = timings.pop("_finish"), timings.pop("_text")
         return GenerationOutput(text, toks, n_prompt, timings, finish)
 
-    def stream(self, video, prompt: str, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-               stop=None, **kw) -> Iterator[str]:
-        """Yield text pieces as they are generated (''.join(pieces) == generate(...).text)."""
-        params = SamplingParams(max_new_tokens, temperature, top_p, kw.pop("top_k", 0),
-                                kw.pop("repetition_penalty", 1.0), kw.pop("seed", None),
-                                list(stop or []) if not isinstance(stop, str) else [stop],
-                                list(kw.pop("stop_token_ids", None) or []))
-        conv_mode, system = kw.pop("conv_mode", None), kw.pop("system", None)
-        cancel, timings, video_key = kw.pop("cancel", None), kw.pop("timings", {}), kw.pop("video_key", None)
-        if kw:
-            raise TypeError(f"stream() got unexpected arguments {sorted(kw)}")
+    def stream(self, video, prompt, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+               stop=None, *, top_k: int = 0, repetition_penalty: float = 1.0, seed: int | None = None,
+               stop_token_ids=None, conv_mode: str | None = None, system: str | None = None, cancel=None,
+               video_key=None, timings: dict | None = None) -> Iterator[str]:
+        """Yield text pieces as they are generated (''.join(pieces) == generate(...).text); the arguments are
+        generate's, and `timings` (a dict) is filled with its stage times."""
+        params = SamplingParams(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed,
+                                stop or [], list(stop_token_ids or []))
+        timings = {} if timings is None else timings
         for ev in self._run(video, prompt, params, conv_mode, system, timings, cancel, video_key):
             if ev.text:
                 yield ev.text

@@ -66,6 +66,6 @@ def test_text_variants_match_transformers(tmp_path, name, text):
     lm = eng.model.language_model
     lm.setup_cache(1, 300, torch.float32, "cpu")
     with torch.no_grad():
-        got = lm(lm.embed_tokens(ids), torch.arange(300), all_logits=True)
+        got = lm(lm.embed_tokens(ids), torch.arange(300), all_logits=True, start=0)
         want = ref(input_ids=ids).logits
     assert float((got - want).abs().max() / want.abs().max()) <= 1e-4

@@ -106,14 +106,14 @@ def test_kv_cache_decode_equals_full_recompute(engine, px):
     """Each decode step's logits with the static cache equal a fresh prefill of the whole sequence."""
     out = engine.generate(px, "hello", max_new_tokens=6)
     lm = engine.model.language_model
-    ids, pos = engine._prompt_ids("hello", None, None)
+    ids, pos, _ = engine._prompt_ids("hello", None, None)
     from pllava.prompt import splice
 
     emb = splice(lm.embed_tokens(ids), pos, engine.encode(px))
     seq = torch.cat([emb, lm.embed_tokens(torch.tensor(out.token_ids[:-1]))])[None]
     lm.setup_cache(1, seq.shape[1], engine.dtype, engine.device)
     with torch.no_grad():
-        full = lm(seq, torch.arange(seq.shape[1]), all_logits=True)[0]
+        full = lm(seq, torch.arange(seq.shape[1]), all_logits=True, start=0)[0]
     assert full[emb.shape[0] - 1:].argmax(-1).tolist() == out.token_ids
 
 

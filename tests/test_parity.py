@@ -51,7 +51,7 @@ def test_logits_and_greedy_match_oracle(ckpts, oracles, layout, alpha):
     assert eng.config.lora.r == (8 if layout in ("pllava", "adapter") else 0)
     ref = oracles(layout, 4.0 if alpha is None else alpha)
     px = _pixels(eng)
-    ids, _ = eng._prompt_ids(QUESTION, None, None)
+    ids, _, _ = eng._prompt_ids(QUESTION, None, None)
     ref_emb = oracle_embeds(ref, px, ids, eng.config.image_token_index, eng.config.pooling_shape, eng.config.num_frames)
     ref_logits = oracle_logits(ref, ref_emb)
     got = eng.prompt_logits(px, QUESTION)
@@ -67,7 +67,7 @@ def test_set_lora_alpha_on_loaded_engine(ckpts, oracles):
     eng = pllava.Engine.from_pretrained(ckpts["pllava"])  # default alpha 4
     assert eng.lora_alpha == 4.0
     px = _pixels(eng, seed=1)
-    ids, _ = eng._prompt_ids(QUESTION, None, None)
+    ids, _, _ = eng._prompt_ids(QUESTION, None, None)
     outs = {}
     for alpha in (32.0, 0.0, 4.0):
         eng.set_lora_alpha(alpha)
@@ -91,7 +91,7 @@ def test_fewer_frames_repeat_like_pllava(ckpts, oracles):
     eng = pllava.Engine.from_pretrained(ckpts["pllava"])
     px = _pixels(eng, seed=3)[:1]  # a single image: fed as num_frames identical frames
     ref = oracles("pllava", 4.0)
-    ids, _ = eng._prompt_ids(QUESTION, None, None)
+    ids, _, _ = eng._prompt_ids(QUESTION, None, None)
     emb = oracle_embeds(ref, px.repeat(eng.config.num_frames, 1, 1, 1), ids, eng.config.image_token_index,
                         eng.config.pooling_shape, eng.config.num_frames)
     assert _rel(eng.prompt_logits(px, QUESTION), oracle_logits(ref, emb)) <= 1e-4
@@ -110,7 +110,7 @@ def test_video_file_end_to_end_matches_oracle(ckpts, oracles, video_path):
     diff = ((px - px_ref) * std).abs()  # back in [0, 1] pixel units, before normalization
     assert diff.max() * 255 < 1e-3, f"max {diff.max() * 255:.4f}/255: not CLIPImageProcessor's pixels"
     ref = oracles("pllava", 4.0)
-    ids, _ = eng._prompt_ids(QUESTION, None, None)
+    ids, _, _ = eng._prompt_ids(QUESTION, None, None)
     emb = oracle_embeds(ref, px, ids, eng.config.image_token_index, eng.config.pooling_shape, eng.config.num_frames)
     out = eng.generate(video_path, QUESTION, max_new_tokens=16)
     assert out.token_ids == oracle_greedy(ref, emb, 16, eos=eng.eos_ids)

@@ -191,13 +191,16 @@ class LlamaLM(nn.Module):
             layer.self_attn.kv_cache = None
         self.max_len = 0
 
-    def forward(self, embeds: torch.Tensor, input_pos: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
-        """embeds (B, L, D) at positions input_pos (L,) -> logits (B, L, V) or, by default, (B, 1, V) of the last."""
+    def forward(self, embeds: torch.Tensor, input_pos: torch.Tensor, all_logits: bool = False,
+                start: int | None = None) -> torch.Tensor:
+        """embeds (B, L, D) at positions input_pos (L,) -> logits (B, L, V) or, by default, (B, 1, V) of the last.
+        `start`: the first position as a host int when the caller knows it (prefill); start == 0 takes the plain
+        causal path without reading input_pos back from the device."""
         dt = embeds.dtype
         cos, sin = self.rope_cos[input_pos].to(dt), self.rope_sin[input_pos].to(dt)  # (L, hd)
         win = self.config.sliding_window
         windowed = win is not None and self.max_len > win  # Mistral: a key older than `win` positions is unseen
-        if int(input_pos.numel()) > 1 and not windowed and self._starts_at_zero(input_pos):
+        if start == 0 and embeds.shape[1] > 1 and not windowed:
             mask = None
         else:
             kpos = torch.arange(self.max_len, device=embeds.device)[None, :]
@@ -210,9 +213,3 @@ class LlamaLM(nn.Module):
         if not all_logits:
             x = x[:, -1:]
         return self.lm_head(self.norm(x))
-
-    @staticmethod
-    def _starts_at_zero(input_pos) -> bool:
-        # Prefill callers pass arange(0, L); checked on the host value they already hold (no device sync on CUDA
-        # for decode, which takes the other branch because it has one position).
-        return bool(input_pos[0].item() == 0)
