@@ -253,19 +253,12 @@ def load_media(job: Job, cfg: ServerConfig, engine) -> torch.Tensor:
             src = local_path(url, cfg.allowed_local_media_path, param)
         else:
             raise MediaError(f"unsupported URL scheme in {url[:40]!r} (data:, http(s):, file://)", param)
-    frames = _decode(src, n, limits, cfg, param)
-    job.video_key = f"{_content_id(src)}/{n}"  # a follow-up question on the same clip reuses its KV prefix
-    return frames
-
-
-def _decode(src, n, limits, cfg, param):
-    if isinstance(src, (bytes, bytearray)) and len(src) > cfg.max_video_bytes:
-        raise MediaError(f"media of {len(src)} bytes exceeds the {cfg.max_video_bytes}-byte limit", param, 413,
-                         "too_large")
-    try:
-        return read_frames(src, n, limits=limits)
+    try:  # every bytes source was size-checked (413) as it arrived: what fails here is the video itself
+        frames = read_frames(src, n, limits=limits)
     except VideoError as e:
         raise MediaError(f"undecodable video: {e}", param, 400, "invalid_video") from e
+    job.video_key = f"{_content_id(src)}/{n}"  # a follow-up question on the same clip reuses its KV prefix
+    return frames
 
 
 def _content_id(src) -> str:
