@@ -21,30 +21,29 @@ def _single_file(d):
     return [f for f in os.listdir(d) if f.endswith(".safetensors")]
 
 
-def test_missing_key_names_key_and_shape(ckpts, tmp_path):
+def _drop(sd):
+    del sd["language_model.model.layers.1.mlp.up_proj.weight"]
+
+
+def _add(sd):
+    sd["language_model.model.layers.0.mlp.extra.weight"] = torch.zeros(3, 3)
+
+
+def _reshape(sd):
+    sd["multi_modal_projector.linear_2.weight"] = torch.zeros(64, 60)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (_drop, r"missing key 'language_model\.model\.layers\.1\.mlp\.up_proj\.weight'.*\[128, 64\]"),
+    (_add, r"unexpected key 'language_model\.model\.layers\.0\.mlp\.extra\.weight'"),
+    (_reshape, r"multi_modal_projector\.linear_2\.weight' has shape \[64, 60\].*\[64, 64\]"),
+], ids=["missing", "unexpected", "shape"])
+def test_bad_keys_are_named(ckpts, tmp_path, edit, message):
     d = _copy(ckpts["legacy"], tmp_path)  # legacy is a single model.safetensors
     sd = load_file(d / "model.safetensors")
-    del sd["language_model.model.layers.1.mlp.up_proj.weight"]
+    edit(sd)
     save_file(sd, d / "model.safetensors")
-    with pytest.raises(CheckpointError, match=r"missing key 'language_model\.model\.layers\.1\.mlp\.up_proj\.weight'.*\[128, 64\]"):
-        pllava.Engine.from_pretrained(str(d))
-
-
-def test_unexpected_key(ckpts, tmp_path):
-    d = _copy(ckpts["legacy"], tmp_path)
-    sd = load_file(d / "model.safetensors")
-    sd["language_model.model.layers.0.mlp.extra.weight"] = torch.zeros(3, 3)
-    save_file(sd, d / "model.safetensors")
-    with pytest.raises(CheckpointError, match=r"unexpected key 'language_model\.model\.layers\.0\.mlp\.extra\.weight'"):
-        pllava.Engine.from_pretrained(str(d))
-
-
-def test_shape_mismatch_names_both_shapes(ckpts, tmp_path):
-    d = _copy(ckpts["legacy"], tmp_path)
-    sd = load_file(d / "model.safetensors")
-    sd["multi_modal_projector.linear_2.weight"] = torch.zeros(64, 60)
-    save_file(sd, d / "model.safetensors")
-    with pytest.raises(CheckpointError, match=r"multi_modal_projector\.linear_2\.weight' has shape \[64, 60\].*\[64, 64\]"):
+    with pytest.raises(CheckpointError, match=message):
         pllava.Engine.from_pretrained(str(d))
 
 
