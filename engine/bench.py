@@ -93,7 +93,6 @@ def make_preset_checkpoint(preset: str, root: str | None = None, dtype=torch.bfl
     d = vc["hidden_size"]
     last = vc["num_hidden_layers"] - 1
     for name in [k for k in t if ".encoder.layers.0." in k]:
-        seed += 1
         t[name.replace(".layers.0.", f".layers.{last}.")] = t[name].clone()
     t["model.vision_tower.vision_model.post_layernorm.weight"] = torch.ones(d, dtype=dtype)
     t["model.vision_tower.vision_model.post_layernorm.bias"] = torch.zeros(d, dtype=dtype)

@@ -270,13 +270,11 @@ PRESETS: dict[str, dict] = {
                   text_config=dict(model_type="llama", hidden_size=768, intermediate_size=2048, num_hidden_layers=8,
                                    num_attention_heads=12, vocab_size=32064, max_position_embeddings=4096,
                                    rms_norm_eps=1e-5)),
+    # For tests of the benchmark machinery: the real 24x24 patch grid at toy widths (seconds on a CPU).
+    "tiny": dict(model_type="llava", pooling_shape=[16, 12, 12], num_frames=16,
+                 vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                    image_size=336, patch_size=14, model_type="clip_vision_model"),
+                 text_config=dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, vocab_size=512, max_position_embeddings=4096,
+                                  rms_norm_eps=1e-5)),
 }
-# For tests of the benchmark machinery: the real 24x24 patch grid at toy widths (seconds on a CPU).
-PRESETS["tiny"] = dict(model_type="llava", pooling_shape=[16, 12, 12], num_frames=16,
-                       vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                          num_attention_heads=2, image_size=336, patch_size=14,
-                                          model_type="clip_vision_model"),
-                       text_config=dict(model_type="llama", hidden_size=64, intermediate_size=128,
-                                        num_hidden_layers=2, num_attention_heads=4, vocab_size=512,
-                                        max_position_embeddings=4096, rms_norm_eps=1e-5))
-
