@@ -120,12 +120,23 @@ def cmd_serve(a) -> int:
                                  lora_alpha=a.lora_alpha, conv_mode=a.conv_mode)
     cfg = ServerConfig(model_name=a.served_model_name or os.path.basename(os.path.normpath(a.model)),
                        api_key=a.api_key, max_concurrency=a.max_concurrency, max_queue=a.max_queue,
+                       max_num_seqs=a.max_num_seqs, max_model_len=a.max_model_len,
                        allowed_local_media_path=a.allowed_local_media_path, max_video_bytes=a.max_video_bytes,
                        max_frames=a.max_frames, max_new_tokens_limit=a.max_new_tokens_limit,
                        lora_alpha=eng.lora_alpha,
                        allowed_fetch_hosts=frozenset(h for h in (a.allow_fetch_host or []) if h))
     serve(eng, cfg, a.host, a.port)
     return 0
+
+
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {v}")
+    return v
 
 
 def _parse_dtype(s):
@@ -171,7 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--api-key", default=os.environ.get("PLLAVA_API_KEY"))
     sv.add_argument("--served-model-name", default=None)
-    sv.add_argument("--max-concurrency", type=int, default=1)
+    sv.add_argument("--max-num-seqs", type=_positive_int, default=8,
+                    help="requests decoding together in one batch (continuous batching)")
+    sv.add_argument("--max-model-len", type=_positive_int, default=None,
+                    help="positions of one KV slot (prompt + new tokens); default: the model's context")
+    sv.add_argument("--max-concurrency", type=_positive_int, default=None,
+                    help="requests past admission (media fetch + batch); default: --max-num-seqs")
     sv.add_argument("--max-queue", type=int, default=16)
     sv.add_argument("--allowed-local-media-path", default=None)
     sv.add_argument("--max-video-bytes", type=int, default=200 << 20)

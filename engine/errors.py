@@ -27,3 +27,7 @@ class VideoError(PllavaError):
 
 class InputError(PllavaError):
     """A `video` argument of the wrong type, dtype or shape."""
+
+
+class MemoryBudgetError(PllavaError):
+    """The KV cache budget cannot hold what was asked (a slot, or a request longer than a slot); names the numbers."""

@@ -188,6 +188,51 @@ class StepEvent:
     text: str  # text newly safe to emit (may be "")
 
 
+class SequenceState:
+    """One sequence's sampling and end-of-generation rules, shared by generate_tokens (one request) and the
+    batch scheduler (many): its own generator (a seeded request gives the same tokens whatever else runs),
+    repetition-penalty history, incremental text, stop strings / tokens, max_new_tokens and cancellation."""
+
+    def __init__(self, params: SamplingParams, tokenizer, eos_ids: set[int], prompt_ids: torch.Tensor | None,
+                 device, cancel=None):
+        self.params, self.device, self.cancel = params, device, cancel
+        self.gen = None
+        if params.seed is not None:
+            self.gen = torch.Generator(device=device).manual_seed(int(params.seed))
+        self.streamer = TextStreamer(tokenizer, params.stop)
+        self.stop_ids = set(eos_ids) | set(params.stop_token_ids)
+        self.seen = prompt_ids.to(device) if (prompt_ids is not None and params.repetition_penalty != 1.0) else None
+        self.n = 0
+        self.finish: str | None = None  # set when the sequence is done: 'stop', 'length' or 'cancelled'
+
+    def sample(self, logits: torch.Tensor) -> int:
+        """logits (V,) of this sequence's last position -> its next token."""
+        return sample(logits, self.params, self.seen, self.gen)
+
+    def accept(self, tok: int) -> StepEvent:
+        """Take a sampled token: the event to emit; afterwards `finish` says whether the sequence has ended."""
+        self.n += 1
+        text = self.streamer.add(tok)
+        if tok in self.stop_ids:
+            self.finish = "stop"
+            return StepEvent(tok, text + self.streamer.finish())
+        if self.streamer.stopped:
+            self.finish = "stop"
+            return StepEvent(tok, text)
+        if self.n >= self.params.max_new_tokens:
+            self.finish = "length"
+            return StepEvent(tok, text + self.streamer.finish())
+        if self.seen is not None:
+            self.seen = torch.cat([self.seen, torch.tensor([tok], device=self.device)])
+        return StepEvent(tok, text)
+
+    def cancelled(self) -> bool:
+        """Checked after each emitted token: a set `cancel` event ends the sequence before the next step."""
+        if self.finish is None and self.cancel is not None and self.cancel.is_set():
+            self.finish = "cancelled"
+        return self.finish == "cancelled"
+
+
 def generate_tokens(lm, embeds: torch.Tensor, params: SamplingParams, tokenizer, eos_ids: set[int],
                     prompt_ids: torch.Tensor | None, timings: dict, clock, cancel=None,
                     start: int = 0, step: DecodeStep | None = None) -> Iterator[StepEvent]:
@@ -196,44 +241,21 @@ def generate_tokens(lm, embeds: torch.Tensor, params: SamplingParams, tokenizer,
     the `cancel` event - e.g. a disconnected client - is set)."""
     device = embeds.device
     step = step if step is not None else DecodeStep(lm, use_graph=False)
-    gen = None
-    if params.seed is not None:
-        gen = torch.Generator(device=device).manual_seed(int(params.seed))
-    streamer = TextStreamer(tokenizer, params.stop)
-    stop_ids = set(eos_ids) | set(params.stop_token_ids)
-    seen = prompt_ids.to(device) if (prompt_ids is not None and params.repetition_penalty != 1.0) else None
+    seq = SequenceState(params, tokenizer, eos_ids, prompt_ids, device, cancel)
     t0 = clock()
     logits = prefill(lm, embeds, start)
     pos = start + embeds.shape[1]
-    tok = sample(logits[0, -1], params, seen, gen)
+    tok = seq.sample(logits[0, -1])
     timings["prefill"] = clock() - t0
     t1 = clock()
-    finish = "length"
-    n = 0
     while True:
-        n += 1
-        text = streamer.add(tok)
-        if tok in stop_ids:
-            finish = "stop"
-            yield StepEvent(tok, text + streamer.finish())
+        yield seq.accept(tok)
+        if seq.finish is not None or seq.cancelled():
             break
-        if streamer.stopped:
-            finish = "stop"
-            yield StepEvent(tok, text)
-            break
-        if n >= params.max_new_tokens:
-            yield StepEvent(tok, text + streamer.finish())
-            break
-        yield StepEvent(tok, text)
-        if cancel is not None and cancel.is_set():
-            finish = "cancelled"
-            break
-        if seen is not None:
-            seen = torch.cat([seen, torch.tensor([tok], device=device)])
         logits = step(tok, pos, device)
         pos += 1
-        tok = sample(logits[0, -1], params, seen, gen)
+        tok = seq.sample(logits[0, -1])
     timings["decode"] = clock() - t1
-    timings["decode_tokens"] = n
-    timings["_finish"] = finish
-    timings["_text"] = streamer.text
+    timings["decode_tokens"] = seq.n
+    timings["_finish"] = seq.finish
+    timings["_text"] = seq.streamer.text

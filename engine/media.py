@@ -10,6 +10,8 @@ Every refusal is a MediaError naming the field; nothing here connects before the
 from __future__ import annotations
 
 import base64
+import io
+import hashlib
 import binascii
 import http.client
 import ipaddress
@@ -19,7 +21,8 @@ import ssl
 import time
 import urllib.parse
 
-from .errors import PllavaError
+from .errors import PllavaError, VideoError
+from .video import DecodeLimits, read_frames
 
 
 class MediaError(PllavaError):
@@ -151,3 +154,61 @@ def local_path(url: str, allowed_dir: str | None, param: str) -> str:
     if not os.path.isfile(real):
         raise MediaError(f"{url[:200]}: no such file", param)
     return real
+
+
+# ---------------------------------------------------------------------------------------------- a request's media
+def load_media(job, cfg, engine):
+    """Fetch / read and decode a request's media (pllava.protocol.Job) -> uint8 frames (N, H, W, 3), in a worker
+    thread, before the request takes a model slot (a slow download never holds one)."""
+    n = job.num_frames or engine.config.num_frames
+    if n > cfg.max_frames:
+        raise MediaError(f"num_frames={n} exceeds the server's limit of {cfg.max_frames}", "num_frames", 400,
+                         "too_many_frames")
+    limits = DecodeLimits(max_bytes=cfg.max_video_bytes, max_frames=cfg.max_frames)
+    param = "messages"
+    if job.media_bytes is not None:
+        src = job.media_bytes
+    else:
+        _kind, url = job.media
+        if url.startswith("data:"):
+            src = decode_data_url(url, cfg.max_video_bytes, param)
+        elif url.startswith(("http://", "https://")):
+            src = fetch_http(url, max_bytes=cfg.max_video_bytes, timeout_s=cfg.fetch_timeout_s, param=param,
+                             allowed_hosts=cfg.allowed_fetch_hosts)
+        elif url.startswith("file://") or "://" not in url:
+            src = local_path(url, cfg.allowed_local_media_path, param)
+        else:
+            raise MediaError(f"unsupported URL scheme in {url[:40]!r} (data:, http(s):, file://)", param)
+    try:  # every bytes source was size-checked (413) as it arrived: what fails here is the video itself
+        frames = read_frames(src, n, limits=limits)
+    except VideoError as e:
+        raise MediaError(f"undecodable video: {e}", param, 400, "invalid_video") from e
+    job.video_key = f"{_content_id(src)}/{n}"  # a follow-up question on the same clip reuses its KV prefix
+    return frames
+
+
+def _content_id(src) -> str:
+    if isinstance(src, (bytes, bytearray)):
+        return hashlib.blake2b(bytes(src), digest_size=16).hexdigest()
+    st = os.stat(src)
+    return f"{os.path.realpath(src)}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def load_media_timed(job, cfg, engine):
+    t = time.perf_counter()
+    frames = load_media(job, cfg, engine)
+    return frames, time.perf_counter() - t
+
+
+def thumbnails(frames, height: int = 72) -> list[str]:
+    """uint8 frames (N, H, W, 3) -> JPEG data URLs for the page."""
+    from PIL import Image
+
+    out = []
+    for f in frames:
+        im = Image.fromarray(f.numpy())
+        im.thumbnail((height * 4, height))
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=80)
+        out.append("data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode())
+    return out

@@ -100,3 +100,31 @@ def causal_attention(q, k, v, backend: str = "sdpa"):
         return o.transpose(1, 2)
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
 
+
+
+def slot_attention(q, kc, vc, slots: list[int], starts: list[int], window: int | None = None):
+    """Attention of rows that live in different slots of a slot KV cache, each over its own used positions only.
+
+    q (B, H, L, hd): L new tokens per row at positions starts[b].. (already written to the cache);
+    kc / vc (num_slots, KV, S, hd) -> (B, H, L, hd). Each row attends to [0, starts[b] + L) of slot slots[b]
+    (causal among its L tokens; a sliding window when the config has one). The slices are views: no copy of
+    the cache, and no unused or stale position is ever read, so whatever an earlier request left in a slot
+    (NaN included) cannot reach this one.
+    """
+    gqa = kc.shape[1] != q.shape[1]
+    n = q.shape[2]
+    outs = []
+    for b, (s, a) in enumerate(zip(slots, starts)):
+        end = a + n
+        lo = max(0, a - window + 1) if window is not None else 0
+        k, v = kc[s:s + 1, :, lo:end], vc[s:s + 1, :, lo:end]
+        mask = None
+        if n > 1:  # a prefill chunk: causal among its own tokens (one decode token sees all of [lo, end))
+            qpos = torch.arange(a, end, device=q.device)[:, None]
+            kpos = torch.arange(lo, end, device=q.device)[None, :]
+            mask = kpos <= qpos
+            if window is not None:
+                mask = mask & (kpos > qpos - window)
+        outs.append(torch.nn.functional.scaled_dot_product_attention(q[b:b + 1], k, v, attn_mask=mask,
+                                                                     enable_gqa=gqa))
+    return outs[0] if len(outs) == 1 else torch.cat(outs)

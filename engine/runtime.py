@@ -34,7 +34,8 @@ class GenerationOutput:
     token_ids: list[int]  # new tokens only; ends with EOS when generation stopped on EOS
     num_prompt_tokens: int
     timings: dict = field(default_factory=dict)  # seconds per stage
-    finish_reason: str = "length"  # 'stop' (EOS, stop token or stop string) or 'length'
+    finish_reason: str = "length"  # 'stop' (EOS, stop token or stop string), 'length', 'cancelled' or 'error'
+    error: str | None = None  # generate_many(return_errors=True): why this request failed ("VideoError: ...")
 
 
 def resolve_dtype(dtype, device: torch.device, cfg_dtype: str | None) -> torch.dtype:
@@ -84,6 +85,7 @@ class Engine:
         self.cuda_graphs = device.type == "cuda" and os.environ.get("PLLAVA_CUDA_GRAPHS", "0") == "1"
         self._step = None
         self._prefix = None  # (key, positions) of the prefix the KV cache holds
+        self._sched = None  # the batch scheduler generate_many drives (kept: its slots keep their video prefixes)
 
     # ------------------------------------------------------------------------------------------ loading
     @classmethod
@@ -179,7 +181,7 @@ class Engine:
 
     def set_frames(self, num_frames: int | None = None, pooling_shape=None):
         """Change how many frames are sampled and the pooling shape without reloading (both are free of weights)."""
-        self._prefix = None
+        self._forget_prefixes()
         cfg = self.config.with_overrides(num_frames=num_frames, pooling_shape=pooling_shape)
         self.model.config = self.config = cfg
         self.model.multi_modal_projector.pooling_shape = tuple(cfg.pooling_shape)
@@ -190,7 +192,7 @@ class Engine:
         from pllava.kernels import merge
 
         s = float(self.model.lora_scale)
-        self._prefix = None
+        self._forget_prefixes()
         for m in self.model.lora_linears():
             if not m.merged:
                 m.weight.data = merge(m.weight.data, m.lora_A.data, m.lora_B.data, s)
@@ -201,11 +203,16 @@ class Engine:
         """Undo merge_lora (exact to rounding in fp32; within one rounding of the weight in bf16/fp16)."""
         from pllava.kernels import unmerge
 
-        self._prefix = None
+        self._forget_prefixes()
         for m in self.model.lora_linears():
             if m.merged:
                 m.weight.data = unmerge(m.weight.data, m.lora_A.data, m.lora_B.data, self._merged_scale)
                 m.merged = False
+
+    def _forget_prefixes(self):
+        self._prefix = None
+        if self._sched is not None:
+            self._sched.clear_prefixes()
 
     @property
     def lora_merged(self) -> bool:
@@ -417,6 +424,78 @@ class Engine:
         for ev in self._run(video, prompt, params, conv_mode, system, timings, cancel, video_key):
             if ev.text:
                 yield ev.text
+
+    # ------------------------------------------------------------------------------------------ batching
+    def scheduler(self, max_num_seqs: int = 8, max_seq_len: int | None = None, kv_cache_bytes: int | None = None,
+                  prefill_chunk: int | None = None):
+        """The continuous-batching scheduler over this engine (pllava.scheduler.Scheduler): generate_many and
+        the server drive it. The slots' KV is sized from the memory budget (see plan_slots)."""
+        from .scheduler import Scheduler
+
+        return Scheduler(self, max_num_seqs, max_seq_len, kv_cache_bytes, prefill_chunk)
+
+    def generate_many(self, requests, max_batch_size: int | None = None, progress: bool = False, *,
+                      return_errors: bool = False, prefill_chunk: int | None = None,
+                      kv_cache_bytes: int | None = None) -> list[GenerationOutput]:
+        """Generate for many requests at once with continuous batching; outputs in input order.
+
+        A request is a dict or `pllava.Request`: `video`, `prompt`, any keyword of generate() and `lora_alpha`
+        (default: the engine's alpha). Greedy results equal one-at-a-time generate() (fp32); a seeded sampled
+        request gives the same tokens whatever else runs. Every request is validated before any compute (a typed
+        error naming `requests[i]`). `max_batch_size`: the most requests decoding together (default: all of
+        them, up to 16, as the KV memory budget allows). A request whose clip fails raises its typed error once
+        the others are done, or, with return_errors=True, comes back with finish_reason 'error' and `error`.
+        `prefill_chunk`: prefill long prompts in chunks of this many tokens between decode steps.
+        """
+        from .scheduler import Request, Scheduler
+
+        reqs = [Request.coerce(r, f"requests[{i}]") for i, r in enumerate(requests)]
+        if not reqs:
+            return []
+        if max_batch_size is not None and (isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int)
+                                           or max_batch_size < 1):
+            raise InputError(f"max_batch_size must be an integer >= 1 or None, got {max_batch_size!r}")
+        n_seqs = max_batch_size if max_batch_size is not None else min(len(reqs), 16)
+        need = 2  # slot length from the workload, rounded up to 256 positions (not the whole context)
+        for i, r in enumerate(reqs):
+            _ids, _pos, n_prompt = self._validate_prompt(r, i)
+            n_new = r.max_new_tokens if isinstance(r.max_new_tokens, int) and r.max_new_tokens > 0 else 1
+            need = max(need, n_prompt + n_new)
+        ctx = self.config.text.max_position_embeddings
+        slot_len = min(ctx, -(-need // 256) * 256)
+        sched = self._sched
+        if (sched is None or sched.plan.slot_len < slot_len or sched.prefill_chunk != prefill_chunk
+                or sched.plan.num_slots < min(n_seqs, len(reqs)) and sched.plan.num_slots < sched.asked
+                or kv_cache_bytes is not None):
+            if sched is not None:
+                sched.stop()
+                self._sched = sched = None
+            sched = self._sched = Scheduler(self, n_seqs, slot_len, kv_cache_bytes, prefill_chunk)
+        sched.limit = n_seqs
+        seqs = [sched.make_sequence(r, i) for i, r in enumerate(reqs)]
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(seqs), unit="req", desc="generate_many")
+        try:
+            sched.run(seqs, bar)
+        finally:
+            if bar is not None:
+                bar.close()
+        if not return_errors:
+            for s in seqs:
+                if s.error is not None:
+                    raise type(s.error)(f"requests[{s.index}]: {s.error}") from s.error
+        return [s.output for s in seqs]
+
+    def _validate_prompt(self, r, i):
+        from .errors import PllavaError
+
+        try:
+            return self._prompt_ids(r.prompt, r.conv_mode, r.system)
+        except PllavaError as err:
+            raise type(err)(f"requests[{i}]: {err}") from err
 
     def live(self, source, prompt: str = CAPTION_PROMPT, *, window_s: float = 8.0, every_s: float = 2.0,
              growing: bool = False, **gen_kw) -> Iterator[tuple[float, GenerationOutput]]:

@@ -1,65 +1,34 @@
 """`pllava serve`: an OpenAI-compatible captioning server for one model on one device (FastAPI + uvicorn).
 
-Requests are admitted into a bounded set (max_concurrency running + max_queue waiting); beyond it the answer is
-503 with Retry-After. Media is fetched and decoded in worker threads (never on the event loop), then the model
-runs under one lock (one device). A client that disconnects sets its request's cancel event: generation stops
-at the next token and the slot is freed. Errors use vLLM's shape {"error": {"message", "type", "param", "code"}}.
+Routes only: parsing and shapes live in pllava.protocol, media fetching in pllava.media, and generation in the
+continuous-batching scheduler (pllava.scheduler), which runs in a background thread and serves up to
+--max-num-seqs requests in one batch. Requests are admitted into a bounded set (max_concurrency past admission +
+max_queue waiting); beyond it the answer is 503 with Retry-After. Media is fetched and decoded in worker threads
+(never on the event loop) before a request reaches the scheduler. A client that disconnects sets its request's
+cancel event: that request alone stops at the next token and its slot is freed.
 """
 from __future__ import annotations
 
 import asyncio
-import base64
-import io
 import json
 import logging
 import os
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
 
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 
-from .errors import PllavaError, PromptError, VideoError
-from .media import MediaError, decode_data_url, fetch_http, local_path
-from .video import DecodeLimits, read_frames
+from .media import load_media_timed, thumbnails
+from .protocol import APIError, Job, ServerConfig, bad, finish_reason, parse_chat, to_api
+from .scheduler import Request as GenRequest
 
+__all__ = ["ServerConfig", "create_app", "serve"]
 log = logging.getLogger("pllava.server")
 STATIC = os.path.join(os.path.dirname(__file__), "static")
-
-
-@dataclass
-class ServerConfig:
-    model_name: str = "pllava"
-    api_key: str | None = None
-    max_concurrency: int = 1
-    max_queue: int = 16
-    allowed_local_media_path: str | None = None
-    max_video_bytes: int = 200 << 20
-    max_frames: int = 64
-    max_new_tokens_limit: int = 1024
-    default_max_tokens: int = 256
-    lora_alpha: float = 4.0
-    fetch_timeout_s: float = 20.0
-    allowed_fetch_hosts: frozenset = field(default_factory=frozenset)  # "host:port" an operator trusts
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "BadRequestError", param: str | None = None,
-                 code: str | None = None, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-        self.headers = headers or {}
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.code if self.code is not None else self.status}}
-
-
-def bad(message: str, param: str | None = None, code: str = "invalid_request") -> APIError:
-    return APIError(400, message, "BadRequestError", param, code)
+_DONE = object()
 
 
 # ---------------------------------------------------------------------------------------------- metrics
@@ -88,7 +57,7 @@ class Metrics:
             self.tokens += n_tokens
             self.decode_seconds += timings.get("decode", 0.0)
 
-    def render(self, sched: "Scheduler") -> str:
+    def render(self, sched: "Admission", batch) -> str:
         out = ["# HELP pllava_requests_total Requests by endpoint and status.", "# TYPE pllava_requests_total counter"]
         with self.lock:
             for (ep, st), n in sorted(self.requests.items()):
@@ -110,19 +79,31 @@ class Metrics:
                 "# TYPE pllava_running gauge", f"pllava_running {sched.running}",
                 "# HELP pllava_gpu_memory_bytes CUDA memory allocated.", "# TYPE pllava_gpu_memory_bytes gauge",
                 f"pllava_gpu_memory_bytes {torch.cuda.memory_allocated() if torch.cuda.is_available() else 0}"]
+        if batch is not None:
+            steps = max(1, batch.decode_steps)
+            out += ["# HELP pllava_batch_running Requests in the batch (decoding or being prefilled).",
+                    "# TYPE pllava_batch_running gauge", f"pllava_batch_running {batch.num_running}",
+                    "# HELP pllava_batch_waiting Requests waiting for a KV slot.", "# TYPE pllava_batch_waiting gauge",
+                    f"pllava_batch_waiting {batch.num_waiting}",
+                    "# HELP pllava_batch_size_mean Mean rows per decode step.", "# TYPE pllava_batch_size_mean gauge",
+                    f"pllava_batch_size_mean {batch.decode_rows / steps:.3f}",
+                    "# HELP pllava_batch_slots KV slots.", "# TYPE pllava_batch_slots gauge",
+                    f"pllava_batch_slots {batch.plan.num_slots}",
+                    "# HELP pllava_batch_tokens_per_second Tokens generated per second of decode steps.",
+                    "# TYPE pllava_batch_tokens_per_second gauge",
+                    f"pllava_batch_tokens_per_second {batch.decode_rows / batch.decode_seconds if batch.decode_seconds else 0:.3f}"]
         return "\n".join(out) + "\n"
 
 
-# ---------------------------------------------------------------------------------------------- scheduling
-class Scheduler:
-    """At most max_concurrency requests run and max_queue wait; the model itself runs under one lock."""
+# ---------------------------------------------------------------------------------------------- admission
+class Admission:
+    """At most max_concurrency requests are past admission (fetching media or in the batch) and max_queue wait."""
 
     def __init__(self, max_concurrency: int, max_queue: int):
         self.capacity = max_concurrency + max_queue
         self.admitted = 0
         self.running = 0
         self.sem = asyncio.Semaphore(max_concurrency)
-        self.model_lock = threading.Lock()
 
     @property
     def waiting(self) -> int:
@@ -138,175 +119,30 @@ class Scheduler:
         self.admitted -= 1
 
 
-# ---------------------------------------------------------------------------------------------- requests
-@dataclass
-class Job:
-    turns: list  # [(role, text)]
-    system: str | None
-    media: tuple[str, str] | None  # (kind, reference) kind: url | bytes
-    media_bytes: bytes | None
-    num_frames: int
-    max_tokens: int
-    temperature: float
-    top_p: float
-    stop: list
-    seed: int | None
-    lora_alpha: float
-    return_frames: bool = False
-    video_key: str | None = None
-
-
-def _number(body, name, lo, hi, default, integer=False):
-    v = body.get(name)
-    if v is None:
-        return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not float(v).is_integer()):
-        raise bad(f"'{name}' must be {'an integer' if integer else 'a number'}, got {v!r}", name)
-    if not (lo <= v <= hi):
-        raise bad(f"'{name}' must be in [{lo}, {hi}], got {v}", name)
-    return int(v) if integer else float(v)
-
-
-def parse_chat(body: dict, cfg: ServerConfig) -> Job:
-    if not isinstance(body, dict):
-        raise bad("the request body must be a JSON object")
-    msgs = body.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        raise bad("'messages' must be a non-empty list", "messages")
-    turns, system, media = [], None, None
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-            raise bad(f"messages[{i}] needs a role of system, user or assistant", f"messages[{i}].role")
-        content = m.get("content")
-        texts = []
-        if isinstance(content, str):
-            texts.append(content)
-        elif isinstance(content, list):
-            for j, part in enumerate(content):
-                p = f"messages[{i}].content[{j}]"
-                t = part.get("type") if isinstance(part, dict) else None
-                if t == "text":
-                    if not isinstance(part.get("text"), str):
-                        raise bad(f"{p}.text must be a string", p)
-                    texts.append(part["text"])
-                elif t in ("video_url", "image_url"):
-                    ref = part.get(t)
-                    url = ref.get("url") if isinstance(ref, dict) else ref
-                    if not isinstance(url, str) or not url:
-                        raise bad(f"{p}.{t}.url must be a non-empty string", p)
-                    if media is not None:
-                        raise bad("only one video or image per request is supported", p)
-                    if m["role"] != "user":
-                        raise bad("media must be in a user message", p)
-                    media = (t, url, p)
-                else:
-                    raise bad(f"{p}.type must be text, video_url or image_url, got {t!r}", p)
-        elif content is not None:
-            raise bad(f"messages[{i}].content must be a string or a list of parts", f"messages[{i}].content")
-        text = "\n".join(texts)
-        if m["role"] == "system":
-            system = text
-        else:
-            turns.append((m["role"], text))
-    if not turns or turns[-1][0] != "user":
-        raise bad("the last message must come from the user", "messages")
-    if media is None:
-        raise bad("a video_url or image_url part is required (this model answers about a video)", "messages")
-    mt = body.get("max_completion_tokens", body.get("max_tokens"))
-    max_tokens = _number({"max_tokens": mt}, "max_tokens", 1, cfg.max_new_tokens_limit, cfg.default_max_tokens, True)
-    stop = body.get("stop")
-    if stop is None:
-        stop = []
-    elif isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 8:
-        raise bad("'stop' must be a string or a list of up to 8 non-empty strings", "stop")
-    seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise bad("'seed' must be an integer", "seed")
-    return Job(turns=turns, system=system, media=(media[0], media[1]), media_bytes=None,
-               num_frames=_number(body, "num_frames", 1, 10 ** 9, 0, True),
-               max_tokens=max_tokens, temperature=_number(body, "temperature", 0.0, 2.0, 0.0),
-               top_p=_number(body, "top_p", 1e-6, 1.0, 1.0), stop=stop, seed=seed,
-               lora_alpha=_number(body, "lora_alpha", -1e4, 1e4, cfg.lora_alpha),
-               return_frames=bool(body.get("return_frames", False)))
-
-
-def load_media(job: Job, cfg: ServerConfig, engine) -> torch.Tensor:
-    """Fetch / read and decode the request's media -> uint8 frames (N, H, W, 3). Runs in a worker thread."""
-    n = job.num_frames or engine.config.num_frames
-    if n > cfg.max_frames:
-        raise APIError(400, f"num_frames={n} exceeds the server's limit of {cfg.max_frames}", "BadRequestError",
-                       "num_frames", "too_many_frames")
-    limits = DecodeLimits(max_bytes=cfg.max_video_bytes, max_frames=cfg.max_frames)
-    param = "messages"
-    if job.media_bytes is not None:
-        src = job.media_bytes
-    else:
-        _kind, url = job.media
-        if url.startswith("data:"):
-            src = decode_data_url(url, cfg.max_video_bytes, param)
-        elif url.startswith(("http://", "https://")):
-            src = fetch_http(url, max_bytes=cfg.max_video_bytes, timeout_s=cfg.fetch_timeout_s, param=param,
-                             allowed_hosts=cfg.allowed_fetch_hosts)
-        elif url.startswith("file://") or "://" not in url:
-            src = local_path(url, cfg.allowed_local_media_path, param)
-        else:
-            raise MediaError(f"unsupported URL scheme in {url[:40]!r} (data:, http(s):, file://)", param)
-    try:  # every bytes source was size-checked (413) as it arrived: what fails here is the video itself
-        frames = read_frames(src, n, limits=limits)
-    except VideoError as e:
-        raise MediaError(f"undecodable video: {e}", param, 400, "invalid_video") from e
-    job.video_key = f"{_content_id(src)}/{n}"  # a follow-up question on the same clip reuses its KV prefix
-    return frames
-
-
-def _content_id(src) -> str:
-    import hashlib
-
-    if isinstance(src, (bytes, bytearray)):
-        return hashlib.blake2b(bytes(src), digest_size=16).hexdigest()
-    st = os.stat(src)
-    return f"{os.path.realpath(src)}:{st.st_size}:{st.st_mtime_ns}"
-
-
-def load_media_timed(job: Job, cfg: ServerConfig, engine):
-    t = time.perf_counter()
-    frames = load_media(job, cfg, engine)
-    return frames, time.perf_counter() - t
-
-
-def thumbnails(frames: torch.Tensor, height: int = 72) -> list[str]:
-    from PIL import Image
-
-    out = []
-    for f in frames:
-        im = Image.fromarray(f.numpy())
-        im.thumbnail((height * 4, height))
-        buf = io.BytesIO()
-        im.save(buf, format="JPEG", quality=80)
-        out.append("data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode())
-    return out
-
-
 # ---------------------------------------------------------------------------------------------- the app
 def create_app(engine, cfg: ServerConfig) -> FastAPI:
     from contextlib import asynccontextmanager
 
     metrics = Metrics()
-    state = {"ready": False, "sched": None}
+    state = {"ready": False, "adm": None, "batch": None}
 
     @asynccontextmanager
     async def lifespan(_app):
-        state["sched"] = Scheduler(cfg.max_concurrency, cfg.max_queue)
-        await asyncio.to_thread(_warmup, engine)
+        state["adm"] = Admission(cfg.max_concurrency or cfg.max_num_seqs, cfg.max_queue)
+        batch = engine.scheduler(max_num_seqs=cfg.max_num_seqs, max_seq_len=cfg.max_model_len)
+        batch.start()
+        state["batch"] = batch
+        await asyncio.to_thread(_warmup, engine, batch)
         state["ready"] = True
-        yield
+        try:
+            yield
+        finally:
+            batch.stop()
 
     app = FastAPI(title="pllava-engine", version="0.1.0", lifespan=lifespan)
 
-    def sched() -> Scheduler:
-        return state["sched"]
+    def sched() -> Admission:
+        return state["adm"]
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):
@@ -333,41 +169,28 @@ def create_app(engine, cfg: ServerConfig) -> FastAPI:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise bad(f"invalid JSON: {e}") from e
 
-    def to_api(e: Exception) -> APIError:
-        if isinstance(e, APIError):
-            return e
-        if isinstance(e, MediaError):
-            return APIError(e.status, str(e), "BadRequestError" if e.status == 400 else "RequestTooLarge", e.param,
-                            e.code)
-        if isinstance(e, PromptError):
-            return bad(str(e), "messages", "prompt_too_long" if "context" in str(e) else "invalid_prompt")
-        if isinstance(e, (PllavaError, ValueError)):
-            return bad(str(e))
-        log.exception("internal error")
-        return APIError(500, f"internal error: {type(e).__name__}: {e}", "InternalServerError", None, "internal")
-
-    def run_model(job: Job, frames, cancel: threading.Event, on_piece=None):
-        """Under the model lock: alpha, then generation. Returns (text, n_tokens, n_prompt, finish, timings)."""
-        with sched().model_lock:
-            if cancel.is_set():
-                return "", 0, 0, "cancelled", {}
-            engine.set_lora_alpha(job.lora_alpha)
-            timings: dict = {}
-            kw = dict(max_new_tokens=job.max_tokens, temperature=job.temperature, top_p=job.top_p, stop=job.stop,
-                      seed=job.seed, cancel=cancel, video_key=job.video_key)
-            if on_piece is None:
-                out = engine.generate(frames, job.turns, system=job.system, **kw)
-                metrics.generation(out.timings, len(out.token_ids))
-                return out.text, len(out.token_ids), out.num_prompt_tokens, out.finish_reason, out.timings
-            pieces = []
-            for piece in engine.stream(frames, job.turns, system=job.system, timings=timings, **kw):
-                pieces.append(piece)
-                on_piece(piece)
-            n_tok = timings.get("decode_tokens", 0)
-            metrics.generation(timings, n_tok)
-            finish = timings.get("_finish", "length")
-            public = {k: v for k, v in timings.items() if not k.startswith("_")}  # _text/_finish are internal
-            return "".join(pieces), n_tok, timings.get("num_prompt_tokens", 0), finish, public
+    async def model_stream(job: Job, frames, cancel: threading.Event):
+        """Submit to the batch scheduler; yield text pieces as they are generated, then the GenerationOutput.
+        Closing this generator early (the client went away) cancels this request alone."""
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        req = GenRequest(video=frames, prompt=job.turns, system=job.system, max_new_tokens=job.max_tokens,
+                         temperature=job.temperature, top_p=job.top_p, stop=job.stop, seed=job.seed,
+                         video_key=job.video_key, lora_alpha=job.lora_alpha, cancel=cancel)
+        seq = state["batch"].submit(
+            req, on_event=lambda _s, ev: ev.text and loop.call_soon_threadsafe(q.put_nowait, ev.text),
+            on_done=lambda _s: loop.call_soon_threadsafe(q.put_nowait, _DONE))
+        try:
+            while (item := await q.get()) is not _DONE:
+                yield item
+        finally:
+            if not seq.done.is_set():
+                cancel.set()
+        out = seq.output
+        if seq.error is not None:
+            raise seq.error
+        metrics.generation(out.timings, len(out.token_ids))
+        yield out
 
     async def until_disconnect(request: Request, cancel: threading.Event, coro):
         """Await `coro`; if the client disconnects meanwhile, set `cancel` so generation stops at the next token."""
@@ -380,18 +203,25 @@ def create_app(engine, cfg: ServerConfig) -> FastAPI:
         return task.result()
 
     async def run_blocking(request: Request, job: Job):
-        """Admit, wait for a slot, fetch + decode the media in a thread, generate under the model lock; a client
-        that disconnects meanwhile cancels the generation. -> (text, n_tokens, n_prompt, finish, timings)."""
+        """Admit, wait for a slot, fetch + decode the media in a thread, generate in the batch; a client that
+        disconnects meanwhile cancels the generation. -> (text, n_tokens, n_prompt, finish, timings)."""
         sched().admit()
         cancel = threading.Event()
+
+        async def collect():
+            async for item in model_stream(job, frames, cancel):
+                if not isinstance(item, str):
+                    return item
+            raise RuntimeError("the scheduler ended a request without an output")
+
         try:
             async with sched().sem:
                 sched().running += 1
                 try:
                     frames, t_media = await asyncio.to_thread(load_media_timed, job, cfg, engine)
-                    res = await until_disconnect(request, cancel, asyncio.to_thread(run_model, job, frames, cancel))
-                    res[4]["media"] = t_media
-                    return res
+                    out = await until_disconnect(request, cancel, collect())
+                    timings = dict(out.timings, media=t_media)
+                    return out.text, len(out.token_ids), out.num_prompt_tokens, out.finish_reason, timings
                 finally:
                     sched().running -= 1
         except Exception as e:  # noqa: BLE001 - mapped to a typed API error (500 only for real bugs)
@@ -399,9 +229,6 @@ def create_app(engine, cfg: ServerConfig) -> FastAPI:
         finally:
             cancel.set()
             sched().release()
-
-    def finish_reason(f: str) -> str:
-        return {"stop": "stop", "length": "length"}.get(f, "stop")
 
     @app.get("/health")
     async def health():
@@ -418,7 +245,7 @@ def create_app(engine, cfg: ServerConfig) -> FastAPI:
 
     @app.get("/metrics")
     async def prom():
-        return PlainTextResponse(metrics.render(sched()), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(metrics.render(sched(), state["batch"]), media_type="text/plain; version=0.0.4")
 
     @app.get("/")
     async def page():
@@ -457,9 +284,6 @@ def create_app(engine, cfg: ServerConfig) -> FastAPI:
         cancel = threading.Event()
 
         async def events():
-            loop = asyncio.get_running_loop()
-            q: asyncio.Queue = asyncio.Queue()
-            done = object()
             res = None
             try:
                 async with sched().sem:
@@ -470,27 +294,14 @@ def create_app(engine, cfg: ServerConfig) -> FastAPI:
                         if job.return_frames:
                             yield f"event: frames\ndata: {json.dumps({'frames': thumbnails(frames)})}\n\n"
                         yield chunk({"role": "assistant", "content": ""})
-
-                        def work():
-                            try:
-                                out = run_model(job, frames, cancel,
-                                                lambda p: loop.call_soon_threadsafe(q.put_nowait, p))
-                                loop.call_soon_threadsafe(q.put_nowait, (done, out))
-                            except Exception as e:  # noqa: BLE001 - handed to the event loop
-                                loop.call_soon_threadsafe(q.put_nowait, (done, e))
-
+                        gen = model_stream(job, frames, cancel)
                         try:
-                            worker = asyncio.create_task(asyncio.to_thread(work))
-                            while True:
-                                item = await q.get()
-                                if isinstance(item, tuple) and item and item[0] is done:
-                                    res = item[1]
-                                    break
-                                yield chunk({"content": item})
-                            await worker
-                            if isinstance(res, Exception):
-                                raise res
-                        except asyncio.CancelledError:  # the client went away: stop generating, free the slot
+                            async for item in gen:
+                                if isinstance(item, str):
+                                    yield chunk({"content": item})
+                                else:
+                                    res = item
+                        except (asyncio.CancelledError, GeneratorExit):  # the client went away: stop this request
                             cancel.set()
                             metrics.error("client_disconnected")
                             raise
@@ -500,12 +311,14 @@ def create_app(engine, cfg: ServerConfig) -> FastAPI:
                             metrics.error(err.code or str(err.status))
                             metrics.request("/v1/chat/completions", err.status)
                             yield f"data: {json.dumps(err.body())}\n\n"
+                        finally:
+                            await gen.aclose()
                     finally:
                         sched().running -= 1
                 if res is not None:
-                    text, n_tok, n_prompt, fin, timings = res
-                    timings["media"] = t_media
-                    yield chunk({}, finish_reason(fin))
+                    timings = dict(res.timings, media=t_media)
+                    n_tok, n_prompt = len(res.token_ids), res.num_prompt_tokens
+                    yield chunk({}, finish_reason(res.finish_reason))
                     if include_usage:
                         yield chunk(None, usage={"prompt_tokens": n_prompt, "completion_tokens": n_tok,
                                                  "total_tokens": n_prompt + n_tok}, extra={"pllava": {"timings": timings}})
@@ -575,11 +388,14 @@ def create_app(engine, cfg: ServerConfig) -> FastAPI:
     return app
 
 
-def _warmup(engine):
-    """One tiny generation so the first real request does not pay for lazy initialisation."""
-    s = engine.config.vision.image_size
-    frames = torch.zeros(1, s, s, 3, dtype=torch.uint8)
-    engine.generate(frames, "Describe the video.", max_new_tokens=2)
+def _warmup(engine, batch):
+    """One tiny generation through the batch so the first real request does not pay for lazy initialisation."""
+    sz = engine.config.vision.image_size
+    seq = batch.submit(GenRequest(video=torch.zeros(1, sz, sz, 3, dtype=torch.uint8), prompt="Describe the video.",
+                                  max_new_tokens=2))
+    seq.done.wait()
+    if seq.error is not None:
+        raise seq.error
 
 
 def serve(engine, cfg: ServerConfig, host: str = "127.0.0.1", port: int = 8000):

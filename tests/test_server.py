@@ -139,7 +139,8 @@ def test_captions_upload_and_url(server, media):
     r = httpx.post(server.url + "/v1/captions", files={"file": ("clip.mp4", raw, "video/mp4")},
                    data={"max_tokens": "6"}, timeout=60)
     assert r.status_code == 200, r.text
-    assert r.json()["caption"] and "vision" in r.json()["timings"]
+    t = r.json()["timings"]
+    assert r.json()["caption"] and ("vision" in t or t.get("prefix_cache_hit") == 1)  # earlier tests sent this clip
     r2 = httpx.post(server.url + "/v1/captions", json={"url": "file://" + clip, "max_tokens": 6}, timeout=60)
     assert r2.status_code == 200 and r2.json()["caption"] == r.json()["caption"]
 

@@ -7,6 +7,8 @@ Module names equal the checkpoint's after `language_model.model.` (and `lm_head`
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -43,6 +45,41 @@ class KVCache(nn.Module):
         return self.k_cache, self.v_cache
 
 
+class SlotKVCache:
+    """KV cache of `num_slots` independent sequences, each up to `slot_len` positions: per layer K and V of
+    (slots, n_kv, S, hd). A slot is owned by one request at a time; what it held stays readable after the
+    request ends (a later question about the same clip reuses its video prefix) but is never attended to by
+    another request: attention reads a row's own positions [0, length) only."""
+
+    def __init__(self, c: TextConfig, num_slots: int, slot_len: int, dtype, device):
+        shape = (num_slots, c.num_key_value_heads, slot_len, c.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(c.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(c.num_hidden_layers)]
+        self.num_slots, self.slot_len = num_slots, slot_len
+
+    @staticmethod
+    def bytes_per_token(c: TextConfig, dtype) -> int:
+        """K and V of every layer for one position (PLLaVA-7B in bf16: 2 * 32 * 32 * 128 * 2 = 512 KiB)."""
+        return 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * torch.empty((), dtype=dtype).element_size()
+
+    def copy_prefix(self, src: int, dst: int, n: int):
+        """Positions [0, n) of slot src into slot dst (a video prefix held by a busy slot)."""
+        for k, v in zip(self.k, self.v):
+            k[dst, :, :n].copy_(k[src, :, :n])
+            v[dst, :, :n].copy_(v[src, :, :n])
+
+
+@dataclass
+class SlotRows:
+    """Which slot and positions each row of a batched forward uses. Decode: B rows of one token; prefill (or a
+    chunk of one): one row of L tokens."""
+    slots: list[int]  # cache slot of each row
+    starts: list[int]  # position of each row's first new token
+    pos_t: torch.Tensor  # (B, L) positions on the device
+    slot_t: torch.Tensor  # (B,) slots on the device
+    scale: torch.Tensor  # LoRA alpha/r: 0-dim (one row) or (B * L,)
+
+
 class LoRALinear(nn.Module):
     """A linear with an optional unmerged LoRA (r = 0: a plain linear). lora_A (r, in), lora_B (out, r)."""
 
@@ -58,10 +95,13 @@ class LoRALinear(nn.Module):
         self.merged = False
         self.kernel_path = "torch"
 
-    def forward(self, x):
+    def forward(self, x, scale: torch.Tensor | None = None):
+        """`scale`: overrides the shared alpha/r for this call: 0-dim, or one per row of x (a batch of requests,
+        each with its own alpha)."""
         if not self.r or self.merged:
             return F.linear(x, self.weight, self.bias)
-        return ops.lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scale, path=self.kernel_path)
+        s = self.scale if scale is None else scale
+        return ops.lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, s, path=self.kernel_path)
 
 
 class Attention(nn.Module):
@@ -94,6 +134,27 @@ class Attention(nn.Module):
             o = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=gqa)
         return self.o_proj(o.transpose(1, 2).reshape(bsz, n, -1))
 
+    def forward_slots(self, x, cos, sin, rows: "SlotRows", kc: torch.Tensor, vc: torch.Tensor, window):
+        """x (B, L, D): L new tokens of each row, written into its cache slot at rows.starts[b].. and attending
+        to that slot's positions [0, start + L) only (never to unused or stale positions of the slot)."""
+        bsz, n, _ = x.shape
+        q = self.q_proj(x, rows.scale).view(bsz, n, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, L, hd)
+        k = self.k_proj(x).view(bsz, n, self.n_kv, self.head_dim).transpose(1, 2)  # (B, KV, L, hd)
+        v = self.v_proj(x, rows.scale).view(bsz, n, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if bsz == 1:
+            s, a = rows.slots[0], rows.starts[0]
+            kc[s, :, a:a + n].copy_(k[0])
+            vc[s, :, a:a + n].copy_(v[0])
+        else:  # decode: one token a row, each at its own position of its own slot
+            kc[rows.slot_t, :, rows.pos_t[:, 0]] = k[:, :, 0]
+            vc[rows.slot_t, :, rows.pos_t[:, 0]] = v[:, :, 0]
+        if bsz == 1 and rows.starts[0] == 0 and not (window is not None and n > window):
+            o = ops.causal_attention(q, k, v, self.attn_backend)  # a whole prompt: the same path as generate()
+        else:
+            o = ops.slot_attention(q, kc, vc, rows.slots, rows.starts, window)
+        return self.o_proj(o.transpose(1, 2).reshape(bsz, n, -1))
+
 
 class MLP(nn.Module):
     def __init__(self, c: TextConfig):
@@ -117,6 +178,10 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, cos, sin, input_pos, mask):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def forward_slots(self, x, cos, sin, rows, kc, vc, window):
+        x = x + self.self_attn.forward_slots(self.input_layernorm(x), cos, sin, rows, kc, vc, window)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -213,3 +278,13 @@ class LlamaLM(nn.Module):
         if not all_logits:
             x = x[:, -1:]
         return self.lm_head(self.norm(x))
+
+    def forward_slots(self, embeds: torch.Tensor, rows: SlotRows, cache: SlotKVCache) -> torch.Tensor:
+        """embeds (B, L, D) of the rows described by `rows` -> logits (B, 1, V) of each row's last position."""
+        dt = embeds.dtype
+        cos = self.rope_cos[rows.pos_t].to(dt)[:, None]  # (B, 1, L, hd)
+        sin = self.rope_sin[rows.pos_t].to(dt)[:, None]
+        x = embeds
+        for layer, kc, vc in zip(self.layers, cache.k, cache.v):
+            x = layer.forward_slots(x, cos, sin, rows, kc, vc, self.config.sliding_window)
+        return self.lm_head(self.norm(x[:, -1:]))

@@ -1,0 +1,160 @@
+"""The OpenAI-compatible request shapes of `pllava serve`: server settings, request parsing and validation into a
+Job, error bodies in vLLM's shape {"error": {"message", "type", "param", "code"}}, and the mapping of engine errors
+to HTTP statuses. Nothing here touches the model or the network (vLLM's `protocol` vs `api_server` split).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from .errors import PllavaError, PromptError
+from .media import MediaError
+
+log = logging.getLogger("pllava.server")
+
+
+@dataclass
+class ServerConfig:
+    model_name: str = "pllava"
+    api_key: str | None = None
+    max_num_seqs: int = 8  # requests decoding together in one batch (vLLM's --max-num-seqs)
+    max_model_len: int | None = None  # positions of one KV slot (prompt + new tokens); None: the model's context
+    max_concurrency: int | None = None  # requests past admission (media + model); None: max_num_seqs
+    max_queue: int = 16
+    allowed_local_media_path: str | None = None
+    max_video_bytes: int = 200 << 20
+    max_frames: int = 64
+    max_new_tokens_limit: int = 1024
+    default_max_tokens: int = 256
+    lora_alpha: float = 4.0
+    fetch_timeout_s: float = 20.0
+    allowed_fetch_hosts: frozenset = field(default_factory=frozenset)  # "host:port" an operator trusts
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "BadRequestError", param: str | None = None,
+                 code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code if self.code is not None else self.status}}
+
+
+def bad(message: str, param: str | None = None, code: str = "invalid_request") -> APIError:
+    return APIError(400, message, "BadRequestError", param, code)
+
+
+@dataclass
+class Job:
+    turns: list  # [(role, text)]
+    system: str | None
+    media: tuple[str, str] | None  # (kind, reference) kind: url | bytes
+    media_bytes: bytes | None
+    num_frames: int
+    max_tokens: int
+    temperature: float
+    top_p: float
+    stop: list
+    seed: int | None
+    lora_alpha: float
+    return_frames: bool = False
+    video_key: str | None = None
+
+
+def _number(body, name, lo, hi, default, integer=False):
+    v = body.get(name)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not float(v).is_integer()):
+        raise bad(f"'{name}' must be {'an integer' if integer else 'a number'}, got {v!r}", name)
+    if not (lo <= v <= hi):
+        raise bad(f"'{name}' must be in [{lo}, {hi}], got {v}", name)
+    return int(v) if integer else float(v)
+
+
+def finish_reason(f: str) -> str:
+    return {"stop": "stop", "length": "length"}.get(f, "stop")
+
+
+def to_api(e: Exception) -> APIError:
+    """An exception from parsing, media or the engine -> the API error to answer with (500 only for bugs)."""
+    if isinstance(e, APIError):
+        return e
+    if isinstance(e, MediaError):
+        return APIError(e.status, str(e), "BadRequestError" if e.status == 400 else "RequestTooLarge", e.param,
+                        e.code)
+    if isinstance(e, PromptError):
+        return bad(str(e), "messages", "prompt_too_long" if "context" in str(e) or "KV slot" in str(e)
+                   else "invalid_prompt")
+    if isinstance(e, (PllavaError, ValueError)):
+        return bad(str(e))
+    log.exception("internal error")
+    return APIError(500, f"internal error: {type(e).__name__}: {e}", "InternalServerError", None, "internal")
+
+
+def parse_chat(body: dict, cfg: ServerConfig) -> Job:
+    if not isinstance(body, dict):
+        raise bad("the request body must be a JSON object")
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise bad("'messages' must be a non-empty list", "messages")
+    turns, system, media = [], None, None
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+            raise bad(f"messages[{i}] needs a role of system, user or assistant", f"messages[{i}].role")
+        content = m.get("content")
+        texts = []
+        if isinstance(content, str):
+            texts.append(content)
+        elif isinstance(content, list):
+            for j, part in enumerate(content):
+                p = f"messages[{i}].content[{j}]"
+                t = part.get("type") if isinstance(part, dict) else None
+                if t == "text":
+                    if not isinstance(part.get("text"), str):
+                        raise bad(f"{p}.text must be a string", p)
+                    texts.append(part["text"])
+                elif t in ("video_url", "image_url"):
+                    ref = part.get(t)
+                    url = ref.get("url") if isinstance(ref, dict) else ref
+                    if not isinstance(url, str) or not url:
+                        raise bad(f"{p}.{t}.url must be a non-empty string", p)
+                    if media is not None:
+                        raise bad("only one video or image per request is supported", p)
+                    if m["role"] != "user":
+                        raise bad("media must be in a user message", p)
+                    media = (t, url, p)
+                else:
+                    raise bad(f"{p}.type must be text, video_url or image_url, got {t!r}", p)
+        elif content is not None:
+            raise bad(f"messages[{i}].content must be a string or a list of parts", f"messages[{i}].content")
+        text = "\n".join(texts)
+        if m["role"] == "system":
+            system = text
+        else:
+            turns.append((m["role"], text))
+    if not turns or turns[-1][0] != "user":
+        raise bad("the last message must come from the user", "messages")
+    if media is None:
+        raise bad("a video_url or image_url part is required (this model answers about a video)", "messages")
+    mt = body.get("max_completion_tokens", body.get("max_tokens"))
+    max_tokens = _number({"max_tokens": mt}, "max_tokens", 1, cfg.max_new_tokens_limit, cfg.default_max_tokens, True)
+    stop = body.get("stop")
+    if stop is None:
+        stop = []
+    elif isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 8:
+        raise bad("'stop' must be a string or a list of up to 8 non-empty strings", "stop")
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise bad("'seed' must be an integer", "seed")
+    return Job(turns=turns, system=system, media=(media[0], media[1]), media_bytes=None,
+               num_frames=_number(body, "num_frames", 1, 10 ** 9, 0, True),
+               max_tokens=max_tokens, temperature=_number(body, "temperature", 0.0, 2.0, 0.0),
+               top_p=_number(body, "top_p", 1e-6, 1.0, 1.0), stop=stop, seed=seed,
+               lora_alpha=_number(body, "lora_alpha", -1e4, 1e4, cfg.lora_alpha),
+               return_frames=bool(body.get("return_frames", False)))

@@ -1,0 +1,505 @@
+"""Continuous batching: one scheduler owns admission, KV slots, and the interleaving of prefill and decode.
+
+`Engine.generate_many` drives it synchronously (`run`); the server runs it in a background thread (`start` +
+`submit`). Each iteration (`step`):
+  1. admit the oldest waiting request into a free slot (one at a time): its clip, decoded and preprocessed ahead
+     by media workers, goes through the vision tower and projector now, between decode steps;
+  2. prefill one chunk of the request being admitted (the whole prompt unless `prefill_chunk` is set);
+  3. one batched decode step over every running request: one token each, each at its own position of its own
+     slot, each with its own LoRA scale, sampler, stop rules and cancel event.
+Requests join and leave the batch at step boundaries. A request waits while every slot is busy; one that can
+never fit a slot is refused when added, with the numbers.
+
+Slots remember the video prefix they hold (clip, prompt head, frame sampling, alpha): a follow-up question
+about a clip prefills only the question, in the same slot when it is free, else after copying the prefix over.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import os
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, fields, replace
+from typing import Any, Callable
+
+import torch
+
+from .errors import InputError, MemoryBudgetError, PllavaError
+from .generate import SamplingParams, SequenceState, StepEvent
+from .model.llm import SlotKVCache, SlotRows
+from .prompt import splice
+
+log = logging.getLogger("pllava")
+
+
+@dataclass
+class Request:
+    """One request of `Engine.generate_many` (a dict with these keys works too)."""
+    video: Any = None
+    prompt: Any = None
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: Any = None
+    stop_token_ids: Any = None
+    conv_mode: str | None = None
+    system: str | None = None
+    video_key: Any = None
+    lora_alpha: float | None = None  # None: the engine's current alpha
+    cancel: Any = None  # a threading.Event: set it to stop this request at its next token
+
+    @classmethod
+    def coerce(cls, r, where: str) -> "Request":
+        if isinstance(r, Request):
+            return r
+        if not isinstance(r, dict):
+            raise InputError(f"{where}: a request is a dict or pllava.Request, got {type(r).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(r) - known)
+        if unknown:
+            raise InputError(f"{where}: unknown key(s) {unknown}; a request takes {sorted(known)}")
+        return cls(**r)
+
+
+# ---------------------------------------------------------------------------------------------- memory
+@dataclass
+class SlotPlan:
+    num_slots: int
+    slot_len: int  # positions a slot holds (prompt + new tokens of one request)
+    bytes_per_token: int
+    budget_bytes: int
+    budget_source: str
+
+
+def _host_available_bytes() -> int:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def default_kv_budget(device: torch.device) -> tuple[int, str]:
+    """Bytes the KV cache may take: on CUDA what is free less 10 % of the card (activations of a 2350-token
+    prefill of a 7B model are ~0.3 GB; the vision tower's ~0.2 GB); on the host half of the available memory."""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return max(0, int(free - 0.1 * total)), f"free CUDA memory ({free / 2**30:.1f} GiB) less 10 % of the card"
+    avail = _host_available_bytes()
+    return avail // 2, f"half the available host memory ({avail / 2**30:.1f} GiB)"
+
+
+def plan_slots(text_cfg, dtype, device, max_num_seqs: int, slot_len: int,
+               kv_cache_bytes: int | None = None) -> SlotPlan:
+    """How many slots of `slot_len` positions fit the budget (at most max_num_seqs)."""
+    if isinstance(max_num_seqs, bool) or not isinstance(max_num_seqs, int) or max_num_seqs < 1:
+        raise InputError(f"max_num_seqs (max_batch_size) must be an integer >= 1, got {max_num_seqs!r}")
+    bpt = SlotKVCache.bytes_per_token(text_cfg, dtype)
+    if kv_cache_bytes is None:
+        budget, source = default_kv_budget(torch.device(device))
+    else:
+        budget, source = int(kv_cache_bytes), "kv_cache_bytes"
+    per_slot = slot_len * bpt
+    n = min(max_num_seqs, budget // per_slot)
+    if n < 1:
+        raise MemoryBudgetError(
+            f"KV cache budget of {budget} bytes ({source}) cannot hold one slot of {slot_len} positions x "
+            f"{bpt} bytes per position = {per_slot} bytes; lower max_seq_len / --max-model-len or free memory")
+    return SlotPlan(int(n), slot_len, bpt, budget, source)
+
+
+# ---------------------------------------------------------------------------------------------- sequences
+class Sequence:
+    """A request inside the scheduler: prompt, slot, sampler, tokens, timings and, at the end, its output."""
+
+    def __init__(self, index, req: Request, params: SamplingParams, ids, img_pos: int, n_prompt: int, alpha: float,
+                 scale: float, key, on_event, on_done):
+        self.index, self.req, self.params = index, req, params
+        self.ids, self.img_pos, self.n_prompt = ids, img_pos, n_prompt
+        self.alpha, self.scale, self.key = alpha, scale, key
+        self.n_pre = None  # positions of the reusable video prefix (when key is not None)
+        self.on_event: Callable[["Sequence", StepEvent], None] | None = on_event
+        self.on_done: Callable[["Sequence"], None] | None = on_done
+        self.future: Future | None = None  # pixels, decoded and preprocessed by a media worker
+        self.pixel_timings: dict = {}
+        self.embeds: torch.Tensor | None = None  # (1, L, D) still to prefill
+        self.prefilled = 0
+        self.start = 0  # position of embeds[0]
+        self.slot: int | None = None
+        self.pos = 0  # position the next token is written at
+        self.last = 0  # last sampled token
+        self.state: SequenceState | None = None
+        self.tokens: list[int] = []
+        self.timings: dict = {}
+        self.t_add = self.t_first = None
+        self.error: Exception | None = None
+        self.output = None
+        self.done = threading.Event()
+
+    def cancel(self):
+        if self.req.cancel is None:
+            self.req.cancel = threading.Event()
+        self.req.cancel.set()
+
+
+class Scheduler:
+    """Continuous batching over `max_num_seqs` KV slots (fewer when the memory budget says so)."""
+
+    def __init__(self, engine, max_num_seqs: int = 8, max_seq_len: int | None = None,
+                 kv_cache_bytes: int | None = None, prefill_chunk: int | None = None, media_workers: int = 2):
+        self.engine = engine
+        lm = engine.model.language_model
+        ctx = engine.config.text.max_position_embeddings
+        slot_len = ctx if max_seq_len is None else int(max_seq_len)
+        if not 1 < slot_len <= ctx:
+            raise InputError(f"max_seq_len must be in [2, {ctx}] (the model's context), got {max_seq_len!r}")
+        if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)
+                                          or prefill_chunk < 1):
+            raise InputError(f"prefill_chunk must be an integer >= 1 or None, got {prefill_chunk!r}")
+        lm.free_cache()  # generate()'s single-sequence cache: allocated again if generate() runs later
+        engine._prefix = None
+        self.plan = plan_slots(engine.config.text, engine.dtype, engine.device, max_num_seqs, slot_len,
+                               kv_cache_bytes)
+        self.cache = SlotKVCache(engine.config.text, self.plan.num_slots, slot_len, engine.dtype, engine.device)
+        self.prefill_chunk = prefill_chunk
+        n = self.plan.num_slots
+        self.asked = max_num_seqs
+        self.limit = n  # the most requests in flight (generate_many's max_batch_size may ask fewer than n)
+        self.owner: list[Sequence | None] = [None] * n
+        self.prefix: list[tuple | None] = [None] * n  # (key, n_pre) of the video prefix each slot holds
+        self.last_used = [0] * n
+        self.tick = 0
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.prefilling: Sequence | None = None
+        self.running: list[Sequence] = []
+        self.pool = ThreadPoolExecutor(max(1, media_workers), thread_name_prefix="pllava-media")
+        self.prefetch_depth = max(2, 2 * media_workers)
+        self.lock = threading.Condition()
+        self.inbox: list[Sequence] = []
+        self.thread: threading.Thread | None = None
+        self.stopping = False
+        self.steps = self.decode_rows = self.decode_steps = self.tokens_out = 0
+        self.decode_seconds = 0.0
+        self.counter = 0
+        log.info("pllava scheduler: %d slots x %d positions (%.1f MiB of KV; budget %s), prefill chunk %s; "
+                 "decode attention: torch SDPA per row over its used positions", n, slot_len,
+                 n * slot_len * self.plan.bytes_per_token / 2**20, self.plan.budget_source, prefill_chunk or "whole")
+
+    # ------------------------------------------------------------------------------------------ intake
+    def make_sequence(self, req: Request, index=None, on_event=None, on_done=None) -> Sequence:
+        """Validate a request (typed errors, before any compute) into a Sequence; not yet queued."""
+        e = self.engine
+        where = f"requests[{index}]" if index is not None else "request"
+        try:
+            params = SamplingParams(req.max_new_tokens, req.temperature, req.top_p, req.top_k,
+                                    req.repetition_penalty, req.seed, req.stop or [], list(req.stop_token_ids or []))
+            params.validate()
+            alpha = e.lora_alpha if req.lora_alpha is None else req.lora_alpha
+            if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+                raise InputError(f"lora_alpha must be a finite number, got {alpha!r}")
+            alpha = float(alpha)
+            if e.lora_merged and alpha != e.lora_alpha:
+                raise InputError(f"lora_alpha={alpha:g} but the LoRA is merged at alpha {e.lora_alpha:g}; call "
+                                 "unmerge_lora() to vary alpha per request")
+            ids, img_pos, n_prompt = e._prompt_ids(req.prompt, req.conv_mode, req.system)
+        except PllavaError as err:
+            raise type(err)(f"{where}: {err}") from err
+        except ValueError as err:
+            raise InputError(f"{where}: {err}") from err
+        ctx, slot_len = e.config.text.max_position_embeddings, self.plan.slot_len
+        if n_prompt + 1 > slot_len:
+            raise MemoryBudgetError(f"{where}: the prompt is {n_prompt} tokens ({e.config.num_visual_tokens} "
+                                    f"visual) but a KV slot holds {slot_len} positions")
+        if n_prompt + params.max_new_tokens > slot_len:
+            if slot_len < ctx:
+                raise MemoryBudgetError(
+                    f"{where}: {n_prompt} prompt tokens + max_new_tokens {params.max_new_tokens} = "
+                    f"{n_prompt + params.max_new_tokens} positions, but a KV slot holds {slot_len} "
+                    f"(max_seq_len; the model's context is {ctx})")
+            log.warning("%s: max_new_tokens %d cut to %d to fit the %d-token context", where, params.max_new_tokens,
+                        ctx - n_prompt, ctx)
+            params = replace(params, max_new_tokens=ctx - n_prompt)
+        r = e.config.lora.r
+        scale = alpha / (math.sqrt(r) if e.config.lora.use_rslora else r) if r else 0.0
+        key = None
+        if img_pos + 1 < ids.numel():
+            base = e._prefix_key(req.video, ids[:img_pos], req.video_key)
+            key = None if base is None else (base, alpha)  # v_proj's LoRA shaped the cached values
+        seq = Sequence(index, req, params, ids, img_pos, n_prompt, alpha, scale, key, on_event, on_done)
+        seq.n_pre = img_pos + e.config.num_visual_tokens
+        return seq
+
+    def add(self, seq: Sequence):
+        """Queue a validated sequence (from the thread that drives `step`)."""
+        seq.t_add = self.engine._clock()
+        self.counter += 1
+        self.waiting.append(seq)
+
+    def submit(self, req: Request, on_event=None, on_done=None) -> Sequence:
+        """Thread-safe: validate and queue for the background loop (`start`). Raises typed errors at once."""
+        seq = self.make_sequence(req, None, on_event, on_done)
+        with self.lock:
+            if self.stopping:
+                raise RuntimeError("the scheduler is stopped")
+            self.inbox.append(seq)
+            self.lock.notify()
+        return seq
+
+    # ------------------------------------------------------------------------------------------ state
+    @property
+    def num_running(self) -> int:
+        return len(self.running) + (self.prefilling is not None)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting) + len(self.inbox)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self.prefilling is not None or self.inbox)
+
+    def clear_prefixes(self):
+        """Forget every cached video prefix (the weights or the frame sampling changed)."""
+        self.prefix = [None] * self.plan.num_slots
+
+    # ------------------------------------------------------------------------------------------ the loop
+    def step(self):
+        """One iteration: admit + prefill (a chunk of) one request, then one decode step over the batch."""
+        self.steps += 1
+        self._reap_cancelled()
+        self._prefetch()
+        if self.prefilling is None:
+            self._admit()
+        if self.prefilling is not None:
+            self._prefill_chunk()
+        if self.running:
+            self._decode()
+
+    def run(self, seqs: list[Sequence], progress=None):
+        for s in seqs:
+            self.add(s)
+        while any(not s.done.is_set() for s in seqs):
+            before = sum(s.done.is_set() for s in seqs)
+            self.step()
+            if progress is not None:
+                progress.update(sum(s.done.is_set() for s in seqs) - before)
+
+    def _prefetch(self):
+        """Start decoding + preprocessing the clips of the next few waiting requests in media workers."""
+        held = {p[0] for p in self.prefix if p is not None}
+        if self.prefilling is not None and self.prefilling.key is not None:
+            held.add(self.prefilling.key)
+        pending = 0
+        for s in self.waiting:
+            if pending >= self.prefetch_depth:
+                break
+            if s.future is not None:
+                pending += 1
+                continue
+            if s.key is not None and s.key in held:
+                continue  # likely a prefix-cache hit: its clip need not be decoded at all
+            if s.key is not None:
+                held.add(s.key)  # a later request on the same clip waits for this one's prefix
+            s.future = self.pool.submit(self.engine.pixels, s.req.video, s.pixel_timings)
+            pending += 1
+
+    def _free_slot(self) -> int | None:
+        free = [i for i, o in enumerate(self.owner) if o is None]
+        if not free:
+            return None
+        return min(free, key=lambda i: (self.prefix[i] is not None, self.last_used[i]))  # empty, then LRU
+
+    def _admit(self):
+        e = self.engine
+        lm = e.model.language_model
+        while self.waiting and self.prefilling is None:
+            if all(o is not None for o in self.owner) or sum(o is not None for o in self.owner) >= self.limit:
+                return  # every slot busy: the request waits
+            s = self.waiting.popleft()
+            if s.req.cancel is not None and s.req.cancel.is_set():
+                self._finish(s, "cancelled")
+                continue
+            t0 = e._clock()
+            s.timings["queue"] = t0 - s.t_add
+            want = (s.key, s.n_pre) if s.key is not None else None
+            hit = next((i for i, p in enumerate(self.prefix) if want is not None and p == want), None)
+            if hit is not None and self.owner[hit] is None:
+                slot = hit
+            else:
+                slot = self._free_slot()
+                if hit is not None:
+                    self.cache.copy_prefix(hit, slot, s.n_pre)  # the prefix's slot is busy: copy, then reuse
+            self._take(s, slot)
+            try:
+                if hit is not None:
+                    s.timings["prefix_cache_hit"] = 1
+                    if s.future is not None:
+                        s.future.cancel()
+                    s.start, s.embeds = s.n_pre, lm.embed_tokens(s.ids[s.img_pos + 1:].to(e.device)).unsqueeze(0)
+                    self.prefix[slot] = want
+                else:
+                    self.prefix[slot] = None  # overwritten from position 0
+                    if s.future is None:
+                        s.future = self.pool.submit(e.pixels, s.req.video, s.pixel_timings)
+                    px = s.future.result()
+                    s.timings.update(s.pixel_timings)
+                    vis = e.encode(px, s.timings, overlap=False)
+                    s.start = 0
+                    s.embeds = splice(lm.embed_tokens(s.ids.to(e.device)), s.img_pos, vis).unsqueeze(0)
+            except (PllavaError, OSError) as err:  # this request's media failed: it alone ends, typed
+                s.future = None
+                self._fail(s, err)
+                continue
+            s.future = None
+            s.state = SequenceState(s.params, e.tokenizer, e.eos_ids, torch.cat([s.ids[:s.img_pos],
+                                                                                  s.ids[s.img_pos + 1:]]),
+                                    e.device, s.req.cancel)
+            s.prefilled = 0
+            s.timings["prefill"] = 0.0
+            self.prefilling = s
+
+    def _take(self, s: Sequence, slot: int):
+        self.tick += 1
+        self.owner[slot], self.last_used[slot], s.slot = s, self.tick, slot
+
+    def _prefill_chunk(self):
+        e, s = self.engine, self.prefilling
+        lm = e.model.language_model
+        t0 = e._clock()
+        total = s.embeds.shape[1]
+        a = s.prefilled
+        b = total if self.prefill_chunk is None else min(total, a + self.prefill_chunk)
+        p0 = s.start + a
+        rows = SlotRows([s.slot], [p0], torch.arange(p0, s.start + b, device=e.device)[None],
+                        torch.tensor([s.slot], device=e.device),
+                        torch.tensor(s.scale, dtype=torch.float32, device=e.device))
+        with torch.no_grad():
+            logits = lm.forward_slots(s.embeds[:, a:b], rows, self.cache)
+        s.prefilled = b
+        if b < total:
+            s.timings["prefill"] += e._clock() - t0
+            return
+        s.pos = s.start + total
+        s.embeds = None
+        self.prefilling = None
+        tok = s.state.sample(logits[0, -1])
+        s.timings["prefill"] += e._clock() - t0
+        if s.key is not None:
+            self.prefix[s.slot] = (s.key, s.n_pre)  # positions [0, n_pre) now hold this clip's prefix
+        self.running.append(s)
+        self._emit(s, tok)
+
+    def _decode(self):
+        e = self.engine
+        lm = e.model.language_model
+        rows_seqs = list(self.running)
+        dev = e.device
+        toks = torch.tensor([[s.last] for s in rows_seqs], device=dev)  # (B, 1)
+        rows = SlotRows([s.slot for s in rows_seqs], [s.pos for s in rows_seqs],
+                        torch.tensor([[s.pos] for s in rows_seqs], device=dev),
+                        torch.tensor([s.slot for s in rows_seqs], device=dev),
+                        torch.tensor([s.scale for s in rows_seqs], dtype=torch.float32, device=dev))
+        if len(rows_seqs) == 1:
+            rows.scale = rows.scale[0]
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            logits = lm.forward_slots(lm.embed_tokens(toks), rows, self.cache)  # (B, 1, V)
+        nxt = [s.state.sample(logits[b, -1]) for b, s in enumerate(rows_seqs)]  # syncs with the device
+        self.decode_seconds += time.perf_counter() - t0
+        self.decode_rows += len(rows_seqs)
+        self.decode_steps += 1
+        for s, tok in zip(rows_seqs, nxt):
+            s.pos += 1
+            self._emit(s, tok)
+
+    def _emit(self, s: Sequence, tok: int):
+        if s.t_first is None:
+            s.t_first = self.engine._clock()
+            s.timings["ttft"] = s.t_first - s.t_add
+        s.last = tok
+        s.tokens.append(tok)
+        self.tokens_out += 1
+        ev = s.state.accept(tok)
+        if s.on_event is not None:
+            s.on_event(s, ev)
+        if s.state.finish is not None or s.state.cancelled():
+            self._finish(s, s.state.finish)
+
+    def _reap_cancelled(self):
+        for s in list(self.running):
+            if s.state.cancelled():
+                self._finish(s, "cancelled")
+
+    def _release(self, s: Sequence):
+        if s in self.running:
+            self.running.remove(s)
+        if self.prefilling is s:
+            self.prefilling = None
+            self.prefix[s.slot] = None  # half written
+        if s.slot is not None and self.owner[s.slot] is s:
+            self.owner[s.slot] = None
+
+    def _finish(self, s: Sequence, reason: str):
+        from .runtime import GenerationOutput
+
+        self._release(s)
+        now = self.engine._clock()
+        if s.t_add is not None:
+            s.timings["total"] = now - s.t_add
+        if s.t_first is not None:
+            s.timings["decode"] = now - s.t_first
+        s.timings["decode_tokens"] = len(s.tokens)
+        text = s.state.streamer.text if s.state is not None else ""
+        s.output = GenerationOutput(text, list(s.tokens), s.n_prompt, s.timings, reason,
+                                    error=None if s.error is None else f"{type(s.error).__name__}: {s.error}")
+        s.done.set()
+        if s.on_done is not None:
+            s.on_done(s)
+
+    def _fail(self, s: Sequence, err: Exception):
+        s.error = err
+        self._finish(s, "error")
+
+    # ------------------------------------------------------------------------------------------ background
+    def start(self):
+        """Run the loop in a background thread (the server); `submit` feeds it."""
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._loop, name="pllava-scheduler", daemon=True)
+            self.thread.start()
+
+    def stop(self):
+        with self.lock:
+            self.stopping = True
+            self.lock.notify()
+        if self.thread is not None:
+            self.thread.join(timeout=10)
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def _loop(self):
+        while True:
+            with self.lock:
+                while not self.inbox and not self.has_work() and not self.stopping:
+                    self.lock.wait()
+                if self.stopping:
+                    pending = list(self.inbox)
+                    self.inbox.clear()
+                    break
+                for s in self.inbox:
+                    self.add(s)
+                self.inbox.clear()
+            try:
+                self.step()
+            except Exception as err:  # noqa: BLE001 - a bug in a batched step: every request in it fails, loop lives
+                log.exception("scheduler step failed; failing the %d requests in flight", self.num_running)
+                for s in list(self.running) + ([self.prefilling] if self.prefilling is not None else []):
+                    self._fail(s, err)
+        for s in pending + list(self.waiting) + list(self.running):
+            self._fail(s, RuntimeError("the server is shutting down"))

@@ -1,0 +1,239 @@
+"""Continuous batching (pllava.scheduler via Engine.generate_many) against one-at-a-time Engine.generate().
+
+The oracle is the single-request path: its own static cache, masked attention over the whole cache, the shared
+0-dim LoRA scale and its own decode loop. The batched path has slots, per-row lengths and per-row scales.
+"""
+import os
+import threading
+
+import pytest
+import torch
+
+import pllava
+from pllava.errors import InputError, MemoryBudgetError, VideoError
+from pllava.scheduler import Request, plan_slots
+
+
+@pytest.fixture(scope="module")
+def engine(ckpts):
+    return pllava.Engine.from_pretrained(ckpts["pllava"])
+
+
+@pytest.fixture(scope="module")
+def pxs(engine):
+    s = engine.config.vision.image_size
+    return [torch.randn(engine.config.num_frames, 3, s, s, generator=torch.Generator().manual_seed(100 + i))
+            for i in range(4)]
+
+
+def one_at_a_time(engine, reqs):
+    outs = []
+    saved = engine.lora_alpha
+    try:
+        for r in reqs:
+            r = dict(r)
+            engine.set_lora_alpha(r.pop("lora_alpha", saved))
+            video, prompt = r.pop("video"), r.pop("prompt")
+            outs.append(engine.generate(video, prompt, **r))
+    finally:
+        engine.set_lora_alpha(saved)
+    return outs
+
+
+def assert_same(seq, got):
+    for i, (a, b) in enumerate(zip(seq, got)):
+        assert b.token_ids == a.token_ids, f"request {i}: batched {b.token_ids} != sequential {a.token_ids}"
+        assert b.text == a.text and b.finish_reason == a.finish_reason, i
+        assert b.num_prompt_tokens == a.num_prompt_tokens, i
+    assert len(seq) == len(got)
+
+
+def mixed(pxs, video_path):
+    prompts = ["hello", "What is happening in the video?", "Describe the video in details.", "a",
+               [("user", "Who is there?"), ("assistant", "A man."), ("user", "What does he do?")]]
+    out = []
+    for i in range(9):
+        out.append(dict(video=video_path if i in (2, 6) else pxs[i % 4], prompt=prompts[i % 5],
+                        max_new_tokens=[20, 7, 33, 12, 26][i % 5], lora_alpha=[4, 20, 0, 8, 4.5][i % 5]))
+    return out
+
+
+@pytest.mark.parametrize("batch,chunk", [(3, None), (16, None), (4, 7)])
+def test_greedy_batched_equals_sequential(engine, pxs, video_path, batch, chunk):
+    reqs = mixed(pxs, video_path)
+    seq = one_at_a_time(engine, reqs)
+    got = engine.generate_many(reqs, max_batch_size=batch, prefill_chunk=chunk)
+    assert_same(seq, got)
+    assert len({len(o.token_ids) for o in got}) > 2  # requests really leave the batch at different steps
+    assert {o.finish_reason for o in got} == {"length"}
+
+
+def test_stop_string_and_eos_in_a_batch(engine, pxs):
+    base = engine.generate(pxs[0], "hello", max_new_tokens=24)
+    k = next(i for i in range(3, 24) if base.token_ids[i] not in base.token_ids[:i])
+    stop = base.text[4:7]
+    reqs = [dict(video=pxs[0], prompt="hello", max_new_tokens=24, stop=[stop]),
+            dict(video=pxs[1], prompt="hello", max_new_tokens=24),
+            dict(video=pxs[0], prompt="hello", max_new_tokens=24, stop_token_ids=[base.token_ids[k]]),
+            dict(video=pxs[2], prompt="a", max_new_tokens=18)]
+    saved = set(engine.eos_ids)
+    engine.eos_ids = saved | {base.token_ids[k]}  # EOS for every request: the stop row and the others
+    try:
+        seq = one_at_a_time(engine, reqs)
+        got = engine.generate_many(reqs, max_batch_size=4)
+    finally:
+        engine.eos_ids = saved
+    assert_same(seq, got)
+    assert got[0].finish_reason == "stop" and stop not in got[0].text
+    assert got[2].token_ids[-1] == base.token_ids[k] and got[2].finish_reason == "stop"
+
+
+def test_seeded_sampling_independent_of_batch_and_order(engine, pxs):
+    target = dict(video=pxs[1], prompt="What is happening?", max_new_tokens=16, temperature=0.9, top_p=0.9,
+                  top_k=40, repetition_penalty=1.2, seed=1234, lora_alpha=20)
+    alone = engine.generate_many([target])[0]
+    ref = one_at_a_time(engine, [target])[0]
+    assert alone.token_ids == ref.token_ids
+    others = [dict(video=pxs[i], prompt="hello", max_new_tokens=5 + 3 * i, temperature=1.0, seed=i) for i in range(3)]
+    for batch in ([others[0], target, others[1]], [others[2], others[1], others[0], target], [target] + others):
+        outs = engine.generate_many(batch, max_batch_size=len(batch))
+        got = outs[batch.index(target)]
+        assert got.token_ids == ref.token_ids
+    # an unseeded neighbour changes nothing either
+    outs = engine.generate_many([dict(video=pxs[3], prompt="a", max_new_tokens=9, temperature=1.0), target])
+    assert outs[1].token_ids == ref.token_ids
+
+
+def test_cancel_one_request_leaves_the_others(engine, pxs):
+    reqs = [Request(video=pxs[i], prompt="hello", max_new_tokens=20, lora_alpha=4 + i) for i in range(3)]
+    seq = one_at_a_time(engine, [dict(video=r.video, prompt=r.prompt, max_new_tokens=20, lora_alpha=r.lora_alpha)
+                                 for r in reqs])
+    sched = engine.scheduler(max_num_seqs=3, max_seq_len=256)
+    reqs[1].cancel = threading.Event()
+
+    def on_event(s, ev):
+        if s.index == 1 and len(s.tokens) == 4:
+            s.req.cancel.set()
+
+    seqs = [sched.make_sequence(r, i, on_event=on_event) for i, r in enumerate(reqs)]
+    sched.run(seqs)
+    assert seqs[1].output.finish_reason == "cancelled" and seqs[1].output.token_ids == seq[1].token_ids[:4]
+    for i in (0, 2):
+        assert seqs[i].output.token_ids == seq[i].token_ids and seqs[i].output.finish_reason == "length"
+    assert sched.owner == [None, None, None] and not sched.running
+    # a request cancelled before it is admitted never runs
+    r = Request(video=pxs[0], prompt="hello", max_new_tokens=5, cancel=threading.Event())
+    r.cancel.set()
+    s = sched.make_sequence(r, 0)
+    sched.run([s])
+    assert s.output.finish_reason == "cancelled" and s.output.token_ids == []
+    engine._sched = None
+
+
+def test_stale_slot_contents_never_reach_a_later_request(engine, pxs):
+    reqs = [dict(video=pxs[i], prompt="hello", max_new_tokens=12) for i in range(2)]
+    seq = one_at_a_time(engine, reqs)
+    engine.generate_many(reqs + reqs)  # the slots now hold these requests' KV
+    for k, v in zip(engine._sched.cache.k, engine._sched.cache.v):
+        k.fill_(float("nan"))  # as if an earlier request had produced NaN everywhere
+        v.fill_(float("nan"))
+    engine._sched.clear_prefixes()
+    got = engine.generate_many(reqs)
+    assert_same(seq, got)
+
+
+def test_prefix_cache_per_slot(engine, video_path):
+    first = dict(video=video_path, prompt="Describe the video in details.", max_new_tokens=10)
+    follow = [dict(video=video_path, prompt=q, max_new_tokens=10) for q in ("What is he doing?", "Is it day?")]
+    engine.prefix_cache = False
+    try:
+        seq = [engine.generate(video_path, r["prompt"], max_new_tokens=10) for r in [first] + follow]
+    finally:
+        engine.prefix_cache = True
+    engine._sched = None
+    got = engine.generate_many([first])
+    assert "prefix_cache_hit" not in got[0].timings
+    # two follow-ups at once: one reuses the free slot holding the clip, the other copies it to another slot
+    more = engine.generate_many(follow, max_batch_size=2)
+    assert [o.timings.get("prefix_cache_hit") for o in more] == [1, 1]
+    assert "video_decode" not in more[0].timings and "vision" not in more[1].timings
+    assert_same(seq, got + more)
+    # another alpha shaped other values: no reuse
+    other = engine.generate_many([dict(follow[0], lora_alpha=20)])
+    assert "prefix_cache_hit" not in other[0].timings
+
+
+def test_memory_budget(engine, pxs):
+    bpt = 2 * 2 * 2 * 16 * 4  # layers x (K, V) x kv heads x head_dim x fp32 bytes of the tiny model
+    plan = plan_slots(engine.config.text, torch.float32, "cpu", 8, 256, kv_cache_bytes=3 * 256 * bpt + 5)
+    assert (plan.num_slots, plan.bytes_per_token) == (3, bpt)
+    with pytest.raises(MemoryBudgetError, match=r"1000 bytes .* 256 positions x 512 bytes"):
+        plan_slots(engine.config.text, torch.float32, "cpu", 8, 256, kv_cache_bytes=1000)
+    sched = engine.scheduler(max_num_seqs=8, max_seq_len=64, kv_cache_bytes=2 * 64 * bpt)
+    assert sched.plan.num_slots == 2
+    with pytest.raises(MemoryBudgetError, match=r"requests\[0\]: the prompt is \d+ tokens .* holds 64 positions"):
+        sched.make_sequence(Request(video=pxs[0], prompt="hello " * 40, max_new_tokens=4), 0)
+    n = sched.make_sequence(Request(video=pxs[0], prompt="hello", max_new_tokens=4), None).n_prompt
+    with pytest.raises(MemoryBudgetError, match=rf"{n} prompt tokens \+ max_new_tokens 60 = {n + 60} positions"):
+        sched.make_sequence(Request(video=pxs[0], prompt="hello", max_new_tokens=60), 1)
+    # more requests than slots: the rest wait, and all finish as if run alone
+    reqs = [Request(video=pxs[i % 4], prompt="hello", max_new_tokens=6 + i) for i in range(5)]
+    seqs = [sched.make_sequence(r, i) for i, r in enumerate(reqs)]
+    peak = []
+    for s in seqs:
+        sched.add(s)
+    while sched.has_work():
+        sched.step()
+        peak.append(sched.num_running)
+    assert max(peak) == 2
+    ref = one_at_a_time(engine, [dict(video=r.video, prompt=r.prompt, max_new_tokens=r.max_new_tokens) for r in reqs])
+    assert_same(ref, [s.output for s in seqs])
+    engine._sched = None
+
+
+def test_requests_are_validated_before_any_compute(engine, pxs):
+    with pytest.raises(InputError, match=r"requests\[1\]: unknown key\(s\) \['max_tokens'\]"):
+        engine.generate_many([dict(video=pxs[0], prompt="a"), dict(video=pxs[0], prompt="a", max_tokens=3)])
+    with pytest.raises(InputError, match=r"requests\[0\]: lora_alpha must be a finite number, got nan"):
+        engine.generate_many([dict(video=pxs[0], prompt="a", lora_alpha=float("nan"))])
+    with pytest.raises(InputError, match=r"requests\[0\]: top_p"):
+        engine.generate_many([dict(video=pxs[0], prompt="a", top_p=0)])
+    with pytest.raises(InputError, match=r"requests\[2\]: a request is a dict"):
+        engine.generate_many([dict(video=pxs[0], prompt="a")] * 2 + ["clip.mp4"])
+    with pytest.raises(InputError, match="max_batch_size must be an integer"):
+        engine.generate_many([dict(video=pxs[0], prompt="a")], max_batch_size=0)
+    engine.merge_lora()
+    try:
+        with pytest.raises(InputError, match="merged"):
+            engine.generate_many([dict(video=pxs[0], prompt="a", lora_alpha=20)])
+        merged = engine.generate_many([dict(video=pxs[0], prompt="hello", max_new_tokens=8)])[0]
+    finally:
+        engine.unmerge_lora()
+    assert merged.token_ids == engine.generate(pxs[0], "hello", max_new_tokens=8).token_ids
+
+
+def test_a_failing_clip_fails_alone(engine, pxs, tmp_path):
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"\x00\x00\x00\x18ftypmp42 not really a video" * 10)
+    reqs = [dict(video=pxs[0], prompt="hello", max_new_tokens=6), dict(video=str(bad), prompt="hello"),
+            dict(video=pxs[1], prompt="hello", max_new_tokens=6)]
+    outs = engine.generate_many(reqs, return_errors=True)
+    assert outs[1].finish_reason == "error" and outs[1].error.startswith("VideoError: ") and str(bad) in outs[1].error
+    assert_same(one_at_a_time(engine, [reqs[0], reqs[2]]), [outs[0], outs[2]])
+    with pytest.raises(VideoError, match=r"requests\[1\]: "):
+        engine.generate_many(reqs)
+    assert all(o is None for o in engine._sched.owner)  # nothing left holding a slot
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
+                    reason="needs CUDA or the Triton interpreter")
+def test_triton_per_row_scale_in_a_batch(ckpts, pxs, monkeypatch):
+    """The Triton LoRA kernel's per-row scale path (one alpha a row) gives the torch path's tokens."""
+    pytest.importorskip("triton")
+    reqs = [dict(video=pxs[0], prompt="hello", max_new_tokens=6, lora_alpha=20),
+            dict(video=pxs[1], prompt="hello", max_new_tokens=6, lora_alpha=0)]
+    monkeypatch.setenv("PLLAVA_KERNELS", "torch")
+    ref = pllava.Engine.from_pretrained(ckpts["pllava"]).generate_many(reqs)
+    monkeypatch.setenv("PLLAVA_KERNELS", "triton")
+    got = pllava.Engine.from_pretrained(ckpts["pllava"]).generate_many(reqs)
+    assert [o.token_ids for o in got] == [o.token_ids for o in ref]
