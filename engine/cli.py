@@ -106,7 +106,16 @@ def cmd_demo(a) -> int:
 def cmd_bench(a) -> int:
     from .bench import run_bench
 
-    frames = tuple(int(x) for x in a.frames.split(","))
+    if a.batch:
+        from .bench_batch import run_batch_bench
+
+        batches = tuple(int(x) for x in a.batch.split(","))
+        frames = tuple(int(x) for x in (a.frames or "16").split(","))
+        run_batch_bench(a.preset, batches=batches, frames=frames, new_tokens=a.new_tokens, runs=a.runs,
+                        device=a.device, dtype=_parse_dtype(a.dtype), baseline=not a.no_baseline, video=a.video,
+                        out_dir=a.out)
+        return 0
+    frames = tuple(int(x) for x in (a.frames or "1,4,8,16,32,64").split(","))
     run_bench(a.preset, frames=frames, new_tokens=a.new_tokens, runs=a.runs, device=a.device,
               dtype=_parse_dtype(a.dtype), baseline=not a.no_baseline, video=a.video, out_dir=a.out)
     return 0
@@ -202,7 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.set_defaults(func=cmd_serve)
     b = sub.add_parser("bench", help="throughput per frame count and latency breakdown vs transformers")
     b.add_argument("--preset", default="small", help="small | pllava-7b | pllava-13b | pllava-34b")
-    b.add_argument("--frames", default="1,4,8,16,32,64")
+    b.add_argument("--frames", default=None, help="frame counts (default 1,4,8,16,32,64; with --batch: 16)")
+    b.add_argument("--batch", default=None, help="batch sizes, e.g. 1,2,4,8,16: throughput per batch size "
+                                                 "(continuous batching vs sequential vs transformers batched)")
     b.add_argument("--new-tokens", type=int, default=64)
     b.add_argument("--runs", type=int, default=3)
     b.add_argument("--device", default=None)

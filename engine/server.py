@@ -87,6 +87,8 @@ class Metrics:
                     f"pllava_batch_waiting {batch.num_waiting}",
                     "# HELP pllava_batch_size_mean Mean rows per decode step.", "# TYPE pllava_batch_size_mean gauge",
                     f"pllava_batch_size_mean {batch.decode_rows / steps:.3f}",
+                    "# HELP pllava_batch_tokens_total Tokens the scheduler generated (cancelled requests included).",
+                    "# TYPE pllava_batch_tokens_total counter", f"pllava_batch_tokens_total {batch.tokens_out}",
                     "# HELP pllava_batch_slots KV slots.", "# TYPE pllava_batch_slots gauge",
                     f"pllava_batch_slots {batch.plan.num_slots}",
                     "# HELP pllava_batch_tokens_per_second Tokens generated per second of decode steps.",
