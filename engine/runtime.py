@@ -467,10 +467,14 @@ class Engine:
         if (sched is None or sched.plan.slot_len < slot_len or sched.prefill_chunk != prefill_chunk
                 or sched.plan.num_slots < min(n_seqs, len(reqs)) and sched.asked < min(n_seqs, len(reqs))
                 or kv_cache_bytes is not None):
-            if sched is not None:
-                sched.stop()
-                self._sched = sched = None
-            sched = self._sched = Scheduler(self, n_seqs, slot_len, kv_cache_bytes, prefill_chunk)
+            old, self._sched = sched, None
+            if old is not None:
+                old.stop()
+            sched = Scheduler(self, n_seqs, slot_len, kv_cache_bytes, prefill_chunk)
+            if old is not None:
+                sched.inherit_prefixes(old)  # a bigger scheduler keeps the clips the old one held
+                del old
+            self._sched = sched
         sched.limit = n_seqs
         seqs = [sched.make_sequence(r, i) for i, r in enumerate(reqs)]
         bar = None

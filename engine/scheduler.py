@@ -266,6 +266,17 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self.prefilling is not None or self.inbox)
 
+    def inherit_prefixes(self, old: "Scheduler"):
+        """Copy the video prefixes an outgrown scheduler's slots hold (most recently used first) into this one's."""
+        held = sorted((i for i, p in enumerate(old.prefix) if p is not None and p[1] <= self.plan.slot_len),
+                      key=lambda i: -old.last_used[i])
+        for dst, src in enumerate(held[:self.plan.num_slots]):
+            for k_new, v_new, k_old, v_old in zip(self.cache.k, self.cache.v, old.cache.k, old.cache.v):
+                n = old.prefix[src][1]
+                k_new[dst, :, :n].copy_(k_old[src, :, :n])
+                v_new[dst, :, :n].copy_(v_old[src, :, :n])
+            self.prefix[dst] = old.prefix[src]
+
     def clear_prefixes(self):
         """Forget every cached video prefix (the weights or the frame sampling changed)."""
         self.prefix = [None] * self.plan.num_slots
