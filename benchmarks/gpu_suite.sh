@@ -10,7 +10,7 @@ export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
 unset TRITON_INTERPRET
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 echo "== GPU tests (kernels on CUDA, the engine's triton path)"
-python -m pytest -q tests/test_gpu.py tests/test_kernels.py tests/test_triton_engine.py tests/test_parity.py 2>&1 | tail -5 | tee "$OUT/gpu_tests.txt"
+python -m pytest -q tests/test_gpu.py tests/test_kernels.py tests/test_slot_attention.py tests/test_triton_engine.py tests/test_parity.py tests/test_batching.py 2>&1 | tail -5 | tee "$OUT/gpu_tests.txt"
 echo "== kernel benchmarks"
 python -m pytest -q -s benchmarks/bench_kernels.py --benchmark-disable 2>&1 | grep -E '^\||^###|speed-up|vs merged' | tee "$OUT/kernels.md"
 echo "== copy bandwidth"
@@ -25,6 +25,9 @@ PY
 echo "== pllava-7b end to end (decode steps as CUDA graph replays: PLLAVA_CUDA_GRAPHS=${PLLAVA_CUDA_GRAPHS:-1})"
 PLLAVA_CUDA_GRAPHS=${PLLAVA_CUDA_GRAPHS:-1} PLLAVA_BENCH_PRESET=pllava-7b PLLAVA_BENCH_FRAMES=${FRAMES:-1,4,16,32} PLLAVA_BENCH_RUNS=3 \
   python -m pytest -q -s benchmarks/bench_e2e.py --benchmark-disable 2>&1 | grep -E '^\||^###|ratio|TTFT|end to end' | tee "$OUT/e2e_7b.md"
+echo "== pllava-7b continuous batching: batch 1,2,4,8,16 at 16 frames vs sequential vs transformers batched"
+PLLAVA_CUDA_GRAPHS=${PLLAVA_CUDA_GRAPHS:-1} pllava bench --preset pllava-7b --batch ${BATCHES:-1,2,4,8,16} --frames 16 \
+  --runs 2 --new-tokens 64 --out "$OUT" 2>&1 | grep -E '^\||^###|Speed-up' | tee "$OUT/batch_7b.md"
 python - "$OUT" <<'PY'
 import json, re, sys
 out = sys.argv[1]

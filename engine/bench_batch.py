@@ -91,13 +91,16 @@ def _slot_len(engine, new_tokens):
 
 def bench_engine_sequential(engine, video, frames, new_tokens, runs) -> tuple[float, float, list, list]:
     """(seconds per request, [ttft], [itl]) of one generate() at a time."""
+    from .generate import SamplingParams
+
     engine.generate(video, PROMPT, max_new_tokens=4)
     walls, ttfts, itls = [], [], []
     for _ in range(runs):
         stamps = []
         t0 = engine._clock()
         timings: dict = {}
-        for _piece in engine.stream(video, PROMPT, max_new_tokens=new_tokens, timings=timings):
+        # generate()'s own loop, one event per token (stream() yields text, and random weights may give none)
+        for _ev in engine._run(video, PROMPT, SamplingParams(new_tokens), None, None, timings):
             stamps.append(time.perf_counter())
         walls.append(engine._clock() - t0)
         ttfts.append(timings["ttft"])

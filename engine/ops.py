@@ -102,6 +102,12 @@ def causal_attention(q, k, v, backend: str = "sdpa"):
 
 
 
+def slot_decode_attention(q, kc, vc, slot_t, pos_t, window: int | None = None):
+    """Decode attention of B rows (one token each) addressed by device tensors only: the Triton kernel
+    (pllava.kernels.slot_attention), so a CUDA graph can replay the step for any lengths. q (B, H, 1, hd)."""
+    return K.slot_decode_attention(q, kc, vc, slot_t, pos_t, window)
+
+
 def slot_attention(q, kc, vc, slots: list[int], starts: list[int], window: int | None = None):
     """Attention of rows that live in different slots of a slot KV cache, each over its own used positions only.
 

@@ -465,6 +465,7 @@ class Engine:
         slot_len = min(ctx, -(-need // 256) * 256)
         sched = self._sched
         if (sched is None or sched.plan.slot_len < slot_len or sched.prefill_chunk != prefill_chunk
+                or (sched.graphs is not None) != bool(self.cuda_graphs)
                 or sched.plan.num_slots < min(n_seqs, len(reqs)) and sched.asked < min(n_seqs, len(reqs))
                 or kv_cache_bytes is not None):
             old, self._sched = sched, None

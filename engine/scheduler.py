@@ -151,6 +151,64 @@ class Sequence:
         self.req.cancel.set()
 
 
+class BatchDecodeGraphs:
+    """Batched decode steps captured as CUDA graphs, one per batch-size bucket (1, 2, 4, 8, 16, ...): a step of B
+    rows replays the smallest bucket >= B, its extra rows copies of row 0 (they write the same K/V to the same
+    place and their logits are dropped). Replays need a step with no host integers in it: the Triton slot
+    attention (device-side slots and positions), the LoRA scale per row on the device. Capturing runs the step
+    three times on the real rows; every run writes the same values, so a capture in the middle of serving is safe.
+    Tied to the weights and the cache: dropped when either changes (merge_lora, a new scheduler)."""
+
+    def __init__(self, lm, cache: SlotKVCache, device):
+        self.lm, self.cache, self.device = lm, cache, device
+        self.graphs: dict[int, tuple] = {}
+        self.pool = None
+
+    @staticmethod
+    def bucket(b: int) -> int:
+        return 1 << (b - 1).bit_length()
+
+    def _capture(self, k: int, fill):
+        dev = self.device
+        tok = torch.zeros((k, 1), dtype=torch.long, device=dev)
+        pos = torch.zeros((k, 1), dtype=torch.long, device=dev)
+        slot = torch.zeros((k,), dtype=torch.long, device=dev)
+        scale = torch.zeros((k,), dtype=torch.float32, device=dev)
+        rows = SlotRows([], [], pos, slot, scale)
+        fill(tok, pos, slot, scale)
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side), torch.no_grad():
+            for _ in range(2):  # lazy initialisation (cuBLAS handles, Triton compiles) outside the capture
+                self.lm.forward_slots(self.lm.embed_tokens(tok), rows, self.cache)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()  # one memory pool shared by every bucket
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool), torch.no_grad():
+            out = self.lm.forward_slots(self.lm.embed_tokens(tok), rows, self.cache)
+        self.graphs[k] = (graph, tok, pos, slot, scale, out)
+        log.info("pllava scheduler: captured the batched decode step for %d rows as a CUDA graph", k)
+
+    def __call__(self, toks: list[int], slots: list[int], positions: list[int], scales: list[float]) -> torch.Tensor:
+        b = len(toks)
+        k = self.bucket(b)
+        pad = k - b
+
+        def fill(tok, pos, slot, scale):
+            tok.copy_(torch.tensor([[t] for t in toks + toks[:1] * pad]))
+            pos.copy_(torch.tensor([[p] for p in positions + positions[:1] * pad]))
+            slot.copy_(torch.tensor(slots + slots[:1] * pad))
+            scale.copy_(torch.tensor(scales + scales[:1] * pad, dtype=torch.float32))
+
+        if k not in self.graphs:
+            self._capture(k, fill)
+        graph, tok, pos, slot, scale, out = self.graphs[k]
+        fill(tok, pos, slot, scale)
+        graph.replay()
+        return out[:b]
+
+
 class Scheduler:
     """Continuous batching over `max_num_seqs` KV slots (fewer when the memory budget says so)."""
 
@@ -171,6 +229,13 @@ class Scheduler:
                                kv_cache_bytes)
         self.cache = SlotKVCache(engine.config.text, self.plan.num_slots, slot_len, engine.dtype, engine.device)
         self.prefill_chunk = prefill_chunk
+        attn_path = lm.layers[0].self_attn.kernel_path
+        self.graphs = None
+        if engine.cuda_graphs:
+            if engine.device.type != "cuda" or attn_path != "triton":
+                raise InputError("cuda_graphs for batched decode need a CUDA device and the Triton kernels "
+                                 f"(device {engine.device}, kernel path {attn_path})")
+            self.graphs = BatchDecodeGraphs(lm, self.cache, engine.device)
         n = self.plan.num_slots
         self.asked = max_num_seqs
         self.limit = n  # the most requests in flight (generate_many's max_batch_size may ask fewer than n)
@@ -191,8 +256,10 @@ class Scheduler:
         self.decode_seconds = 0.0
         self.counter = 0
         log.info("pllava scheduler: %d slots x %d positions (%.1f MiB of KV; budget %s), prefill chunk %s; "
-                 "decode attention: torch SDPA per row over its used positions", n, slot_len,
-                 n * slot_len * self.plan.bytes_per_token / 2**20, self.plan.budget_source, prefill_chunk or "whole")
+                 "decode attention: %s; decode steps: %s", n, slot_len,
+                 n * slot_len * self.plan.bytes_per_token / 2**20, self.plan.budget_source, prefill_chunk or "whole",
+                 "Triton slot kernel" if attn_path == "triton" else "torch SDPA per row over its used positions",
+                 "CUDA graph replay per batch bucket" if self.graphs is not None else "eager")
 
     # ------------------------------------------------------------------------------------------ intake
     def make_sequence(self, req: Request, index=None, on_event=None, on_done=None) -> Sequence:
@@ -278,8 +345,11 @@ class Scheduler:
             self.prefix[dst] = old.prefix[src]
 
     def clear_prefixes(self):
-        """Forget every cached video prefix (the weights or the frame sampling changed)."""
+        """Forget every cached video prefix (the weights or the frame sampling changed), and the captured
+        decode graphs (they hold the old weight tensors)."""
         self.prefix = [None] * self.plan.num_slots
+        if self.graphs is not None:
+            self.graphs.graphs.clear()
 
     # ------------------------------------------------------------------------------------------ the loop
     def step(self):
@@ -295,13 +365,19 @@ class Scheduler:
             self._decode()
 
     def run(self, seqs: list[Sequence], progress=None):
+        """Drive the loop in this thread until every one of `seqs` is done. If a step raises (or the caller is
+        interrupted), every request in the scheduler ends with that error before it propagates."""
         for s in seqs:
             self.add(s)
-        while any(not s.done.is_set() for s in seqs):
-            before = sum(s.done.is_set() for s in seqs)
-            self.step()
-            if progress is not None:
-                progress.update(sum(s.done.is_set() for s in seqs) - before)
+        try:
+            while any(not s.done.is_set() for s in seqs):
+                before = sum(s.done.is_set() for s in seqs)
+                self.step()
+                if progress is not None:
+                    progress.update(sum(s.done.is_set() for s in seqs) - before)
+        except BaseException as err:
+            self.abort_all(err)
+            raise
 
     def _prefetch(self):
         """Start decoding + preprocessing the clips of the next few waiting requests in media workers."""
@@ -369,6 +445,9 @@ class Scheduler:
                 s.future = None
                 self._fail(s, err)
                 continue
+            except BaseException as err:  # a bug (or Ctrl-C) mid-admission: this request ends too, then re-raise
+                self._fail(s, err)
+                raise
             s.future = None
             s.state = SequenceState(s.params, e.tokenizer, e.eos_ids, torch.cat([s.ids[:s.img_pos],
                                                                                   s.ids[s.img_pos + 1:]]),
@@ -413,16 +492,20 @@ class Scheduler:
         lm = e.model.language_model
         rows_seqs = list(self.running)
         dev = e.device
-        toks = torch.tensor([[s.last] for s in rows_seqs], device=dev)  # (B, 1)
-        rows = SlotRows([s.slot for s in rows_seqs], [s.pos for s in rows_seqs],
-                        torch.tensor([[s.pos] for s in rows_seqs], device=dev),
-                        torch.tensor([s.slot for s in rows_seqs], device=dev),
-                        torch.tensor([s.scale for s in rows_seqs], dtype=torch.float32, device=dev))
-        if len(rows_seqs) == 1:
-            rows.scale = rows.scale[0]
         t0 = time.perf_counter()
-        with torch.no_grad():
-            logits = lm.forward_slots(lm.embed_tokens(toks), rows, self.cache)  # (B, 1, V)
+        if self.graphs is not None:
+            logits = self.graphs([s.last for s in rows_seqs], [s.slot for s in rows_seqs],
+                                 [s.pos for s in rows_seqs], [s.scale for s in rows_seqs])
+        else:
+            toks = torch.tensor([[s.last] for s in rows_seqs], device=dev)  # (B, 1)
+            rows = SlotRows([s.slot for s in rows_seqs], [s.pos for s in rows_seqs],
+                            torch.tensor([[s.pos] for s in rows_seqs], device=dev),
+                            torch.tensor([s.slot for s in rows_seqs], device=dev),
+                            torch.tensor([s.scale for s in rows_seqs], dtype=torch.float32, device=dev))
+            if len(rows_seqs) == 1:
+                rows.scale = rows.scale[0]
+            with torch.no_grad():
+                logits = lm.forward_slots(lm.embed_tokens(toks), rows, self.cache)  # (B, 1, V)
         nxt = [s.state.sample(logits[b, -1]) for b, s in enumerate(rows_seqs)]  # syncs with the device
         self.decode_seconds += time.perf_counter() - t0
         self.decode_rows += len(rows_seqs)
@@ -479,6 +562,17 @@ class Scheduler:
         s.error = err
         self._finish(s, "error")
 
+    def abort_all(self, err: BaseException):
+        """End every request in flight or waiting with `err` and free their slots (after a failed step, or when
+        the caller of `run` is interrupted): nothing is left to run into the next call."""
+        for s in list(self.running) + ([self.prefilling] if self.prefilling is not None else []) + list(self.waiting):
+            if not s.done.is_set():
+                if s.future is not None:
+                    s.future.cancel()
+                    s.future = None
+                self._fail(s, err)
+        self.waiting.clear()
+
     # ------------------------------------------------------------------------------------------ background
     def start(self):
         """Run the loop in a background thread (the server); `submit` feeds it."""
@@ -508,9 +602,9 @@ class Scheduler:
                 self.inbox.clear()
             try:
                 self.step()
-            except Exception as err:  # noqa: BLE001 - a bug in a batched step: every request in it fails, loop lives
-                log.exception("scheduler step failed; failing the %d requests in flight", self.num_running)
-                for s in list(self.running) + ([self.prefilling] if self.prefilling is not None else []):
-                    self._fail(s, err)
+            except Exception as err:  # noqa: BLE001 - a bug in a batched step: every request fails, the loop lives
+                log.exception("scheduler step failed; failing the %d requests in flight and %d waiting",
+                              self.num_running, len(self.waiting))
+                self.abort_all(err)
         for s in pending + list(self.waiting) + list(self.running):
             self._fail(s, RuntimeError("the server is shutting down"))

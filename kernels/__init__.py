@@ -5,9 +5,10 @@ Triton is imported lazily: this package imports on machines without triton (macO
 """
 from .lora_linear import lora_linear, lora_linear_reference, merge, unmerge
 from .pool_projector import pool_projector, pool_projector_reference, pool_projector_torch
+from .slot_attention import slot_decode_attention, slot_decode_attention_reference
 
 __all__ = ["lora_linear", "lora_linear_reference", "merge", "unmerge", "pool_projector", "pool_projector_reference",
-           "pool_projector_torch", "triton_available"]
+           "pool_projector_torch", "slot_decode_attention", "slot_decode_attention_reference", "triton_available"]
 
 
 def triton_available() -> bool:

@@ -84,12 +84,68 @@ def lora_rows():
                                per_row=per_row, **row)
 
 
+def _jit_spec(fn, args: dict):
+    """Signature, constexprs and attrs exactly as the JIT specialises these launch arguments (ints equal to 1
+    become constants, ints and pointers divisible by 16 get tt.divisibility), via triton's own specialize_impl."""
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime.jit import native_specialize_impl
+
+    sig, const, attrs = {}, {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name not in args:
+            continue  # a constexpr meta-parameter, given by the caller
+        ty, key = native_specialize_impl(BaseBackend, args[name], False, True, True)
+        if ty == "constexpr":
+            sig[name], const[name] = "constexpr", key
+        else:
+            sig[name] = ty
+            if key == "D":
+                attrs[(i,)] = DIV16
+    return sig, const, attrs
+
+
+def slot_rows():
+    """The slot decode-attention kernel at PLLaVA-7B (MHA, hd 128) and -34B (GQA 56/8) shapes, 8 rows, 4096
+    positions a slot, with the strides the launcher passes for contiguous q and cache tensors."""
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sa = importlib.import_module("pllava.kernels.slot_attention")
+    fn = sa._slot_decode_kernel
+    for model, (h, kv, d) in {"7b": (32, 32, 128), "34b": (56, 8, 128)}.items():
+        S = 4096
+        bh, bd = sa.block_sizes(h // kv, d)
+        for dt in (torch.bfloat16, torch.float16):
+            t = torch.empty(16, dtype=dt)
+            i64 = torch.empty(16, dtype=torch.long)
+            args = dict(q_ptr=t, k_ptr=t, v_ptr=t, slot_ptr=i64, pos_ptr=i64, o_ptr=t, qk_scale=0.1275, WINDOW=0,
+                        stride_qb=h * d, stride_qh=d, stride_qd=1,
+                        stride_ks=kv * S * d, stride_kh=S * d, stride_kn=d, stride_kd=1,
+                        stride_vs=kv * S * d, stride_vh=S * d, stride_vn=d, stride_vd=1,
+                        stride_ob=h * d, stride_oh=d, stride_od=1)
+            sig, const, attrs = _jit_spec(fn, args)
+            meta = dict(GROUP=h // kv, HEAD_DIM=d, BLOCK_H=bh, BLOCK_D=bd, BLOCK_N=sa.BLOCK_N, IEEE=False,
+                        UPCAST=False)
+            sig.update({k: "constexpr" for k in meta})
+            const.update(meta)
+            for arch, cc in ARCHS.items():
+                src = ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs)
+                k = triton.compile(src, target=GPUTarget("cuda", cc, 32),
+                                   options={"num_warps": sa.NUM_WARPS, "num_stages": sa.NUM_STAGES})
+                row = usage(k.asm["cubin"])
+                row["shared"] = int(k.metadata.shared)
+                yield dict(kernel=f"slot_decode/{model}", arch=arch, dtype={torch.bfloat16: "bf16", torch.float16: "fp16"}[dt],
+                           config=[bh, bd, sa.BLOCK_N, sa.NUM_WARPS, sa.NUM_STAGES], **row)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("compile_check: unset TRITON_INTERPRET (interpreted kernels cannot be compiled)", file=sys.stderr)
         return 2
-    rows = list(pool_rows()) + list(lora_rows())
+    rows = list(pool_rows()) + list(lora_rows()) + list(slot_rows())
     if "--json" in argv:
         print(json.dumps(rows))
     else:

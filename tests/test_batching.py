@@ -237,3 +237,29 @@ def test_triton_per_row_scale_in_a_batch(ckpts, pxs, monkeypatch):
     monkeypatch.setenv("PLLAVA_KERNELS", "triton")
     got = pllava.Engine.from_pretrained(ckpts["pllava"]).generate_many(reqs)
     assert [o.token_ids for o in got] == [o.token_ids for o in ref]
+
+
+def test_a_failing_step_leaves_nothing_behind(engine, pxs, monkeypatch):
+    """A bug mid-batch (here: the model raising on the 5th decode step) fails every request of the call with that
+    error, frees their slots and leaves nothing queued; the next call is unaffected."""
+    reqs = [dict(video=pxs[i], prompt="hello", max_new_tokens=12) for i in range(3)]
+    ref = one_at_a_time(engine, reqs)
+    engine.generate_many(reqs)
+    sched = engine._sched
+    real = sched._decode
+    calls = {"n": 0}
+
+    def flaky():
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise RuntimeError("injected failure")
+        real()
+
+    monkeypatch.setattr(sched, "_decode", flaky)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        engine.generate_many(reqs + reqs, max_batch_size=3)  # 3 wait while 3 run
+    assert engine._sched is sched
+    assert all(o is None for o in sched.owner) and not sched.waiting and not sched.running
+    assert sched.prefilling is None
+    monkeypatch.setattr(sched, "_decode", real)
+    assert_same(ref, engine.generate_many(reqs))

@@ -31,6 +31,7 @@ def test_every_kernel_and_config_compiles_for_sm90_and_sm80(rows):
     n_lora = sum(len(c) for a in ("sm90", "sm80") for c in ll.CONFIGS[a].values()) * 2  # per_row off/on
     assert len([r for r in rows if r["kernel"] == "pool_gelu"]) == n_pool
     assert len([r for r in rows if r["kernel"].startswith("lora_linear")]) == n_lora
+    assert len([r for r in rows if r["kernel"].startswith("slot_decode")]) == 2 * 2 * 2  # 7b/34b, dtypes, archs
     assert {r["arch"] for r in rows} == {"sm90", "sm80"}
     for r in rows:
         print(f"{r['kernel']:<22}{r['arch']:<6}{r['dtype']:<6}{str(r['config']):<28}{r['reg']:>4} regs "

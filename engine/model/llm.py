@@ -117,6 +117,7 @@ class Attention(nn.Module):
         self.q_proj, self.k_proj, self.v_proj = lin("q_proj", d, qd), lin("k_proj", d, kvd), lin("v_proj", d, kvd)
         self.o_proj = lin("o_proj", qd, d)
         self.kv_cache: KVCache | None = None
+        self.kernel_path = "torch"  # 'triton': batched decode attention by the slot kernel
         self.attn_backend = "sdpa"  # or flash_attn / xformers for the prefill (ops.check_attn_backend)
 
     def forward(self, x, cos, sin, input_pos, mask):  # x (B, L, D)
@@ -142,6 +143,13 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(bsz, n, self.n_kv, self.head_dim).transpose(1, 2)  # (B, KV, L, hd)
         v = self.v_proj(x, rows.scale).view(bsz, n, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if n == 1 and self.kernel_path == "triton":
+            # decode addressed by device tensors only (no host integers): one CUDA graph serves every length
+            pos = rows.pos_t[:, 0]
+            kc[rows.slot_t, :, pos] = k[:, :, 0]
+            vc[rows.slot_t, :, pos] = v[:, :, 0]
+            o = ops.slot_decode_attention(q, kc, vc, rows.slot_t, pos, window)
+            return self.o_proj(o.transpose(1, 2).reshape(bsz, n, -1))
         if bsz == 1:
             s, a = rows.slots[0], rows.starts[0]
             kc[s, :, a:a + n].copy_(k[0])

@@ -32,6 +32,8 @@ class PllavaModel(nn.Module):
         self.multi_modal_projector.kernel_path = path
         for m in self.lora_linears():
             m.kernel_path = path
+        for layer in self.language_model.layers:
+            layer.self_attn.kernel_path = path
 
     @torch.no_grad()
     def set_lora_alpha(self, alpha: float):
