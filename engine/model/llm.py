@@ -295,4 +295,9 @@ class LlamaLM(nn.Module):
         x = embeds
         for layer, kc, vc in zip(self.layers, cache.k, cache.v):
             x = layer.forward_slots(x, cos, sin, rows, kc, vc, self.config.sliding_window)
-        return self.lm_head(self.norm(x[:, -1:]))
+        h = self.norm(x[:, -1:])  # (B, 1, D)
+        if h.device.type == "cpu" and h.shape[0] > 1:
+            # CPU BLAS runs the (V, D) x (D, B) product of a skinny batch 1.7x faster than (B, D) x (D, V)
+            # (small preset, 8 rows, fp32, 2 cores: 9.9 ms against 16.7 ms a decode step)
+            return (self.lm_head.weight @ h[:, 0].T).T[:, None]
+        return self.lm_head(h)
