@@ -68,8 +68,9 @@ setup(
     ],
     extras_require={
         "serve": ["fastapi", "uvicorn", "python-multipart"],
+        "ray": ["ray[data]"],
         "dev": ["pytest", "pytest-benchmark", "transformers>=4.45", "tokenizers", "pybind11", "matplotlib", "fastapi",
-                "uvicorn", "python-multipart", "httpx", "openai", "selenium"],
+                "uvicorn", "python-multipart", "httpx", "openai", "selenium", "ray[data]"],
         "gpu": ["flash-attn; platform_system == 'Linux'", "xformers; platform_system == 'Linux'"],
     },
     ext_modules=_extensions(),

@@ -39,21 +39,51 @@ def _report(path, out, as_json: bool):
 
 
 def cmd_caption(a) -> int:
-    from tqdm import tqdm
-
+    """Caption inputs (files, URLs, folders, globs, list files) with continuous batching; records to --output
+    (JSONL, resumable) or, without it, to stdout."""
+    from .captioning import CaptionSettings, caption_to_jsonl, expand_inputs, make_record
     from .runtime import CAPTION_PROMPT
 
+    if a.resume and not a.output:
+        raise PllavaError("--resume needs --output (the JSONL file to resume)")
+    settings = CaptionSettings(a.prompt or CAPTION_PROMPT, a.max_new_tokens, a.lora_alpha,
+                               os.path.basename(os.path.normpath(a.model)))
+    if a.ray:
+        from .distributed import caption_dataset
+
+        if not a.output:
+            raise PllavaError("--ray needs --output (the workers' records are written there)")
+        summary = caption_dataset(a.inputs, a.output, a.model, prompt=settings.prompt,
+                                  max_new_tokens=a.max_new_tokens, lora_alpha=a.lora_alpha, num_frames=a.num_frames,
+                                  batch_size=a.batch_size, resume=a.resume, overwrite=a.overwrite,
+                                  ray_address=a.ray_address, num_replicas=a.num_replicas,
+                                  gpus_per_replica=a.gpus_per_replica, device=a.device, dtype=a.dtype)
+        print(summary.line(), file=sys.stderr)
+        return 130 if summary.interrupted else (1 if summary.failed else 0)
+    items = expand_inputs(a.inputs) if a.output else expand_inputs(a.inputs, dedupe=False)
     eng = _load(a)
+    if a.output:
+        summary = caption_to_jsonl(eng, items, a.output, settings, batch_size=a.batch_size, resume=a.resume,
+                                   overwrite=a.overwrite, progress=sys.stderr.isatty() or a.progress,
+                                   decode_workers=a.decode_workers)
+        print(summary.line(), file=sys.stderr)
+        return 130 if summary.interrupted else (1 if summary.failed else 0)
     failed = 0
-    for path in tqdm(a.videos, disable=len(a.videos) < 2, file=sys.stderr, unit="video"):
-        try:
-            out = eng.generate(path, a.prompt or CAPTION_PROMPT, max_new_tokens=a.max_new_tokens)
-        except PllavaError as e:  # one bad file must not stop a batch: report it and go on
+    try:
+        outs = eng.generate_iter((settings.request(it.video) for it in items), a.batch_size,
+                                 media_workers=a.decode_workers)
+        results = dict(outs)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    for i, it in enumerate(items):  # stdout keeps the input order
+        out = results[i]
+        if out.finish_reason == "error":
             failed += 1
-            print(json.dumps({"video": path, "error": str(e)}) if a.json else f"{path}: ERROR {e}",
+            print(json.dumps(make_record(it, out, settings, eng)) if a.json else f"{it.video}: ERROR {out.error}",
                   file=sys.stdout if a.json else sys.stderr, flush=True)
-            continue
-        _report(path, out, a.json)
+        else:
+            _report(it.video, out, a.json)
     return 1 if failed else 0
 
 
@@ -162,9 +192,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pllava", description="PLLaVA video-language inference engine")
     p.add_argument("-v", "--verbose", action="store_true", help="log which paths run")
     sub = p.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("caption", help="caption one or more videos")
-    c.add_argument("videos", nargs="+")
+    c = sub.add_parser("caption", help="caption videos, folders, globs or list files (batched; JSONL, resumable)")
+    c.add_argument("inputs", nargs="+", help="video files, URLs, folders (recursive), globs, .txt/.jsonl/.csv lists")
     c.add_argument("--prompt", default=None, help="question to ask instead of the caption prompt")
+    c.add_argument("-o", "--output", default=None, help="JSONL file the records are appended to (default: stdout)")
+    c.add_argument("--resume", action="store_true", help="skip inputs that already have a text record in --output")
+    c.add_argument("--overwrite", action="store_true", help="empty --output first")
+    c.add_argument("--batch-size", type=_positive_int, default=8, help="requests decoding together")
+    c.add_argument("--decode-workers", type=_positive_int, default=4, help="threads decoding clips ahead")
+    c.add_argument("--progress", action="store_true", help="a progress bar even when stderr is not a terminal")
+    c.add_argument("--ray", action="store_true", help="run on Ray Data (pip install -e '.[ray]')")
+    c.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: start a local one)")
+    c.add_argument("--num-replicas", type=_positive_int, default=None, help="engines (actors); default: 1 a GPU")
+    c.add_argument("--gpus-per-replica", type=float, default=None, help="default 1 with GPUs, 0 on CPUs")
     _engine_args(c)
     c.set_defaults(func=cmd_caption)
     ch = sub.add_parser("chat", help="ask one question about a video (streams the answer)")
@@ -233,6 +273,9 @@ def main(argv=None) -> int:
     except PllavaError as e:
         print(f"pllava: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside a run that handles it itself (loading, say): no traceback
+        print("pllava: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """Typed errors. Every one is a ValueError subclass whose message names the file, key, field or limit at fault."""
+import re
 
 
 class PllavaError(ValueError):
@@ -31,3 +32,13 @@ class InputError(PllavaError):
 
 class MemoryBudgetError(PllavaError):
     """The KV cache budget cannot hold what was asked (a slot, or a request longer than a slot); names the numbers."""
+
+
+def error_line(e: BaseException) -> str:
+    """A typed, one-line error: 'VideoError: clip.mp4: no such file' (no errno noise, no newlines)."""
+    if isinstance(e, OSError) and e.strerror:
+        msg = f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+    else:
+        msg = str(e)
+    msg = re.sub(r"\[Errno \d+\]\s*", "", msg)
+    return f"{type(e).__name__}: {' '.join(msg.split())}"

@@ -427,12 +427,12 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------ batching
     def scheduler(self, max_num_seqs: int = 8, max_seq_len: int | None = None, kv_cache_bytes: int | None = None,
-                  prefill_chunk: int | None = None):
-        """The continuous-batching scheduler over this engine (pllava.scheduler.Scheduler): generate_many and
-        the server drive it. The slots' KV is sized from the memory budget (see plan_slots)."""
+                  prefill_chunk: int | None = None, media_workers: int = 2):
+        """A new continuous-batching scheduler over this engine (pllava.scheduler.Scheduler), as the server
+        drives it. The slots' KV is sized from the memory budget (see plan_slots)."""
         from .scheduler import Scheduler
 
-        return Scheduler(self, max_num_seqs, max_seq_len, kv_cache_bytes, prefill_chunk)
+        return Scheduler(self, max_num_seqs, max_seq_len, kv_cache_bytes, prefill_chunk, media_workers)
 
     def generate_many(self, requests, max_batch_size: int | None = None, progress: bool = False, *,
                       return_errors: bool = False, prefill_chunk: int | None = None,
@@ -447,35 +447,17 @@ class Engine:
         the others are done, or, with return_errors=True, comes back with finish_reason 'error' and `error`.
         `prefill_chunk`: prefill long prompts in chunks of this many tokens between decode steps.
         """
-        from .scheduler import Request, Scheduler
+        from .scheduler import Request, engine_scheduler, slot_len_for
 
         reqs = [Request.coerce(r, f"requests[{i}]") for i, r in enumerate(requests)]
         if not reqs:
             return []
-        if max_batch_size is not None and (isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int)
-                                           or max_batch_size < 1):
-            raise InputError(f"max_batch_size must be an integer >= 1 or None, got {max_batch_size!r}")
+        _check_batch_size(max_batch_size)
         n_seqs = max_batch_size if max_batch_size is not None else min(len(reqs), 16)
-        need = 2  # slot length from the workload, rounded up to 256 positions (not the whole context)
         for i, r in enumerate(reqs):
-            _ids, _pos, n_prompt = self._validate_prompt(r, i)
-            n_new = r.max_new_tokens if isinstance(r.max_new_tokens, int) and r.max_new_tokens > 0 else 1
-            need = max(need, n_prompt + n_new)
-        ctx = self.config.text.max_position_embeddings
-        slot_len = min(ctx, -(-need // 256) * 256)
-        sched = self._sched
-        if (sched is None or sched.plan.slot_len < slot_len or sched.prefill_chunk != prefill_chunk
-                or (sched.graphs is not None) != bool(self.cuda_graphs)
-                or sched.plan.num_slots < min(n_seqs, len(reqs)) and sched.asked < min(n_seqs, len(reqs))
-                or kv_cache_bytes is not None):
-            old, self._sched = sched, None
-            if old is not None:
-                old.stop()
-            sched = Scheduler(self, n_seqs, slot_len, kv_cache_bytes, prefill_chunk)
-            if old is not None:
-                sched.inherit_prefixes(old)  # a bigger scheduler keeps the clips the old one held
-                del old
-            self._sched = sched
+            self._validate_prompt(r, i)
+        sched = engine_scheduler(self, min(n_seqs, len(reqs)), slot_len_for(self, reqs), prefill_chunk,
+                                 kv_cache_bytes)
         sched.limit = n_seqs
         seqs = [sched.make_sequence(r, i) for i, r in enumerate(reqs)]
         bar = None
@@ -493,6 +475,21 @@ class Engine:
                 if s.error is not None:
                     raise type(s.error)(f"requests[{s.index}]: {s.error}") from s.error
         return [s.output for s in seqs]
+
+    def generate_iter(self, requests, max_batch_size: int = 16, *, max_seq_len: int | None = None,
+                      prefill_chunk: int | None = None, kv_cache_bytes: int | None = None,
+                      media_workers: int = 2, stats: dict | None = None) -> Iterator[tuple[int, GenerationOutput]]:
+        """Continuous batching over an iterable of requests of any length (a dataset): yields (index, output) as
+        each request finishes, pulling new requests in as slots free up (a bounded look-ahead, so clips are
+        decoded ahead by `media_workers` threads but never all at once). A request that fails (validation or
+        its clip) yields an output with finish_reason 'error'. `max_seq_len`: positions of a KV slot (default:
+        sized from the first requests). `stats` (a dict) receives the scheduler's counters at the end, among them
+        `model_wait_s`, the time the model waited for a clip to be decoded."""
+        from .scheduler import iter_outputs
+
+        _check_batch_size(max_batch_size)
+        yield from iter_outputs(self, requests, max_batch_size, max_seq_len=max_seq_len, prefill_chunk=prefill_chunk,
+                                kv_cache_bytes=kv_cache_bytes, media_workers=media_workers, stats=stats)
 
     def _validate_prompt(self, r, i):
         from .errors import PllavaError
@@ -515,6 +512,11 @@ class Engine:
 
     def caption(self, video, max_new_tokens: int = 256, **kw) -> str:
         return self.generate(video, CAPTION_PROMPT, max_new_tokens=max_new_tokens, **kw).text
+
+
+def _check_batch_size(n):
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise InputError(f"max_batch_size must be an integer >= 1 or None, got {n!r}")
 
 
 def _is_pil(x) -> bool:

@@ -42,8 +42,8 @@ def test_chat_streams_answer(ckpts, video_path):
     assert r.stdout.endswith("\n") and len(r.stdout) > 1
 
 
-def test_bad_model_dir_is_a_clear_error(tmp_path):
-    r = _run("caption", "x.mp4", "--model", str(tmp_path))
+def test_bad_model_dir_is_a_clear_error(tmp_path, video_path):
+    r = _run("caption", video_path, "--model", str(tmp_path))
     assert r.returncode == 2 and "config.json" in r.stderr
 
 

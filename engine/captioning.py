@@ -1,0 +1,277 @@
+"""Captioning at scale: inputs (files, URLs, folders, globs, list files) -> JSONL records, resumable.
+
+`caption_to_jsonl` drives `Engine.generate_iter` (the continuous-batching scheduler; no loop of its own): clips
+are decoded and preprocessed ahead by media workers while the model runs, and each record is written as one
+`os.write` of one whole line on an O_APPEND descriptor, so a killed run leaves whole lines only (a tail without
+its newline, from a crash of the machine itself, is cut off by the next `--resume`). `pllava.distributed` runs
+the same records through Ray Data.
+"""
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass, field
+
+from .errors import InputError
+
+log = logging.getLogger("pllava")
+
+VIDEO_EXTS = frozenset({".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".flv", ".wmv", ".mpg", ".mpeg", ".ts",
+                        ".mts", ".m2ts", ".3gp", ".ogv", ".gif"})
+LIST_EXTS = frozenset({".txt", ".jsonl", ".csv"})
+URL_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+
+
+@dataclass
+class Item:
+    video: str  # path or URL, as the record names it
+    extra: dict = field(default_factory=dict)  # fields a .jsonl / .csv list carried along
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+def _from_list(path: str) -> list[Item]:
+    ext = os.path.splitext(path)[1].lower()
+    base = os.path.dirname(os.path.abspath(path))
+
+    def resolve(v: str) -> str:  # a relative path in a list is relative to the list file
+        return v if URL_RE.match(v) or os.path.isabs(v) else os.path.normpath(os.path.join(base, v))
+
+    out = []
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            if ext == ".txt":
+                for line in f:
+                    line = line.strip()
+                    if line and not line.startswith("#"):
+                        out.append(Item(resolve(line)))
+            elif ext == ".jsonl":
+                for n, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise InputError(f"{path}:{n}: not JSON ({e.msg})") from None
+                    if not isinstance(rec, dict) or not isinstance(rec.get("video"), str) or not rec["video"]:
+                        raise InputError(f"{path}:{n}: each line must be an object with a 'video' string")
+                    out.append(Item(resolve(rec["video"]), {k: v for k, v in rec.items() if k != "video"}))
+            else:
+                rows = csv.DictReader(f)
+                if rows.fieldnames is None or "video" not in rows.fieldnames:
+                    raise InputError(f"{path}: a CSV list needs a 'video' column (header: {rows.fieldnames})")
+                for n, row in enumerate(rows, 2):
+                    v = (row.get("video") or "").strip()
+                    if not v:
+                        raise InputError(f"{path}:{n}: empty 'video' field")
+                    out.append(Item(resolve(v), {k: x for k, x in row.items() if k != "video" and k is not None}))
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: a list file must be UTF-8 text") from None
+    except OSError as e:
+        raise InputError(f"{path}: cannot read: {e.strerror or e}") from None
+    return out
+
+
+def _walk(d: str) -> list[str]:
+    found = []
+    for root, dirs, files in os.walk(d):
+        dirs.sort()
+        found += [os.path.join(root, f) for f in sorted(files) if os.path.splitext(f)[1].lower() in VIDEO_EXTS]
+    return found
+
+
+def expand_inputs(inputs, dedupe: bool = True) -> list[Item]:
+    """Video files, URLs, directories (recursive, video extensions only), globs and list files (.txt: a path or
+    URL a line; .jsonl / .csv: a `video` field, the other fields carried along) -> items, first occurrence
+    kept. An input that names nothing is an InputError naming it."""
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    items: list[Item] = []
+    for raw in inputs:
+        s = os.fspath(raw)
+        if URL_RE.match(s):
+            items.append(Item(s))
+        elif os.path.isdir(s):
+            vids = _walk(s)
+            if not vids:
+                log.warning("%s: a folder with no video files (%s)", s, ", ".join(sorted(VIDEO_EXTS)))
+            items += [Item(v) for v in vids]
+        elif os.path.isfile(s):
+            ext = os.path.splitext(s)[1].lower()
+            items += _from_list(s) if ext in LIST_EXTS else [Item(s)]
+        elif glob.has_magic(s):
+            hits = sorted(glob.glob(s, recursive=True))
+            if not hits:
+                raise InputError(f"{s}: the pattern matches nothing")
+            for h in hits:
+                if os.path.isdir(h):
+                    items += [Item(v) for v in _walk(h)]
+                elif os.path.splitext(h)[1].lower() in VIDEO_EXTS:
+                    items.append(Item(h))
+        else:
+            raise InputError(f"{s}: no such file or directory")
+    if not dedupe:
+        return items
+    seen, out = set(), []
+    for it in items:
+        if it.video not in seen:
+            seen.add(it.video)
+            out.append(it)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- output
+class JsonlWriter:
+    """Appends one JSON record a line; each line goes out in one os.write on an O_APPEND descriptor (a signal
+    cannot split it, and nothing sits in a Python buffer when the process dies)."""
+
+    def __init__(self, path: str, fsync: bool = False):
+        d = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(d):
+            raise InputError(f"{path}: the output folder {d} does not exist")
+        try:
+            self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise InputError(f"{path}: cannot open for writing: {e.strerror or e}") from None
+        self.path, self.fsync = path, fsync
+
+    def write(self, record: dict):
+        data = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+        n = os.write(self.fd, data)
+        if n != len(data):  # a full disk: say so rather than leave half a line unexplained
+            raise OSError(f"{self.path}: short write ({n} of {len(data)} bytes; disk full?)")
+        if self.fsync:
+            os.fsync(self.fd)
+
+    def close(self):
+        os.close(self.fd)
+
+
+def read_done(path: str, repair: bool = True) -> set[str]:
+    """Videos that already have a text record in `path`. A last line without its newline (a machine crash
+    mid-write) is cut off (repair) so the next record starts on a line of its own."""
+    done: set[str] = set()
+    if not os.path.exists(path):
+        return done
+    with open(path, "rb") as f:
+        data = f.read()
+    if data and not data.endswith(b"\n"):
+        cut = data.rfind(b"\n") + 1
+        log.warning("%s: a torn last line (%d bytes) is dropped", path, len(data) - cut)
+        if repair:
+            with open(path, "r+b") as f:
+                f.truncate(cut)
+        data = data[:cut]
+    for n, line in enumerate(data.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            raise InputError(f"{path}:{n}: not a JSON record; is this the output of pllava caption?") from None
+        if isinstance(rec, dict) and isinstance(rec.get("video"), str) and isinstance(rec.get("text"), str):
+            done.add(rec["video"])
+    return done
+
+
+# ---------------------------------------------------------------------------------------------- the run
+@dataclass
+class CaptionSettings:
+    prompt: str
+    max_new_tokens: int = 256
+    lora_alpha: float | None = None
+    model: str = ""
+
+    def request(self, video: str) -> dict:
+        return dict(video=video, prompt=self.prompt, max_new_tokens=self.max_new_tokens, lora_alpha=self.lora_alpha)
+
+
+def make_record(item: Item, out, settings: CaptionSettings, engine) -> dict:
+    shaped = dict(model=settings.model, prompt=settings.prompt, num_frames=engine.config.num_frames,
+                  lora_alpha=engine.lora_alpha if settings.lora_alpha is None else settings.lora_alpha,
+                  max_new_tokens=settings.max_new_tokens)
+    if out.finish_reason == "error":
+        rec = {"video": item.video, "error": " ".join((out.error or "error").split())}
+    else:
+        rec = {"video": item.video, "text": out.text, "num_prompt_tokens": out.num_prompt_tokens,
+               "num_new_tokens": len(out.token_ids), "finish_reason": out.finish_reason,
+               "timings": {k: round(v, 4) for k, v in out.timings.items() if isinstance(v, (int, float))}}
+    rec.update(shaped)
+    for k, v in item.extra.items():
+        rec.setdefault(k, v)
+    return rec
+
+
+@dataclass
+class Summary:
+    captioned: int = 0
+    failed: int = 0
+    skipped: int = 0
+    elapsed_s: float = 0.0
+    model_wait_s: float = 0.0
+    interrupted: bool = False
+
+    @property
+    def clips_per_s(self) -> float:
+        return self.captioned / self.elapsed_s if self.elapsed_s else 0.0
+
+    def line(self) -> str:
+        wait = self.model_wait_s / self.elapsed_s * 100 if self.elapsed_s else 0.0
+        return (f"{'interrupted: ' if self.interrupted else ''}captioned {self.captioned}, failed {self.failed}, "
+                f"skipped {self.skipped}, {self.clips_per_s:.2f} clips/s, elapsed {self.elapsed_s:.1f} s, "
+                f"model waited on decoding {wait:.0f} % of the time")
+
+
+def plan_output(inputs, output: str, resume: bool, overwrite: bool) -> tuple[list[Item], int]:
+    """-> (items still to caption, how many the output already has). Refuses to append to a non-empty output
+    unless resuming (no duplicate records) or told to overwrite it."""
+    items = inputs if isinstance(inputs, list) and all(isinstance(x, Item) for x in inputs) else expand_inputs(inputs)
+    exists = os.path.exists(output) and os.path.getsize(output) > 0
+    if exists and not (resume or overwrite):
+        raise InputError(f"{output} already holds records: pass --resume to skip the clips it has, or "
+                         "--overwrite to start it again")
+    if overwrite and not resume and os.path.exists(output):
+        os.truncate(output, 0)
+    done = read_done(output) if resume else set()
+    todo = [it for it in items if it.video not in done]
+    return todo, len(items) - len(todo)
+
+
+def caption_to_jsonl(engine, inputs, output: str, settings: CaptionSettings, *, batch_size: int = 8,
+                     resume: bool = False, overwrite: bool = False, progress: bool = True,
+                     decode_workers: int = 4) -> Summary:
+    """Caption every input into `output` (JSONL). Returns the summary; a KeyboardInterrupt propagates after the
+    records of finished clips are written (in-flight ones are dropped; --resume redoes them)."""
+    todo, skipped = plan_output(inputs, output, resume, overwrite)
+    summary = Summary(skipped=skipped)
+    writer = JsonlWriter(output)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(todo), unit="clip", desc="caption", dynamic_ncols=True)
+    stats: dict = {}
+    t0 = time.perf_counter()
+    try:
+        for i, out in engine.generate_iter((settings.request(it.video) for it in todo), batch_size,
+                                           media_workers=decode_workers, stats=stats):
+            writer.write(make_record(todo[i], out, settings, engine))
+            if out.finish_reason == "error":
+                summary.failed += 1
+            else:
+                summary.captioned += 1
+            if bar is not None:
+                bar.update(1)
+    except KeyboardInterrupt:
+        summary.interrupted = True
+    finally:
+        summary.elapsed_s = time.perf_counter() - t0
+        summary.model_wait_s = stats.get("model_wait_s", 0.0)
+        writer.close()
+        if bar is not None:
+            bar.close()
+    return summary

@@ -1,0 +1,224 @@
+"""Captioning at scale: inputs of every kind, JSONL records written whole, resume without duplicates, failed clips
+recorded and retried, a killed or interrupted run, and the Ray Data path giving the single-process records."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import pllava
+from pllava.captioning import CaptionSettings, JsonlWriter, caption_to_jsonl, expand_inputs, read_done
+from pllava.errors import InputError, PllavaError
+from pllava.testing import make_video
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A folder tree: 3 clips (one in a subfolder), a text file that is not a video, and a corrupt .mp4."""
+    d = tmp_path_factory.mktemp("data")
+    (d / "sub").mkdir()
+    clips = [make_video(str(d / "a.mp4"), num_frames=12, size=(64, 48)),
+             make_video(str(d / "b.mkv"), num_frames=9, size=(48, 64), codec="libx264"),
+             make_video(str(d / "sub" / "c.mp4"), num_frames=20, size=(80, 60), gop=5)]
+    (d / "notes.txt").write_text("not a clip\n")
+    bad = d / "sub" / "broken.mp4"
+    bad.write_bytes(b"\x00\x00\x00\x18ftypmp42" + os.urandom(500))
+    return d, clips, str(bad)
+
+
+@pytest.fixture(scope="module")
+def engine(ckpts):
+    return pllava.Engine.from_pretrained(ckpts["pllava"])
+
+
+def records(path):
+    with open(path, encoding="utf-8") as f:
+        raw = f.read()
+    assert raw == "" or raw.endswith("\n"), "a torn last line"
+    return [json.loads(line) for line in raw.splitlines()]
+
+
+# ------------------------------------------------------------------------------------------ inputs
+def test_inputs_of_every_kind(data, tmp_path):
+    d, clips, bad = data
+    a, b, c = clips
+    assert [i.video for i in expand_inputs([str(d)])] == [a, b, bad, c]  # recursive, videos only, sorted
+    assert [i.video for i in expand_inputs([str(d / "*.mp4")])] == [a]
+    assert [i.video for i in expand_inputs([str(d / "**" / "*.mp4")])] == [a, bad, c]
+    lst = tmp_path / "list.txt"
+    lst.write_text(f"# clips\n{a}\n\nhttps://example.com/x.mp4\n{os.path.relpath(c, tmp_path)}\n")
+    assert [i.video for i in expand_inputs([str(lst)])] == [a, "https://example.com/x.mp4", c]
+    jl = tmp_path / "list.jsonl"
+    jl.write_text(json.dumps({"video": b, "id": 7, "split": "val"}) + "\n\n" + json.dumps({"video": a}) + "\n")
+    items = expand_inputs([str(jl), a])  # a appears twice: the first occurrence is kept
+    assert [(i.video, i.extra) for i in items] == [(b, {"id": 7, "split": "val"}), (a, {})]
+    cs = tmp_path / "list.csv"
+    cs.write_text(f"video,caption_id\n{c},x1\n{a},x2\n")
+    assert [(i.video, i.extra) for i in expand_inputs([str(cs)])] == [(c, {"caption_id": "x1"}),
+                                                                      (a, {"caption_id": "x2"})]
+    assert [i.video for i in expand_inputs([a, a], dedupe=False)] == [a, a]
+
+
+def test_bad_inputs_name_what_is_wrong(data, tmp_path):
+    d, _, _ = data
+    with pytest.raises(InputError, match=r"nope\.mp4: no such file or directory"):
+        expand_inputs([str(d / "nope.mp4")])
+    with pytest.raises(InputError, match="the pattern matches nothing"):
+        expand_inputs([str(d / "*.webm")])
+    jl = tmp_path / "bad.jsonl"
+    jl.write_text('{"video": "a.mp4"}\n{"video": \n')
+    with pytest.raises(InputError, match=r"bad\.jsonl:2: not JSON"):
+        expand_inputs([str(jl)])
+    jl.write_text('{"path": "a.mp4"}\n')
+    with pytest.raises(InputError, match=r"bad\.jsonl:1: each line must be an object with a 'video' string"):
+        expand_inputs([str(jl)])
+    cs = tmp_path / "bad.csv"
+    cs.write_text("path\na.mp4\n")
+    with pytest.raises(InputError, match=r"bad\.csv: a CSV list needs a 'video' column"):
+        expand_inputs([str(cs)])
+
+
+# ------------------------------------------------------------------------------------------ records
+def test_folder_to_jsonl_with_a_bad_clip_then_resume(engine, data, tmp_path):
+    d, clips, bad = data
+    out = str(tmp_path / "caps.jsonl")
+    st = CaptionSettings("Describe the video in details.", max_new_tokens=12, model="tiny")
+    s = caption_to_jsonl(engine, [str(d)], out, st, batch_size=2, progress=False)
+    assert (s.captioned, s.failed, s.skipped, s.interrupted) == (3, 1, 0, False)
+    recs = {r["video"]: r for r in records(out)}
+    assert set(recs) == set(clips) | {bad}
+    err = recs[bad]["error"]
+    assert err.startswith("VideoError: ") and bad in err and "\n" not in err and "Errno" not in err
+    for c in clips:  # each record is what generate() gives for that clip alone
+        want = engine.generate(c, "Describe the video in details.", max_new_tokens=12)
+        r = recs[c]
+        assert (r["text"], r["num_new_tokens"], r["num_prompt_tokens"]) == (want.text, len(want.token_ids),
+                                                                             want.num_prompt_tokens)
+        assert (r["model"], r["prompt"], r["num_frames"], r["lora_alpha"]) == ("tiny", st.prompt, 4, 4.0)
+        assert r["finish_reason"] in ("stop", "length") and r["timings"]["total"] > 0
+    with pytest.raises(InputError, match="already holds records: pass --resume"):
+        caption_to_jsonl(engine, [str(d)], out, st, progress=False)
+    s2 = caption_to_jsonl(engine, [str(d)], out, st, resume=True, progress=False)
+    assert (s2.captioned, s2.failed, s2.skipped) == (0, 1, 3)  # only the failed clip is tried again
+    texts = [r["video"] for r in records(out) if "text" in r]
+    assert sorted(texts) == sorted(clips)  # no duplicates
+    s3 = caption_to_jsonl(engine, [str(d)], out, st, overwrite=True, progress=False)
+    assert s3.captioned == 3 and len(records(out)) == 4
+
+
+def test_a_torn_tail_is_cut_on_resume(tmp_path):
+    p = tmp_path / "o.jsonl"
+    w = JsonlWriter(str(p))
+    w.write({"video": "a.mp4", "text": "x"})
+    w.close()
+    with open(p, "ab") as f:
+        f.write(b'{"video": "b.mp4", "te')  # a machine crash mid-line
+    assert read_done(str(p)) == {"a.mp4"}
+    assert p.read_text() == '{"video": "a.mp4", "text": "x"}\n'
+    p.write_text("garbage\n")
+    with pytest.raises(InputError, match=r"o\.jsonl:1: not a JSON record"):
+        read_done(str(p))
+
+
+def _cli(*args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "pllava.cli", "caption", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def _wait_for_records(path, n, proc, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if os.path.exists(path) and open(path).read().count("\n") >= n:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"exited early: {proc.stderr.read()}")
+        time.sleep(0.02)
+    raise AssertionError("no records in time")
+
+
+@pytest.fixture(scope="module")
+def many(tmp_path_factory, data):
+    """A list of 16 clips (the 3 clips, repeated under other names)."""
+    d = tmp_path_factory.mktemp("many")
+    _, clips, _ = data
+    names = []
+    for i in range(16):
+        p = d / f"clip{i:02d}{os.path.splitext(clips[i % 3])[1]}"
+        p.write_bytes(open(clips[i % 3], "rb").read())
+        names.append(str(p))
+    return d, names
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["kill", "ctrl-c"])
+def test_killed_or_interrupted_run_leaves_whole_lines_and_resumes(ckpts, many, tmp_path, sig):
+    d, names = many
+    out = str(tmp_path / "caps.jsonl")
+    args = [str(d), "--model", ckpts["pllava"], "--output", out, "--max-new-tokens", "40", "--batch-size", "2"]
+    p = _cli(*args)
+    _wait_for_records(out, 2, p)
+    p.send_signal(sig)
+    _, err = p.communicate(timeout=60)
+    if sig == signal.SIGINT:
+        assert p.returncode == 130, err
+        assert "Traceback" not in err and "interrupted: captioned" in err, err
+    got = records(out)  # every line whole and JSON
+    assert 2 <= len(got) < 16
+    p = _cli(*args, "--resume")
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    assert f"skipped {len(got)}" in err and "Traceback" not in err
+    final = records(out)
+    assert sorted(r["video"] for r in final) == sorted(names)  # each clip exactly once
+
+
+def test_cli_folder_output_and_summary(ckpts, data, tmp_path):
+    d, _, bad = data
+    out = tmp_path / "o.jsonl"
+    p = _cli(str(d), "--model", ckpts["pllava"], "-o", str(out), "--max-new-tokens", "5")
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 1, err  # one clip failed; the others were captioned
+    assert "captioned 3, failed 1, skipped 0" in err and "clips/s" in err and "model waited" in err
+    p = _cli(str(d), "--model", ckpts["pllava"], "-o", str(out))
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 2 and "--resume" in err and "Traceback" not in err
+    p = _cli(str(d / "missing"), "--model", ckpts["pllava"], "-o", str(tmp_path / "x.jsonl"))
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 2 and "missing: no such file or directory" in err
+
+
+# ------------------------------------------------------------------------------------------ Ray Data
+def test_ray_missing_extra_is_one_line(monkeypatch, data, tmp_path):
+    from pllava import distributed
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    with pytest.raises(PllavaError, match=r"pip install -e \"\.\[ray\]\""):
+        distributed.caption_dataset([str(data[0])], str(tmp_path / "o.jsonl"), "unused")
+
+
+def test_ray_path_gives_the_single_process_records(ckpts, data, tmp_path, engine):
+    pytest.importorskip("ray.data")
+    from pllava.distributed import caption_dataset
+
+    d, clips, bad = data
+    lst = tmp_path / "list.jsonl"
+    lst.write_text("".join(json.dumps({"video": v, "id": i}) + "\n" for i, v in enumerate(clips + [bad])))
+    single, dist = str(tmp_path / "single.jsonl"), str(tmp_path / "ray.jsonl")
+    st = CaptionSettings("Describe the video in details.", max_new_tokens=10, model=os.path.basename(ckpts["pllava"]))
+    caption_to_jsonl(engine, [str(lst)], single, st, batch_size=2, progress=False)
+    s = caption_dataset([str(lst)], dist, ckpts["pllava"], max_new_tokens=10, batch_size=2, num_replicas=2,
+                        rows_per_task=1)
+    assert (s.captioned, s.failed) == (3, 1)
+
+    def key(r):
+        return {k: v for k, v in r.items() if k != "timings"}
+
+    a = sorted((key(r) for r in records(single)), key=lambda r: r["video"])
+    b = sorted((key(r) for r in records(dist)), key=lambda r: r["video"])
+    assert a == b and all("id" in r for r in b)
+    again = caption_dataset([str(lst)], dist, ckpts["pllava"], max_new_tokens=10, resume=True, num_replicas=2)
+    assert (again.skipped, again.captioned) == (3, 0)  # only the broken clip was tried again
+    assert len(records(dist)) == 5
+
