@@ -375,10 +375,9 @@ def plots(rows: list[Row], out_dir: str, title: str) -> list[str]:
     return paths
 
 
-def run_bench(preset: str = "small", frames=(1, 4, 8, 16, 32, 64), new_tokens: int = 64, runs: int = 3,
-              device=None, dtype=None, baseline: bool = True, video: str | None = None,
-              out_dir: str = "benchmarks/results") -> dict:
-    """Run the sweep; print and return {'rows', 'table', 'json', 'plots'}."""
+def bench_setup(preset, device, dtype, video, out_dir):
+    """-> (device, dtype, base_dir, adapter_dir, video, engine): the preset's checkpoint (written once), the clip,
+    and an engine with the prefix cache off (every run pays for its video: the same clip repeats)."""
     from .runtime import Engine
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -387,7 +386,19 @@ def run_bench(preset: str = "small", frames=(1, 4, 8, 16, 32, 64), new_tokens: i
     video = video or bench_video()
     os.makedirs(out_dir, exist_ok=True)
     engine = Engine.from_pretrained(adapter, device=device, dtype=dt)
-    engine.prefix_cache = False  # every run must pay for its video (the same clip repeats across runs)
+    engine.prefix_cache = False
+    return device, dt, base, adapter, video, engine
+
+
+def device_name(device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+
+
+def run_bench(preset: str = "small", frames=(1, 4, 8, 16, 32, 64), new_tokens: int = 64, runs: int = 3,
+              device=None, dtype=None, baseline: bool = True, video: str | None = None,
+              out_dir: str = "benchmarks/results") -> dict:
+    """Run the sweep; print and return {'rows', 'table', 'json', 'plots'}."""
+    device, dt, base, adapter, video, engine = bench_setup(preset, device, dtype, video, out_dir)
     rows = []
     for f in frames:
         rows.append(bench_engine(engine, video, f, new_tokens, runs))
@@ -399,7 +410,7 @@ def run_bench(preset: str = "small", frames=(1, 4, 8, 16, 32, 64), new_tokens: i
             rows.append(bench_baseline(bl, video, f, new_tokens, runs, device))
             log.info("baseline %d frames: %s", f, rows[-1].stages)
         del bl
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    name = device_name(device)
     title = f"{preset}, {name}, {str(dt).split('.')[-1]}, {new_tokens} new tokens"
     tbl = table(rows)
     js = os.path.join(out_dir, f"bench_{preset}.json")

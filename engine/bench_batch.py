@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from .bench import PROMPT, Clock, bench_video, load_baseline, make_preset_checkpoint
+from .bench import PROMPT, Clock, bench_setup, device_name, load_baseline
 
 log = logging.getLogger("pllava")
 
@@ -207,15 +207,7 @@ def run_batch_bench(preset: str = "small", batches=(1, 2, 4, 8, 16), frames=(16,
                     runs: int = 3, device=None, dtype=None, baseline: bool = True, video: str | None = None,
                     out_dir: str = "benchmarks/results") -> dict:
     """Run the sweep; print and return {'rows', 'table', 'json', 'plot'}."""
-    from .runtime import Engine
-
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dt = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    base, adapter = make_preset_checkpoint(preset, dtype=dt, device="cuda" if device.type == "cuda" else "cpu")
-    video = video or bench_video()
-    os.makedirs(out_dir, exist_ok=True)
-    engine = Engine.from_pretrained(adapter, device=device, dtype=dt)
-    engine.prefix_cache = False  # every request pays for its own clip
+    device, dt, base, adapter, video, engine = bench_setup(preset, device, dtype, video, out_dir)
     rows: list[BatchRow] = []
     for f in frames:
         engine.set_frames(f, (f, 12, 12))
@@ -237,7 +229,7 @@ def run_batch_bench(preset: str = "small", batches=(1, 2, 4, 8, 16), frames=(16,
         del bl
     order = {"pllava-engine batched": 0, "pllava-engine sequential": 1, "transformers batched": 2}
     rows.sort(key=lambda r: (r.frames, order[r.system], r.batch))
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    name = device_name(device)
     title = f"{preset}, {name}, {str(dt).split('.')[-1]}, {new_tokens} new tokens, batch sweep"
     tbl = table(rows)
     js = os.path.join(out_dir, f"bench_batch_{preset}.json")

@@ -159,7 +159,7 @@ def cmd_serve(a) -> int:
                                  lora_alpha=a.lora_alpha, conv_mode=a.conv_mode)
     cfg = ServerConfig(model_name=a.served_model_name or os.path.basename(os.path.normpath(a.model)),
                        api_key=a.api_key, max_concurrency=a.max_concurrency, max_queue=a.max_queue,
-                       max_num_seqs=a.max_num_seqs, max_model_len=a.max_model_len,
+                       max_num_seqs=a.max_num_seqs, max_model_len=a.max_model_len, prefill_chunk=a.prefill_chunk,
                        allowed_local_media_path=a.allowed_local_media_path, max_video_bytes=a.max_video_bytes,
                        max_frames=a.max_frames, max_new_tokens_limit=a.max_new_tokens_limit,
                        lora_alpha=eng.lora_alpha,
@@ -235,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="requests decoding together in one batch (continuous batching)")
     sv.add_argument("--max-model-len", type=_positive_int, default=None,
                     help="positions of one KV slot (prompt + new tokens); default: the model's context")
+    sv.add_argument("--prefill-chunk", type=_positive_int, default=None,
+                    help="prefill long prompts this many tokens a step so running streams keep flowing")
     sv.add_argument("--max-concurrency", type=_positive_int, default=None,
                     help="requests past admission (media fetch + batch); default: --max-num-seqs")
     sv.add_argument("--max-queue", type=int, default=16)

@@ -19,6 +19,7 @@ class ServerConfig:
     api_key: str | None = None
     max_num_seqs: int = 8  # requests decoding together in one batch (vLLM's --max-num-seqs)
     max_model_len: int | None = None  # positions of one KV slot (prompt + new tokens); None: the model's context
+    prefill_chunk: int | None = None  # prefill long prompts this many tokens a step, between decode steps
     max_concurrency: int | None = None  # requests past admission (media + model); None: max_num_seqs
     max_queue: int = 16
     allowed_local_media_path: str | None = None

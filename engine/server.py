@@ -131,7 +131,8 @@ def create_app(engine, cfg: ServerConfig) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app):
         state["adm"] = Admission(cfg.max_concurrency or cfg.max_num_seqs, cfg.max_queue)
-        batch = engine.scheduler(max_num_seqs=cfg.max_num_seqs, max_seq_len=cfg.max_model_len)
+        batch = engine.scheduler(max_num_seqs=cfg.max_num_seqs, max_seq_len=cfg.max_model_len,
+                                 prefill_chunk=cfg.prefill_chunk)
         batch.start()
         state["batch"] = batch
         await asyncio.to_thread(_warmup, engine, batch)
