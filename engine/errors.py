@@ -30,6 +30,10 @@ class InputError(PllavaError):
     """A `video` argument of the wrong type, dtype or shape."""
 
 
+class NumericalError(PllavaError):
+    """The model produced non-finite logits (NaN or inf) for a request: it ends, typed, rather than sampling garbage."""
+
+
 class MemoryBudgetError(PllavaError):
     """The KV cache budget cannot hold what was asked (a slot, or a request longer than a slot); names the numbers."""
 

@@ -3,10 +3,13 @@ detokenizes incrementally and watches for stop strings without decoding the whol
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
+
+from .errors import InputError, NumericalError
 
 
 @dataclass
@@ -22,8 +25,12 @@ class SamplingParams:
 
     def validate(self):
         def bad(name, why):
-            raise ValueError(f"{name}: {why}, got {getattr(self, name)!r}")
+            raise InputError(f"{name}: {why}, got {getattr(self, name)!r}")
 
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                bad(name, "must be a number")
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             bad("max_new_tokens", "must be an integer >= 1")
         if not (self.temperature >= 0):
@@ -36,8 +43,26 @@ class SamplingParams:
             bad("repetition_penalty", "must be > 0")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        if any(not isinstance(s, str) or not s for s in self.stop):
+        if not isinstance(self.stop, (list, tuple)) or any(not isinstance(s, str) or not s for s in self.stop):
             bad("stop", "must be non-empty strings")
+        if any(_has_surrogate(s) for s in self.stop):
+            bad("stop", "holds a lone surrogate (not encodable as UTF-8)")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not 0 <= self.seed < 2 ** 63):
+            bad("seed", "must be an integer in [0, 2**63)")
+        if not isinstance(self.stop_token_ids, (list, tuple)) or any(
+                isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+            bad("stop_token_ids", "must be a list of token ids (integers >= 0)")
+        if not math.isfinite(self.temperature) or not math.isfinite(self.repetition_penalty):
+            bad("temperature" if not math.isfinite(self.temperature) else "repetition_penalty", "must be finite")
+
+
+def _has_surrogate(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 @torch.no_grad()
@@ -107,12 +132,17 @@ def sample(logits: torch.Tensor, p: SamplingParams, seen: torch.Tensor | None, g
     """logits (V,) -> next token id, with transformers' processor order: repetition penalty, temperature,
     top-k, top-p."""
     logits = logits.float()
+    if not bool(torch.isfinite(logits).all()):  # a NaN / inf from the model: never sample from garbage
+        n_bad = int((~torch.isfinite(logits)).sum())
+        raise NumericalError(f"the model produced {n_bad} non-finite logits (NaN or inf) of {logits.numel()}")
     if p.repetition_penalty != 1.0 and seen is not None and seen.numel():
         s = logits.gather(0, seen)
         logits = logits.scatter(0, seen, torch.where(s < 0, s * p.repetition_penalty, s / p.repetition_penalty))
     if p.temperature == 0:
         return int(logits.argmax())
-    logits = logits / p.temperature
+    # shifted by the maximum first: softmax((l - max) / T) = softmax(l / T), and a temperature as small as 1e-30
+    # can no longer overflow to inf - inf = NaN (the top token gets 0, the others large negatives or -inf)
+    logits = (logits - logits.max()) / p.temperature
     if p.top_k and p.top_k < logits.numel():
         kth = torch.topk(logits, p.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -244,6 +244,9 @@ class Engine:
                 if video.dim() != 4 or tuple(video.shape[1:]) != (3, s, s):
                     raise InputError(f"video: a float tensor must be preprocessed frames (T, 3, {s}, {s}), "
                                      f"got {tuple(video.shape)}")
+                if not bool(torch.isfinite(video).all()):
+                    raise InputError(f"video: the preprocessed frames hold {int((~torch.isfinite(video)).sum())} "
+                                     "NaN or inf values")
                 return video.to(self.device, self.dtype)
             frames = video
         else:
@@ -335,6 +338,11 @@ class Engine:
         mode = conv_mode or self.conv_mode
         text = build_chat_prompt(prompt, mode, system) if isinstance(prompt, list) else build_prompt(prompt, mode,
                                                                                                      system)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise PromptError(f"the prompt holds a character that is not valid UTF-8 (a lone surrogate at "
+                              f"position {e.start})") from None
         ids, img_pos = tokenize(self.tokenizer, text, self.config.image_token_index)
         n = ids.numel() - 1 + self.config.num_visual_tokens
         ctx = self.config.text.max_position_embeddings
@@ -354,8 +362,15 @@ class Engine:
         return lm(embeds, torch.arange(n, device=self.device), all_logits=True, start=0)[0]
 
     # ------------------------------------------------------------------------------------------ generation
-    def _run(self, video, prompt, params: SamplingParams, conv_mode, system, timings, cancel=None, video_key=None):
+    def check_params(self, params: SamplingParams):
+        """SamplingParams.validate plus what needs the model: stop_token_ids inside the vocabulary."""
         params.validate()
+        v = self.config.text.vocab_size
+        if any(t >= v for t in params.stop_token_ids):
+            raise InputError(f"stop_token_ids: {max(params.stop_token_ids)} is not a token id (vocabulary of {v})")
+
+    def _run(self, video, prompt, params: SamplingParams, conv_mode, system, timings, cancel=None, video_key=None):
+        self.check_params(params)
         t_start = self._clock()
         ids, img_pos, n_prompt = self._prompt_ids(prompt, conv_mode, system)
         ctx = self.config.text.max_position_embeddings

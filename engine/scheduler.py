@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 import torch
 
-from .errors import InputError, MemoryBudgetError, PllavaError, error_line
+from .errors import InputError, MemoryBudgetError, NumericalError, PllavaError, error_line
 from .generate import SamplingParams, SequenceState, StepEvent
 from .model.llm import SlotKVCache, SlotRows
 from .prompt import splice
@@ -270,7 +270,7 @@ class Scheduler:
         try:
             params = SamplingParams(req.max_new_tokens, req.temperature, req.top_p, req.top_k,
                                     req.repetition_penalty, req.seed, req.stop or [], list(req.stop_token_ids or []))
-            params.validate()
+            e.check_params(params)
             alpha = e.lora_alpha if req.lora_alpha is None else req.lora_alpha
             if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
                 raise InputError(f"lora_alpha must be a finite number, got {alpha!r}")
@@ -483,8 +483,11 @@ class Scheduler:
         s.pos = s.start + total
         s.embeds = None
         self.prefilling = None
-        tok = s.state.sample(logits[0, -1])
+        tok = self._sample(s, logits[0, -1])
         s.timings["prefill"] += e._clock() - t0
+        if tok is None:
+            self._fail(s, s.error)  # its slot's prefix is not marked reusable: NaN came out of it
+            return
         if s.key is not None:
             self.prefix[s.slot] = (s.key, s.n_pre)  # positions [0, n_pre) now hold this clip's prefix
         self.running.append(s)
@@ -509,13 +512,25 @@ class Scheduler:
                 rows.scale = rows.scale[0]
             with torch.no_grad():
                 logits = lm.forward_slots(lm.embed_tokens(toks), rows, self.cache)  # (B, 1, V)
-        nxt = [s.state.sample(logits[b, -1]) for b, s in enumerate(rows_seqs)]  # syncs with the device
+        nxt = [self._sample(s, logits[b, -1]) for b, s in enumerate(rows_seqs)]  # syncs with the device
         self.decode_seconds += time.perf_counter() - t0
         self.decode_rows += len(rows_seqs)
         self.decode_steps += 1
         for s, tok in zip(rows_seqs, nxt):
             s.pos += 1
-            self._emit(s, tok)
+            if tok is None:
+                self._fail(s, s.error)
+            else:
+                self._emit(s, tok)
+
+    @staticmethod
+    def _sample(s: Sequence, logits) -> int | None:
+        """One row's next token; a row whose logits are not finite ends alone (typed), the batch goes on."""
+        try:
+            return s.state.sample(logits)
+        except NumericalError as err:
+            s.error = err
+            return None
 
     def _emit(self, s: Sequence, tok: int):
         if s.t_first is None:

@@ -263,3 +263,112 @@ def test_a_failing_step_leaves_nothing_behind(engine, pxs, monkeypatch):
     assert sched.prefilling is None
     monkeypatch.setattr(sched, "_decode", real)
     assert_same(ref, engine.generate_many(reqs))
+
+
+def test_one_request_with_exploding_logits_ends_alone(engine, pxs):
+    """alpha = 3e38 (finite) overflows the LoRA term to inf: that request ends with NumericalError (typed), the
+    others in its batch get exactly their sequential tokens, and its slot serves later requests cleanly."""
+    from pllava.errors import NumericalError
+
+    reqs = [dict(video=pxs[0], prompt="hello", max_new_tokens=10),
+            dict(video=pxs[1], prompt="hello", max_new_tokens=10, lora_alpha=3e38),
+            dict(video=pxs[2], prompt="a", max_new_tokens=14, lora_alpha=20)]
+    engine.set_lora_alpha(3e38)
+    try:
+        with pytest.raises(NumericalError, match="non-finite logits"):
+            engine.generate(pxs[1], "hello", max_new_tokens=10)
+    finally:
+        engine.set_lora_alpha(4)
+    outs = engine.generate_many(reqs, return_errors=True)
+    assert outs[1].finish_reason == "error" and outs[1].error.startswith("VideoError: ") and str(bad) in outs[1].error
+    assert_same(one_at_a_time(engine, [reqs[0], reqs[2]]), [outs[0], outs[2]])
+    with pytest.raises(VideoError, match=r"requests\[1\]: "):
+        engine.generate_many(reqs)
+    assert all(o is None for o in engine._sched.owner)  # nothing left holding a slot
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
+                    reason="needs CUDA or the Triton interpreter")
+def test_triton_per_row_scale_in_a_batch(ckpts, pxs, monkeypatch):
+    """The Triton LoRA kernel's per-row scale path (one alpha a row) gives the torch path's tokens."""
+    pytest.importorskip("triton")
+    reqs = [dict(video=pxs[0], prompt="hello", max_new_tokens=6, lora_alpha=20),
+            dict(video=pxs[1], prompt="hello", max_new_tokens=6, lora_alpha=0)]
+    monkeypatch.setenv("PLLAVA_KERNELS", "torch")
+    ref = pllava.Engine.from_pretrained(ckpts["pllava"]).generate_many(reqs)
+    monkeypatch.setenv("PLLAVA_KERNELS", "triton")
+    got = pllava.Engine.from_pretrained(ckpts["pllava"]).generate_many(reqs)
+    assert [o.token_ids for o in got] == [o.token_ids for o in ref]
+
+
+def test_a_failing_step_leaves_nothing_behind(engine, pxs, monkeypatch):
+    """A bug mid-batch (here: the model raising on the 5th decode step) fails every request of the call with that
+    error, frees their slots and leaves nothing queued; the next call is unaffected."""
+    reqs = [dict(video=pxs[i], prompt="hello", max_new_tokens=12) for i in range(3)]
+    ref = one_at_a_time(engine, reqs)
+    engine.generate_many(reqs)
+    sched = engine._sched
+    real = sched._decode
+    calls = {"n": 0}
+
+    def flaky():
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise RuntimeError("injected failure")
+        real()
+
+    monkeypatch.setattr(sched, "_decode", flaky)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        engine.generate_many(reqs + reqs, max_batch_size=3)  # 3 wait while 3 run
+    assert engine._sched is sched
+    assert all(o is None for o in sched.owner) and not sched.waiting and not sched.running
+    assert sched.prefilling is None
+    monkeypatch.setattr(sched, "_decode", real)
+    assert_same(ref, engine.generate_many(reqs))
+
+
+def test_one_request_with_exploding_logits_ends_alone(engine, pxs):
+    """alpha = 3e38 overflows the LoRA scale x delta to inf: that request ends with NumericalError (typed), the others in
+    the batch get exactly their sequential tokens, and its slot serves the next request cleanly."""
+    from pllava.errors import NumericalError
+
+    reqs = [dict(video=pxs[0], prompt="hello", max_new_tokens=10), dict(video=pxs[1], prompt="hello",
+                                                                        max_new_tokens=10, lora_alpha=3e38),
+            dict(video=pxs[2], prompt="a", max_new_tokens=14, lora_alpha=20)]
+    with pytest.raises(NumericalError, match="non-finite logits"):
+        engine.generate(pxs[1], "hello", max_new_tokens=10) if engine.set_lora_alpha(3e38) is None else None
+    engine.set_lora_alpha(4)
+    outs = engine.generate_many(reqs, return_errors=True)
+    assert outs[1].finish_reason == "error" and outs[1].error.startswith("NumericalError: ")
+    assert_same(one_at_a_time(engine, [reqs[0], reqs[2]]), [outs[0], outs[2]])
+    assert_same(one_at_a_time(engine, reqs[:1] * 3), engine.generate_many(reqs[:1] * 3))
+
+
+def test_a_tiny_temperature_samples_the_top_token(engine, pxs):
+    greedy = engine.generate(pxs[0], "hello", max_new_tokens=12).token_ids
+    assert engine.generate(pxs[0], "hello", max_new_tokens=12, temperature=1e-30, seed=3).token_ids == greedy
+    got = engine.generate_many([dict(video=pxs[0], prompt="hello", max_new_tokens=12, temperature=1e-30, seed=3)])
+    assert got[0].token_ids == greedy
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("seed", 1.5, "seed: must be an integer"), ("seed", True, "seed: must be an integer"),
+    ("seed", -1, r"seed: must be an integer in \[0, 2\*\*63\)"), ("seed", 2 ** 64, "seed"),
+    ("stop_token_ids", ["a"], "stop_token_ids: must be a list of token ids"),
+    ("stop_token_ids", [10 ** 9], "stop_token_ids: 1000000000 is not a token id"),
+    ("stop", ["\ud800"], "stop: holds a lone surrogate"), ("temperature", "hot", "temperature: must be a number"),
+    ("temperature", float("inf"), "temperature: must be finite"), ("prompt", "hi \udc80", "lone surrogate"),
+    ("video", None, "NaN or inf"),
+])
+def test_bad_values_are_typed_errors_in_both_paths(engine, pxs, field, value, match):
+    from pllava.errors import PllavaError
+
+    r = dict(video=pxs[0], prompt="hello", max_new_tokens=4)
+    if field == "video":
+        value = pxs[0].clone()
+        value[0, 0, 0, 0] = float("nan")
+    r[field] = value
+    with pytest.raises(PllavaError, match=match):
+        engine.generate(**r)
+    with pytest.raises(PllavaError, match=match):
+        engine.generate_many([r])
