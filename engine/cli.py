@@ -14,7 +14,7 @@ from .errors import PllavaError
 def _engine_args(p: argparse.ArgumentParser):
     p.add_argument("--model", required=True, help="model directory or hub repo id")
     p.add_argument("--num-frames", type=int, default=None)
-    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default 4; 0 = the image LLM)")
+    p.add_argument("--lora-alpha", type=_finite_float, default=None, help="LoRA alpha (default 4; 0 = the image LLM)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: checkpoint's on CUDA)")
@@ -168,6 +168,18 @@ def cmd_serve(a) -> int:
     return 0
 
 
+def _finite_float(s: str) -> float:
+    import math
+
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {s!r}")
+    return v
+
+
 def _positive_int(s: str) -> int:
     try:
         v = int(s)
@@ -245,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-frames", type=int, default=64)
     sv.add_argument("--max-new-tokens-limit", type=int, default=1024)
     sv.add_argument("--allow-fetch-host", action="append", help="host:port an operator trusts (internal media)")
-    sv.add_argument("--lora-alpha", type=float, default=None)
+    sv.add_argument("--lora-alpha", type=_finite_float, default=None)
     sv.add_argument("--num-frames", type=int, default=None)
     sv.add_argument("--device", default=None)
     sv.add_argument("--dtype", default=None)

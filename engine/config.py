@@ -6,6 +6,8 @@ what it means to the reference implementation.
 """
 from __future__ import annotations
 
+import math
+
 import json
 import os
 from dataclasses import dataclass, field, replace
@@ -112,6 +114,9 @@ class PllavaConfig:
         if pooling_shape is not None:
             cfg = replace(cfg, pooling_shape=_shape3(pooling_shape, "pooling_shape", self.source))
         if lora_alpha is not None:
+            if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or \
+                    not math.isfinite(lora_alpha):
+                raise ConfigError(f"lora_alpha must be a finite number, got {lora_alpha!r}")
             cfg = replace(cfg, lora=replace(cfg.lora, alpha=float(lora_alpha)))
         return cfg
 

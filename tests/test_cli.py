@@ -68,3 +68,14 @@ def test_bench_cli_tiny(tmp_path, video_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "| pllava-engine | 2 |" in r.stdout and "ratio engine / transformers" in r.stdout
     assert (tmp_path / "out" / "bench_tiny.json").exists() and (tmp_path / "out" / "latency_breakdown.png").exists()
+
+
+def test_misconfigured_server_does_not_start(tmp_path):
+    for flags, msg in ((["--lora-alpha", "nan"], "--lora-alpha: expected a finite number"),
+                       (["--max-concurrency", "0"], "--max-concurrency: expected an integer >= 1"),
+                       (["--max-num-seqs", "-3"], "--max-num-seqs: expected an integer >= 1"),
+                       (["--max-model-len", "x"], "--max-model-len: expected an integer >= 1")):
+        r = _run("serve", "--model", str(tmp_path), *flags, timeout=60)
+        assert r.returncode == 2 and msg in r.stderr, (flags, r.stderr)
+    r = _run("caption", "x.mp4", "--model", str(tmp_path), "--lora-alpha", "inf", timeout=60)
+    assert r.returncode == 2 and "finite" in r.stderr
