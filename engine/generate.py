@@ -70,13 +70,13 @@ def prefill(lm, embeds: torch.Tensor, start: int = 0) -> torch.Tensor:
     """embeds (1, L, D) at positions start.. -> logits (1, 1, V) of the last position; fills the KV cache.
     start > 0 continues after a cached prefix (the video part of an earlier request)."""
     pos = torch.arange(start, start + embeds.shape[1], device=embeds.device)
-    return lm(embeds, pos, start=start)
+    return lm(embeds, pos, start=start, kv_len=start + embeds.shape[1] if start else None)
 
 
 @torch.no_grad()
-def decode_one_token(lm, token: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-    """token (1, 1) at input_pos (1,) -> logits (1, 1, V)."""
-    return lm(lm.embed_tokens(token), input_pos)
+def decode_one_token(lm, token: torch.Tensor, input_pos: torch.Tensor, kv_len: int | None = None) -> torch.Tensor:
+    """token (1, 1) at input_pos (1,) -> logits (1, 1, V); kv_len: positions in use (eager steps only)."""
+    return lm(lm.embed_tokens(token), input_pos, kv_len=kv_len)
 
 
 class DecodeStep:
@@ -125,7 +125,7 @@ class DecodeStep:
         if self.graph is not None:
             self.graph.replay()
             return self.out
-        return decode_one_token(self.lm, self.tok, self.pos)
+        return decode_one_token(self.lm, self.tok, self.pos, kv_len=pos + 1)
 
 
 def sample(logits: torch.Tensor, p: SamplingParams, seen: torch.Tensor | None, gen: torch.Generator | None) -> int:

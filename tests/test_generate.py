@@ -184,3 +184,19 @@ def test_prefix_survives_a_bigger_follow_up(ckpts, video_path):
     assert eng.model.language_model.max_len > before  # the cache had to grow
     assert out.timings.get("prefix_cache_hit") == 1
     assert out.token_ids == cold.generate(video_path, q, max_new_tokens=300).token_ids
+
+
+def test_decode_reads_only_used_cache_positions(engine, px):
+    """Whatever sits past the positions in use (here NaN, as a poisoned earlier request could leave) never reaches
+    the output: eager decode attends to [0, pos] only (a masked NaN would still give 0 x NaN = NaN)."""
+    ref = engine.generate(px, "hello", max_new_tokens=16)
+    engine.prefix_cache = False
+    try:
+        engine.generate(px, "hello " * 20, max_new_tokens=60)  # a longer request fills more of the cache
+        for layer in engine.model.language_model.layers:
+            layer.self_attn.kv_cache.k_cache.fill_(float("nan"))
+            layer.self_attn.kv_cache.v_cache.fill_(float("nan"))
+        got = engine.generate(px, "hello", max_new_tokens=16)
+    finally:
+        engine.prefix_cache = True
+    assert got.token_ids == ref.token_ids
