@@ -4,6 +4,7 @@ to HTTP statuses. Nothing here touches the model or the network (vLLM's `protoco
 """
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 
@@ -96,6 +97,35 @@ def to_api(e: Exception) -> APIError:
     return APIError(500, f"internal error: {type(e).__name__}: {e}", "InternalServerError", None, "internal")
 
 
+def parse_json(raw: bytes):
+    """A request body -> JSON; malformed, non-UTF-8 or nested past the recursion limit -> 400, never 500."""
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise bad(f"invalid JSON: {e}") from None
+    except RecursionError:
+        raise bad("invalid JSON: nested too deeply") from None
+
+
+def parse_stream_flags(body) -> tuple[bool, bool]:
+    """(stream, stream_options.include_usage), each checked for its type."""
+    if not isinstance(body, dict):
+        raise bad("the request body must be a JSON object")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise bad(f"'stream' must be true or false, got {stream!r}", "stream")
+    opts = body.get("stream_options")
+    if opts is None:
+        return stream, False
+    if not isinstance(opts, dict):
+        raise bad(f"'stream_options' must be an object, got {type(opts).__name__}", "stream_options")
+    usage = opts.get("include_usage", False)
+    if not isinstance(usage, bool):
+        raise bad(f"'stream_options.include_usage' must be true or false, got {usage!r}",
+                  "stream_options.include_usage")
+    return stream, usage
+
+
 def parse_chat(body: dict, cfg: ServerConfig) -> Job:
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object")
@@ -151,8 +181,8 @@ def parse_chat(body: dict, cfg: ServerConfig) -> Job:
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 8:
         raise bad("'stop' must be a string or a list of up to 8 non-empty strings", "stop")
     seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise bad("'seed' must be an integer", "seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63):
+        raise bad(f"'seed' must be an integer in [0, 2**63), got {seed!r}", "seed")
     return Job(turns=turns, system=system, media=(media[0], media[1]), media_bytes=None,
                num_frames=_number(body, "num_frames", 1, 10 ** 9, 0, True),
                max_tokens=max_tokens, temperature=_number(body, "temperature", 0.0, 2.0, 0.0),

@@ -20,9 +20,10 @@ import uuid
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.formparsers import MultiPartException
 
 from .media import load_media_timed, thumbnails
-from .protocol import APIError, Job, ServerConfig, bad, finish_reason, parse_chat, to_api
+from .protocol import APIError, Job, ServerConfig, bad, finish_reason, parse_chat, parse_json, parse_stream_flags, to_api
 from .scheduler import Request as GenRequest
 
 __all__ = ["ServerConfig", "create_app", "serve"]
@@ -164,13 +165,14 @@ def create_app(engine, cfg: ServerConfig) -> FastAPI:
         if n is not None and n.isdigit() and int(n) > limit:
             raise APIError(413, f"request body of {n} bytes exceeds the limit of {limit}", "RequestTooLarge", None,
                            "too_large")
-        raw = await request.body()
-        if len(raw) > limit:
-            raise APIError(413, f"request body exceeds the limit of {limit} bytes", "RequestTooLarge", None, "too_large")
-        try:
-            return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise bad(f"invalid JSON: {e}") from e
+        chunks, size = [], 0
+        async for chunk in request.stream():  # a chunked body without Content-Length is cut as it arrives
+            size += len(chunk)
+            if size > limit:
+                raise APIError(413, f"request body exceeds the limit of {limit} bytes", "RequestTooLarge", None,
+                               "too_large")
+            chunks.append(chunk)
+        return parse_json(b"".join(chunks))
 
     async def model_stream(job: Job, frames, cancel: threading.Event):
         """Submit to the batch scheduler; yield text pieces as they are generated, then the GenerationOutput.
@@ -260,8 +262,7 @@ def create_app(engine, cfg: ServerConfig) -> FastAPI:
         auth(request)
         body = await body_json(request)
         job = parse_chat(body, cfg)
-        stream = bool(body.get("stream", False))
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage", False))
+        stream, include_usage = parse_stream_flags(body)
         model = body.get("model") or cfg.model_name
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if not stream:
@@ -355,7 +356,10 @@ def create_app(engine, cfg: ServerConfig) -> FastAPI:
             if n is not None and n.isdigit() and int(n) > cfg.max_video_bytes + (1 << 20):
                 raise APIError(413, f"upload of {n} bytes exceeds the {cfg.max_video_bytes}-byte limit",
                                "RequestTooLarge", "file", "too_large")
-            form = await request.form()
+            try:
+                form = await request.form()
+            except (MultiPartException, ValueError, KeyError) as e:
+                raise bad(f"malformed multipart body: {e}", "file") from None
             up = form.get("file")
             if up is None or not hasattr(up, "read"):
                 raise bad("multipart field 'file' (the video) is required", "file")

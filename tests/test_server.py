@@ -469,3 +469,50 @@ def test_https_fetch_verifies_certificates(tmp_path):
                        allowed_hosts=frozenset({f"127.0.0.1:{port}"}))
     finally:
         srv.shutdown()
+
+
+# ------------------------------------------------------------------------------------------ hostile bodies
+def test_hostile_bodies_are_400_in_the_documented_shape(server, media):
+    _, _, raw = media
+    u = data_url(raw)
+    deep = b"[" * 200_000 + b"]" * 200_000  # past the recursion limit of json.loads
+    r = httpx.post(server.url + "/v1/chat/completions", content=deep, timeout=30,
+                   headers={"content-type": "application/json"})
+    assert "nested too deeply" in err(r, 400)["message"]
+    err(post(server, chat_body(u, stream_options=[1])), 400, "stream_options")
+    err(post(server, chat_body(u, stream=True, stream_options={"include_usage": "yes"})), 400,
+        "stream_options.include_usage")
+    err(post(server, chat_body(u, stream="true")), 400, "stream")
+    err(post(server, chat_body(u, seed=2 ** 70)), 400, "seed")
+    err(post(server, chat_body(u, seed=-1)), 400, "seed")
+    r = httpx.post(server.url + "/v1/captions", content=b"--xyz\r\nContent-Disposition: form-data; name=\"file\"\r\n",
+                   headers={"content-type": "multipart/form-data; boundary=xyz"}, timeout=30)
+    err(r, 400)
+    assert post(server, chat_body(u, max_tokens=2)).status_code == 200  # and the server still answers
+
+
+def test_a_chunked_body_is_cut_at_the_limit_as_it_arrives(server):
+    """No Content-Length: the server answers 413 once the body passes its limit (~3.7 MB here), while the client
+    is still sending (a raw socket sees the answer arrive mid-upload), not after buffering all of it."""
+    import select
+    import socket
+
+    host, port = server.url.split("//")[1].split(":")
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Transfer-Encoding: chunked\r\n\r\n")
+    chunk = b" " * (1 << 20)
+    sent, answer = 0, b""
+    try:
+        for sent in range(1, 41):  # up to 40 MiB
+            sock.sendall(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+            time.sleep(0.02)
+            if select.select([sock], [], [], 0)[0]:
+                answer = sock.recv(65536)
+                break
+    except (BrokenPipeError, ConnectionResetError):  # the server closed on us after answering
+        answer = answer or sock.recv(65536)
+    finally:
+        sock.close()
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert sent <= 8, f"the answer came only after {sent} MiB"
