@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from .config import LoraConfig, PllavaConfig
+from .config import LoraConfig, PllavaConfig, read_json_object
 from .errors import CheckpointError, ConfigError
 
 log = logging.getLogger("pllava")
@@ -54,11 +54,10 @@ def weight_files(model_dir: str) -> list[str]:
     """The safetensors files of a model directory: the index's shards, or model.safetensors, or every *.safetensors."""
     index = os.path.join(model_dir, "model.safetensors.index.json")
     if os.path.isfile(index):
-        try:
-            with open(index, encoding="utf-8") as f:
-                wm = json.load(f)["weight_map"]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: cannot read 'weight_map': {e}") from e
+        wm = read_json_object(index, CheckpointError).get("weight_map")
+        if not isinstance(wm, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
+            raise CheckpointError(f"{index}: field 'weight_map' must be an object of tensor name -> file name, got "
+                                  f"{type(wm).__name__}")
         files = sorted(set(wm.values()))
         for fn in files:
             if not os.path.isfile(os.path.join(model_dir, fn)):
@@ -213,11 +212,7 @@ def plan_adapter(adapter_dir: str) -> tuple[dict[str, TensorRef], LoraConfig, di
         if not os.path.isfile(p):
             raise CheckpointError(f"{p}: not found (a PEFT adapter directory holds adapter_config.json and "
                                   "adapter_model.safetensors)")
-    try:
-        with open(cpath, encoding="utf-8") as f:
-            acfg = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{cpath}: cannot read JSON: {e}") from e
+    acfg = read_json_object(cpath)
     ptype = acfg.get("peft_type", "LORA")
     if ptype != "LORA":
         raise ConfigError(f"{cpath}: field 'peft_type' = {ptype!r}; only LORA adapters are supported")

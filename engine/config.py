@@ -238,16 +238,26 @@ def parse_config(d: dict, src: str = "config.json") -> PllavaConfig:
     )
 
 
+def read_json_object(path: str, error=ConfigError) -> dict:
+    """A JSON file that must hold an object: unreadable, not JSON, nested past the recursion limit, or not an
+    object is `error` naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path}: cannot read JSON: {e}") from None
+    except RecursionError:
+        raise error(f"{path}: cannot read JSON: nested too deeply") from None
+    if not isinstance(d, dict):
+        raise error(f"{path}: must hold a JSON object, got {type(d).__name__}")
+    return d
+
+
 def load_config(model_dir: str) -> PllavaConfig:
     path = os.path.join(model_dir, "config.json")
     if not os.path.isfile(path):
         raise ConfigError(f"{path}: not found (a PLLaVA model directory holds config.json)")
-    try:
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: cannot read JSON: {e}") from e
-    return parse_config(d, path)
+    return parse_config(read_json_object(path), path)
 
 
 # Real model shapes for benchmarks (random weights; performance does not depend on values).

@@ -1,7 +1,6 @@
 """Engine: ties decode -> preprocess -> vision -> projector -> prompt -> generation together, with timings."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -13,7 +12,7 @@ import torch
 
 from . import ops
 from .checkpoint import LAYOUT_NAMES, attach_adapter_config, load_weights, plan_adapter, plan_checkpoint
-from .config import DEFAULT_LORA_ALPHA, PllavaConfig, load_config
+from .config import DEFAULT_LORA_ALPHA, PllavaConfig, load_config, read_json_object
 from .errors import CheckpointError, ConfigError, InputError, PromptError
 from .generate import DecodeStep, SamplingParams, generate_tokens
 from .model import PllavaModel
@@ -105,14 +104,19 @@ class Engine:
         if adapter is None and os.path.isfile(os.path.join(model_dir, "adapter_config.json")):
             adapter = model_dir
             if not os.path.isfile(os.path.join(model_dir, "config.json")):
-                with open(os.path.join(model_dir, "adapter_config.json"), encoding="utf-8") as f:
-                    base = json.load(f).get("base_model_name_or_path")
-                if not base:
+                base = read_json_object(os.path.join(model_dir, "adapter_config.json")).get("base_model_name_or_path")
+                if not isinstance(base, str) or not base:
                     raise ConfigError(f"{model_dir}/adapter_config.json: no config.json beside it and no "
                                       "'base_model_name_or_path' to find the base model")
                 model_dir = resolve_model_dir(base)
-        device = torch.device(device) if device is not None else torch.device(
-            "cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            device = torch.device(device) if device is not None else torch.device(
+                "cuda" if torch.cuda.is_available() else "cpu")
+        except (RuntimeError, TypeError) as e:
+            raise ConfigError(f"device {device!r}: not a torch device ({e})") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device {str(device)!r}: CUDA is not available here (torch {torch.__version__}, "
+                              f"built {'with' if torch.backends.cuda.is_built() else 'without'} CUDA)")
         cfg = load_config(model_dir).with_overrides(num_frames=num_frames, pooling_shape=pooling_shape,
                                                     lora_alpha=DEFAULT_LORA_ALPHA if lora_alpha is None else lora_alpha)
         dt = resolve_dtype(dtype, device, cfg.torch_dtype)
@@ -244,6 +248,8 @@ class Engine:
                 if video.dim() != 4 or tuple(video.shape[1:]) != (3, s, s):
                     raise InputError(f"video: a float tensor must be preprocessed frames (T, 3, {s}, {s}), "
                                      f"got {tuple(video.shape)}")
+                if video.shape[0] > self.limits.max_frames:
+                    raise InputError(f"video: {video.shape[0]} frames exceed max_frames={self.limits.max_frames}")
                 if not bool(torch.isfinite(video).all()):
                     raise InputError(f"video: the preprocessed frames hold {int((~torch.isfinite(video)).sum())} "
                                      "NaN or inf values")
@@ -252,6 +258,9 @@ class Engine:
         else:
             raise InputError(f"video: unsupported type {type(video).__name__}; pass a path, bytes, a uint8 array "
                              "(T, H, W, 3), PIL image(s), or preprocessed float frames (T, 3, S, S)")
+        n_in = len(frames) if isinstance(frames, list) else (frames.shape[0] if frames.ndim else 1)
+        if n_in > self.limits.max_frames:  # the same cap as for a decoded file
+            raise InputError(f"video: {n_in} frames exceed max_frames={self.limits.max_frames}")
         t1 = self._clock()
         if isinstance(frames, list):  # PIL images of different sizes: one at a time
             px = torch.cat([preprocess(f, self.processor_config, dtype=self.dtype, device=self.device)
@@ -553,18 +562,16 @@ def _eos_ids(tokenizer, cfg: PllavaConfig, model_dir: str) -> set[int]:
     ids: set[int] = set()
 
     def add(v):
-        if isinstance(v, int):
+        if isinstance(v, int) and not isinstance(v, bool):
             ids.add(v)
-        elif isinstance(v, (list, tuple)):
-            ids.update(int(x) for x in v)
+        elif isinstance(v, (list, tuple)) and all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+            ids.update(v)
+        elif v is not None:
+            raise ConfigError(f"{model_dir}: eos_token_id must be a token id or a list of them, got {v!r}")
 
     add(tokenizer.eos_token_id)
     add(cfg.text.eos_token_id)
     gc = os.path.join(model_dir, "generation_config.json")
     if os.path.isfile(gc):
-        try:
-            with open(gc, encoding="utf-8") as f:
-                add(json.load(f).get("eos_token_id"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise ConfigError(f"{gc}: cannot read JSON: {e}") from e
+        add(read_json_object(gc).get("eos_token_id"))
     return ids

@@ -83,6 +83,29 @@ def fetch_url(url: str, limits: DecodeLimits = DEFAULT_LIMITS) -> bytes:
     return data
 
 
+def _read_all(f, what: str, limits: DecodeLimits) -> bytes:
+    """A non-seekable reader (a pipe, a socket file, a stream wrapper) read once, to its end or past max_bytes."""
+    parts, n = [], 0
+    while True:
+        try:
+            b = f.read(min(1 << 20, limits.max_bytes + 1 - n))
+        except OSError as e:
+            raise VideoError(f"{what}: read failed: {e.strerror or e}") from None
+        if b is None:  # a non-blocking reader with nothing ready: treat as the end of what it has
+            break
+        if not isinstance(b, (bytes, bytearray, memoryview)):
+            raise VideoError(f"{what}: read() returned {type(b).__name__}, not bytes (open the file in binary mode)")
+        if not b:
+            break
+        parts.append(bytes(b))
+        n += len(b)
+        if n > limits.max_bytes:
+            raise VideoError(f"{what}: exceeds max_bytes={limits.max_bytes}")
+    if n == 0:
+        raise VideoError(f"{what}: zero bytes, not a video")
+    return b"".join(parts)
+
+
 def _as_input(source, limits: DecodeLimits):
     """-> (what to hand av.open, a description). URLs are fetched; bytes wrapped; paths checked."""
     what = describe(source)
@@ -106,7 +129,15 @@ def _as_input(source, limits: DecodeLimits):
             raise VideoError(f"{what}: exceeds max_bytes={limits.max_bytes}")
         return io.BytesIO(bytes(source)), what
     if hasattr(source, "read"):
-        return source, what
+        if isinstance(source, io.TextIOBase):
+            raise VideoError(f"{what}: a text-mode file object; open the video in binary mode ('rb')")
+        try:
+            seekable = bool(source.seekable()) if hasattr(source, "seekable") else False
+        except (OSError, ValueError):
+            seekable = False
+        if seekable:
+            return source, what
+        return io.BytesIO(_read_all(source, what, limits)), what  # probe and decode both read: buffer it once
     raise VideoError(f"{what}: unsupported source type {type(source).__name__} (path, URL, bytes or file-like)")
 
 

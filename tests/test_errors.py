@@ -160,3 +160,52 @@ def test_hub_repo_id_offline_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ConfigError, match="not a local directory"):
         pllava.Engine.from_pretrained("nobody/no-such-pllava-model")
+
+
+@pytest.mark.parametrize("which,content,match", [
+    ("config.json", "[1, 2]", r"config\.json: must hold a JSON object, got list"),
+    ("config.json", "[" * 100_000 + "]" * 100_000, r"config\.json: cannot read JSON: nested too deeply"),
+    ("generation_config.json", '"x"', r"generation_config\.json: must hold a JSON object, got str"),
+    ("generation_config.json", '{"eos_token_id": "2"}', r"eos_token_id must be a token id"),
+], ids=["config-list", "config-deep", "gencfg-str", "gencfg-eos-str"])
+def test_json_files_that_are_not_objects(ckpts, tmp_path, which, content, match):
+    d = _copy(ckpts["pllava"], tmp_path)
+    (d / which).write_text(content)
+    with pytest.raises(ConfigError, match=match):
+        pllava.Engine.from_pretrained(str(d))
+
+
+def test_index_and_adapter_config_that_are_not_objects(ckpts, tmp_path):
+    d = _copy(ckpts["current"], tmp_path, "sharded")
+    idx = d / "model.safetensors.index.json"
+    data = json.loads(idx.read_text())
+    idx.write_text(json.dumps({"metadata": {}, "weight_map": list(data["weight_map"])}))
+    with pytest.raises(CheckpointError, match=r"index\.json: field 'weight_map' must be an object .* got list"):
+        pllava.Engine.from_pretrained(str(d))
+    a = _copy(ckpts["adapter"], tmp_path, "adapter")
+    (a / "adapter_config.json").write_text("[]")
+    with pytest.raises(ConfigError, match=r"adapter_config\.json: must hold a JSON object"):
+        pllava.Engine.from_pretrained(str(a))
+
+
+def test_cuda_without_cuda_and_bad_devices(ckpts):
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=r"device 'cuda': CUDA is not available here"):
+            pllava.Engine.from_pretrained(ckpts["pllava"], device="cuda")
+    with pytest.raises(ConfigError, match=r"device 'gpu0': not a torch device"):
+        pllava.Engine.from_pretrained(ckpts["pllava"], device="gpu0")
+
+
+def test_frame_arrays_are_capped_like_files(ckpts):
+    from dataclasses import replace
+
+    from pllava.errors import InputError
+
+    eng = pllava.Engine.from_pretrained(ckpts["pllava"])
+    eng.limits = replace(eng.limits, max_frames=8)
+    s = eng.config.vision.image_size
+    with pytest.raises(InputError, match="9 frames exceed max_frames=8"):
+        eng.generate(torch.zeros(9, 20, 20, 3, dtype=torch.uint8), "hi", max_new_tokens=2)
+    with pytest.raises(InputError, match="9 frames exceed max_frames=8"):
+        eng.generate(torch.zeros(9, 3, s, s), "hi", max_new_tokens=2)
+    assert eng.generate(torch.zeros(8, 20, 20, 3, dtype=torch.uint8), "hi", max_new_tokens=2).token_ids

@@ -338,7 +338,10 @@ def test_redirects_are_checked_on_every_hop(media):
 
 @pytest.mark.parametrize("addr", ["127.0.0.1", "10.0.0.1", "172.16.5.4", "192.168.1.1", "169.254.169.254",
                                   "0.0.0.0", "::1", "fc00::1", "fe80::1", "100.64.0.1", "::ffff:127.0.0.1",
-                                  "224.0.0.1"])
+                                  "224.0.0.1",
+                                  # IPv6 forms that carry a private or loopback IPv4 address: 6to4, NAT64, IPv4-compatible
+                                  "2002:c0a8:101::1", "2002:7f00:1::1", "2002:a00:1::", "64:ff9b::7f00:1", "::7f00:1",
+                                  "::a00:1", "::ffff:10.1.2.3"])
 def test_address_validation_refuses(addr):
     with pytest.raises(MediaError, match="refusing"):
         check_ip(addr, "url", "messages")
@@ -347,6 +350,7 @@ def test_address_validation_refuses(addr):
 def test_address_validation_allows_public():
     check_ip("8.8.8.8", "url", "messages")  # validation only: nothing is contacted
     check_ip("2606:4700:4700::1111", "url", "messages")
+    check_ip("2002:808:808::1", "url", "messages")  # 6to4 of a public address
 
 
 # ------------------------------------------------------------------------------------------ disconnects, load

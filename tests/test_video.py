@@ -309,3 +309,35 @@ def test_engine_captions_a_live_pipe(ckpts, tmp_path):
         outs = list(eng.live(f, "What is happening?", window_s=1.0, every_s=1.0, max_new_tokens=4))
     assert [round(t) for t, _ in outs] == [1, 2, 3]
     assert all(len(o.token_ids) == 4 for _, o in outs)
+
+
+def test_a_non_seekable_reader_is_read_once(video_path):
+    """A reader that cannot seek (a pipe, a socket file, a stream wrapper): probe and decode both need the bytes,
+    so it is buffered once; the frames equal those of the file."""
+    import io
+
+    import pllava
+
+    class OneWay(io.RawIOBase):
+        def __init__(self, data):
+            self.b = io.BytesIO(data)
+
+        def readable(self):
+            return True
+
+        def seekable(self):
+            return False
+
+        def readinto(self, buf):
+            chunk = self.b.read(min(len(buf), 777))  # short reads, as a pipe gives
+            buf[:len(chunk)] = chunk
+            return len(chunk)
+
+    data = open(video_path, "rb").read()
+    want = pllava.read_frames(video_path, 4)
+    got = pllava.read_frames(OneWay(data), 4)
+    assert (got == want).all()
+    with pytest.raises(pllava.VideoError, match="zero bytes"):
+        pllava.read_frames(OneWay(b""), 4)
+    with pytest.raises(pllava.VideoError, match="binary mode"):
+        pllava.read_frames(io.StringIO("text"), 4)
