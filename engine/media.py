@@ -22,7 +22,7 @@ import time
 import urllib.parse
 
 from .errors import PllavaError, VideoError
-from .video import DecodeLimits, read_frames
+from .video import BodyTooLarge, DecodeLimits, FetchCancelled, read_body, read_frames
 
 
 class MediaError(PllavaError):
@@ -78,7 +78,7 @@ def resolve_public(host: str, port: int, what: str, param: str, allowed: frozens
 
 
 def fetch_http(url: str, *, max_bytes: int, timeout_s: float, param: str = "messages",
-               allowed_hosts: frozenset = frozenset(), max_redirects: int = 5) -> bytes:
+               allowed_hosts: frozenset = frozenset(), max_redirects: int = 5, cancel=None) -> bytes:
     """GET url with the checks above. `allowed_hosts` ("host:port") lets an operator permit internal servers."""
     deadline = time.monotonic() + timeout_s
     for _ in range(max_redirects + 1):
@@ -106,18 +106,15 @@ def fetch_http(url: str, *, max_bytes: int, timeout_s: float, param: str = "mess
             n = r.getheader("Content-Length")
             if n is not None and n.isdigit() and int(n) > max_bytes:
                 raise MediaError(f"{url[:100]}: {n} bytes exceeds the {max_bytes}-byte limit", param, 413, "too_large")
-            chunks, total = [], 0
-            while True:
-                if time.monotonic() > deadline:
-                    raise MediaError(f"{url[:100]}: fetch timed out after {timeout_s:g} s", param)
-                b = r.read(1 << 16)
-                if not b:
-                    break
-                total += len(b)
-                if total > max_bytes:
-                    raise MediaError(f"{url[:100]}: body exceeds the {max_bytes}-byte limit", param, 413, "too_large")
-                chunks.append(b)
-            return b"".join(chunks)
+            return read_body(r, conn.sock, deadline, max_bytes, cancel)  # the deadline is the whole fetch's
+        except FetchCancelled:
+            raise MediaError(f"{url[:100]}: fetch cancelled (the client went away)", param, 400, "cancelled") \
+                from None
+        except TimeoutError:
+            raise MediaError(f"{url[:100]}: fetch timed out after {timeout_s:g} s", param, 400, "fetch_timeout") \
+                from None
+        except BodyTooLarge:
+            raise MediaError(f"{url[:100]}: body exceeds the {max_bytes}-byte limit", param, 413, "too_large") from None
         except (OSError, http.client.HTTPException) as e:
             raise MediaError(f"{url[:100]}: fetch failed: {e}", param) from e
         finally:
@@ -177,7 +174,7 @@ def local_path(url: str, allowed_dir: str | None, param: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- a request's media
-def load_media(job, cfg, engine):
+def load_media(job, cfg, engine, cancel=None):
     """Fetch / read and decode a request's media (pllava.protocol.Job) -> uint8 frames (N, H, W, 3), in a worker
     thread, before the request takes a model slot (a slow download never holds one)."""
     n = job.num_frames or engine.config.num_frames
@@ -194,7 +191,7 @@ def load_media(job, cfg, engine):
             src = decode_data_url(url, cfg.max_video_bytes, param)
         elif url.startswith(("http://", "https://")):
             src = fetch_http(url, max_bytes=cfg.max_video_bytes, timeout_s=cfg.fetch_timeout_s, param=param,
-                             allowed_hosts=cfg.allowed_fetch_hosts)
+                             allowed_hosts=cfg.allowed_fetch_hosts, cancel=cancel)
         elif url.startswith("file://") or "://" not in url:
             src = local_path(url, cfg.allowed_local_media_path, param)
         else:
@@ -214,9 +211,9 @@ def _content_id(src) -> str:
     return f"{os.path.realpath(src)}:{st.st_size}:{st.st_mtime_ns}"
 
 
-def load_media_timed(job, cfg, engine):
+def load_media_timed(job, cfg, engine, cancel=None):
     t = time.perf_counter()
-    frames = load_media(job, cfg, engine)
+    frames = load_media(job, cfg, engine, cancel)
     return frames, time.perf_counter() - t
 
 

@@ -16,6 +16,7 @@ import os
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from fastapi import FastAPI, Request
@@ -131,7 +132,9 @@ def create_app(engine, cfg: ServerConfig) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_app):
-        state["adm"] = Admission(cfg.max_concurrency or cfg.max_num_seqs, cfg.max_queue)
+        adm = state["adm"] = Admission(cfg.max_concurrency or cfg.max_num_seqs, cfg.max_queue)
+        # one media thread per admitted request: a slow fetch never waits for a thread another slow fetch holds
+        state["media_pool"] = ThreadPoolExecutor(max(1, adm.capacity), thread_name_prefix="pllava-fetch")
         batch = engine.scheduler(max_num_seqs=cfg.max_num_seqs, max_seq_len=cfg.max_model_len,
                                  prefill_chunk=cfg.prefill_chunk)
         batch.start()
@@ -142,6 +145,7 @@ def create_app(engine, cfg: ServerConfig) -> FastAPI:
             yield
         finally:
             batch.stop()
+            state["media_pool"].shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="pllava-engine", version="0.1.0", lifespan=lifespan)
 
@@ -197,6 +201,12 @@ def create_app(engine, cfg: ServerConfig) -> FastAPI:
         metrics.generation(out.timings, len(out.token_ids))
         yield out
 
+    def fetch_media(job: Job, cancel: threading.Event):
+        """Fetch + decode in the media pool, before the request takes a place in the batch: a slow download
+        holds a media thread (until the fetch deadline, or its client leaves), never the model or the event loop."""
+        loop = asyncio.get_running_loop()
+        return loop.run_in_executor(state["media_pool"], load_media_timed, job, cfg, engine, cancel)
+
     async def until_disconnect(request: Request, cancel: threading.Event, coro):
         """Await `coro`; if the client disconnects meanwhile, set `cancel` so generation stops at the next token."""
         task = asyncio.ensure_future(coro)
@@ -220,15 +230,15 @@ def create_app(engine, cfg: ServerConfig) -> FastAPI:
             raise RuntimeError("the scheduler ended a request without an output")
 
         try:
-            async with sched().sem:
-                sched().running += 1
-                try:
-                    frames, t_media = await asyncio.to_thread(load_media_timed, job, cfg, engine)
+            sched().running += 1
+            try:
+                frames, t_media = await until_disconnect(request, cancel, fetch_media(job, cancel))
+                async with sched().sem:
                     out = await until_disconnect(request, cancel, collect())
-                    timings = dict(out.timings, media=t_media)
-                    return out.text, len(out.token_ids), out.num_prompt_tokens, out.finish_reason, timings
-                finally:
-                    sched().running -= 1
+                timings = dict(out.timings, media=t_media)
+                return out.text, len(out.token_ids), out.num_prompt_tokens, out.finish_reason, timings
+            finally:
+                sched().running -= 1
         except Exception as e:  # noqa: BLE001 - mapped to a typed API error (500 only for real bugs)
             raise to_api(e) from e
         finally:
@@ -290,14 +300,14 @@ def create_app(engine, cfg: ServerConfig) -> FastAPI:
         async def events():
             res = None
             try:
-                async with sched().sem:
-                    sched().running += 1
-                    try:
-                        # a media error here leaves the first __anext__ and is answered with its 4xx status
-                        frames, t_media = await asyncio.to_thread(load_media_timed, job, cfg, engine)
-                        if job.return_frames:
-                            yield f"event: frames\ndata: {json.dumps({'frames': thumbnails(frames)})}\n\n"
-                        yield chunk({"role": "assistant", "content": ""})
+                sched().running += 1
+                try:
+                    # a media error here leaves the first __anext__ and is answered with its 4xx status
+                    frames, t_media = await until_disconnect(request, cancel, fetch_media(job, cancel))
+                    if job.return_frames:
+                        yield f"event: frames\ndata: {json.dumps({'frames': thumbnails(frames)})}\n\n"
+                    yield chunk({"role": "assistant", "content": ""})
+                    async with sched().sem:
                         gen = model_stream(job, frames, cancel)
                         try:
                             async for item in gen:
@@ -317,8 +327,8 @@ def create_app(engine, cfg: ServerConfig) -> FastAPI:
                             yield f"data: {json.dumps(err.body())}\n\n"
                         finally:
                             await gen.aclose()
-                    finally:
-                        sched().running -= 1
+                finally:
+                    sched().running -= 1
                 if res is not None:
                     timings = dict(res.timings, media=t_media)
                     n_tok, n_prompt = len(res.token_ids), res.num_prompt_tokens

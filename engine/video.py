@@ -20,8 +20,9 @@ import select
 import stat
 import threading
 import time
-import urllib.error
-import urllib.request
+import http.client
+import socket
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -67,20 +68,78 @@ def is_source(x) -> bool:
     return isinstance(x, (str, os.PathLike, bytes, bytearray, memoryview)) or hasattr(x, "read")
 
 
-def fetch_url(url: str, limits: DecodeLimits = DEFAULT_LIMITS) -> bytes:
-    """GET an http(s) URL into memory with a timeout and a size cap."""
-    req = urllib.request.Request(url, headers={"User-Agent": "pllava-engine"})
-    try:
-        with urllib.request.urlopen(req, timeout=limits.timeout_s) as r:
-            n = r.headers.get("Content-Length")
-            if n is not None and int(n) > limits.max_bytes:
+class BodyTooLarge(ValueError):
+    pass
+
+
+class FetchCancelled(Exception):
+    pass
+
+
+def read_body(resp, sock, deadline: float, max_bytes: int, cancel=None) -> bytes:
+    """An HTTP response body against an overall wall-clock deadline and a size cap. Each receive gets the time
+    left, not a fresh timeout, and takes what has arrived (read1), so a server trickling a byte at a time cannot
+    stretch the fetch past the deadline. `cancel` (a threading.Event, e.g. set when the client went away) is
+    checked at least every 0.25 s. Raises TimeoutError, BodyTooLarge or FetchCancelled."""
+    chunks, total = [], 0
+    while True:
+        if cancel is not None and cancel.is_set():
+            raise FetchCancelled("cancelled")
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("deadline passed")
+        if sock is not None:
+            sock.settimeout(min(left, 0.25) if cancel is not None else left)
+        try:
+            b = resp.read1(1 << 16)
+        except (socket.timeout, TimeoutError):
+            if cancel is not None and time.monotonic() < deadline:
+                continue  # only the short poll expired: look at `cancel` and the deadline again
+            raise TimeoutError("deadline passed") from None
+        if not b:
+            return b"".join(chunks)
+        total += len(b)
+        if total > max_bytes:
+            raise BodyTooLarge(f"body exceeds {max_bytes} bytes")
+        chunks.append(b)
+
+
+def fetch_url(url: str, limits: DecodeLimits = DEFAULT_LIMITS, max_redirects: int = 5) -> bytes:
+    """GET an http(s) URL into memory within limits.timeout_s overall (connect, redirects and body together: a
+    trickling server is cut at the deadline) and limits.max_bytes."""
+    deadline = time.monotonic() + limits.timeout_s
+    for _ in range(max_redirects + 1):
+        u = urllib.parse.urlsplit(url)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise VideoError(f"{url}: timed out after {limits.timeout_s:g} s")
+        cls = http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection
+        try:
+            conn = cls(u.hostname, u.port, timeout=left)
+        except (ValueError, http.client.InvalidURL) as e:
+            raise VideoError(f"{url}: bad URL: {e}") from None
+        try:
+            conn.request("GET", (u.path or "/") + (f"?{u.query}" if u.query else ""),
+                         headers={"Host": u.netloc, "User-Agent": "pllava-engine"})
+            r = conn.getresponse()
+            if r.status in (301, 302, 303, 307, 308) and r.getheader("Location"):
+                url = urllib.parse.urljoin(url, r.getheader("Location"))
+                continue
+            if r.status != 200:
+                raise VideoError(f"{url}: HTTP {r.status}")
+            n = r.getheader("Content-Length")
+            if n is not None and n.isdigit() and int(n) > limits.max_bytes:
                 raise VideoError(f"{url}: {int(n)} bytes exceeds max_bytes={limits.max_bytes}")
-            data = r.read(limits.max_bytes + 1)
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        raise VideoError(f"{url}: unreachable: {e}") from e
-    if len(data) > limits.max_bytes:
-        raise VideoError(f"{url}: body exceeds max_bytes={limits.max_bytes}")
-    return data
+            return read_body(r, conn.sock, deadline, limits.max_bytes)
+        except TimeoutError:
+            raise VideoError(f"{url}: timed out after {limits.timeout_s:g} s (the whole fetch)") from None
+        except BodyTooLarge:
+            raise VideoError(f"{url}: body exceeds max_bytes={limits.max_bytes}") from None
+        except (OSError, http.client.HTTPException) as e:
+            raise VideoError(f"{url}: unreachable: {e}") from None
+        finally:
+            conn.close()
+    raise VideoError(f"{url}: more than {max_redirects} redirects")
 
 
 def _read_all(f, what: str, limits: DecodeLimits) -> bytes:

@@ -131,3 +131,75 @@ def test_disconnect_cancels_only_that_request(ckpts, clips):
                                                                   max_new_tokens=30)
     assert got["other"] == ref.text
     assert toks < 200 + 30 + 2  # the abandoned stream stopped long before its 400 tokens (+ warm-up's 2)
+
+
+def test_slow_sources_do_not_stall_other_clients(ckpts, clips):
+    """6 clients whose media URL trickles a byte every 0.1 s, then 4 normal clients: the normal ones are answered
+    while the slow fetches are still running (each slow fetch ends at the fetch deadline with a 400)."""
+    import http.server
+
+    class Trickle(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            try:
+                for _ in range(1000):
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                    time.sleep(0.1)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    port = srv.server_address[1]
+    engine = pllava.Engine.from_pretrained(ckpts["pllava"])
+    cfg = ServerConfig(max_num_seqs=2, max_queue=16, fetch_timeout_s=4.0,
+                       allowed_fetch_hosts=frozenset({f"127.0.0.1:{port}"}))
+    slow_status, fast_s = [], []
+    try:
+        with LiveServer(engine, cfg) as s:
+            def slow():
+                b = {"model": "m", "max_tokens": 4, "messages": [{"role": "user", "content": [
+                    {"type": "text", "text": "hi"},
+                    {"type": "video_url", "video_url": {"url": f"http://127.0.0.1:{port}/v.mp4"}}]}]}
+                t = time.monotonic()
+                r = httpx.post(s.url + "/v1/chat/completions", json=b, timeout=60)
+                slow_status.append((r.status_code, r.json()["error"]["code"], time.monotonic() - t))
+
+            ts = [threading.Thread(target=slow) for _ in range(6)]
+            for t in ts:
+                t.start()
+            time.sleep(0.5)  # the slow fetches are under way
+            for _ in range(4):
+                t0 = time.monotonic()
+                r = httpx.post(s.url + "/v1/chat/completions", json=body(clips[0], "hi", max_tokens=8), timeout=60)
+                assert r.status_code == 200, r.text
+                fast_s.append(time.monotonic() - t0)
+            for t in ts:
+                t.join()
+            # a client that gives up after 1 s: its fetch is cancelled, not left to run to the deadline
+            b = {"model": "m", "max_tokens": 4, "messages": [{"role": "user", "content": [
+                {"type": "text", "text": "hi"}, {"type": "video_url", "video_url": {"url": f"http://127.0.0.1:{port}/v"}}]}]}
+            t_gone = time.monotonic()
+            with pytest.raises(httpx.TimeoutException):
+                httpx.post(s.url + "/v1/chat/completions", json=b, timeout=1.0)
+            while time.monotonic() < t_gone + 6:  # the fetch thread returns once it sees the cancel
+                if metric(httpx.get(s.url + "/metrics").text, "pllava_running") == 0:
+                    break
+                time.sleep(0.05)
+            freed_after = time.monotonic() - t_gone
+    finally:
+        srv.shutdown()
+    assert freed_after < 3.0, freed_after  # cancelled ~1.5 s in, not left to run to the 4 s fetch deadline
+    print(f"\nnormal requests beside 6 trickling fetches: {', '.join(f'{x:.2f}' for x in fast_s)} s; slow ones "
+          f"ended after {', '.join(f'{x[2]:.1f}' for x in slow_status)} s; a fetch whose client left after 1 s "
+          f"was freed {freed_after:.2f} s after it was sent")
+    assert max(fast_s) < 3.0  # answered while the slow fetches (4 s deadline) were still running
+    assert [x[:2] for x in slow_status] == [(400, "fetch_timeout")] * 6
+    assert all(3.5 < x[2] < 8 for x in slow_status)

@@ -218,7 +218,7 @@ def http_dir(clips):
 
 def test_http_url(clips, http_dir):
     assert torch.equal(read_frames(f"{http_dir}/vp9.webm", 6), read_frames(clips["vp9.webm"], 6))
-    with pytest.raises(VideoError, match="unreachable"):
+    with pytest.raises(VideoError, match="missing.mp4: HTTP 404"):
         read_frames(f"{http_dir}/missing.mp4")
     with pytest.raises(VideoError, match="max_bytes"):
         read_frames(f"{http_dir}/vp9.webm", limits=DecodeLimits(max_bytes=10))
@@ -233,6 +233,53 @@ def test_unreachable_url_fails_fast():
     with pytest.raises(VideoError, match="unreachable"):
         read_frames(f"http://127.0.0.1:{port}/clip.mp4", limits=DecodeLimits(timeout_s=2))
     assert time.monotonic() - t0 < 5
+
+
+@pytest.fixture
+def trickle_server():
+    """A loopback server that sends headers, then one byte every 0.1 s for a minute (a slowloris source)."""
+    import http.server
+
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "600")
+            self.end_headers()
+            try:
+                for _ in range(600):
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                    time.sleep(0.1)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}/clip.mp4", srv.server_address[1]
+    srv.shutdown()
+
+
+def test_a_trickling_url_is_cut_at_the_overall_deadline(trickle_server):
+    """Every read gets bytes within the socket timeout, yet the fetch as a whole must end at timeout_s."""
+    url, _ = trickle_server
+    t0 = time.monotonic()
+    with pytest.raises(VideoError, match=r"timed out after 1 s \(the whole fetch\)"):
+        read_frames(url, 4, limits=DecodeLimits(timeout_s=1))
+    assert time.monotonic() - t0 < 3
+
+
+def test_the_server_fetcher_has_the_same_deadline(trickle_server):
+    from pllava.media import MediaError, fetch_http
+
+    url, port = trickle_server
+    t0 = time.monotonic()
+    with pytest.raises(MediaError, match=r"fetch timed out after 1 s"):
+        fetch_http(url, max_bytes=1 << 20, timeout_s=1, allowed_hosts=frozenset({f"127.0.0.1:{port}"}))
+    assert time.monotonic() - t0 < 3
 
 
 # --------------------------------------------------------------------------------------- live sources
