@@ -88,7 +88,27 @@ def render_chat(t: Template, turns: list[tuple[str, str]], system: str | None = 
     return out
 
 
+def check_turns(turns, system=None):
+    """Chat turns must be (role, text) pairs, role 'user' or 'assistant', text a str, the last one the user's;
+    `system` a str or None. Anything else is a PromptError naming the turn."""
+    if not isinstance(turns, (list, tuple)) or not turns:
+        raise PromptError("prompt: chat turns must be a non-empty list of (role, text) pairs")
+    for i, t in enumerate(turns):
+        if not isinstance(t, (list, tuple)) or len(t) != 2:
+            raise PromptError(f"prompt[{i}]: a turn is a (role, text) pair, got {t!r:.80}")
+        role, text = t
+        if role not in ("user", "assistant"):
+            raise PromptError(f"prompt[{i}]: role must be 'user' or 'assistant', got {role!r:.40}")
+        if not isinstance(text, str):
+            raise PromptError(f"prompt[{i}]: text must be a str, got {type(text).__name__}")
+    if turns[-1][0] != "user":
+        raise PromptError(f"prompt[{len(turns) - 1}]: the last turn must be the user's (the model answers it)")
+    if system is not None and not isinstance(system, str):
+        raise PromptError(f"system must be a str or None, got {type(system).__name__}")
+
+
 def build_chat_prompt(turns: list[tuple[str, str]], conv_mode: str, system: str | None = None) -> str:
+    check_turns(turns, system)
     name = ALIASES.get(conv_mode, conv_mode)
     if name not in TEMPLATES:
         raise PromptError(f"conv_mode {conv_mode!r} is unknown; choose one of {', '.join(CONV_MODES)}")
@@ -121,6 +141,10 @@ def build_prompt(question: str, conv_mode: str = "plain", system: str | None = N
     """The full prompt text for `question`; conv_mode 'raw' takes `question` as the whole prompt."""
     if not isinstance(question, str):
         raise PromptError(f"prompt must be a str, got {type(question).__name__}")
+    if system is not None and not isinstance(system, str):
+        raise PromptError(f"system must be a str or None, got {type(system).__name__}")
+    if not isinstance(conv_mode, str):
+        raise PromptError(f"conv_mode must be a str, got {type(conv_mode).__name__}")
     if conv_mode == "raw":
         return question
     name = ALIASES.get(conv_mode, conv_mode)

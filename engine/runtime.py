@@ -429,7 +429,7 @@ class Engine:
         an identity for frames the caller decoded (e.g. a content hash) so a follow-up question reuses the video's
         KV cache."""
         params = SamplingParams(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed,
-                                stop or [], list(stop_token_ids or []))
+                                stop or [], stop_token_ids or [])
         timings: dict = {}
         toks = [ev.token_id for ev in self._run(video, prompt, params, conv_mode, system, timings, cancel, video_key)]
         n_prompt = timings.pop("num_prompt_tokens")
@@ -443,7 +443,7 @@ class Engine:
         """Yield text pieces as they are generated (''.join(pieces) == generate(...).text); the arguments are
         generate's, and `timings` (a dict) is filled with its stage times."""
         params = SamplingParams(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed,
-                                stop or [], list(stop_token_ids or []))
+                                stop or [], stop_token_ids or [])
         timings = {} if timings is None else timings
         for ev in self._run(video, prompt, params, conv_mode, system, timings, cancel, video_key):
             if ev.text:

@@ -269,7 +269,7 @@ class Scheduler:
         where = f"requests[{index}]" if index is not None else "request"
         try:
             params = SamplingParams(req.max_new_tokens, req.temperature, req.top_p, req.top_k,
-                                    req.repetition_penalty, req.seed, req.stop or [], list(req.stop_token_ids or []))
+                                    req.repetition_penalty, req.seed, req.stop or [], req.stop_token_ids or [])
             e.check_params(params)
             alpha = e.lora_alpha if req.lora_alpha is None else req.lora_alpha
             if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):

@@ -1,0 +1,250 @@
+"""A battery of hostile and careless inputs (issue: hardening): each case must end within its timeout in a typed
+error (PllavaError; the server: a 4xx in vLLM's error shape), and a valid request after it must get exactly the
+answer it got before the battery (nothing lost, nothing carried over). The summary line counts them.
+"""
+import base64
+import json
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import pllava
+from pllava.errors import PllavaError
+
+CASE_TIMEOUT_S = 30
+NAN, INF = float("nan"), float("inf")
+
+
+def run_with_timeout(fn, timeout=CASE_TIMEOUT_S):
+    """-> ('ok', value) | ('error', exception) | ('hang', None)."""
+    box = {}
+
+    def target():
+        try:
+            box["v"] = ("ok", fn())
+        except BaseException as e:  # noqa: BLE001 - the battery classifies whatever comes out
+            box["v"] = ("error", e)
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(timeout)
+    return box.get("v", ("hang", None))
+
+
+def _px(n=4, s=42, fill=None):
+    x = torch.randn(n, 3, s, s, generator=torch.Generator().manual_seed(1))
+    if fill is not None:
+        x[0, 0, 0, 0] = fill
+    return x
+
+
+# (name, keyword overrides of a valid generate() call)
+ENGINE_CASES = [
+    ("video None", dict(video=None)), ("video int", dict(video=5)), ("video dict", dict(video={"a": 1})),
+    ("video missing path", dict(video="/nonexistent/clip.mp4")), ("video empty bytes", dict(video=b"")),
+    ("video garbage bytes", dict(video=bytes(range(256)) * 8)), ("video text bytes", dict(video=b"hello world" * 50)),
+    ("video float wrong shape", dict(video=torch.zeros(2, 3, 10, 10))),
+    ("video float 3-d", dict(video=torch.zeros(3, 42, 42))), ("video NaN pixels", dict(video=_px(fill=NAN))),
+    ("video inf pixels", dict(video=_px(fill=INF))), ("video -inf pixels", dict(video=_px(fill=-INF))),
+    ("video uint8 3-d", dict(video=torch.zeros(4, 10, 10, dtype=torch.uint8))),
+    ("video uint8 4 channels", dict(video=torch.zeros(2, 10, 10, 4, dtype=torch.uint8))),
+    ("video zero frames", dict(video=torch.zeros(0, 10, 10, 3, dtype=torch.uint8))),
+    ("video too many frames", dict(video=torch.zeros(2000, 2, 2, 3, dtype=torch.uint8))),
+    ("video int64 array", dict(video=np.zeros((2, 10, 10, 3), dtype=np.int64))),
+    ("video float64 array", dict(video=np.zeros((2, 10, 10, 3), dtype=np.float64))),
+    ("video empty list", dict(video=[])), ("video list of ints", dict(video=[1, 2])),
+    ("video zero-size frames", dict(video=torch.zeros(2, 0, 10, 3, dtype=torch.uint8))),
+    ("prompt None", dict(prompt=None)), ("prompt int", dict(prompt=5)), ("prompt bytes", dict(prompt=b"hi")),
+    ("prompt lone surrogate", dict(prompt="hi \ud800")), ("prompt too long", dict(prompt="word " * 3000)),
+    ("raw prompt without image", dict(prompt="hello", conv_mode="raw")),
+    ("raw prompt with two images", dict(prompt="<image> and <image>", conv_mode="raw")),
+    ("chat turn of one item", dict(prompt=[("user",)])), ("chat unknown role", dict(prompt=[("robot", "hi")])),
+    ("chat text int", dict(prompt=[("user", 5)])), ("chat empty", dict(prompt=[])),
+    ("chat ends with assistant", dict(prompt=[("user", "hi"), ("assistant", "x")])),
+    ("chat turn a string", dict(prompt=["user: hi"])), ("chat surrogate", dict(prompt=[("user", "\udc00")])),
+    ("system int", dict(system=5)), ("system surrogate", dict(system="\udc00x")), ("system list", dict(system=["a"])),
+    ("conv_mode unknown", dict(conv_mode="nope")), ("conv_mode int", dict(conv_mode=3)),
+    ("max_new_tokens 0", dict(max_new_tokens=0)), ("max_new_tokens -1", dict(max_new_tokens=-1)),
+    ("max_new_tokens 2.5", dict(max_new_tokens=2.5)), ("max_new_tokens str", dict(max_new_tokens="5")),
+    ("max_new_tokens bool", dict(max_new_tokens=True)), ("max_new_tokens None", dict(max_new_tokens=None)),
+    ("temperature -1", dict(temperature=-1.0)), ("temperature NaN", dict(temperature=NAN)),
+    ("temperature inf", dict(temperature=INF)), ("temperature str", dict(temperature="hot")),
+    ("temperature None", dict(temperature=None)),
+    ("top_p 0", dict(top_p=0.0)), ("top_p 2", dict(top_p=2.0)), ("top_p NaN", dict(top_p=NAN)),
+    ("top_p str", dict(top_p="x")), ("top_k -1", dict(top_k=-1)), ("top_k 1.5", dict(top_k=1.5)),
+    ("top_k str", dict(top_k="5")), ("repetition_penalty 0", dict(repetition_penalty=0.0)),
+    ("repetition_penalty -1", dict(repetition_penalty=-1.0)), ("repetition_penalty NaN", dict(repetition_penalty=NAN)),
+    ("repetition_penalty inf", dict(repetition_penalty=INF)),
+    ("seed 1.5", dict(seed=1.5)), ("seed -1", dict(seed=-1)), ("seed 2**64", dict(seed=2 ** 64)),
+    ("seed str", dict(seed="1")), ("seed bool", dict(seed=True)),
+    ("stop int", dict(stop=5)), ("stop empty string", dict(stop=[""])), ("stop list of ints", dict(stop=[1])),
+    ("stop surrogate", dict(stop=["\ud800"])), ("stop dict", dict(stop={"a": 1})),
+    ("stop_token_ids strings", dict(stop_token_ids=["a"])), ("stop_token_ids negative", dict(stop_token_ids=[-1])),
+    ("stop_token_ids huge", dict(stop_token_ids=[10 ** 9])), ("stop_token_ids float", dict(stop_token_ids=[1.5])),
+    ("stop_token_ids int", dict(stop_token_ids=5)), ("stop_token_ids bool", dict(stop_token_ids=[True])),
+]
+BATCH_ONLY_CASES = [("lora_alpha NaN", dict(lora_alpha=NAN)), ("lora_alpha inf", dict(lora_alpha=-INF)),
+                    ("lora_alpha str", dict(lora_alpha="4")), ("lora_alpha bool", dict(lora_alpha=True)),
+                    ("lora_alpha overflowing", dict(lora_alpha=3e38)), ("unknown key", dict(max_tokens=3)),
+                    ("request not a dict", "clip.mp4")]
+
+
+@pytest.fixture(scope="module")
+def engine(ckpts):
+    return pllava.Engine.from_pretrained(ckpts["pllava"])
+
+
+@pytest.fixture(scope="module")
+def reference(engine):
+    px = _px()
+    return px, engine.generate(px, "What is happening?", max_new_tokens=12).token_ids
+
+
+COUNTS = {"cases": 0, "typed": 0, "hangs": 0, "silent": 0, "lost": 0}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _summary():
+    """The engine battery's counts, printed after the module (for the README)."""
+    yield
+    if COUNTS["cases"]:
+        print(f"\nhostile-input battery (engine): {COUNTS['cases']} cases, {COUNTS['typed']} typed errors, "
+              f"{COUNTS['hangs']} hangs, {COUNTS['silent']} silently accepted, {COUNTS['lost']} lost follow-ups")
+
+
+def _check(engine, reference, outcome, name):
+    COUNTS["cases"] += 1
+    kind, val = outcome
+    if kind == "hang":
+        COUNTS["hangs"] += 1
+        pytest.fail(f"{name}: no answer within {CASE_TIMEOUT_S} s")
+    if kind == "ok":
+        COUNTS["silent"] += 1
+        pytest.fail(f"{name}: silently accepted, returned {val!r:.200}")
+    if not isinstance(val, PllavaError):
+        pytest.fail(f"{name}: untyped {type(val).__name__}: {val}")
+    COUNTS["typed"] += 1
+    px, want = reference
+    follow = run_with_timeout(lambda: engine.generate(px, "What is happening?", max_new_tokens=12).token_ids)
+    if follow != ("ok", want):
+        COUNTS["lost"] += 1
+        pytest.fail(f"{name}: the next valid request got {follow}")
+    return val
+
+
+@pytest.mark.parametrize("name,kw", ENGINE_CASES, ids=[c[0] for c in ENGINE_CASES])
+def test_engine_generate(engine, reference, name, kw):
+    args = dict(video=reference[0], prompt="What is happening?", max_new_tokens=4)
+    args.update(kw)
+    _check(engine, reference, run_with_timeout(lambda: engine.generate(**args)), name)
+
+
+@pytest.mark.parametrize("name,kw", ENGINE_CASES + BATCH_ONLY_CASES, ids=[c[0] for c in ENGINE_CASES + BATCH_ONLY_CASES])
+def test_engine_generate_many(engine, reference, name, kw):
+    """The same inputs as one request of a batch beside a valid one: typed (raised, or its own error output when
+    return_errors=True), and the valid neighbour's answer is unchanged."""
+    good = dict(video=reference[0], prompt="What is happening?", max_new_tokens=12)
+    bad = kw if isinstance(kw, str) else {**good, "max_new_tokens": 4, **kw}
+    _check(engine, reference, run_with_timeout(lambda: engine.generate_many([good, bad])), name)
+    if isinstance(kw, str) or "max_tokens" in kw:
+        return  # refused before any request ran
+    outcome = run_with_timeout(lambda: engine.generate_many([good, bad], return_errors=True))
+    if outcome[0] == "ok":  # failing at run time (its clip, its logits): its own output says so
+        outs = outcome[1]
+        assert outs[0].token_ids == reference[1], f"{name}: the neighbour's answer changed"
+        assert outs[1].finish_reason == "error" and outs[1].error.split(":")[0].endswith("Error")
+
+
+# ------------------------------------------------------------------------------------------ the server
+def _data_url(raw, mime="video/mp4"):
+    return f"data:{mime};base64," + base64.b64encode(raw).decode()
+
+
+def server_cases(url):
+    msg = lambda content: {"messages": [{"role": "user", "content": content}]}  # noqa: E731
+    ok_content = [{"type": "text", "text": "hi"}, {"type": "video_url", "video_url": {"url": url}}]
+    good = dict(msg(ok_content), max_tokens=4)
+    cases = [
+        ("body a list", []), ("body a string", "x"), ("body a number", 5), ("body null", None),
+        ("no messages", {}), ("messages an object", {"messages": {"role": "user"}}),
+        ("messages empty", {"messages": []}), ("message a string", {"messages": ["hi"]}),
+        ("role missing", {"messages": [{"content": "hi"}]}), ("role unknown", {"messages": [{"role": "x", "content": "hi"}]}),
+        ("content a number", msg(5)), ("content part a string", msg(["hi"])),
+        ("part type unknown", msg([{"type": "audio"}])), ("text not a string", msg([{"type": "text", "text": 5}])),
+        ("video_url missing url", msg([{"type": "video_url", "video_url": {}}])),
+        ("video_url a number", msg([{"type": "video_url", "video_url": 5}])),
+        ("two videos", msg(ok_content + [{"type": "video_url", "video_url": {"url": url}}])),
+        ("no video", msg([{"type": "text", "text": "hi"}])),
+        ("media in assistant turn", {"messages": [{"role": "assistant", "content": ok_content},
+                                                  {"role": "user", "content": "hi"}]}),
+        ("last message assistant", {"messages": [{"role": "user", "content": ok_content},
+                                                 {"role": "assistant", "content": "x"}]}),
+        ("ftp url", msg([{"type": "video_url", "video_url": {"url": "ftp://x/y.mp4"}}])),
+        ("file url outside", msg([{"type": "video_url", "video_url": {"url": "file:///etc/passwd"}}])),
+        ("loopback http", msg([{"type": "video_url", "video_url": {"url": "http://127.0.0.1:9/x.mp4"}}])),
+        ("metadata http", msg([{"type": "video_url", "video_url": {"url": "http://169.254.169.254/x"}}])),
+        ("6to4 of loopback", msg([{"type": "video_url", "video_url": {"url": "http://[2002:7f00:1::1]/x"}}])),
+        ("data url not base64", msg([{"type": "video_url", "video_url": {"url": "data:video/mp4;base64,@@@"}}])),
+        ("data url empty", msg([{"type": "video_url", "video_url": {"url": "data:video/mp4;base64,"}}])),
+        ("data url text mime", msg([{"type": "video_url", "video_url": {"url": _data_url(b"hi", "text/plain")}}])),
+        ("data url garbage video", msg([{"type": "video_url", "video_url": {"url": _data_url(bytes(range(256)) * 9)}}])),
+    ]
+    for field, values in (("max_tokens", [0, -1, 2.5, "5", True, 10 ** 9]), ("temperature", [-1, 5, "x", [1]]),
+                          ("top_p", [0, 2, "x"]), ("num_frames", [0, -3, 10 ** 6, 1.5, "4"]),
+                          ("lora_alpha", ["4", True, 1e9, [4]]), ("seed", [1.5, -1, 2 ** 70, "1", True]),
+                          ("stop", [5, [""], [1], ["a"] * 9, {"a": 1}]), ("stream", ["yes", 1]),
+                          ("stream_options", [[1], "x", {"include_usage": "yes"}])):
+        for v in values:
+            cases.append((f"{field}={v!r:.20}", dict(good, **{field: v})))
+    return cases
+
+
+def test_server_battery(ckpts, tmp_path):
+    pytest.importorskip("fastapi")
+    import httpx
+
+    from pllava.server import ServerConfig
+    from pllava.testing import make_video
+    from pllava.video import read_frames
+    from server_util import LiveServer
+
+    engine = pllava.Engine.from_pretrained(ckpts["pllava"])
+    clip = make_video(str(tmp_path / "c.mp4"), num_frames=12, size=(64, 48))
+    raw = open(clip, "rb").read()
+    url = _data_url(raw)
+    want = pllava.Engine.from_pretrained(ckpts["pllava"]).generate(
+        read_frames(raw, engine.config.num_frames), [("user", "hi")], max_new_tokens=8).text
+    good = {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"},
+                                                      {"type": "video_url", "video_url": {"url": url}}]}],
+            "max_tokens": 8}
+    counts = {"cases": 0, "4xx": 0, "hangs": 0, "silent": 0, "500": 0, "lost": 0}
+    bad_cases = []
+    with LiveServer(engine, ServerConfig(max_num_seqs=2, max_new_tokens_limit=64, max_frames=32)) as s:
+        post = lambda b: httpx.post(s.url + "/v1/chat/completions", content=json.dumps(b), timeout=CASE_TIMEOUT_S,  # noqa
+                                    headers={"content-type": "application/json"})
+        for name, b in server_cases(url):
+            counts["cases"] += 1
+            kind, r = run_with_timeout(lambda: post(b), CASE_TIMEOUT_S + 5)
+            if kind != "ok":
+                counts["hangs" if kind == "hang" else "500"] += 1
+                bad_cases.append((name, kind, r))
+                continue
+            if r.status_code >= 500:
+                counts["500"] += 1
+                bad_cases.append((name, r.status_code, r.text[:200]))
+            elif r.status_code < 400:
+                counts["silent"] += 1
+                bad_cases.append((name, r.status_code, r.text[:200]))
+            else:
+                e = r.json().get("error", {})
+                assert set(e) == {"message", "type", "param", "code"}, (name, r.text)
+                counts["4xx"] += 1
+            f = post(good)
+            if f.status_code != 200 or f.json()["choices"][0]["message"]["content"] != want:
+                counts["lost"] += 1
+                bad_cases.append((name, "lost", f.text[:200]))
+    print(f"\nhostile-input battery (server): {counts['cases']} cases, {counts['4xx']} typed 4xx, {counts['hangs']} "
+          f"hangs, {counts['silent']} silently accepted, {counts['500']} 500s, {counts['lost']} lost follow-ups")
+    assert not bad_cases, bad_cases
