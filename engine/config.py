@@ -121,6 +121,15 @@ class PllavaConfig:
         return cfg
 
 
+_DTYPE_NAMES = ("float32", "float16", "bfloat16", "float", "half", "fp32", "fp16", "bf16")
+
+
+def _dtype_name(v, src):
+    if v is None or v in _DTYPE_NAMES or v == "auto":
+        return None if v == "auto" else v
+    raise ConfigError(f"{src}: field 'torch_dtype' = {v!r} is not one of {_DTYPE_NAMES}")
+
+
 def _check_positive_int(v, name, src):
     if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
         raise ConfigError(f"{src}: field '{name}' must be a positive integer, got {v!r}")
@@ -143,9 +152,18 @@ def _hf_config(model_type: str, d: dict, src: str, what: str):
         raise ConfigError(f"{src}: {what}.model_type '{model_type}' is unknown to transformers")
     d = {k: v for k, v in d.items() if k != "model_type"}
     try:
+        from huggingface_hub.errors import StrictDataclassError  # transformers >= 5 validates config fields
+    except ImportError:
+        StrictDataclassError = TypeError  # noqa: N806 - older hub versions: nothing extra to catch
+    try:
         return CONFIG_MAPPING[model_type](**d)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{src}: cannot parse {what}: {e}") from e
+    except (TypeError, ValueError, AttributeError, StrictDataclassError) as e:
+        msg = " ".join(str(e).split())
+        raise ConfigError(f"{src}: cannot parse {what}: {msg[:400]}") from None
+
+
+_POSITIVE_TEXT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                         "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings")
 
 
 def parse_text_config(d: dict, src: str = "config.json") -> TextConfig:
@@ -159,12 +177,28 @@ def parse_text_config(d: dict, src: str = "config.json") -> TextConfig:
         rope.setdefault("rope_type", rope.pop("type", "default"))
         rope["rope_theta"] = getattr(hf, "rope_theta", 10000.0)
     rt = rope.get("rope_type", rope.get("type", "default"))
+    theta = rope.get("rope_theta", 10000.0)
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not math.isfinite(theta) or theta <= 0:
+        raise ConfigError(f"{src}: field 'text_config.rope_theta' must be a positive number, got {theta!r}")
     if rt not in SUPPORTED_ROPE_TYPES:
         raise ConfigError(f"{src}: text_config rope type '{rt}' is not supported (supported: {SUPPORTED_ROPE_TYPES}); "
                           "'dynamic' and 'longrope' change the frequencies with the length and would break a static KV cache")
     if hf.hidden_act != "silu":
         raise ConfigError(f"{src}: text_config.hidden_act '{hf.hidden_act}' is not supported (SwiGLU with silu only)")
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    n_kv = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
+    vals = dict(vocab_size=hf.vocab_size, hidden_size=hf.hidden_size, intermediate_size=hf.intermediate_size,
+                num_hidden_layers=hf.num_hidden_layers, num_attention_heads=hf.num_attention_heads,
+                num_key_value_heads=n_kv, head_dim=head_dim, max_position_embeddings=hf.max_position_embeddings)
+    for k in _POSITIVE_TEXT_FIELDS:
+        v = vals[k]
+        if isinstance(v, bool) or not isinstance(v, int) or v < (2 if k == "max_position_embeddings" else 1):
+            raise ConfigError(f"{src}: field 'text_config.{k}' must be a positive integer, got {v!r}")
+    if hf.num_attention_heads % n_kv:
+        raise ConfigError(f"{src}: field 'text_config.num_key_value_heads' = {n_kv} does not divide "
+                          f"num_attention_heads = {hf.num_attention_heads}")
+    if head_dim % 2:
+        raise ConfigError(f"{src}: text_config head_dim = {head_dim} must be even (RoPE rotates pairs)")
     return TextConfig(
         model_type=mt, vocab_size=hf.vocab_size, hidden_size=hf.hidden_size, intermediate_size=hf.intermediate_size,
         num_hidden_layers=hf.num_hidden_layers, num_attention_heads=hf.num_attention_heads,
@@ -234,7 +268,8 @@ def parse_config(d: dict, src: str = "config.json") -> PllavaConfig:
         vision=vision, text=text, image_token_index=itok, projector_hidden_act=act, vision_feature_layer=vfl,
         vision_feature_select_strategy=strategy, num_frames=num_frames,
         pooling_shape=_shape3(pooling, "pooling_shape", src), frame_shape=frame_shape,
-        torch_dtype=d.get("torch_dtype") or d.get("dtype") or d["text_config"].get("torch_dtype"), source=src,
+        torch_dtype=_dtype_name(d.get("torch_dtype") or d.get("dtype") or d["text_config"].get("torch_dtype"), src),
+        source=src,
     )
 
 

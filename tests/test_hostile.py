@@ -248,3 +248,42 @@ def test_server_battery(ckpts, tmp_path):
     print(f"\nhostile-input battery (server): {counts['cases']} cases, {counts['4xx']} typed 4xx, {counts['hangs']} "
           f"hangs, {counts['silent']} silently accepted, {counts['500']} 500s, {counts['lost']} lost follow-ups")
     assert not bad_cases, bad_cases
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+CONFIG_CASES = [  # (name, section or None for the top level, key, value)
+    ("hidden_size a string", "text_config", "hidden_size", "64"),
+    ("heads not dividing hidden", "text_config", "num_attention_heads", 5),
+    ("kv heads not dividing heads", "text_config", "num_key_value_heads", 3),
+    ("vocab_size negative", "text_config", "vocab_size", -5), ("layers a float", "text_config", "num_hidden_layers", 2.5),
+    ("rms_norm_eps a string", "text_config", "rms_norm_eps", "x"), ("rope_scaling a list", "text_config", "rope_scaling", [1]),
+    ("rope_theta a string", "text_config", "rope_theta", "big"),
+    ("max_position_embeddings 0", "text_config", "max_position_embeddings", 0),
+    ("tie_word_embeddings a string", "text_config", "tie_word_embeddings", "yes"),
+    ("head_dim odd", "text_config", "head_dim", 7), ("vision image_size a string", "vision_config", "image_size", "42"),
+    ("vision patch not dividing", "vision_config", "patch_size", 5), ("text_config a list", None, "text_config", [1]),
+    ("vision_config a string", None, "vision_config", "x"), ("image_token_index a string", None, "image_token_index", "x"),
+    ("image_token_index off the tokenizer", None, "image_token_index", 10 ** 9),
+    ("pooling_shape with 0", None, "pooling_shape", [0, 1, 1]), ("pooling_shape a string", None, "pooling_shape", "abc"),
+    ("num_frames a string", None, "num_frames", "4"), ("frame_shape wrong", None, "frame_shape", [5, 5]),
+    ("vision_feature_layer out of range", None, "vision_feature_layer", -99),
+    ("projector act unknown", None, "projector_hidden_act", "swish9"), ("torch_dtype unknown", None, "torch_dtype", "float8"),
+    ("select strategy unknown", None, "vision_feature_select_strategy", "all"),
+]
+
+
+@pytest.mark.parametrize("name,section,key,value", CONFIG_CASES, ids=[c[0] for c in CONFIG_CASES])
+def test_config_values(ckpts, tmp_path, name, section, key, value):
+    """A config.json value of the wrong type or inconsistent with the rest: a typed error naming the file."""
+    import shutil
+
+    d = tmp_path / "m"
+    shutil.copytree(ckpts["pllava"], d)
+    cfg = json.loads((d / "config.json").read_text())
+    (cfg[section] if section else cfg)[key] = value
+    (d / "config.json").write_text(json.dumps(cfg))
+    kind, val = run_with_timeout(lambda: pllava.Engine.from_pretrained(str(d)))
+    assert kind == "error", f"{name}: {kind}"
+    assert isinstance(val, PllavaError), f"{name}: untyped {type(val).__name__}: {val}"
+    assert str(d) in str(val), f"{name}: the error does not name the model: {val}"
+
