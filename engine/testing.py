@@ -211,11 +211,12 @@ def make_tiny_checkpoint(path: str, layout: str = "pllava", lora: bool = True, *
 
 def make_video(path: str, num_frames: int = 24, size=(64, 48), fps: int = 12, codec: str = "mpeg4",
                audio: bool = False, gop: int | None = None, vfr: bool = False, bframes: int | None = None,
-               container_format: str | None = None) -> str:
+               container_format: str | None = None, rotation: int = 0) -> str:
     """A synthetic clip whose frames all differ (moving gradient + a bright block at a per-frame position).
 
     gop: keyframe interval (small values make the seek sampler really seek); vfr: irregular frame durations
-    (pts in milliseconds); bframes: B-frames between references (h264, mpeg4)."""
+    (pts in milliseconds); bframes: B-frames between references (h264, mpeg4); rotation: a display matrix
+    (degrees counter-clockwise, as a phone writes for portrait video)."""
     import av
     from fractions import Fraction
 
@@ -223,6 +224,8 @@ def make_video(path: str, num_frames: int = 24, size=(64, 48), fps: int = 12, co
     with av.open(path, mode="w", format=container_format) as c:
         s = c.add_stream(codec, rate=fps)
         s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+        if rotation:
+            s.set_display_rotation(rotation)
         opts = {}
         if gop is not None:
             s.codec_context.gop_size = gop

@@ -385,9 +385,22 @@ def _decode_iter(c, st, what):
 
 def _to_rgb(frame, size) -> np.ndarray:
     if size is None:
-        return frame.to_ndarray(format="rgb24")
-    # FFmpeg's scaler resizes during the colour conversion: no full-resolution RGB is materialised
-    return frame.to_ndarray(format="rgb24", width=size[0], height=size[1], interpolation="BICUBIC")
+        arr = frame.to_ndarray(format="rgb24")
+    else:  # FFmpeg's scaler resizes during the colour conversion: no full-resolution RGB is materialised
+        arr = frame.to_ndarray(format="rgb24", width=size[0], height=size[1], interpolation="BICUBIC")
+    return upright(arr, frame)
+
+
+def upright(arr: np.ndarray, frame) -> np.ndarray:
+    """Apply the display matrix (phones record portrait video as landscape frames plus a rotation): rotate by
+    the frame's rotation, counter-clockwise in degrees as FFmpeg's av_display_rotation_get gives it, in steps
+    of 90 (other angles are rare and left alone, logged)."""
+    rot = getattr(frame, "rotation", 0) or 0
+    k = int(round(rot / 90.0))
+    if abs(rot - 90 * k) > 1:
+        log.warning("display rotation %.1f degrees is not a multiple of 90; frames are left as stored", rot)
+        return arr
+    return np.ascontiguousarray(np.rot90(arr, k % 4)) if k % 4 else arr
 
 
 BACKENDS: dict[str, DecoderBackend] = {"pyav": PyAVBackend()}
@@ -521,7 +534,7 @@ def decode_all(source, limits: DecodeLimits = DEFAULT_LIMITS) -> list[np.ndarray
     try:
         st = c.streams.video[0]
         st.thread_type = "AUTO"
-        return [f.to_ndarray(format="rgb24") for f in _decode_iter(c, st, what)]
+        return [upright(f.to_ndarray(format="rgb24"), f) for f in _decode_iter(c, st, what)]
     finally:
         c.close()
 
