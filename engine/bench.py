@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from .errors import ConfigError
+
 log = logging.getLogger("pllava")
 STAGES = ("decode", "preprocess", "vision", "projector", "prefill", "ttft", "decode_tok_s", "e2e")
 PROMPT = "Describe the video in details."
@@ -44,7 +46,7 @@ def make_preset_checkpoint(preset: str, root: str | None = None, dtype=torch.bfl
     from .testing import make_tokenizer, save_sharded
 
     if preset not in PRESETS:
-        raise ValueError(f"preset {preset!r} is unknown; choose one of {sorted(PRESETS)}")
+        raise ConfigError(f"preset {preset!r} is unknown; choose one of {sorted(PRESETS)}")
     base = os.path.join(root or cache_dir(), f"{preset}-{str(dtype).split('.')[-1]}")
     adir = os.path.join(base, "adapter")
     if os.path.exists(os.path.join(base, "DONE")):

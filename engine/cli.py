@@ -13,9 +13,9 @@ from .errors import PllavaError
 
 def _engine_args(p: argparse.ArgumentParser):
     p.add_argument("--model", required=True, help="model directory or hub repo id")
-    p.add_argument("--num-frames", type=int, default=None)
+    p.add_argument("--num-frames", type=_positive_int, default=None)
     p.add_argument("--lora-alpha", type=_finite_float, default=None, help="LoRA alpha (default 4; 0 = the image LLM)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=256)
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: checkpoint's on CUDA)")
     p.add_argument("--conv-mode", default=None)
@@ -139,13 +139,13 @@ def cmd_bench(a) -> int:
     if a.batch:
         from .bench_batch import run_batch_bench
 
-        batches = tuple(int(x) for x in a.batch.split(","))
-        frames = tuple(int(x) for x in (a.frames or "16").split(","))
+        batches = a.batch
+        frames = a.frames or (16,)
         run_batch_bench(a.preset, batches=batches, frames=frames, new_tokens=a.new_tokens, runs=a.runs,
                         device=a.device, dtype=_parse_dtype(a.dtype), baseline=not a.no_baseline, video=a.video,
                         out_dir=a.out)
         return 0
-    frames = tuple(int(x) for x in (a.frames or "1,4,8,16,32,64").split(","))
+    frames = a.frames or (1, 4, 8, 16, 32, 64)
     run_bench(a.preset, frames=frames, new_tokens=a.new_tokens, runs=a.runs, device=a.device,
               dtype=_parse_dtype(a.dtype), baseline=not a.no_baseline, video=a.video, out_dir=a.out)
     return 0
@@ -166,6 +166,16 @@ def cmd_serve(a) -> int:
                        allowed_fetch_hosts=frozenset(h for h in (a.allow_fetch_host or []) if h))
     serve(eng, cfg, a.host, a.port)
     return 0
+
+
+def _int_list(s: str) -> tuple:
+    try:
+        v = tuple(int(x) for x in s.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {s!r}") from None
+    if not v or min(v) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {s!r}")
+    return v
 
 
 def _finite_float(s: str) -> float:
@@ -235,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     lv.set_defaults(func=cmd_live)
     d = sub.add_parser("demo", help="run the whole pipeline offline on a tiny random checkpoint")
     d.add_argument("--device", default=None)
-    d.add_argument("--max-new-tokens", type=int, default=24)
+    d.add_argument("--max-new-tokens", type=_positive_int, default=24)
     d.set_defaults(func=cmd_demo)
     sv = sub.add_parser("serve", help="OpenAI-compatible server (chat completions with video_url, captions, a page)")
     sv.add_argument("--model", required=True)
@@ -255,21 +265,21 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--allowed-local-media-path", default=None)
     sv.add_argument("--max-video-bytes", type=int, default=200 << 20)
     sv.add_argument("--max-frames", type=int, default=64)
-    sv.add_argument("--max-new-tokens-limit", type=int, default=1024)
+    sv.add_argument("--max-new-tokens-limit", type=_positive_int, default=1024)
     sv.add_argument("--allow-fetch-host", action="append", help="host:port an operator trusts (internal media)")
     sv.add_argument("--lora-alpha", type=_finite_float, default=None)
-    sv.add_argument("--num-frames", type=int, default=None)
+    sv.add_argument("--num-frames", type=_positive_int, default=None)
     sv.add_argument("--device", default=None)
     sv.add_argument("--dtype", default=None)
     sv.add_argument("--conv-mode", default=None)
     sv.set_defaults(func=cmd_serve)
     b = sub.add_parser("bench", help="throughput per frame count and latency breakdown vs transformers")
     b.add_argument("--preset", default="small", help="small | pllava-7b | pllava-13b | pllava-34b")
-    b.add_argument("--frames", default=None, help="frame counts (default 1,4,8,16,32,64; with --batch: 16)")
-    b.add_argument("--batch", default=None, help="batch sizes, e.g. 1,2,4,8,16: throughput per batch size "
+    b.add_argument("--frames", type=_int_list, default=None, help="frame counts (default 1,4,8,16,32,64; with --batch: 16)")
+    b.add_argument("--batch", type=_int_list, default=None, help="batch sizes, e.g. 1,2,4,8,16: throughput per batch size "
                                                  "(continuous batching vs sequential vs transformers batched)")
-    b.add_argument("--new-tokens", type=int, default=64)
-    b.add_argument("--runs", type=int, default=3)
+    b.add_argument("--new-tokens", type=_positive_int, default=64)
+    b.add_argument("--runs", type=_positive_int, default=3)
     b.add_argument("--device", default=None)
     b.add_argument("--dtype", default=None)
     b.add_argument("--video", default=None, help="clip for the decode stage (default: a cached 720p30 clip)")

@@ -42,7 +42,7 @@ def resolve_dtype(dtype, device: torch.device, cfg_dtype: str | None) -> torch.d
         return dtype
     if dtype is not None:
         if str(dtype) not in _DTYPES:
-            raise ValueError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)}")
+            raise ConfigError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)}")
         return _DTYPES[str(dtype)]
     if device.type != "cuda":
         return torch.float32  # CPUs have no fast half-precision GEMM worth the accuracy loss
@@ -175,9 +175,9 @@ class Engine:
     def set_lora_alpha(self, alpha: float):
         """Change the LoRA scale to alpha / r in place: no reload, no recompile (alpha 0 = the image LLM)."""
         if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not np.isfinite(alpha):
-            raise ValueError(f"lora_alpha must be a finite number, got {alpha!r}")
+            raise InputError(f"lora_alpha must be a finite number, got {alpha!r}")
         if self.lora_merged:
-            raise ValueError("lora_alpha cannot change while the LoRA is merged; call unmerge_lora() first")
+            raise InputError("lora_alpha cannot change while the LoRA is merged; call unmerge_lora() first")
         if float(alpha) != self.lora_alpha:
             self._prefix = None  # v_proj's LoRA shaped the cached values
         self.model.set_lora_alpha(float(alpha))
@@ -406,7 +406,7 @@ class Engine:
         first = True
         if self._step is None or self._step.use_graph != self.cuda_graphs:
             if self.cuda_graphs and self.device.type != "cuda":
-                raise ValueError("cuda_graphs needs a CUDA device")
+                raise ConfigError("cuda_graphs needs a CUDA device")
             self._step = DecodeStep(lm, self.cuda_graphs)
             log.info("pllava decode: %s", "CUDA graph replay" if self.cuda_graphs else "eager steps")
         for ev in generate_tokens(lm, embeds, params, self.tokenizer, self.eos_ids, prompt_text_ids, timings,

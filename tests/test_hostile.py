@@ -287,3 +287,54 @@ def test_config_values(ckpts, tmp_path, name, section, key, value):
     assert isinstance(val, PllavaError), f"{name}: untyped {type(val).__name__}: {val}"
     assert str(d) in str(val), f"{name}: the error does not name the model: {val}"
 
+
+
+# ------------------------------------------------------------------------------------------ the command line
+def cli_cases(model, clip, out):
+    return [
+        ("caption no such input", ["caption", "/nonexistent.mp4", "--model", model]),
+        ("caption empty glob", ["caption", "/nonexistent/*.mp4", "--model", model]),
+        ("caption model dir without config", ["caption", clip, "--model", out]),
+        ("caption batch-size 0", ["caption", clip, "--model", model, "--batch-size", "0"]),
+        ("caption max-new-tokens 0", ["caption", clip, "--model", model, "--max-new-tokens", "0"]),
+        ("caption max-new-tokens x", ["caption", clip, "--model", model, "--max-new-tokens", "x"]),
+        ("caption num-frames -1", ["caption", clip, "--model", model, "--num-frames", "-1"]),
+        ("caption lora-alpha nan", ["caption", clip, "--model", model, "--lora-alpha", "nan"]),
+        ("caption lora-alpha word", ["caption", clip, "--model", model, "--lora-alpha", "four"]),
+        ("caption dtype unknown", ["caption", clip, "--model", model, "--dtype", "float8"]),
+        ("caption device unknown", ["caption", clip, "--model", model, "--device", "tpu9"]),
+        ("caption resume without output", ["caption", clip, "--model", model, "--resume"]),
+        ("caption output in a missing folder", ["caption", clip, "--model", model, "-o", "/nonexistent/o.jsonl"]),
+        ("caption decode-workers 0", ["caption", clip, "--model", model, "--decode-workers", "0"]),
+        ("chat empty question", ["chat", clip, "", "--model", model, "--conv-mode", "nope"]),
+        ("serve max-num-seqs 0", ["serve", "--model", model, "--max-num-seqs", "0"]),
+        ("serve max-queue word", ["serve", "--model", model, "--max-queue", "x"]),
+        ("serve lora-alpha inf", ["serve", "--model", model, "--lora-alpha", "inf"]),
+        ("serve max-new-tokens-limit 0", ["serve", "--model", model, "--max-new-tokens-limit", "0"]),
+        ("bench batch list bad", ["bench", "--preset", "tiny", "--batch", "1,x"]),
+        ("bench frames 0", ["bench", "--preset", "tiny", "--frames", "0"]),
+        ("bench preset unknown", ["bench", "--preset", "huge", "--no-baseline", "--frames", "1", "--runs", "1"]),
+        ("bench runs 0", ["bench", "--preset", "tiny", "--runs", "0"]),
+    ]
+
+
+def test_cli_battery(ckpts, tmp_path, capsys, video_path):
+    """Each case exits 2 (argparse or a typed error) with a one-line message and no traceback."""
+    from pllava.cli import main
+
+    bad = []
+    cases = cli_cases(ckpts["pllava"], video_path, str(tmp_path))
+    for name, argv in cases:
+        kind, val = run_with_timeout(lambda: main(argv))
+        if kind == "error" and isinstance(val, SystemExit):
+            code = val.code
+        elif kind == "ok":
+            code = val
+        else:
+            bad.append((name, kind, repr(val)[:200]))
+            continue
+        err = capsys.readouterr().err
+        if code != 2 or "Traceback" in err or not err.strip():
+            bad.append((name, code, err[-300:]))
+    print(f"\nhostile-input battery (CLI): {len(cases)} cases, {len(cases) - len(bad)} clear exits with status 2")
+    assert not bad, bad
