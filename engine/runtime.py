@@ -13,7 +13,7 @@ import torch
 from . import ops
 from .checkpoint import LAYOUT_NAMES, attach_adapter_config, load_weights, plan_adapter, plan_checkpoint
 from .config import DEFAULT_LORA_ALPHA, PllavaConfig, load_config, read_json_object
-from .errors import CheckpointError, ConfigError, InputError, PromptError
+from .errors import CheckpointError, ConfigError, InputError, NumericalError, PromptError
 from .generate import DecodeStep, SamplingParams, generate_tokens
 from .model import PllavaModel
 from .preprocess import clip_defaults, load_processor_config, preprocess
@@ -409,14 +409,21 @@ class Engine:
                 raise ConfigError("cuda_graphs needs a CUDA device")
             self._step = DecodeStep(lm, self.cuda_graphs)
             log.info("pllava decode: %s", "CUDA graph replay" if self.cuda_graphs else "eager steps")
-        for ev in generate_tokens(lm, embeds, params, self.tokenizer, self.eos_ids, prompt_text_ids, timings,
-                                  self._clock, cancel, start, self._step):
-            if first and key is not None:
-                self._prefix = (key, n_pre)  # the prefill has written the prefix
-            if first:
-                timings["ttft"] = self._clock() - t_start
-                first = False
-            yield ev
+        try:
+            for ev in generate_tokens(lm, embeds, params, self.tokenizer, self.eos_ids, prompt_text_ids, timings,
+                                      self._clock, cancel, start, self._step):
+                if first and key is not None:
+                    self._prefix = (key, n_pre)  # the prefill has written the prefix
+                if first:
+                    timings["ttft"] = self._clock() - t_start
+                    first = False
+                yield ev
+        except NumericalError:
+            # the cache now holds non-finite K/V; a captured graph attends over masked slots too (0 x NaN = NaN),
+            # so the next request gets a fresh cache rather than this one's leftovers
+            self._prefix = None
+            lm.free_cache()
+            raise
         timings["total"] = self._clock() - t_start
         timings["num_prompt_tokens"] = n_prompt
 

@@ -243,7 +243,8 @@ class PyAVBackend(DecoderBackend):
         try:
             c = av.open(src, mode="r", metadata_errors="ignore")
         except (av.FFmpegError, OSError, ValueError, UnicodeDecodeError) as e:
-            raise VideoError(f"{what}: not a decodable video (corrupt, truncated, or not a video): {e}") from e
+            raise VideoError(f"{what}: not a decodable video (corrupt, truncated, or not a video): "
+                             f"{getattr(e, 'strerror', None) or e}") from e
         if not c.streams.video:
             c.close()
             raise VideoError(f"{what}: no video stream (audio-only or not a video)")
@@ -614,7 +615,8 @@ def live_windows(source, num_frames: int = 16, *, window_s: float = 8.0, every_s
         try:
             c = av.open(src, mode="r", timeout=limits.timeout_s) if isinstance(src, str) else av.open(src, mode="r")
         except (av.FFmpegError, OSError, ValueError) as e:
-            raise VideoError(f"{what}: live source could not be opened (stopped or not a video): {e}") from e
+            raise VideoError(f"{what}: live source could not be opened (stopped or not a video): "
+                             f"{getattr(e, 'strerror', None) or e}") from e
         with c:
             if not c.streams.video:
                 raise VideoError(f"{what}: no video stream")
