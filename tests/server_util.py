@@ -1,4 +1,5 @@
-"""Run the real server (uvicorn) in a background thread on a free loopback port."""
+"""Run the real server (uvicorn) in a background thread on a free loopback port; a trickling media server."""
+import contextlib
 import socket
 import threading
 import time
@@ -41,3 +42,35 @@ class LiveServer:
     def __exit__(self, *exc):
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+
+@contextlib.contextmanager
+def trickle_server(n_bytes: int = 1000, every_s: float = 0.1):
+    """A loopback HTTP server that sends its headers, then one byte every `every_s` (a slowloris media source).
+    Yields (url, port)."""
+    import http.server
+
+    class Trickle(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(n_bytes))
+            self.end_headers()
+            try:
+                for _ in range(n_bytes):
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                    time.sleep(every_s)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{srv.server_address[1]}/clip.mp4", srv.server_address[1]
+    finally:
+        srv.shutdown()
+

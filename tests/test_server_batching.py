@@ -1,6 +1,7 @@
 """The server on the batch scheduler: concurrent requests (streaming and not, each with its own lora_alpha) get
 exactly what one-at-a-time generate() gives; a disconnect cancels only that request; metrics show the batch."""
 import base64
+import contextlib
 import json
 import re
 import threading
@@ -136,28 +137,10 @@ def test_disconnect_cancels_only_that_request(ckpts, clips):
 def test_slow_sources_do_not_stall_other_clients(ckpts, clips):
     """6 clients whose media URL trickles a byte every 0.1 s, then 4 normal clients: the normal ones are answered
     while the slow fetches are still running (each slow fetch ends at the fetch deadline with a 400)."""
-    import http.server
+    from server_util import trickle_server
 
-    class Trickle(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_response(200)
-            self.send_header("Content-Length", "1000")
-            self.end_headers()
-            try:
-                for _ in range(1000):
-                    self.wfile.write(b"x")
-                    self.wfile.flush()
-                    time.sleep(0.1)
-            except (BrokenPipeError, ConnectionResetError):
-                pass
-
-        def log_message(self, *a):
-            pass
-
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
-    srv.daemon_threads = True
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    port = srv.server_address[1]
+    stack = contextlib.ExitStack()
+    _, port = stack.enter_context(trickle_server())
     engine = pllava.Engine.from_pretrained(ckpts["pllava"])
     cfg = ServerConfig(max_num_seqs=2, max_queue=16, fetch_timeout_s=4.0,
                        allowed_fetch_hosts=frozenset({f"127.0.0.1:{port}"}))
@@ -195,7 +178,7 @@ def test_slow_sources_do_not_stall_other_clients(ckpts, clips):
                 time.sleep(0.05)
             freed_after = time.monotonic() - t_gone
     finally:
-        srv.shutdown()
+        stack.close()
     assert freed_after < 3.0, freed_after  # cancelled ~1.5 s in, not left to run to the 4 s fetch deadline
     print(f"\nnormal requests beside 6 trickling fetches: {', '.join(f'{x:.2f}' for x in fast_s)} s; slow ones "
           f"ended after {', '.join(f'{x[2]:.1f}' for x in slow_status)} s; a fetch whose client left after 1 s "

@@ -237,30 +237,13 @@ def test_unreachable_url_fails_fast():
 
 @pytest.fixture
 def trickle_server():
-    """A loopback server that sends headers, then one byte every 0.1 s for a minute (a slowloris source)."""
-    import http.server
+    import sys
 
-    class H(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_response(200)
-            self.send_header("Content-Length", "600")
-            self.end_headers()
-            try:
-                for _ in range(600):
-                    self.wfile.write(b"x")
-                    self.wfile.flush()
-                    time.sleep(0.1)
-            except (BrokenPipeError, ConnectionResetError):
-                pass
+    sys.path.insert(0, os.path.dirname(__file__))
+    from server_util import trickle_server as serve
 
-        def log_message(self, *a):
-            pass
-
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
-    srv.daemon_threads = True
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}/clip.mp4", srv.server_address[1]
-    srv.shutdown()
+    with serve(600) as where:
+        yield where
 
 
 def test_a_trickling_url_is_cut_at_the_overall_deadline(trickle_server):
