@@ -13,6 +13,16 @@ from .errors import InputError, NumericalError
 
 
 @dataclass
+class GenerationOutput:
+    text: str
+    token_ids: list[int]  # new tokens only; ends with EOS when generation stopped on EOS
+    num_prompt_tokens: int
+    timings: dict = field(default_factory=dict)  # seconds per stage
+    finish_reason: str = "length"  # 'stop' (EOS, stop token or stop string), 'length', 'cancelled' or 'error'
+    error: str | None = None  # generate_many(return_errors=True): why this request failed ("VideoError: ...")
+
+
+@dataclass
 class SamplingParams:
     max_new_tokens: int = 256
     temperature: float = 0.0  # 0: greedy

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Iterator
 
 import numpy as np
@@ -14,7 +14,7 @@ from . import ops
 from .checkpoint import LAYOUT_NAMES, attach_adapter_config, load_weights, plan_adapter, plan_checkpoint
 from .config import DEFAULT_LORA_ALPHA, PllavaConfig, load_config, read_json_object
 from .errors import CheckpointError, ConfigError, InputError, NumericalError, PromptError
-from .generate import DecodeStep, SamplingParams, generate_tokens
+from .generate import DecodeStep, GenerationOutput, SamplingParams, generate_tokens
 from .model import PllavaModel
 from .preprocess import clip_defaults, load_processor_config, preprocess
 from .prompt import build_chat_prompt, build_prompt, check_image_token, default_conv_mode, splice, tokenize
@@ -25,16 +25,6 @@ log = logging.getLogger("pllava")
 CAPTION_PROMPT = "Describe the video in details."  # PLLaVA's single_test / recaption query
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32, "float16": torch.float16,
            "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
-
-@dataclass
-class GenerationOutput:
-    text: str
-    token_ids: list[int]  # new tokens only; ends with EOS when generation stopped on EOS
-    num_prompt_tokens: int
-    timings: dict = field(default_factory=dict)  # seconds per stage
-    finish_reason: str = "length"  # 'stop' (EOS, stop token or stop string), 'length', 'cancelled' or 'error'
-    error: str | None = None  # generate_many(return_errors=True): why this request failed ("VideoError: ...")
 
 
 def resolve_dtype(dtype, device: torch.device, cfg_dtype: str | None) -> torch.dtype:
@@ -478,7 +468,8 @@ class Engine:
         the others are done, or, with return_errors=True, comes back with finish_reason 'error' and `error`.
         `prefill_chunk`: prefill long prompts in chunks of this many tokens between decode steps.
         """
-        from .scheduler import Request, engine_scheduler, slot_len_for
+        from .batch_driver import engine_scheduler, slot_len_for
+        from .scheduler import Request
 
         reqs = [Request.coerce(r, f"requests[{i}]") for i, r in enumerate(requests)]
         if not reqs:
@@ -516,7 +507,7 @@ class Engine:
         its clip) yields an output with finish_reason 'error'. `max_seq_len`: positions of a KV slot (default:
         sized from the first requests). `stats` (a dict) receives the scheduler's counters at the end, among them
         `model_wait_s`, the time the model waited for a clip to be decoded."""
-        from .scheduler import iter_outputs
+        from .batch_driver import iter_outputs
 
         _check_batch_size(max_batch_size)
         yield from iter_outputs(self, requests, max_batch_size, max_seq_len=max_seq_len, prefill_chunk=prefill_chunk,

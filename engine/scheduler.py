@@ -28,7 +28,8 @@ from typing import Any, Callable
 import torch
 
 from .errors import InputError, MemoryBudgetError, NumericalError, PllavaError, error_line
-from .generate import SamplingParams, SequenceState, StepEvent
+from .generate import GenerationOutput, SamplingParams, SequenceState, StepEvent
+from .batch_graphs import BatchDecodeGraphs
 from .model.llm import SlotKVCache, SlotRows
 from .prompt import splice
 
@@ -149,64 +150,6 @@ class Sequence:
         if self.req.cancel is None:
             self.req.cancel = threading.Event()
         self.req.cancel.set()
-
-
-class BatchDecodeGraphs:
-    """Batched decode steps captured as CUDA graphs, one per batch-size bucket (1, 2, 4, 8, 16, ...): a step of B
-    rows replays the smallest bucket >= B, its extra rows copies of row 0 (they write the same K/V to the same
-    place and their logits are dropped). Replays need a step with no host integers in it: the Triton slot
-    attention (device-side slots and positions), the LoRA scale per row on the device. Capturing runs the step
-    three times on the real rows; every run writes the same values, so a capture in the middle of serving is safe.
-    Tied to the weights and the cache: dropped when either changes (merge_lora, a new scheduler)."""
-
-    def __init__(self, lm, cache: SlotKVCache, device):
-        self.lm, self.cache, self.device = lm, cache, device
-        self.graphs: dict[int, tuple] = {}
-        self.pool = None
-
-    @staticmethod
-    def bucket(b: int) -> int:
-        return 1 << (b - 1).bit_length()
-
-    def _capture(self, k: int, fill):
-        dev = self.device
-        tok = torch.zeros((k, 1), dtype=torch.long, device=dev)
-        pos = torch.zeros((k, 1), dtype=torch.long, device=dev)
-        slot = torch.zeros((k,), dtype=torch.long, device=dev)
-        scale = torch.zeros((k,), dtype=torch.float32, device=dev)
-        rows = SlotRows([], [], pos, slot, scale)
-        fill(tok, pos, slot, scale)
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side), torch.no_grad():
-            for _ in range(2):  # lazy initialisation (cuBLAS handles, Triton compiles) outside the capture
-                self.lm.forward_slots(self.lm.embed_tokens(tok), rows, self.cache)
-        torch.cuda.current_stream(dev).wait_stream(side)
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()  # one memory pool shared by every bucket
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool), torch.no_grad():
-            out = self.lm.forward_slots(self.lm.embed_tokens(tok), rows, self.cache)
-        self.graphs[k] = (graph, tok, pos, slot, scale, out)
-        log.info("pllava scheduler: captured the batched decode step for %d rows as a CUDA graph", k)
-
-    def __call__(self, toks: list[int], slots: list[int], positions: list[int], scales: list[float]) -> torch.Tensor:
-        b = len(toks)
-        k = self.bucket(b)
-        pad = k - b
-
-        def fill(tok, pos, slot, scale):
-            tok.copy_(torch.tensor([[t] for t in toks + toks[:1] * pad]))
-            pos.copy_(torch.tensor([[p] for p in positions + positions[:1] * pad]))
-            slot.copy_(torch.tensor(slots + slots[:1] * pad))
-            scale.copy_(torch.tensor(scales + scales[:1] * pad, dtype=torch.float32))
-
-        if k not in self.graphs:
-            self._capture(k, fill)
-        graph, tok, pos, slot, scale, out = self.graphs[k]
-        fill(tok, pos, slot, scale)
-        graph.replay()
-        return out[:b]
 
 
 class Scheduler:
@@ -560,8 +503,6 @@ class Scheduler:
             self.owner[s.slot] = None
 
     def _finish(self, s: Sequence, reason: str):
-        from .runtime import GenerationOutput
-
         self._release(s)
         now = self.engine._clock()
         if s.t_add is not None:
@@ -626,108 +567,3 @@ class Scheduler:
                 self.abort_all(err)
         for s in pending + list(self.waiting) + list(self.running):
             self._fail(s, RuntimeError("the server is shutting down"))
-
-
-# ---------------------------------------------------------------------------------------------- drivers
-def slot_len_for(engine, reqs: list[Request]) -> int:
-    """Positions a slot needs for these (validated) requests: the longest prompt + max_new_tokens, rounded up
-    to 256 (not the whole context: less memory, more slots)."""
-    need = 2
-    for r in reqs:
-        _ids, _pos, n_prompt = engine._prompt_ids(r.prompt, r.conv_mode, r.system)
-        n_new = r.max_new_tokens if isinstance(r.max_new_tokens, int) and r.max_new_tokens > 0 else 1
-        need = max(need, n_prompt + n_new)
-    return min(engine.config.text.max_position_embeddings, -(-need // 256) * 256)
-
-
-def engine_scheduler(engine, want: int, slot_len: int, prefill_chunk=None, kv_cache_bytes=None,
-                     media_workers: int = 2) -> Scheduler:
-    """The scheduler the engine keeps for generate_many / generate_iter: reused while it fits, else replaced by
-    a bigger one that inherits the video prefixes its slots held."""
-    sched = engine._sched
-    if (sched is None or sched.plan.slot_len < slot_len or sched.prefill_chunk != prefill_chunk
-            or (sched.graphs is not None) != bool(engine.cuda_graphs) or sched.media_workers != media_workers
-            or sched.plan.num_slots < want and sched.asked < want or kv_cache_bytes is not None):
-        old, engine._sched = sched, None
-        if old is not None:
-            old.stop()
-        sched = Scheduler(engine, want, slot_len, kv_cache_bytes, prefill_chunk, media_workers)
-        if old is not None:
-            sched.inherit_prefixes(old)
-            del old
-        engine._sched = sched
-    return sched
-
-
-def _error_output(err: Exception):
-    from .runtime import GenerationOutput
-
-    return GenerationOutput("", [], 0, {}, "error", error=error_line(err))
-
-
-def iter_outputs(engine, requests, max_batch_size: int = 16, *, max_seq_len=None, prefill_chunk=None,
-                 kv_cache_bytes=None, media_workers: int = 2, stats: dict | None = None):
-    """The loop of Engine.generate_iter: (index, GenerationOutput) in completion order."""
-    it = enumerate(iter(requests))
-    lookahead = max(2 * max_batch_size, 8)  # requests held (validated, clip decoding ahead) beyond the batch
-    first = []
-    for _ in range(lookahead):
-        nxt = next(it, None)
-        if nxt is None:
-            break
-        first.append(nxt)
-    if not first:
-        return
-    ready: collections.deque = collections.deque()  # errors found while validating, yielded in turn
-    probe = []
-    for i, r in first:
-        try:
-            req = Request.coerce(r, f"requests[{i}]")
-            engine._prompt_ids(req.prompt, req.conv_mode, req.system)
-            probe.append(req)
-        except PllavaError:
-            pass
-    slot_len = max_seq_len or (slot_len_for(engine, probe) if probe else engine.config.text.max_position_embeddings)
-    sched = engine_scheduler(engine, max_batch_size, slot_len, prefill_chunk, kv_cache_bytes, media_workers)
-    sched.limit = max_batch_size
-    finished: collections.deque = collections.deque()
-    pending = 0
-    pulled = iter(first)
-
-    def feed():
-        nonlocal pending
-        while len(sched.waiting) < lookahead:
-            nxt = next(pulled, None) or next(it, None)
-            if nxt is None:
-                return
-            i, r = nxt
-            try:
-                seq = sched.make_sequence(Request.coerce(r, f"requests[{i}]"), i,
-                                          on_done=lambda s: finished.append(s))
-            except PllavaError as err:
-                ready.append((i, _error_output(err)))
-                continue
-            sched.add(seq)
-            pending += 1
-
-    try:
-        feed()
-        while pending or ready:
-            while ready:
-                yield ready.popleft()
-            if not pending:
-                feed()
-                continue
-            sched.step()
-            while finished:
-                s = finished.popleft()
-                pending -= 1
-                yield s.index, s.output
-            feed()
-    except BaseException as err:
-        sched.abort_all(err if isinstance(err, Exception) else RuntimeError("interrupted"))
-        raise
-    finally:
-        if stats is not None:
-            stats.update(model_wait_s=sched.model_wait_s, decode_steps=sched.decode_steps,
-                         decode_rows=sched.decode_rows, tokens=sched.tokens_out, slots=sched.plan.num_slots)
