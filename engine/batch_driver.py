@@ -6,18 +6,7 @@ import collections
 
 from .errors import PllavaError, error_line
 from .generate import GenerationOutput
-from .scheduler import Request, Scheduler
-
-
-def slot_len_for(engine, reqs: list[Request]) -> int:
-    """Positions a slot needs for these (validated) requests: the longest prompt + max_new_tokens, rounded up
-    to 256 (not the whole context: less memory, more slots)."""
-    need = 2
-    for r in reqs:
-        _ids, _pos, n_prompt = engine._prompt_ids(r.prompt, r.conv_mode, r.system)
-        n_new = r.max_new_tokens if isinstance(r.max_new_tokens, int) and r.max_new_tokens > 0 else 1
-        need = max(need, n_prompt + n_new)
-    return min(engine.config.text.max_position_embeddings, -(-need // 256) * 256)
+from .scheduler import Request, Scheduler, prepare_sequence, slot_len_for
 
 
 def engine_scheduler(engine, want: int, slot_len: int, prefill_chunk=None, kv_cache_bytes=None,
@@ -56,36 +45,41 @@ def iter_outputs(engine, requests, max_batch_size: int = 16, *, max_seq_len=None
         first.append(nxt)
     if not first:
         return
-    ready: collections.deque = collections.deque()  # errors found while validating, yielded in turn
-    probe = []
-    for i, r in first:
+    ready: collections.deque = collections.deque()  # requests that failed validation, yielded in turn
+    finished: collections.deque = collections.deque()
+    on_done = finished.append
+
+    def prepare(i, r):  # validated and tokenized once; None when invalid (its error output is queued)
         try:
-            req = Request.coerce(r, f"requests[{i}]")
-            engine._prompt_ids(req.prompt, req.conv_mode, req.system)
-            probe.append(req)
-        except PllavaError:
-            pass
-    slot_len = max_seq_len or (slot_len_for(engine, probe) if probe else engine.config.text.max_position_embeddings)
+            return prepare_sequence(engine, Request.coerce(r, f"requests[{i}]"), i, on_done=on_done)
+        except PllavaError as err:
+            ready.append((i, _error_output(err)))
+            return None
+
+    prepared = [s for s in (prepare(i, r) for i, r in first) if s is not None]
+    slot_len = max_seq_len or (slot_len_for(engine, prepared) if prepared
+                               else engine.config.text.max_position_embeddings)
     sched = engine_scheduler(engine, max_batch_size, slot_len, prefill_chunk, kv_cache_bytes, media_workers)
     sched.limit = max_batch_size
-    finished: collections.deque = collections.deque()
     pending = 0
-    pulled = iter(first)
+    queued = iter(prepared)
 
     def feed():
         nonlocal pending
         while len(sched.waiting) < lookahead:
-            nxt = next(pulled, None) or next(it, None)
-            if nxt is None:
-                return
-            i, r = nxt
+            seq = next(queued, None)
+            if seq is None:
+                nxt = next(it, None)
+                if nxt is None:
+                    return
+                seq = prepare(*nxt)
+                if seq is None:
+                    continue
             try:
-                seq = sched.make_sequence(Request.coerce(r, f"requests[{i}]"), i,
-                                          on_done=lambda s: finished.append(s))
+                sched.add(sched.fit(seq))
             except PllavaError as err:
-                ready.append((i, _error_output(err)))
+                ready.append((seq.index, _error_output(err)))
                 continue
-            sched.add(seq)
             pending += 1
 
     try:

@@ -74,9 +74,20 @@ class LoraConfig:
 
     @property
     def scale(self) -> float:
+        return self.scale_for(self.alpha)
+
+    def scale_for(self, alpha: float) -> float:
+        """alpha / r (alpha / sqrt(r) for rsLoRA); 0 without a LoRA."""
         if self.r == 0:
             return 0.0
-        return self.alpha / (self.r ** 0.5 if self.use_rslora else self.r)
+        return float(alpha) / (self.r ** 0.5 if self.use_rslora else self.r)
+
+
+def check_lora_alpha(alpha, error=ConfigError) -> float:
+    """lora_alpha must be a finite real number (not a bool): everywhere a user can set it."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise error(f"lora_alpha must be a finite number, got {alpha!r}")
+    return float(alpha)
 
 
 @dataclass(frozen=True)
@@ -114,10 +125,7 @@ class PllavaConfig:
         if pooling_shape is not None:
             cfg = replace(cfg, pooling_shape=_shape3(pooling_shape, "pooling_shape", self.source))
         if lora_alpha is not None:
-            if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or \
-                    not math.isfinite(lora_alpha):
-                raise ConfigError(f"lora_alpha must be a finite number, got {lora_alpha!r}")
-            cfg = replace(cfg, lora=replace(cfg.lora, alpha=float(lora_alpha)))
+            cfg = replace(cfg, lora=replace(cfg.lora, alpha=check_lora_alpha(lora_alpha)))
         return cfg
 
 

@@ -12,7 +12,7 @@ import torch
 
 from . import ops
 from .checkpoint import LAYOUT_NAMES, attach_adapter_config, load_weights, plan_adapter, plan_checkpoint
-from .config import DEFAULT_LORA_ALPHA, PllavaConfig, load_config, read_json_object
+from .config import DEFAULT_LORA_ALPHA, PllavaConfig, check_lora_alpha, load_config, read_json_object
 from .errors import CheckpointError, ConfigError, InputError, NumericalError, PromptError
 from .generate import DecodeStep, GenerationOutput, SamplingParams, generate_tokens
 from .model import PllavaModel
@@ -164,8 +164,7 @@ class Engine:
     # ------------------------------------------------------------------------------------------ LoRA
     def set_lora_alpha(self, alpha: float):
         """Change the LoRA scale to alpha / r in place: no reload, no recompile (alpha 0 = the image LLM)."""
-        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not np.isfinite(alpha):
-            raise InputError(f"lora_alpha must be a finite number, got {alpha!r}")
+        alpha = check_lora_alpha(alpha, InputError)
         if self.lora_merged:
             raise InputError("lora_alpha cannot change while the LoRA is merged; call unmerge_lora() first")
         if float(alpha) != self.lora_alpha:
@@ -468,20 +467,19 @@ class Engine:
         the others are done, or, with return_errors=True, comes back with finish_reason 'error' and `error`.
         `prefill_chunk`: prefill long prompts in chunks of this many tokens between decode steps.
         """
-        from .batch_driver import engine_scheduler, slot_len_for
-        from .scheduler import Request
+        from .batch_driver import engine_scheduler
+        from .scheduler import Request, prepare_sequence, slot_len_for
 
         reqs = [Request.coerce(r, f"requests[{i}]") for i, r in enumerate(requests)]
         if not reqs:
             return []
         _check_batch_size(max_batch_size)
         n_seqs = max_batch_size if max_batch_size is not None else min(len(reqs), 16)
-        for i, r in enumerate(reqs):
-            self._validate_prompt(r, i)
-        sched = engine_scheduler(self, min(n_seqs, len(reqs)), slot_len_for(self, reqs), prefill_chunk,
+        seqs = [prepare_sequence(self, r, i) for i, r in enumerate(reqs)]  # all validated before any compute
+        sched = engine_scheduler(self, min(n_seqs, len(reqs)), slot_len_for(self, seqs), prefill_chunk,
                                  kv_cache_bytes)
         sched.limit = n_seqs
-        seqs = [sched.make_sequence(r, i) for i, r in enumerate(reqs)]
+        seqs = [sched.fit(s) for s in seqs]
         bar = None
         if progress:
             from tqdm import tqdm
@@ -512,14 +510,6 @@ class Engine:
         _check_batch_size(max_batch_size)
         yield from iter_outputs(self, requests, max_batch_size, max_seq_len=max_seq_len, prefill_chunk=prefill_chunk,
                                 kv_cache_bytes=kv_cache_bytes, media_workers=media_workers, stats=stats)
-
-    def _validate_prompt(self, r, i):
-        from .errors import PllavaError
-
-        try:
-            return self._prompt_ids(r.prompt, r.conv_mode, r.system)
-        except PllavaError as err:
-            raise type(err)(f"requests[{i}]: {err}") from err
 
     def live(self, source, prompt: str = CAPTION_PROMPT, *, window_s: float = 8.0, every_s: float = 2.0,
              growing: bool = False, **gen_kw) -> Iterator[tuple[float, GenerationOutput]]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import math
 import os
 import threading
 import time
@@ -27,6 +26,7 @@ from typing import Any, Callable
 
 import torch
 
+from .config import check_lora_alpha
 from .errors import InputError, MemoryBudgetError, NumericalError, PllavaError, error_line
 from .generate import GenerationOutput, SamplingParams, SequenceState, StepEvent
 from .batch_graphs import BatchDecodeGraphs
@@ -122,12 +122,12 @@ def plan_slots(text_cfg, dtype, device, max_num_seqs: int, slot_len: int,
 class Sequence:
     """A request inside the scheduler: prompt, slot, sampler, tokens, timings and, at the end, its output."""
 
-    def __init__(self, index, req: Request, params: SamplingParams, ids, img_pos: int, n_prompt: int, alpha: float,
+    def __init__(self, index, req: Request, params: SamplingParams, ids, img_pos: int, n_prompt: int, n_pre: int,
                  scale: float, key, on_event, on_done):
         self.index, self.req, self.params = index, req, params
         self.ids, self.img_pos, self.n_prompt = ids, img_pos, n_prompt
-        self.alpha, self.scale, self.key = alpha, scale, key
-        self.n_pre = None  # positions of the reusable video prefix (when key is not None)
+        self.scale, self.key = scale, key  # LoRA alpha/r of this request; its video-prefix key (or None)
+        self.n_pre = n_pre  # positions of the video prefix: the prompt head + the visual tokens
         self.on_event: Callable[["Sequence", StepEvent], None] | None = on_event
         self.on_done: Callable[["Sequence"], None] | None = on_done
         self.future: Future | None = None  # pixels, decoded and preprocessed by a media worker
@@ -146,10 +146,38 @@ class Sequence:
         self.output = None
         self.done = threading.Event()
 
-    def cancel(self):
-        if self.req.cancel is None:
-            self.req.cancel = threading.Event()
-        self.req.cancel.set()
+
+def prepare_sequence(engine, req: Request, index=None, on_event=None, on_done=None) -> Sequence:
+    """Validate a request (typed errors naming `requests[index]`, before any compute) and tokenize its prompt,
+    once. What depends on a scheduler's slots is checked by Scheduler.fit."""
+    e = engine
+    where = f"requests[{index}]" if index is not None else "request"
+    try:
+        params = SamplingParams(req.max_new_tokens, req.temperature, req.top_p, req.top_k, req.repetition_penalty,
+                                req.seed, req.stop or [], req.stop_token_ids or [])
+        e.check_params(params)
+        alpha = e.lora_alpha if req.lora_alpha is None else check_lora_alpha(req.lora_alpha, InputError)
+        if e.lora_merged and alpha != e.lora_alpha:
+            raise InputError(f"lora_alpha={alpha:g} but the LoRA is merged at alpha {e.lora_alpha:g}; call "
+                             "unmerge_lora() to vary alpha per request")
+        ids, img_pos, n_prompt = e._prompt_ids(req.prompt, req.conv_mode, req.system)
+    except PllavaError as err:
+        raise type(err)(f"{where}: {err}") from err
+    except ValueError as err:
+        raise InputError(f"{where}: {err}") from err
+    key = None
+    if img_pos + 1 < ids.numel():
+        base = e._prefix_key(req.video, ids[:img_pos], req.video_key)
+        key = None if base is None else (base, alpha)  # v_proj's LoRA shaped the cached values
+    return Sequence(index, req, params, ids, img_pos, n_prompt, img_pos + e.config.num_visual_tokens,
+                    e.config.lora.scale_for(alpha), key, on_event, on_done)
+
+
+def slot_len_for(engine, seqs: list[Sequence]) -> int:
+    """Positions a slot needs for these requests: the longest prompt + max_new_tokens, rounded up to 256 (not the
+    whole context: less memory, more slots)."""
+    need = max([2] + [s.n_prompt + s.params.max_new_tokens for s in seqs])
+    return min(engine.config.text.max_position_embeddings, -(-need // 256) * 256)
 
 
 class Scheduler:
@@ -196,9 +224,8 @@ class Scheduler:
         self.inbox: list[Sequence] = []
         self.thread: threading.Thread | None = None
         self.stopping = False
-        self.steps = self.decode_rows = self.decode_steps = self.tokens_out = 0
+        self.decode_rows = self.decode_steps = self.tokens_out = 0
         self.decode_seconds = self.model_wait_s = 0.0
-        self.counter = 0
         log.info("pllava scheduler: %d slots x %d positions (%.1f MiB of KV; budget %s), prefill chunk %s; "
                  "decode attention: %s; decode steps: %s", n, slot_len,
                  n * slot_len * self.plan.bytes_per_token / 2**20, self.plan.budget_source, prefill_chunk or "whole",
@@ -207,52 +234,32 @@ class Scheduler:
 
     # ------------------------------------------------------------------------------------------ intake
     def make_sequence(self, req: Request, index=None, on_event=None, on_done=None) -> Sequence:
-        """Validate a request (typed errors, before any compute) into a Sequence; not yet queued."""
-        e = self.engine
-        where = f"requests[{index}]" if index is not None else "request"
-        try:
-            params = SamplingParams(req.max_new_tokens, req.temperature, req.top_p, req.top_k,
-                                    req.repetition_penalty, req.seed, req.stop or [], req.stop_token_ids or [])
-            e.check_params(params)
-            alpha = e.lora_alpha if req.lora_alpha is None else req.lora_alpha
-            if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-                raise InputError(f"lora_alpha must be a finite number, got {alpha!r}")
-            alpha = float(alpha)
-            if e.lora_merged and alpha != e.lora_alpha:
-                raise InputError(f"lora_alpha={alpha:g} but the LoRA is merged at alpha {e.lora_alpha:g}; call "
-                                 "unmerge_lora() to vary alpha per request")
-            ids, img_pos, n_prompt = e._prompt_ids(req.prompt, req.conv_mode, req.system)
-        except PllavaError as err:
-            raise type(err)(f"{where}: {err}") from err
-        except ValueError as err:
-            raise InputError(f"{where}: {err}") from err
-        ctx, slot_len = e.config.text.max_position_embeddings, self.plan.slot_len
+        """Validate a request into a Sequence that fits this scheduler's slots; not yet queued."""
+        return self.fit(prepare_sequence(self.engine, req, index, on_event, on_done))
+
+    def fit(self, seq: Sequence) -> Sequence:
+        """A request that can never fit a slot fails here with the numbers; one longer than the context has its
+        max_new_tokens cut to fit (as generate() does)."""
+        ctx, slot_len = self.engine.config.text.max_position_embeddings, self.plan.slot_len
+        where = f"requests[{seq.index}]" if seq.index is not None else "request"
+        n_prompt, n_new = seq.n_prompt, seq.params.max_new_tokens
         if n_prompt + 1 > slot_len:
-            raise MemoryBudgetError(f"{where}: the prompt is {n_prompt} tokens ({e.config.num_visual_tokens} "
-                                    f"visual) but a KV slot holds {slot_len} positions")
-        if n_prompt + params.max_new_tokens > slot_len:
+            raise MemoryBudgetError(f"{where}: the prompt is {n_prompt} tokens "
+                                    f"({self.engine.config.num_visual_tokens} visual) but a KV slot holds "
+                                    f"{slot_len} positions")
+        if n_prompt + n_new > slot_len:
             if slot_len < ctx:
                 raise MemoryBudgetError(
-                    f"{where}: {n_prompt} prompt tokens + max_new_tokens {params.max_new_tokens} = "
-                    f"{n_prompt + params.max_new_tokens} positions, but a KV slot holds {slot_len} "
-                    f"(max_seq_len; the model's context is {ctx})")
-            log.warning("%s: max_new_tokens %d cut to %d to fit the %d-token context", where, params.max_new_tokens,
-                        ctx - n_prompt, ctx)
-            params = replace(params, max_new_tokens=ctx - n_prompt)
-        r = e.config.lora.r
-        scale = alpha / (math.sqrt(r) if e.config.lora.use_rslora else r) if r else 0.0
-        key = None
-        if img_pos + 1 < ids.numel():
-            base = e._prefix_key(req.video, ids[:img_pos], req.video_key)
-            key = None if base is None else (base, alpha)  # v_proj's LoRA shaped the cached values
-        seq = Sequence(index, req, params, ids, img_pos, n_prompt, alpha, scale, key, on_event, on_done)
-        seq.n_pre = img_pos + e.config.num_visual_tokens
+                    f"{where}: {n_prompt} prompt tokens + max_new_tokens {n_new} = {n_prompt + n_new} positions, "
+                    f"but a KV slot holds {slot_len} (max_seq_len; the model's context is {ctx})")
+            log.warning("%s: max_new_tokens %d cut to %d to fit the %d-token context", where, n_new, ctx - n_prompt,
+                        ctx)
+            seq.params = replace(seq.params, max_new_tokens=ctx - n_prompt)
         return seq
 
     def add(self, seq: Sequence):
         """Queue a validated sequence (from the thread that drives `step`)."""
         seq.t_add = self.engine._clock()
-        self.counter += 1
         self.waiting.append(seq)
 
     def submit(self, req: Request, on_event=None, on_done=None) -> Sequence:
@@ -282,10 +289,7 @@ class Scheduler:
         held = sorted((i for i, p in enumerate(old.prefix) if p is not None and p[1] <= self.plan.slot_len),
                       key=lambda i: -old.last_used[i])
         for dst, src in enumerate(held[:self.plan.num_slots]):
-            for k_new, v_new, k_old, v_old in zip(self.cache.k, self.cache.v, old.cache.k, old.cache.v):
-                n = old.prefix[src][1]
-                k_new[dst, :, :n].copy_(k_old[src, :, :n])
-                v_new[dst, :, :n].copy_(v_old[src, :, :n])
+            self.cache.copy_prefix(src, dst, old.prefix[src][1], old.cache)
             self.prefix[dst] = old.prefix[src]
 
     def clear_prefixes(self):
@@ -298,7 +302,6 @@ class Scheduler:
     # ------------------------------------------------------------------------------------------ the loop
     def step(self):
         """One iteration: admit + prefill (a chunk of) one request, then one decode step over the batch."""
-        self.steps += 1
         self._reap_cancelled()
         self._prefetch()
         if self.prefilling is None:
@@ -352,8 +355,8 @@ class Scheduler:
         e = self.engine
         lm = e.model.language_model
         while self.waiting and self.prefilling is None:
-            if all(o is not None for o in self.owner) or sum(o is not None for o in self.owner) >= self.limit:
-                return  # every slot busy: the request waits
+            if sum(o is not None for o in self.owner) >= min(self.limit, len(self.owner)):
+                return  # every slot (or the batch limit) taken: the request waits
             s = self.waiting.popleft()
             if s.req.cancel is not None and s.req.cancel.is_set():
                 self._finish(s, "cancelled")

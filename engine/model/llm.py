@@ -62,11 +62,13 @@ class SlotKVCache:
         """K and V of every layer for one position (PLLaVA-7B in bf16: 2 * 32 * 32 * 128 * 2 = 512 KiB)."""
         return 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * torch.empty((), dtype=dtype).element_size()
 
-    def copy_prefix(self, src: int, dst: int, n: int):
-        """Positions [0, n) of slot src into slot dst (a video prefix held by a busy slot)."""
-        for k, v in zip(self.k, self.v):
-            k[dst, :, :n].copy_(k[src, :, :n])
-            v[dst, :, :n].copy_(v[src, :, :n])
+    def copy_prefix(self, src: int, dst: int, n: int, src_cache: "SlotKVCache | None" = None):
+        """Positions [0, n) of slot src (of src_cache, default this cache) into slot dst: a video prefix held by a
+        busy slot, or by the slots of an outgrown cache."""
+        other = self if src_cache is None else src_cache
+        for k, v, k_src, v_src in zip(self.k, self.v, other.k, other.v):
+            k[dst, :, :n].copy_(k_src[src, :, :n])
+            v[dst, :, :n].copy_(v_src[src, :, :n])
 
 
 @dataclass

@@ -37,8 +37,5 @@ class PllavaModel(nn.Module):
 
     @torch.no_grad()
     def set_lora_alpha(self, alpha: float):
-        r = self.config.lora.r
-        if r == 0:
-            return
-        denom = r ** 0.5 if self.config.lora.use_rslora else r
-        self.lora_scale.fill_(float(alpha) / denom)
+        if self.config.lora.r:
+            self.lora_scale.fill_(self.config.lora.scale_for(alpha))
