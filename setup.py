@@ -59,6 +59,7 @@ setup(
         "torch",  # never pinned: users bring their CUDA build
         "triton; platform_system == 'Linux'",
         "transformers>=4.45",
+        "tokenizers",  # pllava.testing (the demo's tokenizer); transformers brings it too
         "safetensors",
         "huggingface_hub",
         "av",
@@ -67,7 +68,8 @@ setup(
         "pillow",
     ],
     extras_require={
-        "serve": ["fastapi", "uvicorn", "python-multipart"],
+        "serve": ["fastapi", "starlette", "uvicorn", "python-multipart"],
+        "bench": ["matplotlib"],
         "ray": ["ray[data]"],
         "dev": ["pytest", "pytest-benchmark", "transformers>=4.45", "tokenizers", "pybind11", "matplotlib", "fastapi",
                 "uvicorn", "python-multipart", "httpx", "openai", "selenium", "ray[data]"],

@@ -331,11 +331,21 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def plots(rows: list[Row], out_dir: str, title: str) -> list[str]:
-    import matplotlib
-
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or a one-line error naming the extra (checked before a run starts)."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise ConfigError("pllava bench draws its plots with matplotlib, which is not installed: "
+                          "pip install -e \".[bench]\"") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plots(rows: list[Row], out_dir: str, title: str) -> list[str]:
+    plt = pyplot()
 
     paths = []
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -400,6 +410,7 @@ def run_bench(preset: str = "small", frames=(1, 4, 8, 16, 32, 64), new_tokens: i
               device=None, dtype=None, baseline: bool = True, video: str | None = None,
               out_dir: str = "benchmarks/results") -> dict:
     """Run the sweep; print and return {'rows', 'table', 'json', 'plots'}."""
+    pyplot()  # fail before the measurements, not after them
     device, dt, base, adapter, video, engine = bench_setup(preset, device, dtype, video, out_dir)
     rows = []
     for f in frames:

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from .bench import PROMPT, Clock, bench_setup, device_name, load_baseline
+from .bench import PROMPT, Clock, bench_setup, device_name, load_baseline, pyplot
 
 log = logging.getLogger("pllava")
 
@@ -181,10 +181,7 @@ def table(rows: list[BatchRow]) -> str:
 
 
 def plot(rows: list[BatchRow], path: str, title: str) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for system in dict.fromkeys(r.system for r in rows):
@@ -207,6 +204,7 @@ def run_batch_bench(preset: str = "small", batches=(1, 2, 4, 8, 16), frames=(16,
                     runs: int = 3, device=None, dtype=None, baseline: bool = True, video: str | None = None,
                     out_dir: str = "benchmarks/results") -> dict:
     """Run the sweep; print and return {'rows', 'table', 'json', 'plot'}."""
+    pyplot()  # fail before the measurements, not after them
     device, dt, base, adapter, video, engine = bench_setup(preset, device, dtype, video, out_dir)
     rows: list[BatchRow] = []
     for f in frames:

@@ -153,7 +153,12 @@ def cmd_bench(a) -> int:
 
 def cmd_serve(a) -> int:
     from .runtime import Engine
-    from .server import ServerConfig, serve
+
+    try:
+        from .server import ServerConfig, serve
+    except ImportError as e:  # fastapi / starlette / uvicorn / python-multipart are the `serve` extra
+        raise PllavaError(f"pllava serve needs the server extra ({e.name} is not installed): "
+                          "pip install -e \".[serve]\"") from None
 
     eng = Engine.from_pretrained(a.model, device=a.device, dtype=a.dtype, num_frames=a.num_frames,
                                  lora_alpha=a.lora_alpha, conv_mode=a.conv_mode)

@@ -79,3 +79,18 @@ def test_misconfigured_server_does_not_start(tmp_path):
         assert r.returncode == 2 and msg in r.stderr, (flags, r.stderr)
     r = _run("caption", "x.mp4", "--model", str(tmp_path), "--lora-alpha", "inf", timeout=60)
     assert r.returncode == 2 and "finite" in r.stderr
+
+
+def test_missing_extras_are_one_line(monkeypatch, tmp_path, capsys):
+    """Without the `serve` extra `pllava serve`, and without matplotlib `pllava bench`, fail in one line naming
+    what to install (ray's case is in test_captioning)."""
+    from pllava.cli import main
+
+    monkeypatch.delitem(sys.modules, "pllava.server", raising=False)
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # import fastapi -> ImportError
+    assert main(["serve", "--model", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert 'pip install -e ".[serve]"' in err and "fastapi" in err and "Traceback" not in err
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert main(["bench", "--preset", "tiny", "--frames", "1", "--runs", "1"]) == 2
+    assert 'pip install -e ".[bench]"' in capsys.readouterr().err
