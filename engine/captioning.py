@@ -129,7 +129,7 @@ class JsonlWriter:
     """Appends one JSON record a line; each line goes out in one os.write on an O_APPEND descriptor (a signal
     cannot split it, and nothing sits in a Python buffer when the process dies)."""
 
-    def __init__(self, path: str, fsync: bool = False):
+    def __init__(self, path: str):
         d = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(d):
             raise InputError(f"{path}: the output folder {d} does not exist")
@@ -137,23 +137,21 @@ class JsonlWriter:
             self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         except OSError as e:
             raise InputError(f"{path}: cannot open for writing: {e.strerror or e}") from None
-        self.path, self.fsync = path, fsync
+        self.path = path
 
     def write(self, record: dict):
         data = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
         n = os.write(self.fd, data)
         if n != len(data):  # a full disk: say so rather than leave half a line unexplained
             raise OSError(f"{self.path}: short write ({n} of {len(data)} bytes; disk full?)")
-        if self.fsync:
-            os.fsync(self.fd)
 
     def close(self):
         os.close(self.fd)
 
 
-def read_done(path: str, repair: bool = True) -> set[str]:
+def read_done(path: str) -> set[str]:
     """Videos that already have a text record in `path`. A last line without its newline (a machine crash
-    mid-write) is cut off (repair) so the next record starts on a line of its own."""
+    mid-write) is cut off, so the next record starts on a line of its own."""
     done: set[str] = set()
     if not os.path.exists(path):
         return done
@@ -162,9 +160,8 @@ def read_done(path: str, repair: bool = True) -> set[str]:
     if data and not data.endswith(b"\n"):
         cut = data.rfind(b"\n") + 1
         log.warning("%s: a torn last line (%d bytes) is dropped", path, len(data) - cut)
-        if repair:
-            with open(path, "r+b") as f:
-                f.truncate(cut)
+        with open(path, "r+b") as f:
+            f.truncate(cut)
         data = data[:cut]
     for n, line in enumerate(data.splitlines(), 1):
         if not line.strip():
@@ -195,7 +192,7 @@ def make_record(item: Item, out, settings: CaptionSettings, engine) -> dict:
                   lora_alpha=engine.lora_alpha if settings.lora_alpha is None else settings.lora_alpha,
                   max_new_tokens=settings.max_new_tokens)
     if out.finish_reason == "error":
-        rec = {"video": item.video, "error": " ".join((out.error or "error").split())}
+        rec = {"video": item.video, "error": out.error}  # error_line: typed, one line
     else:
         rec = {"video": item.video, "text": out.text, "num_prompt_tokens": out.num_prompt_tokens,
                "num_new_tokens": len(out.token_ids), "finish_reason": out.finish_reason,
@@ -214,6 +211,12 @@ class Summary:
     elapsed_s: float = 0.0
     model_wait_s: float = 0.0
     interrupted: bool = False
+
+    def count(self, record: dict):
+        if "error" in record:
+            self.failed += 1
+        else:
+            self.captioned += 1
 
     @property
     def clips_per_s(self) -> float:
@@ -244,8 +247,8 @@ def plan_output(inputs, output: str, resume: bool, overwrite: bool) -> tuple[lis
 def caption_to_jsonl(engine, inputs, output: str, settings: CaptionSettings, *, batch_size: int = 8,
                      resume: bool = False, overwrite: bool = False, progress: bool = True,
                      decode_workers: int = 4) -> Summary:
-    """Caption every input into `output` (JSONL). Returns the summary; a KeyboardInterrupt propagates after the
-    records of finished clips are written (in-flight ones are dropped; --resume redoes them)."""
+    """Caption every input into `output` (JSONL) and return the summary. Ctrl-C ends the run cleanly: the records
+    of finished clips are written, in-flight ones dropped (--resume redoes them), summary.interrupted is set."""
     todo, skipped = plan_output(inputs, output, resume, overwrite)
     summary = Summary(skipped=skipped)
     writer = JsonlWriter(output)
@@ -259,11 +262,9 @@ def caption_to_jsonl(engine, inputs, output: str, settings: CaptionSettings, *, 
     try:
         for i, out in engine.generate_iter((settings.request(it.video) for it in todo), batch_size,
                                            media_workers=decode_workers, stats=stats):
-            writer.write(make_record(todo[i], out, settings, engine))
-            if out.finish_reason == "error":
-                summary.failed += 1
-            else:
-                summary.captioned += 1
+            rec = make_record(todo[i], out, settings, engine)
+            writer.write(rec)
+            summary.count(rec)
             if bar is not None:
                 bar.update(1)
     except KeyboardInterrupt:

@@ -101,10 +101,7 @@ def caption_dataset(inputs, output: str, model: str, *, prompt: str | None = Non
                 for k, v in todo[int(row["i"])].extra.items():
                     rec.setdefault(k, v)
                 writer.write(rec)
-                if "error" in rec:
-                    summary.failed += 1
-                else:
-                    summary.captioned += 1
+                summary.count(rec)
         except KeyboardInterrupt:
             summary.interrupted = True
     finally:
