@@ -142,14 +142,16 @@ def sample(logits: torch.Tensor, p: SamplingParams, seen: torch.Tensor | None, g
     """logits (V,) -> next token id, with transformers' processor order: repetition penalty, temperature,
     top-k, top-p."""
     logits = logits.float()
-    if not bool(torch.isfinite(logits).all()):  # a NaN / inf from the model: never sample from garbage
+    top = int(logits.argmax())  # NaN and +inf win the argmax: one reduction (the greedy one) finds garbage
+    if not math.isfinite(float(logits[top])):  # never sample from a NaN / inf the model produced
         n_bad = int((~torch.isfinite(logits)).sum())
         raise NumericalError(f"the model produced {n_bad} non-finite logits (NaN or inf) of {logits.numel()}")
-    if p.repetition_penalty != 1.0 and seen is not None and seen.numel():
+    penalised = p.repetition_penalty != 1.0 and seen is not None and seen.numel()
+    if penalised:
         s = logits.gather(0, seen)
         logits = logits.scatter(0, seen, torch.where(s < 0, s * p.repetition_penalty, s / p.repetition_penalty))
     if p.temperature == 0:
-        return int(logits.argmax())
+        return int(logits.argmax()) if penalised else top
     # shifted by the maximum first: softmax((l - max) / T) = softmax(l / T), and a temperature as small as 1e-30
     # can no longer overflow to inf - inf = NaN (the top token gets 0, the others large negatives or -inf)
     logits = (logits - logits.max()) / p.temperature
