@@ -42,11 +42,11 @@ def cmd_caption(a) -> int:
     """Caption inputs (files, URLs, folders, globs, list files) with continuous batching; records to --output
     (JSONL, resumable) or, without it, to stdout."""
     from .captioning import CaptionSettings, caption_to_jsonl, expand_inputs, make_record
-    from .runtime import CAPTION_PROMPT
+    from .prompt import default_question
 
     if a.resume and not a.output:
         raise PllavaError("--resume needs --output (the JSONL file to resume)")
-    settings = CaptionSettings(a.prompt or CAPTION_PROMPT, a.max_new_tokens, a.lora_alpha,
+    settings = CaptionSettings(a.prompt or default_question(a.conv_mode), a.max_new_tokens, a.lora_alpha,
                                os.path.basename(os.path.normpath(a.model)))
     if a.ray:
         from .distributed import caption_dataset
@@ -57,7 +57,8 @@ def cmd_caption(a) -> int:
                                   max_new_tokens=a.max_new_tokens, lora_alpha=a.lora_alpha, num_frames=a.num_frames,
                                   batch_size=a.batch_size, resume=a.resume, overwrite=a.overwrite,
                                   ray_address=a.ray_address, num_replicas=a.num_replicas,
-                                  gpus_per_replica=a.gpus_per_replica, device=a.device, dtype=a.dtype)
+                                  gpus_per_replica=a.gpus_per_replica, device=a.device, dtype=a.dtype,
+                                  conv_mode=a.conv_mode)
         print(summary.line(), file=sys.stderr)
         return 130 if summary.interrupted else (1 if summary.failed else 0)
     items = expand_inputs(a.inputs) if a.output else expand_inputs(a.inputs, dedupe=False)

@@ -1,12 +1,23 @@
-"""PLLaVA's conversation templates (magic-research/PLLaVA tasks/eval/eval_utils.py) and <image> splicing.
+"""PLLaVA's prompts, as the authors build them (magic-research/PLLaVA, tasks/eval/eval_utils.py and the scripts).
 
-The strings, separators and the two multimodal styles follow `Conversation.get_prompt` / `user_query` exactly:
-MM_ALONE puts the image token in a message of its own (so the user role appears twice), MM_INTERLEAF prefixes it
-to the question with a space. mvbench carries the post-query and answer prompt its eval script passes.
+Three layers, each named as the authors name it:
+- Templates (`TEMPLATES`, the keys of their `conv_templates`): a bare `Conversation`. `build_prompt(q, name)` is
+  `conv.user_query(q, is_mm=True); conv.get_prompt()`, which is also what their `single_test` renders.
+- Recipes (`RECIPES`): a benchmark script's whole prompt, a template plus the script's pre/post query prompts
+  and pre-filled answer (`user_query(q, pre, post, is_mm=True); assistant_response(answer_prompt)`), with the
+  script's generation settings (`sampling`) and answer post-processing (`Recipe.answer`).
+- Chats: two or more turns render as the demo's `ChatPllava` does. The video is its own first user message
+  (`upload_video` -> `user_query("", is_mm=True)`), then each question `user_query(text)` and each answer
+  `assistant_response(text)`.
+
+get_prompt's rules: the system prompt then the first role's separator (nothing when the system is ""); then
+each message as role + text + its role's separator; the last message, if a user's, is followed by the assistant
+role with no separator, and if the assistant's (a pre-filled answer) it gets no separator. MM_ALONE puts the
+image token in a user message of its own; MM_INTERLEAF prefixes it to the query with a space.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -28,64 +39,235 @@ The user will provide you with the video and maybe some extra noisy information 
 1. Follow the user's instruction.
 2. Be critical yet believe in yourself.
 """
+# The demo's system textbox (tasks/eval/demo/pllava_demo.py SYSTEM); ChatPllava.ask sets it on every question.
+DEMO_SYSTEM = """You are a powerful Video Magic ChatBot, a large vision-language assistant. 
+You are able to understand the video content that the user provides and assist the user in a video-language related task.
+The user might provide you with the video and maybe some extra noisy information to help you out or ask you a question. Make use of the information in a proper way to be competent for the job.
+### INSTRUCTIONS:
+1. Follow the user's instruction.
+2. Be critical yet believe in yourself.
+"""
 _VIDEOQA_PRE = ("The input consists of a sequence of key frames from a video. Answer the question concisely first and "
                 "followed by significant events, characters, or objects that appear throughout the frames. Question:")
-_VICUNA = dict(roles=("USER: ", "ASSISTANT:"), sep=(" ", "</s>"))
-_CHATML = dict(roles=("<|im_start|>user\n", "<|im_start|>assistant\n"), sep=("<|im_end|>\n", "<|im_end|>\n"))
+# pllava_recaption.py's fixed query (infer_recaption).
+RECAPTION_QUERY = (
+    "You are to assist me in accomplishing a task about the input video. Reply to me with a precise yet detailed "
+    "response. For how you would succeed in the recaptioning task, read the following Instructions section and Then, "
+    "make your response with a elaborate paragraph.\n"
+    "# Instructions\n"
+    "1. Avoid providing over detailed information such as color, counts of any objects as you are terrible regarding "
+    "observing these details\n"
+    "2. Instead, you should carefully go over the provided video and reason about key information about the overall "
+    "video\n"
+    "3. If you are not sure about something, do not include it in you response.\n"
+    "# Task\n"
+    "Describe the background, characters and the actions in the provided video.\n")
+CAPTION_QUESTION = "Describe the video in details."  # single_test's question, and the demo's usual first one
+_VICUNA = dict(roles=("USER: ", "ASSISTANT:"), sep=(" ", "</s>"), mm_token="<image>\n")
+_CHATML = dict(roles=("<|im_start|>user\n", "<|im_start|>assistant\n"), sep=("<|im_end|>\n", "<|im_end|>\n"),
+               mm_token="<image>\n")
 
 
 @dataclass(frozen=True)
 class Template:
+    """One of the authors' `Conversation`s. `pre_query` / `post_query` / `answer_prompt` are fields the authors'
+    Conversation carries but user_query does not apply by itself (only eval_videoqa* set them; their videoqa
+    script passes them in), so a bare template never uses them: the recipes do."""
     system: str
     roles: tuple
     sep: tuple
-    mm_token: str = "<image>\n"
-    mm_alone: bool = True  # MM_ALONE; False: MM_INTERLEAF
+    mm_token: str
+    mm_alone: bool  # MultiModalConvStyle.MM_ALONE; False: MM_INTERLEAF
     pre_query: str | None = None
     post_query: str | None = None
     answer_prompt: str | None = None
 
-    def render(self, question: str, system: str | None = None) -> str:
-        """get_prompt() after user_query(question, pre, post, is_mm=True) [+ assistant_response(answer_prompt)]."""
-        return render_chat(self, [("user", question)], system)
+
+@dataclass(frozen=True)
+class Recipe:
+    """A benchmark script's prompt: `template` with the script's pre/post query prompts and pre-filled answer.
+    `query`: the script's fixed question (recaption), used when none is given. `sampling`: the script's generation
+    settings as generate() keywords. `return_prompt`: what the script puts back in front of the answer."""
+    template: str
+    pre_query: str | None = None
+    post_query: str | None = None
+    answer_prompt: str | None = None
+    return_prompt: str | None = None
+    system: str | None = None  # None: the template's
+    query: str | None = None
+    strip_answer_newlines: bool = False  # videoqa splits on answer_prompt.strip("\n") and strips the result
+    chat_flow: bool = False  # the demo: the clip is its own first user message even before a single question
+    sampling: dict = field(default_factory=dict)
+    source: str = ""
+
+    def answer(self, text: str) -> str:
+        """What the script records for a generated `text` (the new tokens, after the pre-filled answer):
+        pllava_answer's strip of answer_prompt + text, the split on the answer prompt, the return prompt."""
+        full = ((self.answer_prompt or "") + text).strip()
+        if self.answer_prompt is not None:
+            ap = self.answer_prompt.strip("\n") if self.strip_answer_newlines else self.answer_prompt
+            full = "".join(full.split(ap)[1:])
+            if self.strip_answer_newlines:
+                full = full.strip()
+        return (self.return_prompt or "") + full
 
 
-def render_chat(t: Template, turns: list[tuple[str, str]], system: str | None = None) -> str:
-    """A multi-turn conversation [(role, text)] with role 'user' or 'assistant', the video attached to the first
-    user turn (as user_query(is_mm=True) does), rendered by get_prompt's rules; it ends with the assistant role
-    (or the template's answer prompt) so the model answers the last user turn."""
-    user, bot = t.roles
-    msgs: list[tuple[str, str]] = []
-    first = True
+TEMPLATES: dict[str, Template] = {
+    "plain": Template("", ("USER:", "ASSISTANT:"), (" ", "</s>"), mm_token="<image>", mm_alone=False),
+    "eval_vcgbench": Template(_VCG_SYSTEM, **_VICUNA, mm_alone=True),
+    "eval_vcg_llavanext": Template(_VCG_SYSTEM, **_CHATML, mm_alone=True),
+    "eval_mvbench": Template(_MVBENCH_SYSTEM, **_VICUNA, mm_alone=True),
+    "eval_mvbench_llavanext": Template(_VCG_SYSTEM, **_CHATML, mm_alone=True),
+    "eval_videoqabench": Template("", **_VICUNA, mm_alone=False, pre_query=_VIDEOQA_PRE, post_query="\n",
+                                  answer_prompt="\nAnswer: In the video,"),
+    "eval_videoqa_llavanext": Template("<|im_start|>system\nAnswer the question.", **_CHATML, mm_alone=False,
+                                       pre_query=_VIDEOQA_PRE, post_query="\n",
+                                       answer_prompt="\nAnswer: In the video,"),
+    "eval_recaption": Template(_RECAPTION_SYSTEM, **_VICUNA, mm_alone=True),
+    "eval_recaption_llavanext": Template(_RECAPTION_SYSTEM, **_CHATML, mm_alone=True),
+}
+
+_MVB = dict(post_query="\nOnly give the best option.", answer_prompt="Best option:(", return_prompt="(",
+            sampling={"max_new_tokens": 100}, source="tasks/eval/mvbench/pllava_eval_mvbench.py")
+_VCGB = dict(sampling={"max_new_tokens": 100, "stop": ["###", "USER"]},
+             source="tasks/eval/vcgbench/pllava_eval_vcgbench.py")
+_VQAB = dict(pre_query=_VIDEOQA_PRE, post_query="\n", answer_prompt="\nAnswer: In the video,",
+             strip_answer_newlines=True, sampling={"max_new_tokens": 100},
+             source="tasks/eval/videoqabench/pllava_eval_videoqabench.py")
+_RECAP = dict(query=RECAPTION_QUERY, sampling={"max_new_tokens": 400},
+              source="tasks/eval/recaption/pllava_recaption.py")
+# Each script with the template scripts/eval.sh gives it (7B/13B), and with eval_yiprompt.sh's (34B, ChatML).
+RECIPES: dict[str, Recipe] = {
+    "mvbench": Recipe("eval_mvbench", **_MVB),
+    "mvbench_llavanext": Recipe("eval_mvbench_llavanext", **_MVB),
+    "vcgbench": Recipe("eval_vcgbench", **_VCGB),
+    "vcgbench_llavanext": Recipe("eval_vcg_llavanext", **_VCGB),
+    "videoqabench": Recipe("eval_videoqabench", **_VQAB),
+    "videoqabench_llavanext": Recipe("eval_videoqa_llavanext", **_VQAB),
+    "recaption": Recipe("eval_recaption", **_RECAP),
+    "recaption_llavanext": Recipe("eval_recaption_llavanext", **_RECAP),
+    # The gradio demo: its --conv_mode template (demo.sh: plain) with its system textbox.
+    "demo": Recipe("plain", system=DEMO_SYSTEM, chat_flow=True, sampling={"max_new_tokens": 200},
+                   source="tasks/eval/demo/pllava_demo.py"),
+    "demo_llavanext": Recipe("eval_vcg_llavanext", system=DEMO_SYSTEM, chat_flow=True,
+                             sampling={"max_new_tokens": 200},
+                             source="tasks/eval/demo/pllava_demo.py"),
+}
+# Names earlier releases of this engine used, kept working (each renders what it rendered before).
+ALIASES = {"vcg": "vcgbench", "videoqa": "videoqabench", "vcg_chatml": "vcgbench_llavanext",
+           "mvbench_chatml": "mvbench_llavanext", "videoqa_chatml": "videoqabench_llavanext",
+           "recaption_chatml": "recaption_llavanext"}
+CONV_MODES = tuple(TEMPLATES) + tuple(RECIPES) + tuple(ALIASES) + ("raw",)
+
+
+def resolve(conv_mode: str) -> tuple[Template, Recipe | None]:
+    """A conv_mode name -> (its template, its recipe or None for a bare template)."""
+    if not isinstance(conv_mode, str):
+        raise PromptError(f"conv_mode must be a str, got {type(conv_mode).__name__}")
+    name = ALIASES.get(conv_mode, conv_mode)
+    if name in TEMPLATES:
+        return TEMPLATES[name], None
+    if name in RECIPES:
+        r = RECIPES[name]
+        return TEMPLATES[r.template], r
+    raise PromptError(f"conv_mode {conv_mode!r} is unknown; choose one of {', '.join(CONV_MODES)}")
+
+
+def recipe(conv_mode: str) -> Recipe | None:
+    return resolve(conv_mode)[1]
+
+
+class _Conv:
+    """The authors' Conversation message list, built by their user_query / assistant_response rules."""
+
+    def __init__(self, t: Template, system: str):
+        self.t, self.system, self.messages = t, system, []
+
+    def user_query(self, query: str, pre: str | None = None, post: str | None = None, is_mm: bool = False):
+        if post is not None:
+            query = f"{query} {post}"
+        if pre is not None:
+            query = f"{pre} {query}"
+        user = self.t.roles[0]
+        if is_mm:
+            if self.t.mm_alone:
+                self.messages.append((user, self.t.mm_token))
+            elif self.t.mm_token not in query:
+                query = f"{self.t.mm_token} {query}"
+        self.messages.append((user, query))
+
+    def assistant_response(self, text: str):
+        self.messages.append((self.t.roles[1], text))
+
+    def get_prompt(self) -> str:
+        user, bot = self.t.roles
+        sep = dict(zip(self.t.roles, self.t.sep))
+        out = self.system + sep[user] if self.system != "" else ""
+        for i, (role, msg) in enumerate(self.messages):
+            if i + 1 == len(self.messages):
+                out += role + msg + sep[role] + bot if role != bot else role + msg
+            else:
+                out += role + msg + sep[role]
+        return out
+
+
+def _conv(conv_mode: str, system: str | None) -> tuple[_Conv, Recipe | None]:
+    t, r = resolve(conv_mode)
+    if system is None:
+        system = r.system if r is not None and r.system is not None else t.system
+    return _Conv(t, system), r
+
+
+def build_prompt(question: str, conv_mode: str = "plain", system: str | None = None) -> str:
+    """The full prompt for one question about the clip: a template renders user_query(question, is_mm=True), a
+    recipe its script's whole prompt; conv_mode 'raw' takes `question` as the whole prompt. `system` replaces the
+    template's system prompt (as ChatPllava.ask does)."""
+    if not isinstance(question, str):
+        raise PromptError(f"prompt must be a str, got {type(question).__name__}")
+    if system is not None and not isinstance(system, str):
+        raise PromptError(f"system must be a str or None, got {type(system).__name__}")
+    if conv_mode == "raw":
+        return question
+    conv, r = _conv(conv_mode, system)
+    if r is not None and r.chat_flow:
+        return render_chat([("user", question)], conv_mode, system)
+    if r is None:
+        conv.user_query(question, is_mm=True)
+    else:
+        conv.user_query(question or r.query or "", r.pre_query, r.post_query, is_mm=True)
+        if r.answer_prompt is not None:
+            conv.assistant_response(r.answer_prompt)
+    return conv.get_prompt()
+
+
+def render_chat(turns: list[tuple[str, str]], conv_mode: str, system: str | None = None,
+                demo_flow: bool | None = None) -> str:
+    """Chat turns [(role, text)], roles 'user' / 'assistant', ending with the user's. One user turn is one
+    question (build_prompt); more render as the demo's ChatPllava: the clip its own first user message, each
+    question user_query(text) (with a recipe's pre/post query prompts; the 'demo' recipes do this for one
+    question too, and so does `demo_flow=True`), each answer assistant_response(text), and a recipe's answer
+    prompt pre-filled after the last question."""
+    conv, r = _conv(conv_mode, system)
+    if demo_flow is None:
+        demo_flow = len(turns) > 1 or (r is not None and r.chat_flow)
+    if not demo_flow:
+        return build_prompt(turns[0][1], conv_mode, system)
+    conv.user_query("", is_mm=True)  # upload_video
+    pre, post = (r.pre_query, r.post_query) if r is not None else (None, None)
     for role, text in turns:
         if role == "user":
-            q = text
-            if t.post_query is not None:
-                q = f"{q} {t.post_query}"
-            if t.pre_query is not None:
-                q = f"{t.pre_query} {q}"
-            if first:
-                if t.mm_alone:
-                    msgs.append((user, t.mm_token))
-                elif t.mm_token not in q:
-                    q = f"{t.mm_token} {q}"
-                first = False
-            msgs.append((user, q))
+            conv.user_query(text, pre, post)
         else:
-            msgs.append((bot, text))
-    if first:
-        raise PromptError("messages: no user turn to attach the video to")
-    if msgs[-1][0] == user and t.answer_prompt is not None:
-        msgs.append((bot, t.answer_prompt))
-    sep = dict(zip(t.roles, t.sep))
-    system = t.system if system is None else system
-    out = system + sep[user] if system != "" else ""
-    for i, (role, msg) in enumerate(msgs):
-        if i + 1 == len(msgs):
-            out += role + msg + sep[role] + bot if role != bot else role + msg
-        else:
-            out += role + msg + sep[role]
-    return out
+            conv.assistant_response(text)
+    if r is not None and r.answer_prompt is not None:
+        conv.assistant_response(r.answer_prompt)
+    return conv.get_prompt()
+
+
+def default_question(conv_mode: str | None) -> str:
+    """The caption question for a mode: the recipe's fixed query (recaption), else single_test's question."""
+    r = None if conv_mode in (None, "raw") else recipe(conv_mode)
+    return r.query if r is not None and r.query else CAPTION_QUESTION
 
 
 def check_turns(turns, system=None):
@@ -109,55 +291,15 @@ def check_turns(turns, system=None):
 
 def build_chat_prompt(turns: list[tuple[str, str]], conv_mode: str, system: str | None = None) -> str:
     check_turns(turns, system)
-    name = ALIASES.get(conv_mode, conv_mode)
-    if name not in TEMPLATES:
-        raise PromptError(f"conv_mode {conv_mode!r} is unknown; choose one of {', '.join(CONV_MODES)}")
-    return render_chat(TEMPLATES[name], turns, system)
-
-
-TEMPLATES: dict[str, Template] = {
-    "plain": Template("", ("USER:", "ASSISTANT:"), (" ", "</s>"), mm_token="<image>", mm_alone=False),
-    "vcg": Template(_VCG_SYSTEM, **_VICUNA),
-    "mvbench": Template(_MVBENCH_SYSTEM, **_VICUNA, post_query="\nOnly give the best option.",
-                        answer_prompt="Best option:("),
-    "videoqa": Template("", **_VICUNA, mm_alone=False, pre_query=_VIDEOQA_PRE, post_query="\n",
-                        answer_prompt="\nAnswer: In the video,"),
-    "recaption": Template(_RECAPTION_SYSTEM, **_VICUNA),
-    "vcg_chatml": Template(_VCG_SYSTEM, **_CHATML),
-    "mvbench_chatml": Template(_VCG_SYSTEM, **_CHATML, post_query="\nOnly give the best option.",
-                               answer_prompt="Best option:("),
-    "videoqa_chatml": Template("<|im_start|>system\nAnswer the question.", **_CHATML, mm_alone=False,
-                               pre_query=_VIDEOQA_PRE, post_query="\n", answer_prompt="\nAnswer: In the video,"),
-    "recaption_chatml": Template(_RECAPTION_SYSTEM, **_CHATML),
-}
-# PLLaVA's own names for the same templates.
-ALIASES = {"eval_vcgbench": "vcg", "eval_mvbench": "mvbench", "eval_videoqabench": "videoqa",
-           "eval_recaption": "recaption", "eval_vcg_llavanext": "vcg_chatml", "eval_mvbench_llavanext": "mvbench_chatml",
-           "eval_videoqa_llavanext": "videoqa_chatml", "eval_recaption_llavanext": "recaption_chatml"}
-CONV_MODES = tuple(TEMPLATES) + tuple(ALIASES) + ("raw",)
-
-
-def build_prompt(question: str, conv_mode: str = "plain", system: str | None = None) -> str:
-    """The full prompt text for `question`; conv_mode 'raw' takes `question` as the whole prompt."""
-    if not isinstance(question, str):
-        raise PromptError(f"prompt must be a str, got {type(question).__name__}")
-    if system is not None and not isinstance(system, str):
-        raise PromptError(f"system must be a str or None, got {type(system).__name__}")
-    if not isinstance(conv_mode, str):
-        raise PromptError(f"conv_mode must be a str, got {type(conv_mode).__name__}")
     if conv_mode == "raw":
-        return question
-    name = ALIASES.get(conv_mode, conv_mode)
-    if name not in TEMPLATES:
-        raise PromptError(f"conv_mode {conv_mode!r} is unknown; choose one of {', '.join(CONV_MODES)}")
-    return TEMPLATES[name].render(question, system)
+        raise PromptError("conv_mode 'raw' takes one full prompt string, not chat turns")
+    return render_chat([tuple(t) for t in turns], conv_mode, system)
 
 
 def default_conv_mode(tokenizer) -> str:
-    """ChatML templates for tokenizers that know <|im_start|> (PLLaVA-34B / Yi), PLLaVA's demo 'plain' otherwise."""
-    return "vcg_chatml" if "<|im_start|>" in tokenizer.get_vocab() else "plain"
-
-
+    """ChatML for tokenizers that know <|im_start|> (PLLaVA-34B / Yi: eval_vcg_llavanext, the template its demo
+    and eval_yiprompt.sh use), PLLaVA's demo 'plain' otherwise."""
+    return "eval_vcg_llavanext" if "<|im_start|>" in tokenizer.get_vocab() else "plain"
 def check_image_token(tokenizer, image_token_index: int, where: str):
     """The tokenizer must map '<image>' to the config's image_token_index (PLLaVA issue #32)."""
     tid = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)

@@ -17,12 +17,13 @@ from .errors import CheckpointError, ConfigError, InputError, NumericalError, Pr
 from .generate import DecodeStep, GenerationOutput, SamplingParams, generate_tokens
 from .model import PllavaModel
 from .preprocess import clip_defaults, load_processor_config, preprocess
-from .prompt import build_chat_prompt, build_prompt, check_image_token, default_conv_mode, splice, tokenize
+from .prompt import (CAPTION_QUESTION, build_chat_prompt, build_prompt, check_image_token, default_conv_mode,
+                     default_question,                      splice, tokenize)
 from .video import DEFAULT_LIMITS, is_source, read_frames, stream_frames
 
 log = logging.getLogger("pllava")
 
-CAPTION_PROMPT = "Describe the video in details."  # PLLaVA's single_test / recaption query
+CAPTION_PROMPT = CAPTION_QUESTION  # PLLaVA's single_test question
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32, "float16": torch.float16,
            "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -523,7 +524,16 @@ class Engine:
             yield win.end_time, self.generate(win.frames, prompt, **gen_kw)
 
     def caption(self, video, max_new_tokens: int = 256, **kw) -> str:
-        return self.generate(video, CAPTION_PROMPT, max_new_tokens=max_new_tokens, **kw).text
+        """The clip's caption: "Describe the video in details." (single_test's question), or the recipe's own query
+        for a recipe that has one (conv_mode='recaption': pllava_recaption.py's)."""
+        question = default_question(kw.get("conv_mode") or self.conv_mode)
+        return self.generate(video, question, max_new_tokens=max_new_tokens, **kw).text
+
+    def chat(self, video, conv_mode: str | None = None, system: str | None = None, history=None, **generate_kw):
+        """A conversation about `video` as PLLaVA's demo holds it (pllava.chat.Chat): `chat.ask(question)`."""
+        from .chat import Chat
+
+        return Chat(self, video, conv_mode, system, history, **generate_kw)
 
 
 def _check_batch_size(n):

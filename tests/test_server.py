@@ -145,12 +145,13 @@ def test_captions_upload_and_url(server, media):
     assert r2.status_code == 200 and r2.json()["caption"] == r.json()["caption"]
 
 
-def test_image_url_and_multi_turn(server, media):
+def test_image_url_and_multi_turn(server, media, engine):
     from PIL import Image
     import io
 
     buf = io.BytesIO()
-    Image.new("RGB", (50, 40), (200, 30, 30)).save(buf, format="PNG")
+    img = Image.new("RGB", (50, 40), (200, 30, 30))
+    img.save(buf, format="PNG")
     body = {"messages": [{"role": "system", "content": "Answer briefly."},
                          {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(
                              buf.getvalue(), "image/png")}}, {"type": "text", "text": "What color?"}]},
@@ -158,6 +159,12 @@ def test_image_url_and_multi_turn(server, media):
                          {"role": "user", "content": "Are you sure?"}], "max_tokens": 5}
     r = post(server, body)
     assert r.status_code == 200, r.text
+    # The demo's ChatPllava flow (the clip its own user message), with the system message as the system prompt:
+    literal = "Answer briefly. USER:<image>  USER:What color? ASSISTANT:Red.</s>USER:Are you sure? ASSISTANT:"
+    want = engine.generate(img, literal, conv_mode="raw", max_new_tokens=5)
+    j = r.json()
+    assert j["usage"]["prompt_tokens"] == want.num_prompt_tokens
+    assert j["choices"][0]["message"]["content"] == want.text
 
 
 # ------------------------------------------------------------------------------------------ errors
