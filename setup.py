@@ -66,10 +66,16 @@ setup(
         "numpy",
         "tqdm",
         "pillow",
+        # serving and the benchmark are main uses: their dependencies come with the base install
+        "fastapi",
+        "starlette",
+        "uvicorn",
+        "python-multipart",
+        "matplotlib",
     ],
     extras_require={
-        "serve": ["fastapi", "starlette", "uvicorn", "python-multipart"],
-        "bench": ["matplotlib"],
+        "serve": [],  # kept so `pip install pllava-engine[serve]` from older instructions still works
+        "bench": [],
         "ray": ["ray[data]"],
         "dev": ["pytest", "pytest-benchmark", "transformers>=4.45", "tokenizers", "pybind11", "matplotlib", "fastapi",
                 "uvicorn", "python-multipart", "httpx", "openai", "selenium", "ray[data]"],

@@ -41,13 +41,13 @@ class BatchDecodeGraphs:
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side), torch.no_grad():
             for _ in range(2):  # lazy initialisation (cuBLAS handles, Triton compiles) outside the capture
-                self.lm.forward_slots(self.lm.embed_tokens(tok), rows, self.cache)
+                self.lm.forward_slots(self.lm.embed(tok), rows, self.cache)
         torch.cuda.current_stream(dev).wait_stream(side)
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()  # one memory pool shared by every bucket
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool), torch.no_grad():
-            out = self.lm.forward_slots(self.lm.embed_tokens(tok), rows, self.cache)
+            out = self.lm.forward_slots(self.lm.embed(tok), rows, self.cache)
         self.graphs[k] = (graph, tok, pos, slot, scale, out)
         log.info("pllava scheduler: captured the batched decode step for %d rows as a CUDA graph", k)
 

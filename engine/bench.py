@@ -336,8 +336,8 @@ def pyplot():
     try:
         import matplotlib
     except ImportError:
-        raise ConfigError("pllava bench draws its plots with matplotlib, which is not installed: "
-                          "pip install -e \".[bench]\"") from None
+        raise ConfigError("pllava bench draws its plots with matplotlib, which is not installed (it comes with "
+                          "pllava-engine): pip install matplotlib") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -5,6 +5,7 @@ Layouts, detected from the keys:
            ...q_proj.lora_A.default.weight, language_model.base_model.model.lm_head.weight, vision_tower.vision_model.*
   legacy   llava-hf before transformers 4.52: language_model.model.*, language_model.lm_head.*, vision_tower.vision_model.*
   current  transformers >= 4.52: model.language_model.*, model.vision_tower.vision_model.*, lm_head.*
+LLaVA-NeXT checkpoints come in the legacy and current layouts with one more tensor, (model.)image_newline, unused.
 Our names ("canonical"): vision_tower.*, multi_modal_projector.*, language_model.{embed_tokens,layers,norm,lm_head}.*
 
 The model is built on the meta device and each tensor is read through safetensors' mmap and placed as it is read,
@@ -32,12 +33,14 @@ LAYOUT_NAMES = {"pllava": "PLLaVA (PEFT-wrapped LLM)", "legacy": "legacy llava-h
 _PREFIXES = {
     "pllava": [("language_model.base_model.model.model.", "language_model."),
                ("language_model.base_model.model.lm_head.", "language_model.lm_head."),
-               ("vision_tower.vision_model.", "vision_tower."), ("multi_modal_projector.", "multi_modal_projector.")],
+               ("vision_tower.vision_model.", "vision_tower."), ("multi_modal_projector.", "multi_modal_projector."),
+               ("image_newline", "image_newline")],
     "legacy": [("language_model.model.", "language_model."), ("language_model.lm_head.", "language_model.lm_head."),
-               ("vision_tower.vision_model.", "vision_tower."), ("multi_modal_projector.", "multi_modal_projector.")],
+               ("vision_tower.vision_model.", "vision_tower."), ("multi_modal_projector.", "multi_modal_projector."),
+               ("image_newline", "image_newline")],
     "current": [("model.language_model.", "language_model."), ("lm_head.", "language_model.lm_head."),
                 ("model.vision_tower.vision_model.", "vision_tower."),
-                ("model.multi_modal_projector.", "multi_modal_projector.")],
+                ("model.multi_modal_projector.", "multi_modal_projector."), ("model.image_newline", "image_newline")],
 }
 _LORA_RE = re.compile(r"^(.*)\.lora_([AB])(?:\.default)?\.weight$")
 _ADAPTER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.([qkvo]_proj)\.lora_([AB])(?:\.default)?\.weight$")
@@ -161,6 +164,8 @@ def _unused(canonical: str, cfg: PllavaConfig) -> bool:
     """Keys a checkpoint holds that PLLaVA's computation never reads."""
     if canonical.startswith("vision_tower.post_layernorm.") or canonical.endswith((".position_ids", ".inv_freq")):
         return True
+    if canonical == "image_newline":
+        return True  # LLaVA-NeXT's anyres row separator: PLLaVA pools the patch grid instead
     m = re.match(r"^vision_tower\.encoder\.layers\.(\d+)\.", canonical)
     if m and int(m.group(1)) >= cfg.vision_layers_run:
         return True  # layers after vision_feature_layer are never computed

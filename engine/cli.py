@@ -157,9 +157,9 @@ def cmd_serve(a) -> int:
 
     try:
         from .server import ServerConfig, serve
-    except ImportError as e:  # fastapi / starlette / uvicorn / python-multipart are the `serve` extra
-        raise PllavaError(f"pllava serve needs the server extra ({e.name} is not installed): "
-                          "pip install -e \".[serve]\"") from None
+    except ImportError as e:  # part of the base install; missing only in an environment pruned after it
+        raise PllavaError(f"pllava serve needs {e.name}, which is not installed (it comes with pllava-engine): "
+                          "pip install fastapi starlette uvicorn python-multipart") from None
 
     eng = Engine.from_pretrained(a.model, device=a.device, dtype=a.dtype, num_frames=a.num_frames,
                                  lora_alpha=a.lora_alpha, conv_mode=a.conv_mode)

@@ -104,6 +104,10 @@ class PllavaConfig:
     torch_dtype: str | None = None
     lora: LoraConfig = field(default_factory=LoraConfig)
     source: str = ""  # the file it came from, for error messages
+    # The id PLLaVA's modeling embeds in place of an <image> id anywhere but the spliced position (e.g. one the
+    # model generates): config.pad_token_id, else text_config.pad_token_id; None when neither is set.
+    pad_token_id: int | None = None
+    model_type: str = "llava"
 
     @property
     def num_visual_tokens(self) -> int:
@@ -233,12 +237,14 @@ def parse_vision_config(d: dict, src: str = "config.json") -> VisionConfig:
 
 
 def parse_config(d: dict, src: str = "config.json") -> PllavaConfig:
-    """A PLLaVA (`model_type: llava` with pooling fields) or plain llava-hf config dict -> PllavaConfig."""
+    """A PLLaVA (`model_type: llava` with pooling fields), plain llava-hf or LLaVA-NeXT (`llava_next`, run as a
+    training-free PLLaVA: its anyres fields are not used) config dict -> PllavaConfig."""
     if not isinstance(d, dict):
         raise ConfigError(f"{src}: expected a JSON object")
     mt = d.get("model_type")
-    if mt not in ("llava", "pllava"):
-        raise ConfigError(f"{src}: field 'model_type' is {mt!r}; expected 'llava' (PLLaVA or llava-hf)")
+    if mt not in ("llava", "pllava", "llava_next"):
+        raise ConfigError(f"{src}: field 'model_type' is {mt!r}; expected 'llava' (PLLaVA or llava-hf) or "
+                          "'llava_next'")
     for key in ("text_config", "vision_config"):
         if not isinstance(d.get(key), dict):
             raise ConfigError(f"{src}: field '{key}' is missing or not an object")
@@ -267,17 +273,22 @@ def parse_config(d: dict, src: str = "config.json") -> PllavaConfig:
                           f"{grid}x{grid} patch grid (image_size {vision.image_size} / patch_size {vision.patch_size})")
     pooling = d.get("pooling_shape") or DEFAULT_POOLING_SHAPE
     num_frames = d.get("num_frames") or DEFAULT_NUM_FRAMES
-    if mt == "llava" and "pooling_shape" not in d:
+    if mt in ("llava", "llava_next") and "pooling_shape" not in d:
         num_frames = DEFAULT_NUM_FRAMES  # llava-hf image model: training-free PLLaVA with the paper's defaults
     _check_positive_int(num_frames, "num_frames", src)
     itok = d.get("image_token_index", d.get("image_token_id", 32000))
     _check_positive_int(itok, "image_token_index", src)
+    pad = d.get("pad_token_id")
+    if pad is None:
+        pad = d["text_config"].get("pad_token_id")
+    if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or not 0 <= pad < text.vocab_size):
+        raise ConfigError(f"{src}: field 'pad_token_id' = {pad!r} must be a token id in [0, {text.vocab_size})")
     return PllavaConfig(
         vision=vision, text=text, image_token_index=itok, projector_hidden_act=act, vision_feature_layer=vfl,
         vision_feature_select_strategy=strategy, num_frames=num_frames,
         pooling_shape=_shape3(pooling, "pooling_shape", src), frame_shape=frame_shape,
         torch_dtype=_dtype_name(d.get("torch_dtype") or d.get("dtype") or d["text_config"].get("torch_dtype"), src),
-        source=src,
+        source=src, pad_token_id=pad, model_type=mt,
     )
 
 

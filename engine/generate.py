@@ -86,7 +86,7 @@ def prefill(lm, embeds: torch.Tensor, start: int = 0) -> torch.Tensor:
 @torch.no_grad()
 def decode_one_token(lm, token: torch.Tensor, input_pos: torch.Tensor, kv_len: int | None = None) -> torch.Tensor:
     """token (1, 1) at input_pos (1,) -> logits (1, 1, V); kv_len: positions in use (eager steps only)."""
-    return lm(lm.embed_tokens(token), input_pos, kv_len=kv_len)
+    return lm(lm.embed(token), input_pos, kv_len=kv_len)
 
 
 class DecodeStep:

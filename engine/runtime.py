@@ -110,6 +110,10 @@ class Engine:
                               f"built {'with' if torch.backends.cuda.is_built() else 'without'} CUDA)")
         cfg = load_config(model_dir).with_overrides(num_frames=num_frames, pooling_shape=pooling_shape,
                                                     lora_alpha=DEFAULT_LORA_ALPHA if lora_alpha is None else lora_alpha)
+        if cfg.model_type == "llava_next":
+            log.info("%s: LLaVA-NeXT checkpoint run as a training-free PLLaVA: its anyres fields "
+                     "(image_grid_pinpoints, image_newline) are not used; frames are pooled to %s", model_dir,
+                     "x".join(map(str, cfg.pooling_shape)))
         dt = resolve_dtype(dtype, device, cfg.torch_dtype)
         attn_backend = ops.check_attn_backend(attn_backend, device, dt)
         plan = plan_checkpoint(model_dir, cfg)
@@ -142,6 +146,7 @@ class Engine:
         net.lora_scale = torch.tensor(cfg.lora.scale, dtype=torch.float32, device=device)
         net.bind_lora_scale()
         net.language_model.setup_rope(device)
+        net.language_model.image_token_id, net.language_model.pad_token_id = cfg.image_token_index, cfg.pad_token_id
         net.eval()
         path = ops.log_kernel_path(device)
         net.set_kernel_path(path)
@@ -355,7 +360,7 @@ class Engine:
         """Logits (L, V) of every position of the spliced prompt (for scoring options, and parity tests)."""
         ids, img_pos, n = self._prompt_ids(prompt, conv_mode, system)
         lm = self.model.language_model
-        embeds = splice(lm.embed_tokens(ids.to(self.device)), img_pos, self.encode(video)).unsqueeze(0)
+        embeds = splice(lm.embed(ids.to(self.device)), img_pos, self.encode(video)).unsqueeze(0)
         lm.setup_cache(1, n, self.dtype, self.device)
         self._prefix = None  # this overwrites the cache from position 0
         return lm(embeds, torch.arange(n, device=self.device), all_logits=True, start=0)[0]
@@ -386,12 +391,12 @@ class Engine:
             # the same clip and prompt head as the last request: its KV for [0, n_pre) is still in the cache
             # (later writes start at n_pre); only the question is prefilled, the video is not decoded or encoded
             timings["prefix_cache_hit"] = 1
-            start, embeds = n_pre, lm.embed_tokens(ids[img_pos + 1:].to(self.device)).unsqueeze(0)
+            start, embeds = n_pre, lm.embed(ids[img_pos + 1:].to(self.device)).unsqueeze(0)
         else:
             self._prefix = None
             vis = self.encode(video, timings)
             start = 0
-            embeds = splice(lm.embed_tokens(ids.to(self.device)), img_pos, vis).unsqueeze(0)  # (1, L, D)
+            embeds = splice(lm.embed(ids.to(self.device)), img_pos, vis).unsqueeze(0)  # (1, L, D)
         prompt_text_ids = torch.cat([ids[:img_pos], ids[img_pos + 1:]])
         first = True
         if self._step is None or self._step.use_graph != self.cuda_graphs:

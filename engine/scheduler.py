@@ -377,7 +377,7 @@ class Scheduler:
                     s.timings["prefix_cache_hit"] = 1
                     if s.future is not None:
                         s.future.cancel()
-                    s.start, s.embeds = s.n_pre, lm.embed_tokens(s.ids[s.img_pos + 1:].to(e.device)).unsqueeze(0)
+                    s.start, s.embeds = s.n_pre, lm.embed(s.ids[s.img_pos + 1:].to(e.device)).unsqueeze(0)
                     self.prefix[slot] = want
                 else:
                     self.prefix[slot] = None  # overwritten from position 0
@@ -389,7 +389,7 @@ class Scheduler:
                     s.timings.update(s.pixel_timings)
                     vis = e.encode(px, s.timings, overlap=False)
                     s.start = 0
-                    s.embeds = splice(lm.embed_tokens(s.ids.to(e.device)), s.img_pos, vis).unsqueeze(0)
+                    s.embeds = splice(lm.embed(s.ids.to(e.device)), s.img_pos, vis).unsqueeze(0)
             except (PllavaError, OSError) as err:  # this request's media failed: it alone ends, typed
                 s.future = None
                 self._fail(s, err)
@@ -457,7 +457,7 @@ class Scheduler:
             if len(rows_seqs) == 1:
                 rows.scale = rows.scale[0]
             with torch.no_grad():
-                logits = lm.forward_slots(lm.embed_tokens(toks), rows, self.cache)  # (B, 1, V)
+                logits = lm.forward_slots(lm.embed(toks), rows, self.cache)  # (B, 1, V)
         nxt = [self._sample(s, logits[b, -1]) for b, s in enumerate(rows_seqs)]  # syncs with the device
         self.decode_seconds += time.perf_counter() - t0
         self.decode_rows += len(rows_seqs)

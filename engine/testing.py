@@ -153,12 +153,14 @@ def save_sharded(tensors: dict, path: str, shards: int):
 
 def make_tiny_checkpoint(path: str, layout: str = "pllava", lora: bool = True, *, seed: int = 0, lora_r: int = 8,
                          shards: int = 2, chatml: bool = False, dtype=torch.float32, adapter_alpha: float = 32.0,
-                         **config_kw) -> str:
+                         llava_next: bool = False, **config_kw) -> str:
     """Write a tiny random PLLaVA checkpoint and return the directory to load.
 
     layout: 'pllava' (PEFT-wrapped LLM keys, LoRA inside when lora=True), 'legacy' or 'current' llava-hf keys (no
     LoRA: an image LLaVA), or 'adapter' (a legacy base in `path` plus a PEFT adapter in `path`/adapter, whose
     directory is returned). Weights depend on `seed` only, so every layout of one seed holds the same model.
+    llava_next: a LLaVA-NeXT checkpoint (model_type llava_next, anyres fields, an `image_newline` tensor, no
+    PLLaVA fields) in the legacy or current layout.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -166,7 +168,14 @@ def make_tiny_checkpoint(path: str, layout: str = "pllava", lora: bool = True, *
     tok = make_tokenizer(path, chatml=chatml)
     image_id = tok.convert_tokens_to_ids("<image>")
     vocab = (len(tok) + 15) // 16 * 16  # padded like PLLaVA's 32064
+    if llava_next:
+        config_kw.setdefault("pllava_fields", False)
     cfg = tiny_config(vocab, image_id, tok.pad_token_id, **config_kw)
+    if llava_next:
+        s = cfg["vision_config"]["image_size"]
+        cfg.update(model_type="llava_next", architectures=["LlavaNextForConditionalGeneration"],
+                   image_grid_pinpoints=[[s, s], [s, 2 * s], [2 * s, s]], image_seq_length=(s // 7) ** 2,
+                   multimodal_projector_bias=True)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg, f, indent=1)
     g = cfg["vision_config"]["image_size"]
@@ -189,6 +198,10 @@ def make_tiny_checkpoint(path: str, layout: str = "pllava", lora: bool = True, *
             for proj, (a, b) in projs.items():
                 p = f"language_model.base_model.model.model.layers.{i}.self_attn.{proj}."
                 out[p + "lora_A.default.weight"], out[p + "lora_B.default.weight"] = a.to(dtype), b.to(dtype)
+    if llava_next:
+        g = torch.Generator().manual_seed(seed + 1)
+        out[_rename("model.image_newline", base_layout)] = torch.randn(
+            cfg["text_config"]["hidden_size"], generator=g).to(dtype)
     save_sharded(out, path, shards)
     if layout != "adapter":
         return path

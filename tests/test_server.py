@@ -88,11 +88,15 @@ def test_per_request_lora_alpha_changes_output_as_the_engine_does(server, engine
     _, clip, raw = media
     frames = pllava.read_frames(clip, engine.config.num_frames)
     got = {}
-    for alpha in (0.0, 32.0):
-        got[alpha] = post(server, chat_body(data_url(raw), max_tokens=12, lora_alpha=alpha)).json()
-        engine.set_lora_alpha(alpha)
-        want = engine.generate(frames, [("user", "What is happening?")], max_new_tokens=12).text
-        assert got[alpha]["choices"][0]["message"]["content"] == want
+    before = engine.lora_alpha
+    try:
+        for alpha in (0.0, 32.0):
+            got[alpha] = post(server, chat_body(data_url(raw), max_tokens=12, lora_alpha=alpha)).json()
+            engine.set_lora_alpha(alpha)
+            want = engine.generate(frames, [("user", "What is happening?")], max_new_tokens=12).text
+            assert got[alpha]["choices"][0]["message"]["content"] == want
+    finally:  # the module's engine is shared with the server and the later tests
+        engine.set_lora_alpha(before)
     assert got[0.0]["choices"][0]["message"]["content"] != got[32.0]["choices"][0]["message"]["content"]
 
 

@@ -231,6 +231,16 @@ class LlamaLM(nn.Module):
         self.rope_sin: torch.Tensor | None = None
         self.max_len = 0
         self.cache_generation = 0
+        # PLLaVA's modeling embeds every <image> id as pad_token_id before the lookup (the spliced one is then
+        # replaced by the clip): an <image> the model generates is fed back as the pad embedding. None: as is.
+        self.image_token_id: int | None = None
+        self.pad_token_id: int | None = None
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids (any shape) -> embeddings, <image> ids looked up as pad_token_id (graph-safe: no branch)."""
+        if self.image_token_id is not None and self.pad_token_id is not None:
+            ids = torch.where(ids == self.image_token_id, self.pad_token_id, ids)
+        return self.embed_tokens(ids)
 
     def setup_rope(self, device):
         """(max_position_embeddings, hd) cos/sin tables in fp32; built once after the weights are loaded."""
