@@ -212,6 +212,8 @@ def _content_id(src) -> str:
 
 
 def load_media_timed(job, cfg, engine, cancel=None):
+    if job.media is None and job.media_bytes is None:
+        return None, 0.0  # a text-only chat: the LLM alone answers
     t = time.perf_counter()
     frames = load_media(job, cfg, engine, cancel)
     return frames, time.perf_counter() - t

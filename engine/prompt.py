@@ -218,10 +218,11 @@ def _conv(conv_mode: str, system: str | None) -> tuple[_Conv, Recipe | None]:
     return _Conv(t, system), r
 
 
-def build_prompt(question: str, conv_mode: str = "plain", system: str | None = None) -> str:
+def build_prompt(question: str, conv_mode: str = "plain", system: str | None = None, video: bool = True) -> str:
     """The full prompt for one question about the clip: a template renders user_query(question, is_mm=True), a
     recipe its script's whole prompt; conv_mode 'raw' takes `question` as the whole prompt. `system` replaces the
-    template's system prompt (as ChatPllava.ask does)."""
+    template's system prompt (as ChatPllava.ask does). `video=False`: a text-only prompt, user_query(question)
+    without the image token (the LLM alone answers)."""
     if not isinstance(question, str):
         raise PromptError(f"prompt must be a str, got {type(question).__name__}")
     if system is not None and not isinstance(system, str):
@@ -229,30 +230,31 @@ def build_prompt(question: str, conv_mode: str = "plain", system: str | None = N
     if conv_mode == "raw":
         return question
     conv, r = _conv(conv_mode, system)
-    if r is not None and r.chat_flow:
+    if r is not None and r.chat_flow and video:
         return render_chat([("user", question)], conv_mode, system)
     if r is None:
-        conv.user_query(question, is_mm=True)
+        conv.user_query(question, is_mm=video)
     else:
-        conv.user_query(question or r.query or "", r.pre_query, r.post_query, is_mm=True)
+        conv.user_query(question or r.query or "", r.pre_query, r.post_query, is_mm=video)
         if r.answer_prompt is not None:
             conv.assistant_response(r.answer_prompt)
     return conv.get_prompt()
 
 
 def render_chat(turns: list[tuple[str, str]], conv_mode: str, system: str | None = None,
-                demo_flow: bool | None = None) -> str:
+                demo_flow: bool | None = None, video: bool = True) -> str:
     """Chat turns [(role, text)], roles 'user' / 'assistant', ending with the user's. One user turn is one
     question (build_prompt); more render as the demo's ChatPllava: the clip its own first user message, each
     question user_query(text) (with a recipe's pre/post query prompts; the 'demo' recipes do this for one
     question too, and so does `demo_flow=True`), each answer assistant_response(text), and a recipe's answer
-    prompt pre-filled after the last question."""
+    prompt pre-filled after the last question. `video=False`: the same turns with no clip message at all."""
     conv, r = _conv(conv_mode, system)
     if demo_flow is None:
         demo_flow = len(turns) > 1 or (r is not None and r.chat_flow)
     if not demo_flow:
-        return build_prompt(turns[0][1], conv_mode, system)
-    conv.user_query("", is_mm=True)  # upload_video
+        return build_prompt(turns[0][1], conv_mode, system, video)
+    if video:
+        conv.user_query("", is_mm=True)  # upload_video
     pre, post = (r.pre_query, r.post_query) if r is not None else (None, None)
     for role, text in turns:
         if role == "user":
@@ -289,11 +291,12 @@ def check_turns(turns, system=None):
         raise PromptError(f"system must be a str or None, got {type(system).__name__}")
 
 
-def build_chat_prompt(turns: list[tuple[str, str]], conv_mode: str, system: str | None = None) -> str:
+def build_chat_prompt(turns: list[tuple[str, str]], conv_mode: str, system: str | None = None,
+                      video: bool = True) -> str:
     check_turns(turns, system)
     if conv_mode == "raw":
         raise PromptError("conv_mode 'raw' takes one full prompt string, not chat turns")
-    return render_chat([tuple(t) for t in turns], conv_mode, system)
+    return render_chat([tuple(t) for t in turns], conv_mode, system, video=video)
 
 
 def default_conv_mode(tokenizer) -> str:
@@ -309,9 +312,18 @@ def check_image_token(tokenizer, image_token_index: int, where: str):
                              "come from different checkpoints")
 
 
-def tokenize(tokenizer, prompt: str, image_token_index: int) -> tuple[torch.Tensor, int]:
-    """Prompt text -> (input_ids (L,) int64, position of the single image token)."""
+def tokenize(tokenizer, prompt: str, image_token_index: int, video: bool = True) -> tuple[torch.Tensor, int | None]:
+    """Prompt text -> (input_ids (L,) int64, position of the single image token, or None for a text-only
+    prompt, which must hold none)."""
     n = prompt.count(IMAGE_TOKEN)
+    if not video:
+        if n:
+            raise PromptError(f"the prompt holds '{IMAGE_TOKEN}' but no video was given (video=None asks the LLM "
+                              f"alone): {prompt[:200]!r}")
+        ids = torch.tensor(tokenizer(prompt)["input_ids"], dtype=torch.long)
+        if (ids == image_token_index).any():
+            raise TokenizerError(f"the tokenized text-only prompt holds the image token (id {image_token_index})")
+        return ids, None
     if n != 1:
         raise PromptError(f"the prompt must contain exactly one '{IMAGE_TOKEN}' token, found {n}: {prompt[:200]!r}")
     ids = torch.tensor(tokenizer(prompt)["input_ids"], dtype=torch.long)

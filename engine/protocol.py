@@ -49,6 +49,20 @@ def bad(message: str, param: str | None = None, code: str = "invalid_request") -
     return APIError(400, message, "BadRequestError", param, code)
 
 
+def model_not_found(name) -> APIError:
+    """vLLM's answer to a model it does not serve (and OpenAI's wording)."""
+    return APIError(404, f"The model `{name}` does not exist.", "NotFoundError", "model", "model_not_found")
+
+
+def check_model(body: dict, served: str):
+    """`model` may be omitted; given, it must be the served name."""
+    m = body.get("model")
+    if m is not None and m != served:
+        if not isinstance(m, str):
+            raise bad(f"'model' must be a string, got {type(m).__name__}", "model")
+        raise model_not_found(m)
+
+
 @dataclass
 class Job:
     turns: list  # [(role, text)]
@@ -64,6 +78,7 @@ class Job:
     lora_alpha: float
     return_frames: bool = False
     video_key: str | None = None
+    n: int = 1  # choices (OpenAI's `n`): n sequences in the batch over one fetched clip
 
 
 def _number(body, name, lo, hi, default, integer=False):
@@ -169,8 +184,7 @@ def parse_chat(body: dict, cfg: ServerConfig) -> Job:
             turns.append((m["role"], text))
     if not turns or turns[-1][0] != "user":
         raise bad("the last message must come from the user", "messages")
-    if media is None:
-        raise bad("a video_url or image_url part is required (this model answers about a video)", "messages")
+    # no video_url / image_url part: a text-only chat, answered by the LLM alone
     mt = body.get("max_completion_tokens", body.get("max_tokens"))
     max_tokens = _number({"max_tokens": mt}, "max_tokens", 1, cfg.max_new_tokens_limit, cfg.default_max_tokens, True)
     stop = body.get("stop")
@@ -183,7 +197,15 @@ def parse_chat(body: dict, cfg: ServerConfig) -> Job:
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63):
         raise bad(f"'seed' must be an integer in [0, 2**63), got {seed!r}", "seed")
-    return Job(turns=turns, system=system, media=(media[0], media[1]), media_bytes=None,
+    n = body.get("n", 1)
+    if n is None:
+        n = 1
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= cfg.max_num_seqs:
+        raise bad(f"'n' must be an integer in [1, {cfg.max_num_seqs}] (--max-num-seqs), got {n!r:.40}", "n")
+    if n > 1 and body.get("stream") is True:
+        raise bad("'n' > 1 is not supported with stream=true: send n requests, or stream=false for n choices", "n")
+    return Job(turns=turns, system=system, media=None if media is None else (media[0], media[1]), media_bytes=None,
+               n=n,
                num_frames=_number(body, "num_frames", 1, 10 ** 9, 0, True),
                max_tokens=max_tokens, temperature=_number(body, "temperature", 0.0, 2.0, 0.0),
                top_p=_number(body, "top_p", 1e-6, 1.0, 1.0), stop=stop, seed=seed,

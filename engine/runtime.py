@@ -336,22 +336,24 @@ class Engine:
             return None
         return vid, tuple(head_ids.tolist()), self.config.num_frames, tuple(self.config.pooling_shape)
 
-    def _prompt_ids(self, prompt, conv_mode: str | None, system: str | None):
+    def _prompt_ids(self, prompt, conv_mode: str | None, system: str | None, video: bool = True):
         """A question, a raw prompt or chat turns [(role, text)] -> (input_ids, image position, prompt length after
-        splicing); a prompt that does not fit the context fails here, before any compute."""
+        splicing); a prompt that does not fit the context fails here, before any compute. video=False: a
+        text-only prompt (image position None)."""
         mode = conv_mode or self.conv_mode
-        text = build_chat_prompt(prompt, mode, system) if isinstance(prompt, list) else build_prompt(prompt, mode,
-                                                                                                     system)
+        text = build_chat_prompt(prompt, mode, system, video) if isinstance(prompt, list) else \
+            build_prompt(prompt, mode, system, video)
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as e:
             raise PromptError(f"the prompt holds a character that is not valid UTF-8 (a lone surrogate at "
                               f"position {e.start})") from None
-        ids, img_pos = tokenize(self.tokenizer, text, self.config.image_token_index)
-        n = ids.numel() - 1 + self.config.num_visual_tokens
+        ids, img_pos = tokenize(self.tokenizer, text, self.config.image_token_index, video)
+        n = ids.numel() - 1 + self.config.num_visual_tokens if video else ids.numel()
         ctx = self.config.text.max_position_embeddings
         if n >= ctx:
-            raise PromptError(f"the prompt is {n} tokens ({self.config.num_visual_tokens} visual) but the model's "
+            raise PromptError(f"the prompt is {n} tokens ({self.config.num_visual_tokens if video else 0} visual) "
+                              "but the model's "
                               f"context (max_position_embeddings) is {ctx}")
         return ids, img_pos, n
 
@@ -376,15 +378,18 @@ class Engine:
     def _run(self, video, prompt, params: SamplingParams, conv_mode, system, timings, cancel=None, video_key=None):
         self.check_params(params)
         t_start = self._clock()
-        ids, img_pos, n_prompt = self._prompt_ids(prompt, conv_mode, system)
+        ids, img_pos, n_prompt = self._prompt_ids(prompt, conv_mode, system, video is not None)
         ctx = self.config.text.max_position_embeddings
         if n_prompt + params.max_new_tokens > ctx:
             log.warning("max_new_tokens %d cut to %d to fit the %d-token context", params.max_new_tokens,
                         ctx - n_prompt, ctx)
             params = replace(params, max_new_tokens=ctx - n_prompt)
         lm = self.model.language_model
-        key = self._prefix_key(video, ids[:img_pos], video_key) if img_pos + 1 < ids.numel() else None
-        n_pre = img_pos + self.config.num_visual_tokens
+        if img_pos is None:  # no video: the LLM alone answers the text (no prefix to reuse)
+            key, n_pre = None, 0
+        else:
+            key = self._prefix_key(video, ids[:img_pos], video_key) if img_pos + 1 < ids.numel() else None
+            n_pre = img_pos + self.config.num_visual_tokens
         hit = key is not None and self._prefix == (key, n_pre)
         lm.setup_cache(1, n_prompt + params.max_new_tokens, self.dtype, self.device, keep=n_pre if hit else 0)
         if hit:
@@ -392,12 +397,15 @@ class Engine:
             # (later writes start at n_pre); only the question is prefilled, the video is not decoded or encoded
             timings["prefix_cache_hit"] = 1
             start, embeds = n_pre, lm.embed(ids[img_pos + 1:].to(self.device)).unsqueeze(0)
+        elif img_pos is None:
+            self._prefix = None
+            start, embeds = 0, lm.embed(ids.to(self.device)).unsqueeze(0)  # (1, L, D)
         else:
             self._prefix = None
             vis = self.encode(video, timings)
             start = 0
             embeds = splice(lm.embed(ids.to(self.device)), img_pos, vis).unsqueeze(0)  # (1, L, D)
-        prompt_text_ids = torch.cat([ids[:img_pos], ids[img_pos + 1:]])
+        prompt_text_ids = ids if img_pos is None else torch.cat([ids[:img_pos], ids[img_pos + 1:]])
         first = True
         if self._step is None or self._step.use_graph != self.cuda_graphs:
             if self.cuda_graphs and self.device.type != "cuda":

@@ -160,17 +160,18 @@ def prepare_sequence(engine, req: Request, index=None, on_event=None, on_done=No
         if e.lora_merged and alpha != e.lora_alpha:
             raise InputError(f"lora_alpha={alpha:g} but the LoRA is merged at alpha {e.lora_alpha:g}; call "
                              "unmerge_lora() to vary alpha per request")
-        ids, img_pos, n_prompt = e._prompt_ids(req.prompt, req.conv_mode, req.system)
+        ids, img_pos, n_prompt = e._prompt_ids(req.prompt, req.conv_mode, req.system, req.video is not None)
     except PllavaError as err:
         raise type(err)(f"{where}: {err}") from err
     except ValueError as err:
         raise InputError(f"{where}: {err}") from err
     key = None
-    if img_pos + 1 < ids.numel():
+    if img_pos is not None and img_pos + 1 < ids.numel():
         base = e._prefix_key(req.video, ids[:img_pos], req.video_key)
         key = None if base is None else (base, alpha)  # v_proj's LoRA shaped the cached values
-    return Sequence(index, req, params, ids, img_pos, n_prompt, img_pos + e.config.num_visual_tokens,
-                    e.config.lora.scale_for(alpha), key, on_event, on_done)
+    n_pre = 0 if img_pos is None else img_pos + e.config.num_visual_tokens  # text-only (video None): no prefix
+    return Sequence(index, req, params, ids, img_pos, n_prompt, n_pre, e.config.lora.scale_for(alpha), key,
+                    on_event, on_done)
 
 
 def slot_len_for(engine, seqs: list[Sequence]) -> int:
@@ -340,6 +341,8 @@ class Scheduler:
                 continue
             if s.key is not None and s.key in held:
                 continue  # likely a prefix-cache hit: its clip need not be decoded at all
+            if s.img_pos is None:
+                continue  # text only: nothing to decode
             if s.key is not None:
                 held.add(s.key)  # a later request on the same clip waits for this one's prefix
             s.future = self.pool.submit(self.engine.pixels, s.req.video, s.pixel_timings)
@@ -379,6 +382,9 @@ class Scheduler:
                         s.future.cancel()
                     s.start, s.embeds = s.n_pre, lm.embed(s.ids[s.img_pos + 1:].to(e.device)).unsqueeze(0)
                     self.prefix[slot] = want
+                elif s.img_pos is None:
+                    self.prefix[slot] = None
+                    s.start, s.embeds = 0, lm.embed(s.ids.to(e.device)).unsqueeze(0)
                 else:
                     self.prefix[slot] = None  # overwritten from position 0
                     if s.future is None:
@@ -398,8 +404,8 @@ class Scheduler:
                 self._fail(s, err)
                 raise
             s.future = None
-            s.state = SequenceState(s.params, e.tokenizer, e.eos_ids, torch.cat([s.ids[:s.img_pos],
-                                                                                  s.ids[s.img_pos + 1:]]),
+            s.state = SequenceState(s.params, e.tokenizer, e.eos_ids, s.ids if s.img_pos is None else
+                                    torch.cat([s.ids[:s.img_pos], s.ids[s.img_pos + 1:]]),
                                     e.device, s.req.cancel)
             s.prefilled = 0
             s.timings["prefill"] = 0.0

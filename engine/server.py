@@ -24,7 +24,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Str
 from starlette.formparsers import MultiPartException
 
 from .media import load_media_timed, thumbnails
-from .protocol import APIError, Job, ServerConfig, bad, finish_reason, parse_chat, parse_json, parse_stream_flags, to_api
+from .protocol import (APIError, Job, ServerConfig, bad, check_model, finish_reason, model_not_found, parse_chat,
+                       parse_json, parse_stream_flags, to_api)
 from .scheduler import Request as GenRequest
 
 __all__ = ["ServerConfig", "create_app", "serve"]
@@ -129,6 +130,7 @@ def create_app(engine, cfg: ServerConfig) -> FastAPI:
 
     metrics = Metrics()
     state = {"ready": False, "adm": None, "batch": None}
+    created_at = int(time.time())  # the served model's `created`: when this server loaded it
 
     @asynccontextmanager
     async def lifespan(_app):
@@ -178,13 +180,15 @@ def create_app(engine, cfg: ServerConfig) -> FastAPI:
             chunks.append(chunk)
         return parse_json(b"".join(chunks))
 
-    async def model_stream(job: Job, frames, cancel: threading.Event):
+    async def model_stream(job: Job, frames, cancel: threading.Event, choice: int = 0):
         """Submit to the batch scheduler; yield text pieces as they are generated, then the GenerationOutput.
-        Closing this generator early (the client went away) cancels this request alone."""
+        Closing this generator early (the client went away) cancels this request alone. `choice` i of n gets
+        seed + i (a seeded request's n choices are reproducible and differ when sampled)."""
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
+        seed = None if job.seed is None else (job.seed + choice) % (2 ** 63)
         req = GenRequest(video=frames, prompt=job.turns, system=job.system, max_new_tokens=job.max_tokens,
-                         temperature=job.temperature, top_p=job.top_p, stop=job.stop, seed=job.seed,
+                         temperature=job.temperature, top_p=job.top_p, stop=job.stop, seed=seed,
                          video_key=job.video_key, lora_alpha=job.lora_alpha, cancel=cancel)
         seq = state["batch"].submit(
             req, on_event=lambda _s, ev: ev.text and loop.call_soon_threadsafe(q.put_nowait, ev.text),
@@ -218,13 +222,14 @@ def create_app(engine, cfg: ServerConfig) -> FastAPI:
         return task.result()
 
     async def run_blocking(request: Request, job: Job):
-        """Admit, wait for a slot, fetch + decode the media in a thread, generate in the batch; a client that
-        disconnects meanwhile cancels the generation. -> (text, n_tokens, n_prompt, finish, timings)."""
+        """Admit, wait for a slot, fetch + decode the media in a thread (once), generate its job.n choices in the
+        batch; a client that disconnects meanwhile cancels them. -> [(text, n_tokens, n_prompt, finish, timings)]
+        one per choice."""
         sched().admit()
         cancel = threading.Event()
 
-        async def collect():
-            async for item in model_stream(job, frames, cancel):
+        async def collect(i):
+            async for item in model_stream(job, frames, cancel, i):
                 if not isinstance(item, str):
                     return item
             raise RuntimeError("the scheduler ended a request without an output")
@@ -234,9 +239,10 @@ def create_app(engine, cfg: ServerConfig) -> FastAPI:
             try:
                 frames, t_media = await until_disconnect(request, cancel, fetch_media(job, cancel))
                 async with sched().sem:
-                    out = await until_disconnect(request, cancel, collect())
-                timings = dict(out.timings, media=t_media)
-                return out.text, len(out.token_ids), out.num_prompt_tokens, out.finish_reason, timings
+                    outs = await until_disconnect(request, cancel,
+                                                  asyncio.gather(*(collect(i) for i in range(job.n))))
+                return [(o.text, len(o.token_ids), o.num_prompt_tokens, o.finish_reason, dict(o.timings, media=t_media))
+                        for o in outs]
             finally:
                 sched().running -= 1
         except Exception as e:  # noqa: BLE001 - mapped to a typed API error (500 only for real bugs)
@@ -251,12 +257,21 @@ def create_app(engine, cfg: ServerConfig) -> FastAPI:
             return JSONResponse({"status": "loading"}, status_code=503)
         return {"status": "ok", "model": cfg.model_name}
 
+    def model_card() -> dict:
+        return {"id": cfg.model_name, "object": "model", "created": created_at, "owned_by": "pllava-engine",
+                "max_model_len": engine.config.text.max_position_embeddings}
+
     @app.get("/v1/models")
     async def models(request: Request):
         auth(request)
-        return {"object": "list", "data": [{"id": cfg.model_name, "object": "model", "created": 0,
-                                            "owned_by": "pllava-engine", "max_model_len":
-                                            engine.config.text.max_position_embeddings}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(request: Request, model_id: str):  # client.models.retrieve
+        auth(request)
+        if model_id != cfg.model_name:
+            raise model_not_found(model_id)
+        return model_card()
 
     @app.get("/metrics")
     async def prom():
@@ -271,18 +286,22 @@ def create_app(engine, cfg: ServerConfig) -> FastAPI:
     async def chat(request: Request):
         auth(request)
         body = await body_json(request)
+        if isinstance(body, dict):
+            check_model(body, cfg.model_name)
         job = parse_chat(body, cfg)
         stream, include_usage = parse_stream_flags(body)
-        model = body.get("model") or cfg.model_name
+        model = cfg.model_name
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if not stream:
-            text, n_tok, n_prompt, fin, timings = await run_blocking(request, job)
+            outs = await run_blocking(request, job)
             metrics.request("/v1/chat/completions", 200)
+            n_prompt, n_tok = outs[0][2], sum(o[1] for o in outs)
             return {"id": rid, "object": "chat.completion", "created": created, "model": model,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                 "finish_reason": finish_reason(fin)}],
+                    "choices": [{"index": i, "message": {"role": "assistant", "content": text},
+                                 "finish_reason": finish_reason(fin)} for i, (text, _, _, fin, _) in enumerate(outs)],
                     "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_tok, "total_tokens": n_prompt + n_tok},
-                    "pllava": {"timings": timings}}
+                    "pllava": {"timings": outs[0][4]} if len(outs) == 1 else
+                    {"timings": outs[0][4], "choices_timings": [o[4] for o in outs]}}
 
         def chunk(delta: dict, fin=None, usage=None, extra=None) -> str:
             c = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
@@ -304,7 +323,7 @@ def create_app(engine, cfg: ServerConfig) -> FastAPI:
                 try:
                     # a media error here leaves the first __anext__ and is answered with its 4xx status
                     frames, t_media = await until_disconnect(request, cancel, fetch_media(job, cancel))
-                    if job.return_frames:
+                    if job.return_frames and frames is not None:
                         yield f"event: frames\ndata: {json.dumps({'frames': thumbnails(frames)})}\n\n"
                     yield chunk({"role": "assistant", "content": ""})
                     async with sched().sem:
@@ -398,7 +417,7 @@ def create_app(engine, cfg: ServerConfig) -> FastAPI:
                      **{k: body[k] for k in ("max_tokens", "num_frames", "lora_alpha") if k in body}}
         job = parse_chat(chat_body, cfg)
         job.media_bytes = data
-        text, n_tok, _, _, timings = await run_blocking(request, job)
+        text, n_tok, _, _, timings = (await run_blocking(request, job))[0]
         metrics.request("/v1/captions", 200)
         return {"caption": text, "num_tokens": n_tok, "timings": timings}
 

@@ -42,7 +42,7 @@ def _px(n=4, s=42, fill=None):
 
 # (name, keyword overrides of a valid generate() call)
 ENGINE_CASES = [
-    ("video None", dict(video=None)), ("video int", dict(video=5)), ("video dict", dict(video={"a": 1})),
+    ("video None, raw prompt with <image>", dict(video=None, prompt="a <image> b", conv_mode="raw")), ("video int", dict(video=5)), ("video dict", dict(video={"a": 1})),
     ("video missing path", dict(video="/nonexistent/clip.mp4")), ("video empty bytes", dict(video=b"")),
     ("video garbage bytes", dict(video=bytes(range(256)) * 8)), ("video text bytes", dict(video=b"hello world" * 50)),
     ("video float wrong shape", dict(video=torch.zeros(2, 3, 10, 10))),
@@ -176,7 +176,8 @@ def server_cases(url):
         ("video_url missing url", msg([{"type": "video_url", "video_url": {}}])),
         ("video_url a number", msg([{"type": "video_url", "video_url": 5}])),
         ("two videos", msg(ok_content + [{"type": "video_url", "video_url": {"url": url}}])),
-        ("no video", msg([{"type": "text", "text": "hi"}])),
+        ("no video, text holds <image>", msg([{"type": "text", "text": "look: <image>"}])),
+        ("model unknown", dict(good, model="gpt-9")), ("model a number", dict(good, model=5)),
         ("media in assistant turn", {"messages": [{"role": "assistant", "content": ok_content},
                                                   {"role": "user", "content": "hi"}]}),
         ("last message assistant", {"messages": [{"role": "user", "content": ok_content},
@@ -195,7 +196,8 @@ def server_cases(url):
                           ("top_p", [0, 2, "x"]), ("num_frames", [0, -3, 10 ** 6, 1.5, "4"]),
                           ("lora_alpha", ["4", True, 1e9, [4]]), ("seed", [1.5, -1, 2 ** 70, "1", True]),
                           ("stop", [5, [""], [1], ["a"] * 9, {"a": 1}]), ("stream", ["yes", 1]),
-                          ("stream_options", [[1], "x", {"include_usage": "yes"}])):
+                          ("stream_options", [[1], "x", {"include_usage": "yes"}]),
+                          ("n", [0, -1, 1.5, "2", True, 10 ** 6])):
         for v in values:
             cases.append((f"{field}={v!r:.20}", dict(good, **{field: v})))
     return cases
@@ -221,7 +223,8 @@ def test_server_battery(ckpts, tmp_path):
             "max_tokens": 8}
     counts = {"cases": 0, "4xx": 0, "hangs": 0, "silent": 0, "500": 0, "lost": 0}
     bad_cases = []
-    with LiveServer(engine, ServerConfig(max_num_seqs=2, max_new_tokens_limit=64, max_frames=32)) as s:
+    cfg = ServerConfig(model_name="tiny-pllava", max_num_seqs=2, max_new_tokens_limit=64, max_frames=32)
+    with LiveServer(engine, cfg) as s:
         post = lambda b: httpx.post(s.url + "/v1/chat/completions", content=json.dumps(b), timeout=CASE_TIMEOUT_S,  # noqa
                                     headers={"content-type": "application/json"})
         for name, b in server_cases(url):

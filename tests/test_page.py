@@ -29,7 +29,7 @@ def test_page_uploads_a_clip_and_streams_the_answer(ckpts, tmp_path):
               "--disable-background-networking", "--disable-component-update", "--disable-sync",
               "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1000,1100"):
         opts.add_argument(a)
-    with LiveServer(eng, ServerConfig(max_new_tokens_limit=64)) as s:
+    with LiveServer(eng, ServerConfig(model_name="tiny-pllava", max_new_tokens_limit=64)) as s:
         drv = webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=DRIVER))
         try:
             drv.get(s.url + "/")

@@ -207,7 +207,8 @@ def test_bad_parameters_name_the_field(server, media):
     err(post(server, chat_body(u, top_p="x")), 400, "top_p")
     err(post(server, chat_body(u, stop=[""])), 400, "stop")
     err(post(server, {"messages": []}), 400, "messages")
-    err(post(server, {"messages": [{"role": "user", "content": "no video"}]}), 400, "messages")
+    err(post(server, chat_body(u, n=0)), 400, "n")
+    err(post(server, chat_body(u, model="other")), 404, "model")
     r = httpx.post(server.url + "/v1/chat/completions", content=b"{not json", timeout=10,
                    headers={"content-type": "application/json"})
     err(r, 400)
@@ -239,7 +240,7 @@ def test_body_too_large_is_413(server):
 
 def test_api_key(engine, media):
     _, _, raw = media
-    with LiveServer(engine, ServerConfig(api_key="sekrit")) as s:
+    with LiveServer(engine, ServerConfig(model_name="tiny-pllava", api_key="sekrit")) as s:
         e = err(post(s, chat_body(data_url(raw), max_tokens=2)), 401)
         assert e["type"] == "AuthenticationError"
         err(post(s, chat_body(data_url(raw), max_tokens=2), headers={"Authorization": "Bearer nope"}), 401)
@@ -249,7 +250,8 @@ def test_api_key(engine, media):
 
 def test_overload_is_503_with_retry_after(engine, media):
     _, _, raw = media
-    with LiveServer(engine, ServerConfig(max_concurrency=1, max_queue=0, max_new_tokens_limit=400)) as s:
+    cfg = ServerConfig(model_name="tiny-pllava", max_concurrency=1, max_queue=0, max_new_tokens_limit=400)
+    with LiveServer(engine, cfg) as s:
         slow = threading.Thread(target=post, args=(s, chat_body(data_url(raw), max_tokens=400)))
         slow.start()
         deadline = time.monotonic() + 10
@@ -278,7 +280,7 @@ def test_local_files_only_under_the_allowed_dir(server, media, tmp_path):
 
 def test_local_files_disabled_by_default(engine, media):
     _, clip, _ = media
-    with LiveServer(engine, ServerConfig()) as s:
+    with LiveServer(engine, ServerConfig(model_name="tiny-pllava")) as s:
         e = err(post(s, chat_body("file://" + clip)), 400)
         assert "disabled" in e["message"]
 
@@ -367,7 +369,7 @@ def test_address_validation_allows_public():
 # ------------------------------------------------------------------------------------------ disconnects, load
 def test_client_disconnect_stops_generation(engine, media):
     _, _, raw = media
-    with LiveServer(engine, ServerConfig(max_new_tokens_limit=400)) as s:
+    with LiveServer(engine, ServerConfig(model_name="tiny-pllava", max_new_tokens_limit=400)) as s:
         with httpx.stream("POST", s.url + "/v1/chat/completions", timeout=60,
                           json=chat_body(data_url(raw), max_tokens=400, stream=True)) as r:
             for _line in r.iter_lines():
@@ -397,7 +399,7 @@ def test_bounded_load(engine, media):
 
     _, _, raw = media
     body = chat_body(data_url(raw), max_tokens=4)
-    with LiveServer(engine, ServerConfig(max_concurrency=2, max_queue=16)) as s:
+    with LiveServer(engine, ServerConfig(model_name="tiny-pllava", max_concurrency=2, max_queue=16)) as s:
         gc.collect()
         rss0 = _rss_mb()
 

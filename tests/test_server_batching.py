@@ -32,7 +32,7 @@ def clips(tmp_path_factory):
 
 def body(raw, text, **kw):
     url = "data:video/mp4;base64," + base64.b64encode(raw).decode()
-    return {"model": "m", "messages": [{"role": "user", "content": [
+    return {"model": "tiny-pllava", "messages": [{"role": "user", "content": [
         {"type": "text", "text": text}, {"type": "video_url", "video_url": {"url": url}}]}], **kw}
 
 
@@ -66,7 +66,7 @@ def test_concurrent_requests_equal_sequential_generate(ckpts, clips):
         frames = read_frames(j["raw"], engine.config.num_frames)
         ref_engine.set_lora_alpha(j["lora_alpha"])
         expect.append(ref_engine.generate(frames, [("user", j["text"])], max_new_tokens=j["max_tokens"]))
-    cfg = ServerConfig(max_num_seqs=4, max_queue=16, max_new_tokens_limit=64)
+    cfg = ServerConfig(model_name="tiny-pllava", max_num_seqs=4, max_queue=16, max_new_tokens_limit=64)
     results = [None] * len(jobs)
     with LiveServer(engine, cfg) as s:
         def go(i):
@@ -99,7 +99,7 @@ def test_concurrent_requests_equal_sequential_generate(ckpts, clips):
 
 def test_disconnect_cancels_only_that_request(ckpts, clips):
     engine = pllava.Engine.from_pretrained(ckpts["pllava"])
-    cfg = ServerConfig(max_num_seqs=2, max_new_tokens_limit=400)
+    cfg = ServerConfig(model_name="tiny-pllava", max_num_seqs=2, max_new_tokens_limit=400)
     frames = read_frames(clips[1], engine.config.num_frames)
     with LiveServer(engine, cfg) as s:
         got = {}
@@ -142,13 +142,13 @@ def test_slow_sources_do_not_stall_other_clients(ckpts, clips):
     stack = contextlib.ExitStack()
     _, port = stack.enter_context(trickle_server())
     engine = pllava.Engine.from_pretrained(ckpts["pllava"])
-    cfg = ServerConfig(max_num_seqs=2, max_queue=16, fetch_timeout_s=4.0,
+    cfg = ServerConfig(model_name="tiny-pllava", max_num_seqs=2, max_queue=16, fetch_timeout_s=4.0,
                        allowed_fetch_hosts=frozenset({f"127.0.0.1:{port}"}))
     slow_status, fast_s = [], []
     try:
         with LiveServer(engine, cfg) as s:
             def slow():
-                b = {"model": "m", "max_tokens": 4, "messages": [{"role": "user", "content": [
+                b = {"model": "tiny-pllava", "max_tokens": 4, "messages": [{"role": "user", "content": [
                     {"type": "text", "text": "hi"},
                     {"type": "video_url", "video_url": {"url": f"http://127.0.0.1:{port}/v.mp4"}}]}]}
                 t = time.monotonic()
@@ -167,7 +167,7 @@ def test_slow_sources_do_not_stall_other_clients(ckpts, clips):
             for t in ts:
                 t.join()
             # a client that gives up after 1 s: its fetch is cancelled, not left to run to the deadline
-            b = {"model": "m", "max_tokens": 4, "messages": [{"role": "user", "content": [
+            b = {"model": "tiny-pllava", "max_tokens": 4, "messages": [{"role": "user", "content": [
                 {"type": "text", "text": "hi"}, {"type": "video_url", "video_url": {"url": f"http://127.0.0.1:{port}/v"}}]}]}
             t_gone = time.monotonic()
             with pytest.raises(httpx.TimeoutException):
