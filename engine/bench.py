@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -51,6 +52,8 @@ def make_preset_checkpoint(preset: str, root: str | None = None, dtype=torch.bfl
     adir = os.path.join(base, "adapter")
     if os.path.exists(os.path.join(base, "DONE")):
         return base, adir
+    say(f"writing the {preset} preset's seeded random weights to {base} (once; later runs reuse them)")
+    t_build = time.perf_counter()
     os.makedirs(adir, exist_ok=True)
     tok = make_tokenizer(base)
     cfg = json.loads(json.dumps(PRESETS[preset]))
@@ -75,8 +78,11 @@ def make_preset_checkpoint(preset: str, root: str | None = None, dtype=torch.bfl
     with torch.device("meta"):
         net = PllavaModel(pc)
     t, seed = {}, 0
-    for name, p in net.named_parameters():
+    params = list(net.named_parameters())
+    for i, (name, p) in enumerate(params):
         seed += 1
+        if i and i % max(1, len(params) // 10) == 0:
+            say(f"  weights {100 * i // len(params)}% ({i}/{len(params)} tensors)")
         if name.startswith("vision_tower."):
             key = "model.vision_tower.vision_model." + name[len("vision_tower."):]
         elif name.startswith("multi_modal_projector."):
@@ -116,6 +122,7 @@ def make_preset_checkpoint(preset: str, root: str | None = None, dtype=torch.bfl
         json.dump({"peft_type": "LORA", "r": lora_r, "lora_alpha": 4.0, "target_modules": ["q_proj", "v_proj"],
                    "base_model_name_or_path": os.path.abspath(base)}, f)
     open(os.path.join(base, "DONE"), "w").close()
+    say(f"  weights written in {time.perf_counter() - t_build:.0f} s")
     return base, adir
 
 
@@ -304,12 +311,28 @@ def bench_baseline(bl, video: str, frames: int, new_tokens: int, runs: int, devi
 
 
 # ---------------------------------------------------------------------------------------------- reporting
+STAGE_LABELS = {"decode": "video decode ms", "preprocess": "preprocess ms", "vision": "vision ms",
+                "projector": "pool-projector ms", "prefill": "prefill ms", "ttft": "TTFT ms",
+                "decode_tok_s": "token decode tok/s", "e2e": "end-to-end ms"}
+
+
+def say(msg: str):
+    """Progress on stderr as the bench goes (the table itself goes to stdout)."""
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def warn_runs(runs: int):
+    if runs < 3:
+        say(f"warning: --runs {runs}: a median of fewer than 3 runs is noisy (a shared machine varies run to run); "
+            "use --runs 3 or more for numbers to quote")
+
+
 def table(rows: list[Row]) -> str:
     def fmt(k, v):
         return f"{v:.1f}" if k == "decode_tok_s" else f"{v * 1000:.1f}"
 
-    head = ("| system | frames | visual tokens | decode ms | preprocess ms | vision ms | pool-projector ms | "
-            "prefill ms | TTFT ms | decode tok/s | end-to-end ms | frames/s | peak host MB | peak CUDA MB |")
+    head = ("| system | frames | visual tokens | " + " | ".join(STAGE_LABELS[k] for k in STAGES)
+            + " | frames/s | peak host MB | peak CUDA MB |")
     lines = [head, "|" + "---|" * 14]
     for r in rows:
         lines.append(f"| {r.system} | {r.frames} | {r.visual_tokens} | "
@@ -319,8 +342,9 @@ def table(rows: list[Row]) -> str:
     base = {r.frames: r for r in rows if r.system == "transformers"}
     common = sorted(set(eng) & set(base))
     if common:
-        lines += ["", "ratio engine / transformers (time; for decode tok/s: transformers / engine; < 1 = engine "
-                  "faster):", "", "| frames | " + " | ".join(STAGES) + " |", "|" + "---|" * (len(STAGES) + 1)]
+        lines += ["", "ratio engine / transformers (times; for token decode tok/s: transformers / engine; < 1 = "
+                  "engine faster):", "", "| frames | " + " | ".join(STAGE_LABELS[k].rsplit(" ", 1)[0] for k in STAGES)
+                  + " |", "|" + "---|" * (len(STAGES) + 1)]
         for f in common:
             e, b = eng[f].stages, base[f].stages
             cells = []
@@ -395,8 +419,11 @@ def bench_setup(preset, device, dtype, video, out_dir):
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dt = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     base, adapter = make_preset_checkpoint(preset, dtype=dt, device="cuda" if device.type == "cuda" else "cpu")
-    video = video or bench_video()
+    if video is None:
+        say("preparing the benchmark clip")
+        video = bench_video()
     os.makedirs(out_dir, exist_ok=True)
+    say(f"loading pllava-engine ({preset}, {device}, {str(dt).split('.')[-1]})")
     engine = Engine.from_pretrained(adapter, device=device, dtype=dt)
     engine.prefix_cache = False
     return device, dt, base, adapter, video, engine
@@ -411,15 +438,19 @@ def run_bench(preset: str = "small", frames=(1, 4, 8, 16, 32, 64), new_tokens: i
               out_dir: str = "benchmarks/results") -> dict:
     """Run the sweep; print and return {'rows', 'table', 'json', 'plots'}."""
     pyplot()  # fail before the measurements, not after them
+    warn_runs(runs)
     device, dt, base, adapter, video, engine = bench_setup(preset, device, dtype, video, out_dir)
     rows = []
     for f in frames:
+        say(f"pllava-engine, {f} frames, {runs} runs")
         rows.append(bench_engine(engine, video, f, new_tokens, runs))
         log.info("engine %d frames: %s", f, rows[-1].stages)
     del engine
     if baseline:
+        say("loading the transformers baseline")
         bl = load_baseline(base, adapter, device, dt)
         for f in frames:
+            say(f"transformers, {f} frames, {runs} runs")
             rows.append(bench_baseline(bl, video, f, new_tokens, runs, device))
             log.info("baseline %d frames: %s", f, rows[-1].stages)
         del bl
@@ -432,4 +463,5 @@ def run_bench(preset: str = "small", frames=(1, 4, 8, 16, 32, 64), new_tokens: i
                    "rows": [asdict(r) for r in rows]}, f, indent=1)
     pngs = plots(rows, out_dir, title)
     print(f"\n### {title}\n\n{tbl}\n")
+    say("wrote " + ", ".join([js] + pngs))
     return {"rows": rows, "table": tbl, "json": js, "plots": pngs}

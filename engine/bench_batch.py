@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from .bench import PROMPT, Clock, bench_setup, device_name, load_baseline, pyplot
+from .bench import PROMPT, Clock, bench_setup, device_name, load_baseline, pyplot, say, warn_runs
 
 log = logging.getLogger("pllava")
 
@@ -205,12 +205,15 @@ def run_batch_bench(preset: str = "small", batches=(1, 2, 4, 8, 16), frames=(16,
                     out_dir: str = "benchmarks/results") -> dict:
     """Run the sweep; print and return {'rows', 'table', 'json', 'plot'}."""
     pyplot()  # fail before the measurements, not after them
+    warn_runs(runs)
     device, dt, base, adapter, video, engine = bench_setup(preset, device, dtype, video, out_dir)
     rows: list[BatchRow] = []
     for f in frames:
         engine.set_frames(f, (f, 12, 12))
+        say(f"pllava-engine sequential, {f} frames, {runs} runs")
         per, walls, ttfts, itls = bench_engine_sequential(engine, video, f, new_tokens, runs)
         for b in batches:
+            say(f"pllava-engine batched, {f} frames, batch {b}, {runs} runs")
             rows.append(BatchRow("pllava-engine sequential", f, b, 1 / per, new_tokens / per, _pct(ttfts, 50),
                                  _pct(ttfts, 99), _pct(itls, 50), _pct(itls, 99), per * b))
             rows.append(bench_engine_batched(engine, video, f, b, new_tokens, runs))
@@ -222,6 +225,7 @@ def run_batch_bench(preset: str = "small", batches=(1, 2, 4, 8, 16), frames=(16,
         bl[0].model.multi_modal_projector = _BatchedPooledProjector(bl[0].model.multi_modal_projector.proj, grid)
         for f in frames:
             for b in batches:
+                say(f"transformers batched, {f} frames, batch {b}, {runs} runs")
                 rows.append(bench_baseline_batched(bl, video, f, b, new_tokens, runs, device))
                 log.info("transformers %d frames batch %d: %s", f, b, rows[-1])
         del bl
@@ -236,4 +240,5 @@ def run_batch_bench(preset: str = "small", batches=(1, 2, 4, 8, 16), frames=(16,
                    "rows": [asdict(r) for r in rows]}, fh, indent=1)
     png = plot(rows, os.path.join(out_dir, f"batch_throughput_{preset}.png"), title)
     print(f"\n### {title}\n\n{tbl}\n")
+    say(f"wrote {js}, {png}")
     return {"rows": rows, "table": tbl, "json": js, "plot": png}

@@ -11,14 +11,32 @@ import tempfile
 from .errors import PllavaError
 
 
+class _Help(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless the help already says it or there is none to show."""
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        if "default" in h or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return h
+        return h + " (default: %(default)s)"
+
+
+_CONV_HELP = ("prompt template or recipe: plain, eval_vcgbench, eval_mvbench, ..., mvbench, vcgbench, videoqabench, "
+              "recaption, demo (the *_llavanext ones for ChatML), or raw; see README 'Prompts' (default: plain, or "
+              "eval_vcg_llavanext for a ChatML tokenizer)")
+_DEVICE_HELP = "torch device, e.g. cuda, cuda:1, cpu (default: cuda when present)"
+_DTYPE_HELP = "float32 | float16 | bfloat16 (default: the checkpoint's on CUDA, bf16 for fp32 ones; float32 on CPU)"
+
+
 def _engine_args(p: argparse.ArgumentParser):
     p.add_argument("--model", required=True, help="model directory or hub repo id")
-    p.add_argument("--num-frames", type=_positive_int, default=None)
+    p.add_argument("--num-frames", type=_positive_int, default=None,
+                   help="frames sampled a clip (default: the checkpoint's num_frames, 16 for llava-hf ones)")
     p.add_argument("--lora-alpha", type=_finite_float, default=None, help="LoRA alpha (default 4; 0 = the image LLM)")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=256)
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: checkpoint's on CUDA)")
-    p.add_argument("--conv-mode", default=None)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=256, help="tokens generated at most per answer")
+    p.add_argument("--device", default=None, help=_DEVICE_HELP)
+    p.add_argument("--dtype", default=None, help=_DTYPE_HELP)
+    p.add_argument("--conv-mode", default=None, help=_CONV_HELP)
     p.add_argument("--json", action="store_true", help="one JSON object per video")
 
 
@@ -216,13 +234,21 @@ def _parse_dtype(s):
     return resolve_dtype(s, torch.device("cpu"), None)
 
 
+class _SubParser(argparse.ArgumentParser):
+    def __init__(self, *a, **kw):
+        kw.setdefault("formatter_class", _Help)
+        super().__init__(*a, **kw)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pllava", description="PLLaVA video-language inference engine")
+    p = argparse.ArgumentParser(prog="pllava", description="PLLaVA video-language inference engine",
+                                formatter_class=_Help)
     p.add_argument("-v", "--verbose", action="store_true", help="log which paths run")
-    sub = p.add_subparsers(dest="cmd", required=True)
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_SubParser)
     c = sub.add_parser("caption", help="caption videos, folders, globs or list files (batched; JSONL, resumable)")
     c.add_argument("inputs", nargs="+", help="video files, URLs, folders (recursive), globs, .txt/.jsonl/.csv lists")
-    c.add_argument("--prompt", default=None, help="question to ask instead of the caption prompt")
+    c.add_argument("--prompt", default=None, help="question to ask (default: 'Describe the video in details.', or the recipe's own query "
+                   "for --conv-mode recaption)")
     c.add_argument("-o", "--output", default=None, help="JSONL file the records are appended to (default: stdout)")
     c.add_argument("--resume", action="store_true", help="skip inputs that already have a text record in --output")
     c.add_argument("--overwrite", action="store_true", help="empty --output first")
@@ -236,13 +262,13 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_args(c)
     c.set_defaults(func=cmd_caption)
     ch = sub.add_parser("chat", help="ask one question about a video (streams the answer)")
-    ch.add_argument("video")
-    ch.add_argument("question")
+    ch.add_argument("video", help="a video file, URL or image")
+    ch.add_argument("question", help="the question, rendered with --conv-mode's template")
     _engine_args(ch)
     ch.set_defaults(func=cmd_chat)
     lv = sub.add_parser("live", help="caption a live source (pipe '-', growing file, rtsp:// or device URL)")
-    lv.add_argument("source")
-    lv.add_argument("--prompt", default=None)
+    lv.add_argument("source", help="'-' (stdin), a growing file, or an rtsp:// / device URL")
+    lv.add_argument("--prompt", default=None, help="question asked of each window (default: the caption prompt)")
     lv.add_argument("--window", type=float, default=8.0, help="seconds of video each answer looks at")
     lv.add_argument("--every", type=float, default=2.0, help="seconds of stream time between answers")
     lv.add_argument("--growing", action="store_true", help="the source is a file still being written")
@@ -250,46 +276,54 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_args(lv)
     lv.set_defaults(func=cmd_live)
     d = sub.add_parser("demo", help="run the whole pipeline offline on a tiny random checkpoint")
-    d.add_argument("--device", default=None)
-    d.add_argument("--max-new-tokens", type=_positive_int, default=24)
+    d.add_argument("--device", default=None, help=_DEVICE_HELP)
+    d.add_argument("--max-new-tokens", type=_positive_int, default=24, help="tokens generated at most")
     d.set_defaults(func=cmd_demo)
     sv = sub.add_parser("serve", help="OpenAI-compatible server (chat completions with video_url, captions, a page)")
-    sv.add_argument("--model", required=True)
-    sv.add_argument("--host", default="127.0.0.1")
-    sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--api-key", default=os.environ.get("PLLAVA_API_KEY"))
-    sv.add_argument("--served-model-name", default=None)
+    sv.add_argument("--model", required=True, help="model directory or hub repo id")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    sv.add_argument("--port", type=int, default=8000, help="port to listen on")
+    sv.add_argument("--api-key", default=os.environ.get("PLLAVA_API_KEY"),
+                    help="require 'Authorization: Bearer KEY' (default: $PLLAVA_API_KEY, else none)")
+    sv.add_argument("--served-model-name", default=None,
+                    help="the model id clients send (default: the model directory's name)")
     sv.add_argument("--max-num-seqs", type=_positive_int, default=8,
                     help="requests decoding together in one batch (continuous batching)")
     sv.add_argument("--max-model-len", type=_positive_int, default=None,
                     help="positions of one KV slot (prompt + new tokens); default: the model's context")
     sv.add_argument("--prefill-chunk", type=_positive_int, default=None,
-                    help="prefill long prompts this many tokens a step so running streams keep flowing")
+                    help="prefill long prompts this many tokens a step so running streams keep flowing "
+                         "(default: a whole prompt in one step)")
     sv.add_argument("--max-concurrency", type=_positive_int, default=None,
                     help="requests past admission (media fetch + batch); default: --max-num-seqs")
-    sv.add_argument("--max-queue", type=int, default=16)
-    sv.add_argument("--allowed-local-media-path", default=None)
-    sv.add_argument("--max-video-bytes", type=int, default=200 << 20)
-    sv.add_argument("--max-frames", type=int, default=64)
-    sv.add_argument("--max-new-tokens-limit", type=_positive_int, default=1024)
-    sv.add_argument("--allow-fetch-host", action="append", help="host:port an operator trusts (internal media)")
-    sv.add_argument("--lora-alpha", type=_finite_float, default=None)
-    sv.add_argument("--num-frames", type=_positive_int, default=None)
-    sv.add_argument("--device", default=None)
-    sv.add_argument("--dtype", default=None)
-    sv.add_argument("--conv-mode", default=None)
+    sv.add_argument("--max-queue", type=int, default=16, help="requests waiting for admission before 503s")
+    sv.add_argument("--allowed-local-media-path", default=None,
+                    help="a folder file:// and plain-path media may come from (default: none may)")
+    sv.add_argument("--max-video-bytes", type=int, default=200 << 20, help="largest media a request may send or fetch")
+    sv.add_argument("--max-frames", type=int, default=64, help="most frames a request may ask for (num_frames)")
+    sv.add_argument("--max-new-tokens-limit", type=_positive_int, default=1024, help="most max_tokens a request may ask")
+    sv.add_argument("--allow-fetch-host", action="append",
+                    help="host:port an operator trusts for internal media, repeatable (default: none)")
+    sv.add_argument("--lora-alpha", type=_finite_float, default=None,
+                    help="requests' default LoRA alpha (default 4; a request's lora_alpha overrides it)")
+    sv.add_argument("--num-frames", type=_positive_int, default=None,
+                    help="frames sampled a clip (default: the checkpoint's num_frames)")
+    sv.add_argument("--device", default=None, help=_DEVICE_HELP)
+    sv.add_argument("--dtype", default=None, help=_DTYPE_HELP)
+    sv.add_argument("--conv-mode", default=None, help=_CONV_HELP)
     sv.set_defaults(func=cmd_serve)
     b = sub.add_parser("bench", help="throughput per frame count and latency breakdown vs transformers")
     b.add_argument("--preset", default="small", help="small | pllava-7b | pllava-13b | pllava-34b")
     b.add_argument("--frames", type=_int_list, default=None, help="frame counts (default 1,4,8,16,32,64; with --batch: 16)")
-    b.add_argument("--batch", type=_int_list, default=None, help="batch sizes, e.g. 1,2,4,8,16: throughput per batch size "
-                                                 "(continuous batching vs sequential vs transformers batched)")
-    b.add_argument("--new-tokens", type=_positive_int, default=64)
-    b.add_argument("--runs", type=_positive_int, default=3)
-    b.add_argument("--device", default=None)
-    b.add_argument("--dtype", default=None)
+    b.add_argument("--batch", type=_int_list, default=None,
+                   help="batch sizes, e.g. 1,2,4,8,16: throughput per batch size (continuous batching vs sequential "
+                        "vs transformers batched; default: the frame-count sweep instead)")
+    b.add_argument("--new-tokens", type=_positive_int, default=64, help="tokens generated per run")
+    b.add_argument("--runs", type=_positive_int, default=3, help="runs per point; the table shows medians")
+    b.add_argument("--device", default=None, help=_DEVICE_HELP)
+    b.add_argument("--dtype", default=None, help=_DTYPE_HELP)
     b.add_argument("--video", default=None, help="clip for the decode stage (default: a cached 720p30 clip)")
-    b.add_argument("--no-baseline", action="store_true")
+    b.add_argument("--no-baseline", action="store_true", help="skip the transformers baseline")
     b.add_argument("--out", default="benchmarks/results", help="JSON and PNG plots go here")
     b.set_defaults(func=cmd_bench)
     return p

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sys
 import os
 import threading
 import time
@@ -125,7 +126,7 @@ class Admission:
 
 
 # ---------------------------------------------------------------------------------------------- the app
-def create_app(engine, cfg: ServerConfig) -> FastAPI:
+def create_app(engine, cfg: ServerConfig, on_ready=None) -> FastAPI:
     from contextlib import asynccontextmanager
 
     metrics = Metrics()
@@ -143,6 +144,8 @@ def create_app(engine, cfg: ServerConfig) -> FastAPI:
         state["batch"] = batch
         await asyncio.to_thread(_warmup, engine, batch)
         state["ready"] = True
+        if on_ready is not None:
+            on_ready()
         try:
             yield
         finally:
@@ -439,4 +442,9 @@ def serve(engine, cfg: ServerConfig, host: str = "127.0.0.1", port: int = 8000):
 
     if host not in ("127.0.0.1", "::1", "localhost") and not cfg.api_key:
         log.warning("serving on %s without --api-key: anyone who can reach this address can use the model", host)
-    uvicorn.run(create_app(engine, cfg), host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
+    shown = f"[{host}]" if ":" in host else host
+
+    def ready():  # after load and warm-up: the address answers from now on
+        print(f"serving {cfg.model_name} at http://{shown}:{port} (page at /)", file=sys.stderr, flush=True)
+
+    uvicorn.run(create_app(engine, cfg, ready), host=host, port=port, log_level="info", timeout_graceful_shutdown=5)

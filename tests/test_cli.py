@@ -105,3 +105,64 @@ def test_missing_modules_are_one_line(monkeypatch, tmp_path, capsys):
     assert main(["bench", "--preset", "tiny", "--frames", "1", "--runs", "1"]) == 2
     err = capsys.readouterr().err
     assert "pip install matplotlib" in err and len(err.strip().splitlines()) == 1
+
+
+def test_every_option_has_help_with_its_default():
+    import argparse
+
+    from pllava.cli import build_parser
+
+    p = build_parser()
+    subs = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
+    missing = []
+    for name, sp in subs.choices.items():
+        text = " ".join(sp.format_help().split())
+        for a in sp._actions:
+            if isinstance(a, argparse._HelpAction):
+                continue
+            h = " ".join(sp._get_formatter()._expand_help(a).split()) if a.help else ""
+            if not h or h not in text:
+                missing.append((name, a.dest, "help"))
+            elif a.option_strings and not a.required and not isinstance(a, argparse._StoreTrueAction) \
+                    and "default" not in h:
+                missing.append((name, a.dest, "default"))
+            elif a.default not in (None, False) and a.option_strings and str(a.default) not in h:
+                missing.append((name, a.dest, f"default {a.default} not shown"))
+    assert not missing, missing
+
+
+def test_serve_says_where_it_serves(ckpts):
+    """The real `pllava serve`: once loaded and warmed up it prints where to reach it, and answers there."""
+    import httpx
+
+    from server_util import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "pllava.cli", "serve", "--model", ckpts["pllava"], "--port",
+                             str(port), "--served-model-name", "tiny"], stderr=subprocess.PIPE, text=True)
+    try:
+        want = f"serving tiny at http://127.0.0.1:{port} (page at /)"
+        lines = []
+        for line in proc.stderr:
+            lines.append(line)
+            if want in line:
+                break
+        assert any(want in x for x in lines), "".join(lines)[-2000:]
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/models/tiny", timeout=10).json()["id"] == "tiny"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_caption_plain_mode_has_no_control_bytes_and_names_a_bad_path_once(ckpts, video_path, tmp_path):
+    bad = tmp_path / "broken.mp4"
+    bad.write_bytes(b"\x00" * 100)
+    out = tmp_path / "caps.jsonl"
+    r = _run("caption", video_path, str(bad), "--model", ckpts["pllava"], "--max-new-tokens", "3", "-o", str(out))
+    assert r.returncode == 1, r.stderr
+    for stream in (r.stdout, r.stderr):
+        assert "\x1b" not in stream and "\r" not in stream  # not a terminal: no bar, no colour, no carriage return
+    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    err = next(x["error"] for x in recs if "error" in x)
+    assert err.count(str(bad)) == 1 and "Errno" not in err, err
+    assert "captioned 1, failed 1" in r.stderr, r.stderr
