@@ -72,3 +72,19 @@ def oracle_greedy(m, embeds, n: int, eos: set[int] = frozenset()):
             break
         e = torch.cat([e, m.model.language_model.embed_tokens(torch.tensor([t]))])
     return toks
+
+
+PLAIN_QUESTION = "USER:<image> What is happening in the video? ASSISTANT:"  # conv_plain_v1, typed from PLLaVA
+
+
+def oracle_inputs(model_dir: str, literal: str = PLAIN_QUESTION):
+    """What the oracle needs, from transformers' own classes and nothing of the engine: the tokenizer's ids of the
+    literal prompt, and image_token_index, pooling_shape, num_frames and the EOS ids from AutoConfig."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    cfg = AutoConfig.from_pretrained(model_dir)
+    ids = torch.tensor(tok(literal)["input_ids"])
+    eos = cfg.text_config.eos_token_id
+    eos = set(eos) if isinstance(eos, (list, tuple)) else {eos}
+    return ids, cfg.image_token_index, tuple(cfg.pooling_shape), cfg.num_frames, eos

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import pllava
-from oracle import load_oracle, oracle_embeds, oracle_greedy, oracle_logits, read_lora
+from oracle import load_oracle, oracle_embeds, oracle_greedy, oracle_inputs, oracle_logits, read_lora
 
 QUESTION = "What is happening in the video?"
 
@@ -51,14 +51,14 @@ def test_logits_and_greedy_match_oracle(ckpts, oracles, layout, alpha):
     assert eng.config.lora.r == (8 if layout in ("pllava", "adapter") else 0)
     ref = oracles(layout, 4.0 if alpha is None else alpha)
     px = _pixels(eng)
-    ids, _, _ = eng._prompt_ids(QUESTION, None, None)
-    ref_emb = oracle_embeds(ref, px, ids, eng.config.image_token_index, eng.config.pooling_shape, eng.config.num_frames)
+    ids, image_token, pooling, frames, eos = oracle_inputs(ckpts["current"])
+    ref_emb = oracle_embeds(ref, px, ids, image_token, pooling, frames)
     ref_logits = oracle_logits(ref, ref_emb)
     got = eng.prompt_logits(px, QUESTION)
     assert got.shape == ref_logits.shape
     assert _rel(got, ref_logits) <= 1e-4, f"relative logit error {_rel(got, ref_logits):.2e}"
     out = eng.generate(px, QUESTION, max_new_tokens=32)
-    want = oracle_greedy(ref, ref_emb, 32, eos=eng.eos_ids)
+    want = oracle_greedy(ref, ref_emb, 32, eos=eos)
     assert out.token_ids == want
     assert out.num_prompt_tokens == ref_emb.shape[0]
 
@@ -67,15 +67,15 @@ def test_set_lora_alpha_on_loaded_engine(ckpts, oracles):
     eng = pllava.Engine.from_pretrained(ckpts["pllava"])  # default alpha 4
     assert eng.lora_alpha == 4.0
     px = _pixels(eng, seed=1)
-    ids, _, _ = eng._prompt_ids(QUESTION, None, None)
+    ids, image_token, pooling, frames, eos = oracle_inputs(ckpts["current"])
     outs = {}
     for alpha in (32.0, 0.0, 4.0):
         eng.set_lora_alpha(alpha)
         ref = oracles("pllava", alpha)
-        emb = oracle_embeds(ref, px, ids, eng.config.image_token_index, eng.config.pooling_shape, eng.config.num_frames)
+        emb = oracle_embeds(ref, px, ids, image_token, pooling, frames)
         assert _rel(eng.prompt_logits(px, QUESTION), oracle_logits(ref, emb)) <= 1e-4
         outs[alpha] = eng.generate(px, QUESTION, max_new_tokens=32).token_ids
-        assert outs[alpha] == oracle_greedy(ref, emb, 32, eos=eng.eos_ids)
+        assert outs[alpha] == oracle_greedy(ref, emb, 32, eos=eos)
     assert outs[0.0] != outs[32.0], "alpha must change the output of this checkpoint"
 
 
@@ -91,28 +91,35 @@ def test_fewer_frames_repeat_like_pllava(ckpts, oracles):
     eng = pllava.Engine.from_pretrained(ckpts["pllava"])
     px = _pixels(eng, seed=3)[:1]  # a single image: fed as num_frames identical frames
     ref = oracles("pllava", 4.0)
-    ids, _, _ = eng._prompt_ids(QUESTION, None, None)
-    emb = oracle_embeds(ref, px.repeat(eng.config.num_frames, 1, 1, 1), ids, eng.config.image_token_index,
-                        eng.config.pooling_shape, eng.config.num_frames)
+    ids, image_token, pooling, frames, _ = oracle_inputs(ckpts["current"])
+    emb = oracle_embeds(ref, px.repeat(frames, 1, 1, 1), ids, image_token, pooling, frames)
     assert _rel(eng.prompt_logits(px, QUESTION), oracle_logits(ref, emb)) <= 1e-4
 
 
 def test_video_file_end_to_end_matches_oracle(ckpts, oracles, video_path):
-    """Decode + preprocess + the model: the oracle gets the same frames through transformers' CLIP processor."""
+    """Decode + preprocess + the model against an oracle that shares none of it: every frame decoded by a plain
+    PyAV loop, PLLaVA's get_index for 30 frames and 4 segments typed as literals (seg = 29/4 = 7.25: int(3.625 +
+    round(7.25 * i)) = 3, 10, 17, 25), transformers' CLIPImageProcessor, the tokenizer on the literal prompt."""
+    import av
     from transformers import CLIPImageProcessor
 
+    with av.open(video_path) as c:
+        every = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    assert len(every) == 30  # the fixture clip; the literal indices below are for 30 frames
+    want_frames = torch.from_numpy(__import__("numpy").stack([every[i] for i in (3, 10, 17, 25)]))
     eng = pllava.Engine.from_pretrained(ckpts["pllava"])
-    frames = pllava.read_frames(video_path, eng.config.num_frames)
+    assert torch.equal(pllava.read_frames(video_path, 4), want_frames)
     proc = CLIPImageProcessor.from_pretrained(ckpts["pllava"])
-    px_ref = proc(images=list(frames.numpy()), return_tensors="pt")["pixel_values"]
-    px = eng.pixels(frames)
+    px_ref = proc(images=list(want_frames.numpy()), return_tensors="pt")["pixel_values"]
+    px = eng.pixels(want_frames)
     std = torch.tensor(proc.image_std).view(1, 3, 1, 1)
     diff = ((px - px_ref) * std).abs()  # back in [0, 1] pixel units, before normalization
     assert diff.max() * 255 < 1e-3, f"max {diff.max() * 255:.4f}/255: not CLIPImageProcessor's pixels"
     ref = oracles("pllava", 4.0)
-    ids, _, _ = eng._prompt_ids(QUESTION, None, None)
-    emb = oracle_embeds(ref, px, ids, eng.config.image_token_index, eng.config.pooling_shape, eng.config.num_frames)
+    ids, image_token, pooling, frames, eos = oracle_inputs(ckpts["current"])
+    assert frames == 4
+    emb = oracle_embeds(ref, px_ref, ids, image_token, pooling, frames)
     out = eng.generate(video_path, QUESTION, max_new_tokens=16)
-    assert out.token_ids == oracle_greedy(ref, emb, 16, eos=eng.eos_ids)
+    assert out.token_ids == oracle_greedy(ref, emb, 16, eos=eos)
     for k in ("video_decode", "preprocess", "vision", "projector", "prefill", "decode", "total", "ttft"):
         assert out.timings[k] >= 0
