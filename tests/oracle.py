@@ -70,7 +70,13 @@ def oracle_greedy(m, embeds, n: int, eos: set[int] = frozenset()):
         toks.append(t)
         if t in eos:
             break
-        e = torch.cat([e, m.model.language_model.embed_tokens(torch.tensor([t]))])
+        # PLLaVA's forward embeds an <image> id as pad_token_id (transformers' llava would not): the authors' rule,
+        # read from the oracle's own config
+        if t == m.config.image_token_index and m.config.pad_token_id is not None:
+            t_in = m.config.pad_token_id
+        else:
+            t_in = t
+        e = torch.cat([e, m.model.language_model.embed_tokens(torch.tensor([t_in], device=e.device))])
     return toks
 
 

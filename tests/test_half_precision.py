@@ -34,10 +34,12 @@ def refs(ckpts):
         m64 = base.double()
         emb64 = oracle_embeds(m64, px.double(), ids, image_token, pooling, frames)
         cont = oracle_greedy(m64, emb64, STEPS)  # the fp64 continuation every system is teacher-forced on
-        seq64 = torch.cat([emb64, m64.model.language_model.embed_tokens(torch.tensor(cont[:-1]))])
+        # as PLLaVA embeds a generated <image> id: as the pad token (the engine's decode does the same)
+        feed = [base.config.pad_token_id if t == image_token else t for t in cont[:-1]]
+        seq64 = torch.cat([emb64, m64.model.language_model.embed_tokens(torch.tensor(feed))])
         l64 = oracle_logits(m64, seq64)  # (L + STEPS - 1, V)
     return dict(ckpts=ckpts, lora=lora, px=px, ids=ids, image_token=image_token, pooling=pooling, frames=frames,
-                cont=cont, l64=l64, n_prompt=emb64.shape[0])
+                cont=cont, feed=feed, l64=l64, n_prompt=emb64.shape[0])
 
 
 def _hf_logits(r, dtype):
@@ -45,7 +47,7 @@ def _hf_logits(r, dtype):
     with torch.no_grad():
         emb = oracle_embeds(m, r["px"].to(DEVICE, dtype), r["ids"].to(DEVICE), r["image_token"], r["pooling"],
                             r["frames"])
-        seq = torch.cat([emb, m.model.language_model.embed_tokens(torch.tensor(r["cont"][:-1], device=DEVICE))])
+        seq = torch.cat([emb, m.model.language_model.embed_tokens(torch.tensor(r["feed"], device=DEVICE))])
         return oracle_logits(m, seq).cpu()
 
 

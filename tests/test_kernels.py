@@ -197,3 +197,60 @@ def test_lora_linear_both_designs_at_m1(mode):
     lora_linear_triton(*(t.float().to(DEV) for t in (x, w, b, a, bb)), s.float().to(DEV), out=out,
                        config=(mode, CONFIGS["sm90"]["decode"][0]))
     torch.testing.assert_close(out.double().cpu(), ref, rtol=1e-5, atol=1e-5)
+
+
+# Every config of every arch's table, forced, on shapes whose K loop runs several times with an odd tail (K = 3
+# BLOCK_K + 5) and whose M / N end mid-tile: the main loops, the masks of the last chunk and the sm_80 configs
+# that a CPU run would otherwise never launch.
+def _table_cases_lora():
+    from pllava.kernels.lora_linear import CONFIGS
+
+    for arch, modes in CONFIGS.items():
+        for mode, cfgs in modes.items():
+            for cfg in cfgs:
+                yield pytest.param(arch, mode, cfg, id=f"{arch}-{mode}-{'x'.join(map(str, cfg))}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("arch,mode,cfg", list(_table_cases_lora()))
+def test_lora_linear_every_config_with_long_k(arch, mode, cfg, dtype):
+    bm, bn, bk = cfg[:3]
+    m = 5 if mode == "decode" else bm + 3
+    k, n, r = 3 * bk + 5, bn + 7, 3 * bk + 5 if 3 * bk + 5 <= 256 else 200  # the rank loop runs several times too
+    g = torch.Generator().manual_seed(bk + bn)
+    x64, w, b = _rand(m, k, g=g), _rand(n, k, std=k ** -0.5, g=g), _rand(n, std=0.5, g=g)
+    a, bb = _rand(r, k, std=k ** -0.5, g=g), _rand(n, r, std=r ** -0.5, g=g)
+    s = torch.tensor(0.5, dtype=torch.float64)
+    ref64 = lora_linear_reference(x64, w, b, a, bb, s)
+    args = [t.to(DEV, dtype) for t in (x64, w, b, a, bb)]
+    torch_out = lora_linear_reference(*args, s.to(DEV, torch.float32))
+    out = torch.full((m, n), float("nan"), device=DEV, dtype=dtype)
+    lora_linear_triton(*args, s.to(DEV, torch.float32), out=out, config=(mode, cfg))
+    assert_within_torch(out.cpu(), torch_out.cpu(), ref64, dtype, f"lora_linear {arch} {mode} {cfg} K={k} r={r}")
+
+
+def _table_cases_pool():
+    from pllava.kernels.pool_projector import CONFIGS
+
+    for arch, cfgs in CONFIGS.items():
+        for cfg in cfgs:
+            yield pytest.param(arch, cfg, id=f"{arch}-{'x'.join(map(str, cfg))}")
+
+
+@pytest.mark.parametrize("arch,cfg", list(_table_cases_pool()))
+def test_pool_gelu_every_config_with_long_k(arch, cfg):
+    bp, bn, bk = cfg[:3]
+    dtype = torch.bfloat16
+    t, frame, pool = 3, (6, 6), (3, 3, 3)
+    c, d = 3 * bk + 5, bn + 7
+    g = torch.Generator().manual_seed(bk + bn + bp)
+    x64 = _rand(t, frame[0] * frame[1], c, g=g)
+    w1, b1 = _rand(d, c, std=c ** -0.5, g=g), _rand(d, std=0.5, g=g)
+    from pllava.kernels.pool_projector import _pool
+
+    pooled64 = _pool(torch.nn.functional.gelu(torch.nn.functional.linear(x64, w1, b1)), frame, pool)
+    args = [a.to(DEV, dtype) for a in (x64, w1, b1)]
+    pooled_torch = _pool(torch.nn.functional.gelu(torch.nn.functional.linear(*args)), frame, pool)
+    out = torch.full((27, d), float("nan"), device=DEV, dtype=dtype)
+    pool_gelu(*args, frame, pool, out=out, config=cfg)
+    assert_within_torch(out.cpu(), pooled_torch.cpu(), pooled64, dtype, f"pool_gelu {arch} {cfg} K={c}")

@@ -118,7 +118,7 @@ def test_streaming_with_usage(server, media):
     assert text == nonstream["choices"][0]["message"]["content"]
 
 
-def test_openai_client(server, media):
+def test_openai_client(server, media, engine):
     openai = pytest.importorskip("openai")
     _, _, raw = media
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
@@ -135,7 +135,13 @@ def test_openai_client(server, media):
     assert "".join(parts) == r.choices[0].message.content and usage.completion_tokens == r.usage.completion_tokens
     r2 = client.chat.completions.create(model="tiny-pllava", messages=msgs, max_tokens=8,
                                         extra_body={"lora_alpha": 32, "num_frames": 8})
-    assert r2.choices[0].message.content
+    # the per-request fields reach the model: 8 frames of the clip at alpha 32, as the engine answers them
+    _, clip, _ = media
+    want = {n: pllava.Engine.generate_many(engine, [dict(video=pllava.read_frames(clip, n), lora_alpha=32.0,
+                                                         prompt=[("user", "What is happening?")], max_new_tokens=8)])[0]
+            for n in (8, 4)}
+    assert r2.choices[0].message.content == want[8].text
+    assert want[8].token_ids != want[4].token_ids, "num_frames must matter on this clip, or this proves nothing"
 
 
 def test_captions_upload_and_url(server, media):
