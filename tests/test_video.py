@@ -26,6 +26,34 @@ CLIPS = [  # (name, kwargs)
 ]
 
 
+def plain_decode(path) -> list:
+    """Every frame, in order, by the plainest PyAV loop (nothing of pllava.video): the oracle of the sampler."""
+    import av
+
+    out = []
+    with av.open(str(path)) as c:
+        for packet in c.demux(video=0):
+            try:
+                out += [f.to_ndarray(format="rgb24") for f in packet.decode()]
+            except av.error.InvalidDataError:
+                continue  # a corrupt packet: skipped, as a player would
+    return out
+
+
+def pllava_index(num_frames: int, num_segments: int) -> list:
+    """PLLaVA's get_index (tasks/eval/eval_utils.py, ChatPllava.get_index), typed from their code."""
+    seg = float(num_frames - 1) / num_segments
+    start = int(seg / 2)
+    return [start + int(np.round(seg * i)) for i in range(num_segments)]
+
+
+def test_pllava_index_literals():
+    # pinned values of PLLaVA's formula, so the oracle itself cannot drift: 89/16 = 5.5625, start int(2.78) = 2
+    assert pllava_index(90, 16) == [2, 8, 13, 19, 24, 30, 35, 41, 46, 52, 58, 63, 69, 74, 80, 85]
+    assert pllava_index(30, 4) == [3, 10, 17, 25] and pllava_index(1, 5) == [0] * 5
+    assert pllava_index(40, 64)[:10] == [0, 1, 1, 2, 2, 3, 4, 4, 5, 5]
+
+
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory):
     d = tmp_path_factory.mktemp("clips")
@@ -35,9 +63,10 @@ def clips(tmp_path_factory):
 @pytest.mark.parametrize("name", [c[0] for c in CLIPS])
 @pytest.mark.parametrize("n", [16, 5])
 def test_sampled_frames_equal_sequential_decode(clips, name, n):
-    allf = decode_all(clips[name])
+    allf = plain_decode(clips[name])
+    assert len(allf) == dict(CLIPS)[name]["num_frames"]
     got = read_frames(clips[name], n)
-    want = uniform_indices(len(allf), n)
+    want = pllava_index(len(allf), n)
     assert got.dtype == torch.uint8 and got.shape[0] == n
     for k, i in enumerate(want):
         assert np.array_equal(got[k].numpy(), allf[i]), f"{name}: frame {k} (index {i}) differs"
@@ -54,9 +83,9 @@ def test_mp4_without_b_frames_is_indexed_from_its_header(clips):
 
 
 def test_fewer_frames_than_asked_repeat_like_pllava(clips):
-    allf = decode_all(clips["mpeg4_vfr.mkv"])  # 40 frames
+    allf = plain_decode(clips["mpeg4_vfr.mkv"])  # 40 frames
     got = read_frames(clips["mpeg4_vfr.mkv"], 64)
-    idx = uniform_indices(40, 64)
+    idx = pllava_index(40, 64)
     assert len(set(idx)) < 64 and got.shape[0] == 64
     assert all(np.array_equal(got[k].numpy(), allf[i]) for k, i in enumerate(idx))
 
@@ -149,7 +178,10 @@ def test_truncated_stream_format_returns_what_is_there(tmp_path):
     data = open(p, "rb").read()
     (tmp_path / "cut.ts").write_bytes(data[: len(data) // 2])
     got = read_frames(str(tmp_path / "cut.ts"), 8)
-    assert got.shape[0] == 8
+    there = plain_decode(tmp_path / "cut.ts")
+    assert 0 < len(there) < 60 and got.shape[0] == 8
+    for k, i in enumerate(pllava_index(len(there), 8)):  # PLLaVA's indices over the frames that are there
+        assert np.array_equal(got[k].numpy(), there[i]), f"frame {k} (index {i})"
 
 
 def test_corrupt_packets_mid_stream_are_skipped(tmp_path):
@@ -162,6 +194,12 @@ def test_corrupt_packets_mid_stream_are_skipped(tmp_path):
     (tmp_path / "bad.ts").write_bytes(bytes(data))
     got = read_frames(str(tmp_path / "bad.ts"), 16)
     assert got.shape[0] == 16
+    there = plain_decode(tmp_path / "bad.ts")  # what a decoder that skips the garbled packets shows
+    clean = plain_decode(p)
+    assert len(there) < 60
+    for k, i in enumerate(pllava_index(len(there), 16)):
+        assert np.array_equal(got[k].numpy(), there[i]), f"frame {k} (index {i})"
+    assert np.array_equal(got[0].numpy(), clean[pllava_index(len(there), 16)[0]])  # before the damage: intact
 
 
 def test_audio_only(tmp_path):
