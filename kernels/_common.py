@@ -20,6 +20,31 @@ def upcast_dot(dtype) -> bool:
     return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
 
 
+# What a config table is sized against, per arch: SMs of the smallest part it serves (H100 SXM / A100) and the
+# most shared memory one CTA may take (227 KB on sm_90, 163 KB on sm_80).
+SMS = {"sm90": 132, "sm80": 108}
+SHARED_LIMIT = {"sm90": 232448, "sm80": 166912}
+
+
+class LaunchSpec:
+    """Exactly what a launcher launches: kernel, grid, the runtime arguments by name (tensors and ints, which the
+    JIT specialises), the constexpr meta-parameters, warps and stages. compile_check compiles this same object."""
+
+    def __init__(self, kernel, grid, args: dict, meta: dict, num_warps: int, num_stages: int):
+        self.kernel, self.grid, self.args, self.meta = kernel, grid, args, meta
+        self.num_warps, self.num_stages = num_warps, num_stages
+
+    def launch(self):
+        self.kernel[self.grid](**self.args, **self.meta, num_warps=self.num_warps, num_stages=self.num_stages)
+
+    @property
+    def ctas(self) -> int:
+        n = 1
+        for g in self.grid:
+            n *= g
+        return n
+
+
 def arch_key(device: torch.device | None) -> str:
     """Which config table: 'sm90' (H100/H200 and newer) or 'sm80' (A100 and older); sm90 when there is no GPU."""
     if device is not None and device.type == "cuda":

@@ -1,7 +1,10 @@
 """Compile every kernel in every config for sm_90 and sm_80 without a GPU and report its resource usage.
 
 `python -m pllava.kernels.compile_check [--json]` prints registers, shared memory and local memory (spills) per
-kernel and config, from triton's bundled `cuobjdump --dump-resource-usage`. Run it with TRITON_INTERPRET unset:
+kernel and config, from triton's bundled `cuobjdump --dump-resource-usage`: every table config, and the kernels
+as their launchers launch them (the same LaunchSpec: config choice, arguments and the JIT's specialisation) for
+PLLaVA-7B/13B/34B at 1-64 frames and the paper's pooling shapes; it exits 1 on a fault (spills, shared memory over
+the arch's limit, a decode grid leaving SMs idle). Run it with TRITON_INTERPRET unset:
 the interpreter replaces @triton.jit functions by Python ones that cannot be compiled.
 """
 from __future__ import annotations
@@ -70,13 +73,14 @@ def lora_rows():
              "stride_xm", "stride_xk", "stride_wn", "stride_wk", "stride_ar", "stride_ak", "stride_bn", "stride_br",
              "stride_xam", "stride_xar", "stride_ym", "stride_yn"]
     for arch, cc in ARCHS.items():
-        for mode, cfgs in ll.CONFIGS[arch].items():
+        modes = dict(ll.CONFIGS[arch], fused=ll.CONFIGS[arch]["decode"])  # the fused design on the decode tiles
+        for mode, cfgs in modes.items():
             for cfg in cfgs:
                 for per_row in (False, True):
                     bm, bn, bk, gm, nw, ns = cfg
                     sig = {n: ("*bf16" if n.endswith("_ptr") else "i32") for n in names}
                     sig["s_ptr"] = "*fp32"
-                    const = dict(HAS_BIAS=True, PER_ROW=per_row, FUSE_SHRINK=mode == "decode", R_PAD=128,
+                    const = dict(HAS_BIAS=True, PER_ROW=per_row, FUSE_SHRINK=mode == "fused", R_PAD=128,
                                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, IEEE=False, UPCAST=False)
                     sig.update({k: "constexpr" for k in const})
                     row = _compile(ll._lora_linear_kernel, sig, const, 8, cc, nw, ns)
@@ -140,20 +144,114 @@ def slot_rows():
                            config=[bh, bd, sa.BLOCK_N, sa.NUM_WARPS, sa.NUM_STAGES], **row)
 
 
+# ------------------------------------------------------------------------------------------ as launched
+# Real shapes: CLIP-L/14-336 features (c = 1024, 24x24 patches) into each LLM's hidden size; LoRA r = 128 on q_proj
+# (N = hidden) and v_proj (N = kv heads x 128).
+MODELS = {"pllava-7b": dict(hidden=4096, kv=4096), "pllava-13b": dict(hidden=5120, kv=5120),
+          "pllava-34b": dict(hidden=7168, kv=1024)}
+FRAMES = (1, 4, 8, 16, 32, 64)
+
+
+def pooling_shapes(t: int):
+    """The paper's default (16, 12, 12) and its ablated spatial sizes, temporal capped at the frames there are."""
+    tt = min(t, 16)
+    return [(tt, 12, 12), (tt, 6, 6), (tt, 24, 24)]
+
+
+_CACHE: dict = {}
+
+
+def compile_spec(spec, arch: str) -> dict:
+    """Compile a launcher's LaunchSpec for `arch` with the JIT's own specialisation of its arguments; the resource
+    usage (cached per distinct compile: many shapes specialise alike)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = spec.kernel
+    sig, const, attrs = _jit_spec(fn, spec.args)
+    sig.update({k: "constexpr" for k in spec.meta})
+    const.update(spec.meta)
+    key = (fn.__name__, arch, tuple(sorted(sig.items())), tuple(sorted(const.items())), tuple(sorted(attrs)),
+           spec.num_warps, spec.num_stages)
+    if key not in _CACHE:
+        src = ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs)
+        k = triton.compile(src, target=GPUTarget("cuda", ARCHS[arch], 32),
+                           options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+        row = usage(k.asm["cubin"])
+        row["shared"] = int(k.metadata.shared)
+        _CACHE[key] = row
+    return dict(_CACHE[key])
+
+
+def launched_rows():
+    """pool_gelu and lora_linear exactly as their launchers launch them (same config choice, same arguments, on
+    meta tensors), for the real shapes, with the checks each arch imposes."""
+    import torch
+
+    pp = importlib.import_module("pllava.kernels.pool_projector")
+    ll = importlib.import_module("pllava.kernels.lora_linear")
+    from pllava.kernels._common import SHARED_LIMIT, SMS
+
+    meta = dict(device="meta", dtype=torch.bfloat16)
+    for arch in ARCHS:
+        for model, dims in MODELS.items():
+            d = dims["hidden"]
+            w1, b1 = torch.empty(d, 1024, **meta), torch.empty(d, **meta)
+            for t in FRAMES:
+                x2 = torch.empty(t * 576, 1024, **meta)
+                for pool in pooling_shapes(t):
+                    out = torch.empty(pool[0] * pool[1] * pool[2], d, **meta)
+                    spec = pp.pool_gelu_spec(x2, w1, b1, out, t, (24, 24), pool, None, arch)
+                    row = compile_spec(spec, arch)
+                    yield dict(kernel="pool_gelu", arch=arch, dtype="bf16", model=model, frames=t, pooling=list(pool),
+                               config=[spec.meta[k] for k in ("BLOCK_P", "BLOCK_N", "BLOCK_K")] + [spec.meta["WCH"]],
+                               ctas=spec.ctas, shared_limit=SHARED_LIMIT[arch], sms=SMS[arch], **row)
+            for proj, n in (("q_proj", d), ("v_proj", dims["kv"])):
+                w, a, b = torch.empty(n, d, **meta), torch.empty(128, d, **meta), torch.empty(n, 128, **meta)
+                for m, per_row in ((1, False), (8, True), (16, True), (2400, False)):
+                    x2, y = torch.empty(m, d, **meta), torch.empty(m, n, **meta)
+                    scale = torch.empty(m if per_row else (), device="meta", dtype=torch.float32)
+                    spec = ll.lora_linear_spec(x2, w, None, a, b, scale, y, None, arch)
+                    row = compile_spec(spec, arch)
+                    mode = "decode" if m <= ll.FUSE_SHRINK_MAX_M else "prefill"
+                    yield dict(kernel=f"lora_linear/{mode}", arch=arch, dtype="bf16", model=f"{model} {proj}", m=m,
+                               n=n, config=[spec.meta[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")], ctas=spec.ctas,
+                               shared_limit=SHARED_LIMIT[arch], sms=SMS[arch], **row)
+
+
+def faults(rows) -> list[str]:
+    """What would fail or waste the GPU: spills, shared memory over the arch's limit, a decode grid that leaves SMs
+    idle although N has enough 16-wide tiles to fill them."""
+    out = []
+    for r in rows:
+        what = f"{r['kernel']} {r['arch']} {r.get('model', '')} {r.get('frames', r.get('m', ''))} {r['config']}"
+        if r["local"] or r["stack"]:
+            out.append(f"{what}: spills (local {r['local']} B, stack {r['stack']} B)")
+        if "shared_limit" in r and r["shared"] > r["shared_limit"]:
+            out.append(f"{what}: {r['shared']} B of shared memory > the {r['shared_limit']} B limit")
+        if r["kernel"] == "lora_linear/decode" and "ctas" in r and r["ctas"] < min(r["sms"], -(-r["n"] // 16)):
+            out.append(f"{what}: {r['ctas']} CTAs on {r['sms']} SMs")
+    return out
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("compile_check: unset TRITON_INTERPRET (interpreted kernels cannot be compiled)", file=sys.stderr)
         return 2
-    rows = list(pool_rows()) + list(lora_rows()) + list(slot_rows())
+    rows = list(pool_rows()) + list(lora_rows()) + list(slot_rows()) + list(launched_rows())
+    bad = faults(rows)
     if "--json" in argv:
-        print(json.dumps(rows))
+        print(json.dumps({"rows": rows, "faults": bad}))
     else:
-        print(f"{'kernel':<22}{'arch':<6}{'dtype':<6}{'config':<28}{'regs':>5}{'shared B':>10}{'stack':>7}{'local':>7}")
+        print(f"{'kernel':<22}{'arch':<6}{'shape':<26}{'config':<22}{'CTAs':>6}{'regs':>5}{'shared B':>10}{'local':>7}")
         for r in rows:
-            print(f"{r['kernel']:<22}{r['arch']:<6}{r['dtype']:<6}{str(r['config']):<28}{r['reg']:>5}"
-                  f"{r['shared']:>10}{r['stack']:>7}{r['local']:>7}")
-    return 1 if any(r["local"] or r["stack"] for r in rows) else 0
+            shape = f"{r.get('model', '')} {r.get('frames', r.get('m', ''))} {r.get('pooling', '')}".strip()
+            print(f"{r['kernel']:<22}{r['arch']:<6}{shape[:25]:<26}{str(r['config']):<22}{r.get('ctas', ''):>6}"
+                  f"{r['reg']:>5}{r['shared']:>10}{r['local']:>7}")
+        print("\n".join(["", "faults:"] + bad) if bad else "\nno faults")
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

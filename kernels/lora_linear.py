@@ -20,15 +20,19 @@ import torch.nn.functional as F
 # ------------------------------------------------------------------------------------------------ constants
 FUSE_SHRINK_MAX_M = 16
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) per arch, for decode and prefill shapes.
+# Decode (M <= 16) is memory-bound: the shrink x·Aᵀ runs once (a (M, r) GEMV), then the kernel streams W and B
+# with N tiles narrow enough that the grid covers every SM (N = 4096 at BLOCK_N 16: 256 CTAs on 132 SMs). The
+# earlier design fused the shrink into every CTA ("fused", kept for comparison): each CTA re-read all of A
+# (r x K: 1 MiB at 7B) and N = 4096 ran 64 CTAs.
 CONFIGS = {
-    "sm90": {"decode": [(16, 32, 64, 1, 4, 4), (16, 64, 64, 1, 4, 3)],
+    "sm90": {"decode": [(16, 32, 64, 1, 4, 4), (16, 16, 64, 1, 4, 4)],
              "prefill": [(128, 128, 64, 8, 8, 3), (64, 128, 64, 8, 4, 4)]},
-    "sm80": {"decode": [(16, 32, 64, 1, 4, 3), (16, 64, 32, 1, 4, 3)],
+    "sm80": {"decode": [(16, 32, 64, 1, 4, 3), (16, 16, 64, 1, 4, 3)],
              "prefill": [(128, 128, 32, 8, 8, 3), (64, 128, 32, 8, 4, 3)]},
 }
 MAX_RANK = 256
 
-from ._common import HAVE_TRITON, arch_key, upcast_dot
+from ._common import HAVE_TRITON, SMS, LaunchSpec, arch_key, upcast_dot
 
 if HAVE_TRITON:
     import triton
@@ -109,12 +113,12 @@ if HAVE_TRITON:
 
 # ------------------------------------------------------------------------------------------------ launcher
 def pick_config(m: int, n: int, arch: str):
-    """Decode: the narrowest N tile that still gives >= 2 waves on 132 SMs (memory-bound: more loads in flight);
-    prefill: the big tile unless it leaves SMs idle."""
+    """The first config of the arch's table (decode for M <= 16, else prefill) whose grid covers every SM, else the
+    table's last (decode: the narrowest N tile, the most CTAs there can be without splitting K)."""
     mode = "decode" if m <= FUSE_SHRINK_MAX_M else "prefill"
     table = CONFIGS[arch][mode]
     for cfg in table:
-        if triton.cdiv(m, cfg[0]) * triton.cdiv(n, cfg[1]) >= 132:
+        if triton.cdiv(m, cfg[0]) * triton.cdiv(n, cfg[1]) >= SMS[arch]:
             return mode, cfg
     return mode, table[-1]
 
@@ -165,25 +169,32 @@ def lora_linear_triton(x, weight, bias, lora_a, lora_b, scale, out: torch.Tensor
         raise ValueError(f"lora_linear: out must be a contiguous ({m}, {n}) {x.dtype} tensor on {x.device}")
     else:
         y = out
-    mode, (bm, bn, bk, gm, nw, ns) = config or pick_config(m, n, arch_key(x.device))
-    fuse = mode == "decode"
-    if fuse:
-        xa = x2  # unused (a dummy pointer): decode computes the shrink in the kernel
-    else:  # prefill: the shrink once, scaled on the device (no host sync), in the activation dtype
-        sc = scale.float().reshape(-1, 1) if scale.dim() == 1 else scale.float()
-        xa = (F.linear(x2, lora_a).float() * sc).to(x.dtype)  # (M, r)
-    r_pad = max(16, triton.next_power_of_2(r))
-    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
-    _lora_linear_kernel[grid](
-        x2, weight, bias if bias is not None else weight, lora_a, lora_b, xa, scale, y,
-        m, n, k, r,
-        x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), lora_a.stride(0), lora_a.stride(1),
-        lora_b.stride(0), lora_b.stride(1), xa.stride(0), xa.stride(1), y.stride(0), y.stride(1),
-        HAS_BIAS=bias is not None, PER_ROW=scale.dim() == 1, FUSE_SHRINK=fuse, R_PAD=r_pad,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, IEEE=x.dtype == torch.float32, UPCAST=upcast_dot(x.dtype),
-        num_warps=nw, num_stages=ns,
-    )
+    lora_linear_spec(x2, weight, bias, lora_a, lora_b, scale, y, config, arch_key(x.device)).launch()
     return y.reshape(*x.shape[:-1], n)
+
+
+def lora_linear_spec(x2, weight, bias, lora_a, lora_b, scale, y, config=None, arch: str = "sm90"):
+    """The launch for x2 (M, K) -> y (M, N): what lora_linear_triton runs and compile_check compiles (tensors may
+    be on the meta device). `config` = (mode, tile) with mode 'decode', 'prefill' or 'fused'."""
+    m, k = x2.shape
+    n, r = weight.shape[0], lora_a.shape[0]
+    mode, (bm, bn, bk, gm, nw, ns) = config or pick_config(m, n, arch)
+    fuse = mode == "fused"
+    if fuse:
+        xa = x2  # unused (a dummy pointer): the kernel computes the shrink in every CTA
+    else:  # the shrink once, scaled on the device (no host sync), in the activation dtype
+        sc = scale.float().reshape(-1, 1) if scale.dim() == 1 else scale.float()
+        xa = (F.linear(x2, lora_a).float() * sc).to(x2.dtype)  # (M, r)
+    args = dict(x_ptr=x2, w_ptr=weight, bias_ptr=bias if bias is not None else weight, a_ptr=lora_a, b_ptr=lora_b,
+                xa_ptr=xa, s_ptr=scale, y_ptr=y, M=m, N=n, K=k, R=r,
+                stride_xm=x2.stride(0), stride_xk=x2.stride(1), stride_wn=weight.stride(0), stride_wk=weight.stride(1),
+                stride_ar=lora_a.stride(0), stride_ak=lora_a.stride(1), stride_bn=lora_b.stride(0),
+                stride_br=lora_b.stride(1), stride_xam=xa.stride(0), stride_xar=xa.stride(1), stride_ym=y.stride(0),
+                stride_yn=y.stride(1))
+    meta = dict(HAS_BIAS=bias is not None, PER_ROW=scale.dim() == 1, FUSE_SHRINK=fuse,
+                R_PAD=max(16, triton.next_power_of_2(r)), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm,
+                IEEE=x2.dtype == torch.float32, UPCAST=upcast_dot(x2.dtype))
+    return LaunchSpec(_lora_linear_kernel, (triton.cdiv(m, bm) * triton.cdiv(n, bn),), args, meta, nw, ns)
 
 
 # ------------------------------------------------------------------------------------------------ registration

@@ -37,7 +37,7 @@ _ACTS = {
     "relu": F.relu,
 }
 
-from ._common import HAVE_TRITON, arch_key, upcast_dot
+from ._common import HAVE_TRITON, SMS, LaunchSpec, arch_key, upcast_dot
 
 if HAVE_TRITON:
     import triton
@@ -79,7 +79,7 @@ if HAVE_TRITON:
         count = ((te - ts) * (he - hs) * (we - ws)).to(tl.float32)
         b1 = tl.load(b1_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
         pooled = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
-        for ch in tl.static_range(NCH):
+        for ch in range(NCH):  # a loop, not unrolled: 4 unrolled chunks of 16 window slots spilled (6x6 pooling at 64 frames)
             slot = ch * WCH + tl.arange(0, WCH)  # window slots (dt, di, dj) of this chunk
             st = slot // (WH * WW)
             sh = (slot // WW) % WH
@@ -114,12 +114,28 @@ def window_sizes(n_in: int, n_out: int) -> int:
     return max(((i + 1) * n_in + n_out - 1) // n_out - (i * n_in) // n_out for i in range(n_out))
 
 
-def pick_config(p_rows: int, n: int, arch: str):
-    """First config in the arch's table whose tiles fill the GPU (>= ~2 waves on 132 SMs), else the smallest."""
+M_TILE = 128  # rows of the GEMM tile the table is sized for: BLOCK_P x WCH (32 x 4 for PLLaVA's 2x2 windows)
+
+
+def fit_window(cfg, wch: int):
+    """The config with BLOCK_P cut so the GEMM's M tile (BLOCK_P x WCH window slots) stays at M_TILE rows: a
+    table sized for 2x2 windows would otherwise take 4x the shared memory at 64 frames -> (16, 12, 12), whose
+    windows are 4x2x2 (BLOCK_P 32 x 16 slots: 240 KB on sm_90, over the 227 KB limit)."""
+    bp, bn, bk, nw, ns = cfg
+    bp = max(1, min(bp, M_TILE // wch))
+    while bp * wch < 16:  # tl.dot needs 16 rows
+        bp *= 2
+    return bp, bn, bk, nw, ns
+
+
+def pick_config(p_rows: int, n: int, arch: str, wch: int = 4):
+    """First config in the arch's table (fitted to the pooling window) whose tiles fill the GPU (>= 2 waves), else
+    the smallest."""
     for cfg in CONFIGS[arch]:
-        if math.ceil(p_rows / cfg[0]) * math.ceil(n / cfg[1]) >= 264:
-            return cfg
-    return CONFIGS[arch][-1]
+        c = fit_window(cfg, wch)
+        if math.ceil(p_rows / c[0]) * math.ceil(n / c[1]) >= 2 * SMS[arch]:
+            return c
+    return fit_window(CONFIGS[arch][-1], wch)
 
 
 def kernel_meta(frame_shape, pooling_shape, t: int):
@@ -172,16 +188,22 @@ def pool_gelu(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, frame_shape, 
         out = torch.empty(p_rows, d, device=x.device, dtype=x.dtype)
     elif out.shape != (p_rows, d) or out.dtype != x.dtype or out.device != x.device or not out.is_contiguous():
         raise ValueError(f"pool_projector: out must be a contiguous ({p_rows}, {d}) {x.dtype} tensor on {x.device}")
-    meta = kernel_meta((fh, fw), (pt, ph, pw), t)
-    bp, bn, bk, nw, ns = config or pick_config(p_rows, d, arch_key(x.device))
-    grid = (triton.cdiv(p_rows, bp), triton.cdiv(d, bn))
-    _pool_gelu_kernel[grid](
-        x2, w1, b1, out, p_rows, c, d, t, fh, fw, pt, ph, pw,
-        x2.stride(0), x2.stride(1), w1.stride(0), w1.stride(1), out.stride(0), out.stride(1),
-        **meta, BLOCK_P=bp, BLOCK_N=bn, BLOCK_K=bk, IEEE=x.dtype == torch.float32, UPCAST=upcast_dot(x.dtype),
-        num_warps=nw, num_stages=ns,
-    )
+    pool_gelu_spec(x2, w1, b1, out, t, (fh, fw), (pt, ph, pw), config, arch_key(x.device)).launch()
     return out
+
+
+def pool_gelu_spec(x2, w1, b1, out, t: int, frame_shape, pooling_shape, config=None, arch: str = "sm90"):
+    """The launch of pool_gelu for x2 (T*h*w, c) -> out (T'*h'*w', d): what pool_gelu runs and compile_check
+    compiles (tensors may be on the meta device)."""
+    (fh, fw), (pt, ph, pw) = frame_shape, pooling_shape
+    p_rows, c, d = out.shape[0], x2.shape[1], w1.shape[0]
+    meta = kernel_meta((fh, fw), (pt, ph, pw), t)
+    bp, bn, bk, nw, ns = config or pick_config(p_rows, d, arch, meta["WCH"])
+    args = dict(x_ptr=x2, w1_ptr=w1, b1_ptr=b1, out_ptr=out, P=p_rows, K=c, N=d, T=t, H=fh, W=fw, TO=pt, HO=ph, WO=pw,
+                stride_xm=x2.stride(0), stride_xk=x2.stride(1), stride_wn=w1.stride(0), stride_wk=w1.stride(1),
+                stride_om=out.stride(0), stride_on=out.stride(1))
+    meta.update(BLOCK_P=bp, BLOCK_N=bn, BLOCK_K=bk, IEEE=x2.dtype == torch.float32, UPCAST=upcast_dot(x2.dtype))
+    return LaunchSpec(_pool_gelu_kernel, (triton.cdiv(p_rows, bp), triton.cdiv(d, bn)), args, meta, nw, ns)
 
 
 # ------------------------------------------------------------------------------------------------ registration

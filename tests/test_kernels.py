@@ -184,9 +184,9 @@ def test_custom_ops_trace_with_fake_tensors():
     assert tuple(y.shape) == (3, 24) and tuple(p.shape) == (18, 20)
 
 
-@pytest.mark.parametrize("mode", ["decode", "prefill"])
+@pytest.mark.parametrize("mode", ["fused", "decode", "prefill"])
 def test_lora_linear_both_designs_at_m1(mode):
-    """Fused shrink (decode) and shrink-then-fused-expand (prefill design) give the reference at M = 1."""
+    """Fused shrink (every CTA) and shrink-once-then-expand (decode and prefill tiles) give the reference at M = 1."""
     from pllava.kernels.lora_linear import CONFIGS
 
     g = torch.Generator().manual_seed(11)
@@ -206,7 +206,7 @@ def _table_cases_lora():
     from pllava.kernels.lora_linear import CONFIGS
 
     for arch, modes in CONFIGS.items():
-        for mode, cfgs in modes.items():
+        for mode, cfgs in dict(modes, fused=modes["decode"]).items():  # the fused design on the decode tiles too
             for cfg in cfgs:
                 yield pytest.param(arch, mode, cfg, id=f"{arch}-{mode}-{'x'.join(map(str, cfg))}")
 
@@ -215,7 +215,7 @@ def _table_cases_lora():
 @pytest.mark.parametrize("arch,mode,cfg", list(_table_cases_lora()))
 def test_lora_linear_every_config_with_long_k(arch, mode, cfg, dtype):
     bm, bn, bk = cfg[:3]
-    m = 5 if mode == "decode" else bm + 3
+    m = 5 if mode in ("decode", "fused") else bm + 3
     k, n, r = 3 * bk + 5, bn + 7, 3 * bk + 5 if 3 * bk + 5 <= 256 else 200  # the rank loop runs several times too
     g = torch.Generator().manual_seed(bk + bn)
     x64, w, b = _rand(m, k, g=g), _rand(n, k, std=k ** -0.5, g=g), _rand(n, std=0.5, g=g)
