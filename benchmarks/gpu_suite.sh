@@ -47,6 +47,8 @@ part "pllava-7b end to end (CUDA graphs: $PLLAVA_CUDA_GRAPHS)" "$OUT/e2e_7b.md" 
 part "pllava-7b continuous batching (batch ${BATCHES:-1,2,4,8,16}, 16 frames)" "$OUT/batch_7b.md" \
   '^\||^###|Speed-up|error' \
   "$PY" -m pllava.cli bench --preset pllava-7b --batch "${BATCHES:-1,2,4,8,16}" --frames 16 --runs 2 --new-tokens 64 --out "$OUT"
+part "torch.compile'd decode step vs eager (live alpha)" "$OUT/compile.md" '^\||Error' \
+  "$PY" benchmarks/bench_compile.py small 3
 part "summary" "$OUT/summary.md" '.' "$PY" - "$OUT" <<'PYX'
 import json, re, sys
 out = sys.argv[1]

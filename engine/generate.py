@@ -99,11 +99,15 @@ class DecodeStep:
     survives a (re)capture. The graph is tied to the cache tensors: a reallocated cache is captured again.
     """
 
-    def __init__(self, lm, use_graph: bool):
-        self.lm, self.use_graph = lm, use_graph
+    def __init__(self, lm, use_graph: bool, use_compile: bool = False):
+        self.lm, self.use_graph, self.use_compile = lm, use_graph, use_compile
         self.key = None
         self.graph = None
         self.tok = self.pos = self.out = None
+        # torch.compile of the step (fullgraph, static shapes: the whole cache under the device-side mask). The
+        # LoRA scale stays a tensor the graph reads (Dynamo lifts module tensors to graph inputs; nothing is
+        # frozen), so set_lora_alpha's in-place fill reaches the compiled step with no recompile.
+        self.compiled = torch.compile(decode_one_token, fullgraph=True, dynamic=False) if use_compile else None
 
     def _buffers(self, device):
         self.tok = torch.zeros((1, 1), dtype=torch.long, device=device)
@@ -135,6 +139,8 @@ class DecodeStep:
         if self.graph is not None:
             self.graph.replay()
             return self.out
+        if self.compiled is not None:
+            return self.compiled(self.lm, self.tok, self.pos)
         return decode_one_token(self.lm, self.tok, self.pos, kv_len=pos + 1)
 
 

@@ -73,6 +73,8 @@ class Engine:
         self.prefix_cache = True  # reuse the video part of the KV cache for the next question on the same clip
         # decode steps as one CUDA graph replay; opt-in until measured on a GPU (PLLAVA_CUDA_GRAPHS=1)
         self.cuda_graphs = device.type == "cuda" and os.environ.get("PLLAVA_CUDA_GRAPHS", "0") == "1"
+        # torch.compile'd decode step (opt-in: PLLAVA_COMPILE=1 or engine.compile_decode = True); see README
+        self.compile_decode = os.environ.get("PLLAVA_COMPILE", "0") == "1"
         self._step = None
         self._prefix = None  # (key, positions) of the prefix the KV cache holds
         self._sched = None  # the batch scheduler generate_many drives (kept: its slots keep their video prefixes)
@@ -407,11 +409,13 @@ class Engine:
             embeds = splice(lm.embed(ids.to(self.device)), img_pos, vis).unsqueeze(0)  # (1, L, D)
         prompt_text_ids = ids if img_pos is None else torch.cat([ids[:img_pos], ids[img_pos + 1:]])
         first = True
-        if self._step is None or self._step.use_graph != self.cuda_graphs:
+        if self._step is None or (self._step.use_graph, self._step.use_compile) != (self.cuda_graphs,
+                                                                                    self.compile_decode):
             if self.cuda_graphs and self.device.type != "cuda":
                 raise ConfigError("cuda_graphs needs a CUDA device")
-            self._step = DecodeStep(lm, self.cuda_graphs)
-            log.info("pllava decode: %s", "CUDA graph replay" if self.cuda_graphs else "eager steps")
+            self._step = DecodeStep(lm, self.cuda_graphs, self.compile_decode and not self.cuda_graphs)
+            log.info("pllava decode: %s", "CUDA graph replay" if self.cuda_graphs else
+                     "torch.compile'd step" if self.compile_decode else "eager steps")
         try:
             for ev in generate_tokens(lm, embeds, params, self.tokenizer, self.eos_ids, prompt_text_ids, timings,
                                       self._clock, cancel, start, self._step):
