@@ -411,7 +411,7 @@ def plots(rows: list[Row], out_dir: str, title: str) -> list[str]:
     return paths
 
 
-def bench_setup(preset, device, dtype, video, out_dir):
+def bench_setup(preset, device, dtype, video, out_dir, quantize=None):
     """-> (device, dtype, base_dir, adapter_dir, video, engine): the preset's checkpoint (written once), the clip,
     and an engine with the prefix cache off (every run pays for its video: the same clip repeats)."""
     from .runtime import Engine
@@ -423,8 +423,8 @@ def bench_setup(preset, device, dtype, video, out_dir):
         say("preparing the benchmark clip")
         video = bench_video()
     os.makedirs(out_dir, exist_ok=True)
-    say(f"loading pllava-engine ({preset}, {device}, {str(dt).split('.')[-1]})")
-    engine = Engine.from_pretrained(adapter, device=device, dtype=dt)
+    say(f"loading pllava-engine ({preset}, {device}, {str(dt).split('.')[-1]}{', ' + quantize if quantize else ''})")
+    engine = Engine.from_pretrained(adapter, device=device, dtype=dt, quantize=quantize)
     engine.prefix_cache = False
     return device, dt, base, adapter, video, engine
 
@@ -435,11 +435,14 @@ def device_name(device) -> str:
 
 def run_bench(preset: str = "small", frames=(1, 4, 8, 16, 32, 64), new_tokens: int = 64, runs: int = 3,
               device=None, dtype=None, baseline: bool = True, video: str | None = None,
-              out_dir: str = "benchmarks/results") -> dict:
-    """Run the sweep; print and return {'rows', 'table', 'json', 'plots'}."""
+              out_dir: str = "benchmarks/results", quantize: str | None = None, baseline_dtype=None) -> dict:
+    """Run the sweep; print and return {'rows', 'table', 'json', 'plots'}. `quantize` ('int8') loads the engine
+    with int8 LLM linears; `baseline_dtype` runs transformers in another dtype (default: the engine's; float32
+    when quantizing, the yardstick of the fast CPU mode)."""
     pyplot()  # fail before the measurements, not after them
     warn_runs(runs)
-    device, dt, base, adapter, video, engine = bench_setup(preset, device, dtype, video, out_dir)
+    device, dt, base, adapter, video, engine = bench_setup(preset, device, dtype, video, out_dir, quantize)
+    bdt = baseline_dtype or (torch.float32 if quantize else dt)
     rows = []
     for f in frames:
         say(f"pllava-engine, {f} frames, {runs} runs")
@@ -447,19 +450,22 @@ def run_bench(preset: str = "small", frames=(1, 4, 8, 16, 32, 64), new_tokens: i
         log.info("engine %d frames: %s", f, rows[-1].stages)
     del engine
     if baseline:
-        say("loading the transformers baseline")
-        bl = load_baseline(base, adapter, device, dt)
+        say(f"loading the transformers baseline ({str(bdt).split('.')[-1]})")
+        bl = load_baseline(base, adapter, device, bdt)
         for f in frames:
             say(f"transformers, {f} frames, {runs} runs")
             rows.append(bench_baseline(bl, video, f, new_tokens, runs, device))
             log.info("baseline %d frames: %s", f, rows[-1].stages)
         del bl
     name = device_name(device)
-    title = f"{preset}, {name}, {str(dt).split('.')[-1]}, {new_tokens} new tokens"
+    mode = str(dt).split('.')[-1] + (f"+{quantize}" if quantize else "")
+    title = (f"{preset}, {name}, engine {mode}, transformers {str(bdt).split('.')[-1]}, {new_tokens} new tokens"
+             if baseline and (quantize or bdt != dt) else f"{preset}, {name}, {mode}, {new_tokens} new tokens")
     tbl = table(rows)
     js = os.path.join(out_dir, f"bench_{preset}.json")
     with open(js, "w") as f:
-        json.dump({"preset": preset, "device": name, "dtype": str(dt), "new_tokens": new_tokens, "runs": runs,
+        json.dump({"preset": preset, "device": name, "dtype": str(dt), "quantize": quantize,
+                   "baseline_dtype": str(bdt), "new_tokens": new_tokens, "runs": runs,
                    "rows": [asdict(r) for r in rows]}, f, indent=1)
     pngs = plots(rows, out_dir, title)
     print(f"\n### {title}\n\n{tbl}\n")

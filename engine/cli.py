@@ -24,6 +24,8 @@ class _Help(argparse.HelpFormatter):
 _CONV_HELP = ("prompt template or recipe: plain, eval_vcgbench, eval_mvbench, ..., mvbench, vcgbench, videoqabench, "
               "recaption, demo (the *_llavanext ones for ChatML), or raw; see README 'Prompts' (default: plain, or "
               "eval_vcg_llavanext for a ChatML tokenizer)")
+_QUANT_HELP = ("int8: weight-only int8 LLM linears, LoRA unmerged at the live alpha; pair with --dtype bfloat16 on "
+               "the CPU (default: none)")
 _DEVICE_HELP = "torch device, e.g. cuda, cuda:1, cpu (default: cuda when present)"
 _DTYPE_HELP = "float32 | float16 | bfloat16 (default: the checkpoint's on CUDA, bf16 for fp32 ones; float32 on CPU)"
 
@@ -37,6 +39,7 @@ def _engine_args(p: argparse.ArgumentParser):
     p.add_argument("--device", default=None, help=_DEVICE_HELP)
     p.add_argument("--dtype", default=None, help=_DTYPE_HELP)
     p.add_argument("--conv-mode", default=None, help=_CONV_HELP)
+    p.add_argument("--quantize", choices=["int8"], default=None, help=_QUANT_HELP)
     p.add_argument("--json", action="store_true", help="one JSON object per video")
 
 
@@ -44,7 +47,7 @@ def _load(a):
     from .runtime import Engine
 
     return Engine.from_pretrained(a.model, device=a.device, dtype=a.dtype, num_frames=a.num_frames,
-                                  lora_alpha=a.lora_alpha, conv_mode=a.conv_mode)
+                                  lora_alpha=a.lora_alpha, conv_mode=a.conv_mode, quantize=a.quantize)
 
 
 def _report(path, out, as_json: bool):
@@ -166,7 +169,8 @@ def cmd_bench(a) -> int:
         return 0
     frames = a.frames or (1, 4, 8, 16, 32, 64)
     run_bench(a.preset, frames=frames, new_tokens=a.new_tokens, runs=a.runs, device=a.device,
-              dtype=_parse_dtype(a.dtype), baseline=not a.no_baseline, video=a.video, out_dir=a.out)
+              dtype=_parse_dtype(a.dtype), baseline=not a.no_baseline, video=a.video, out_dir=a.out,
+              quantize=a.quantize, baseline_dtype=_parse_dtype(a.baseline_dtype))
     return 0
 
 
@@ -180,7 +184,7 @@ def cmd_serve(a) -> int:
                           "pip install fastapi starlette uvicorn python-multipart") from None
 
     eng = Engine.from_pretrained(a.model, device=a.device, dtype=a.dtype, num_frames=a.num_frames,
-                                 lora_alpha=a.lora_alpha, conv_mode=a.conv_mode)
+                                 lora_alpha=a.lora_alpha, conv_mode=a.conv_mode, quantize=a.quantize)
     cfg = ServerConfig(model_name=a.served_model_name or os.path.basename(os.path.normpath(a.model)),
                        api_key=a.api_key, max_concurrency=a.max_concurrency, max_queue=a.max_queue,
                        max_num_seqs=a.max_num_seqs, max_model_len=a.max_model_len, prefill_chunk=a.prefill_chunk,
@@ -311,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--device", default=None, help=_DEVICE_HELP)
     sv.add_argument("--dtype", default=None, help=_DTYPE_HELP)
     sv.add_argument("--conv-mode", default=None, help=_CONV_HELP)
+    sv.add_argument("--quantize", choices=["int8"], default=None, help=_QUANT_HELP)
     sv.set_defaults(func=cmd_serve)
     b = sub.add_parser("bench", help="throughput per frame count and latency breakdown vs transformers")
     b.add_argument("--preset", default="small", help="small | pllava-7b | pllava-13b | pllava-34b")
@@ -324,6 +329,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dtype", default=None, help=_DTYPE_HELP)
     b.add_argument("--video", default=None, help="clip for the decode stage (default: a cached 720p30 clip)")
     b.add_argument("--no-baseline", action="store_true", help="skip the transformers baseline")
+    b.add_argument("--quantize", choices=["int8"], default=None,
+                   help="the engine with int8 LLM linears (the fast CPU mode with --dtype bfloat16); the baseline "
+                        "then runs in float32 unless --baseline-dtype says otherwise (default: none)")
+    b.add_argument("--baseline-dtype", default=None, help="transformers' dtype (default: the engine's)")
     b.add_argument("--out", default="benchmarks/results", help="JSON and PNG plots go here")
     b.set_defaults(func=cmd_bench)
     return p

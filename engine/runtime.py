@@ -83,14 +83,15 @@ class Engine:
     @classmethod
     def from_pretrained(cls, model: str, device=None, dtype=None, num_frames=None, pooling_shape=None,
                         lora_alpha=None, conv_mode=None, adapter: str | None = None,
-                        attn_backend: str = "sdpa") -> "Engine":
+                        attn_backend: str = "sdpa", quantize: str | None = None) -> "Engine":
         """Load a PLLaVA checkpoint (any of the three key layouts) or a llava-hf one (training-free PLLaVA).
 
         `model` is a local directory or a hub repo id. A directory holding adapter_config.json is a PEFT adapter:
         its base is the same directory when it has config.json, else `base_model_name_or_path`. `adapter` names a
         separate adapter directory. lora_alpha defaults to 4 (PLLaVA's caption setting) whatever the adapter was
         trained with; the scale is alpha / r (alpha / sqrt(r) for rsLoRA). attn_backend: 'sdpa' (torch), or
-        'flash_attn' / 'xformers' for the prefill when installed (CUDA, fp16/bf16).
+        'flash_attn' / 'xformers' for the prefill when installed (CUDA, fp16/bf16). quantize: None, or 'int8'
+        (weight-only int8 LLM linears, LoRA unmerged at the live alpha; with dtype=torch.bfloat16 on the CPU).
         """
         t0 = time.perf_counter()
         model_dir = resolve_model_dir(os.fspath(model))
@@ -110,6 +111,8 @@ class Engine:
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"device {str(device)!r}: CUDA is not available here (torch {torch.__version__}, "
                               f"built {'with' if torch.backends.cuda.is_built() else 'without'} CUDA)")
+        if quantize not in (None, "int8"):
+            raise ConfigError(f"quantize must be None or 'int8', got {quantize!r}")
         cfg = load_config(model_dir).with_overrides(num_frames=num_frames, pooling_shape=pooling_shape,
                                                     lora_alpha=DEFAULT_LORA_ALPHA if lora_alpha is None else lora_alpha)
         if cfg.model_type == "llava_next":
@@ -145,6 +148,15 @@ class Engine:
         with torch.device("meta"):
             net = PllavaModel(cfg)
         load_weights(net, tensors, plan.layout, dt, device, model_dir)
+        if quantize == "int8":
+            from .model.quant import quantize_lm_int8_
+
+            nbytes = quantize_lm_int8_(net.language_model)
+            how = ("torch._weight_int8pack_mm" if device.type == "cpu" else
+                   "int8 weights dequantized per call (no Triton int8 kernel yet: memory halves, speed does not)")
+            log.info("quantize=int8: LLM linears hold %.1f MB as int8 + scales; path: %s%s", nbytes / 1e6, how,
+                     "" if dt != torch.float32 else "; with float32 activations this is slower than fp32: "
+                     "use dtype=torch.bfloat16")
         net.lora_scale = torch.tensor(cfg.lora.scale, dtype=torch.float32, device=device)
         net.bind_lora_scale()
         net.language_model.setup_rope(device)
@@ -192,6 +204,9 @@ class Engine:
         set_lora_alpha then fails until unmerge_lora()."""
         from pllava.kernels import merge
 
+        if any(m.qweight is not None for m in self.model.lora_linears()):
+            raise InputError("merge_lora is not available with quantize='int8' (the base weight is int8; the LoRA "
+                             "runs unmerged at the live alpha)")
         s = float(self.model.lora_scale)
         self._forget_prefixes()
         for m in self.model.lora_linears():
