@@ -29,7 +29,7 @@ part "GPU info" "$OUT/gpu.txt" '.' nvidia-smi --query-gpu=name,memory.total,driv
 part "GPU tests (kernels on CUDA, the engine's triton path, bf16/fp16 parity)" "$OUT/gpu_tests.txt" \
   'passed|failed|error|FAILED|ERROR' \
   "$PY" -m pytest -q tests/test_gpu.py tests/test_kernels.py tests/test_slot_attention.py tests/test_triton_engine.py \
-  tests/test_parity.py tests/test_half_precision.py tests/test_batching.py
+  tests/test_parity.py tests/test_half_precision.py tests/test_quantize.py tests/test_compiled_step.py tests/test_batching.py
 part "kernel benchmarks" "$OUT/kernels.md" '^\||^###|speed-up|vs merged|FAILED|Error' \
   "$PY" -m pytest -q -s benchmarks/bench_kernels.py --benchmark-disable
 part "copy bandwidth" "$OUT/bandwidth.txt" 'GB/s|Error' "$PY" - <<'PYX'

@@ -79,7 +79,7 @@ def cmd_caption(a) -> int:
                                   batch_size=a.batch_size, resume=a.resume, overwrite=a.overwrite,
                                   ray_address=a.ray_address, num_replicas=a.num_replicas,
                                   gpus_per_replica=a.gpus_per_replica, device=a.device, dtype=a.dtype,
-                                  conv_mode=a.conv_mode)
+                                  conv_mode=a.conv_mode, quantize=a.quantize)
         print(summary.line(), file=sys.stderr)
         return 130 if summary.interrupted else (1 if summary.failed else 0)
     items = expand_inputs(a.inputs) if a.output else expand_inputs(a.inputs, dedupe=False)

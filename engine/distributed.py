@@ -59,7 +59,8 @@ def caption_dataset(inputs, output: str, model: str, *, prompt: str | None = Non
                     lora_alpha: float | None = None, num_frames: int | None = None, batch_size: int = 8,
                     resume: bool = False, overwrite: bool = False, ray_address: str | None = None,
                     num_replicas: int | None = None, gpus_per_replica: float | None = None, device=None,
-                    dtype=None, rows_per_task: int | None = None, conv_mode: str | None = None) -> Summary:
+                    dtype=None, rows_per_task: int | None = None, conv_mode: str | None = None,
+                    quantize: str | None = None) -> Summary:
     """Caption `inputs` into `output` on Ray Data; the same records as the single-process path (greedy text
     identical), extra list fields carried. Returns the summary (interrupted=True after Ctrl-C)."""
     ray = _import_ray()
@@ -84,7 +85,7 @@ def caption_dataset(inputs, output: str, model: str, *, prompt: str | None = Non
         settings = dict(prompt=prompt or default_question(conv_mode), max_new_tokens=max_new_tokens, lora_alpha=lora_alpha,
                         model=os.path.basename(os.path.normpath(model)))
         engine_kw = dict(device=device if device is not None else ("cuda" if gpus else "cpu"), dtype=dtype,
-                         num_frames=num_frames, lora_alpha=lora_alpha, conv_mode=conv_mode)
+                         num_frames=num_frames, lora_alpha=lora_alpha, conv_mode=conv_mode, quantize=quantize)
         per_task = rows_per_task or 4 * batch_size  # a generate_many call per task: the batch drains at its end
         blocks = max(num_replicas, -(-len(todo) // per_task))  # one block a task, so every replica gets work
         ds = ray.data.from_items([{"i": k, "video": it.video} for k, it in enumerate(todo)],

@@ -73,6 +73,9 @@ class Engine:
         self.prefix_cache = True  # reuse the video part of the KV cache for the next question on the same clip
         # decode steps as one CUDA graph replay; opt-in until measured on a GPU (PLLAVA_CUDA_GRAPHS=1)
         self.cuda_graphs = device.type == "cuda" and os.environ.get("PLLAVA_CUDA_GRAPHS", "0") == "1"
+        # generate()'s KV cache: fp32 on the CPU under bf16/fp16 weights (the CPU's bf16 attention is 7x slower in
+        # decode; the cache is host memory there); the weights' dtype elsewhere
+        self.kv_dtype = torch.float32 if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) else dtype
         # torch.compile'd decode step (opt-in: PLLAVA_COMPILE=1 or engine.compile_decode = True); see README
         self.compile_decode = os.environ.get("PLLAVA_COMPILE", "0") == "1"
         self._step = None
@@ -380,7 +383,7 @@ class Engine:
         ids, img_pos, n = self._prompt_ids(prompt, conv_mode, system)
         lm = self.model.language_model
         embeds = splice(lm.embed(ids.to(self.device)), img_pos, self.encode(video)).unsqueeze(0)
-        lm.setup_cache(1, n, self.dtype, self.device)
+        lm.setup_cache(1, n, self.kv_dtype, self.device)
         self._prefix = None  # this overwrites the cache from position 0
         return lm(embeds, torch.arange(n, device=self.device), all_logits=True, start=0)[0]
 
@@ -408,7 +411,7 @@ class Engine:
             key = self._prefix_key(video, ids[:img_pos], video_key) if img_pos + 1 < ids.numel() else None
             n_pre = img_pos + self.config.num_visual_tokens
         hit = key is not None and self._prefix == (key, n_pre)
-        lm.setup_cache(1, n_prompt + params.max_new_tokens, self.dtype, self.device, keep=n_pre if hit else 0)
+        lm.setup_cache(1, n_prompt + params.max_new_tokens, self.kv_dtype, self.device, keep=n_pre if hit else 0)
         if hit:
             # the same clip and prompt head as the last request: its KV for [0, n_pre) is still in the cache
             # (later writes start at n_pre); only the question is prefilled, the video is not decoded or encoded

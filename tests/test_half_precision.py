@@ -56,7 +56,7 @@ def _engine_logits(r, dtype):
     assert eng.dtype == dtype
     lm = eng.model.language_model
     n = r["n_prompt"]
-    lm.setup_cache(1, n + STEPS, dtype, eng.device)
+    lm.setup_cache(1, n + STEPS, eng.kv_dtype, eng.device)  # the cache generate() would use
     with torch.no_grad():
         prompt = eng.prompt_logits(r["px"], QUESTION)  # (n, V): the prefill
         steps = []

@@ -40,8 +40,8 @@ class KVCache(nn.Module):
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        self.k_cache.index_copy_(2, input_pos, k)
-        self.v_cache.index_copy_(2, input_pos, v)
+        self.k_cache.index_copy_(2, input_pos, k.to(self.k_cache.dtype))
+        self.v_cache.index_copy_(2, input_pos, v.to(self.v_cache.dtype))
         return self.k_cache, self.v_cache
 
 
@@ -148,8 +148,11 @@ class Attention(nn.Module):
                 k_all, v_all = k_all[:, :, :kv_len], v_all[:, :, :kv_len]
         if mask is None:  # a prefill from position 0 attends only to itself: causal, no padding to mask
             o = ops.causal_attention(q, k, v, self.attn_backend)
-        else:  # decode / continued prefill: the whole static cache, future slots masked out
-            o = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=gqa)
+        else:  # decode / continued prefill: the whole static cache, future slots masked out. A cache in another
+            # dtype than q (fp32 under bf16 weights on the CPU, where bf16 decode attention is 7x slower: 1.67 ms
+            # against 0.23 ms a layer at 2400 keys, 12 heads) is attended in the cache's dtype
+            o = F.scaled_dot_product_attention(q.to(k_all.dtype), k_all, v_all, attn_mask=mask,
+                                               enable_gqa=gqa).to(q.dtype)
         return self.o_proj(o.transpose(1, 2).reshape(bsz, n, -1))
 
     def forward_slots(self, x, cos, sin, rows: "SlotRows", kc: torch.Tensor, vc: torch.Tensor, window):
