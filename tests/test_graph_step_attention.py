@@ -1,0 +1,37 @@
+"""The decode step a CUDA graph captures (no host length: kv_len None) attends through the slot kernel over the
+positions in use only, with the position on the device (run here by Triton's interpreter): the same logits as the
+eager step that slices the cache to its used length, and NaN left in unused cache positions cannot reach it (the
+masked whole-cache SDPA it replaces turns 0 x NaN into NaN)."""
+import os
+
+import pytest
+import torch
+
+import pllava
+from pllava.generate import decode_one_token
+
+pytest.importorskip("triton")
+if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+    pytest.skip("needs a CUDA device or TRITON_INTERPRET=1", allow_module_level=True)
+
+
+def test_graph_step_reads_only_used_positions(ckpts):
+    eng = pllava.Engine.from_pretrained(ckpts["pllava"])
+    lm = eng.model.language_model
+    px = torch.randn(4, 3, 42, 42, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        lm.setup_cache(1, 300, eng.kv_dtype, eng.device)
+        eng.prompt_logits(px, "What is happening?")  # fills [0, n)
+        n = int(eng._prompt_ids("What is happening?", None, None)[2])
+        tok, pos = torch.tensor([[5]]), torch.tensor([n])
+        want = decode_one_token(lm, tok, pos, kv_len=n + 1)  # eager: the cache sliced to its used length
+        for layer in lm.layers:  # unused positions hold garbage a later request must never see
+            layer.self_attn.kv_cache.k_cache[:, :, n + 1:] = float("nan")
+            layer.self_attn.kv_cache.v_cache[:, :, n + 1:] = float("nan")
+        eng.model.set_kernel_path("triton")
+        got = decode_one_token(lm, tok, pos)  # kv_len None: the graph step, through the slot kernel
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        eng.model.set_kernel_path("torch")
+        old = decode_one_token(lm, tok, pos)  # the masked whole-cache SDPA: poisoned by the stale NaN
+    assert not torch.isfinite(old).all()
