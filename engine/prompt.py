@@ -70,17 +70,13 @@ _CHATML = dict(roles=("<|im_start|>user\n", "<|im_start|>assistant\n"), sep=("<|
 
 @dataclass(frozen=True)
 class Template:
-    """One of the authors' `Conversation`s. `pre_query` / `post_query` / `answer_prompt` are fields the authors'
-    Conversation carries but user_query does not apply by itself (only eval_videoqa* set them; their videoqa
-    script passes them in), so a bare template never uses them: the recipes do."""
+    """One of the authors' `Conversation`s, as far as get_prompt reads it. (Their eval_videoqa* ones also carry
+    pre/post query and answer prompts that user_query never applies by itself; the videoqabench recipes hold them.)"""
     system: str
     roles: tuple
     sep: tuple
     mm_token: str
     mm_alone: bool  # MultiModalConvStyle.MM_ALONE; False: MM_INTERLEAF
-    pre_query: str | None = None
-    post_query: str | None = None
-    answer_prompt: str | None = None
 
 
 @dataclass(frozen=True)
@@ -118,11 +114,8 @@ TEMPLATES: dict[str, Template] = {
     "eval_vcg_llavanext": Template(_VCG_SYSTEM, **_CHATML, mm_alone=True),
     "eval_mvbench": Template(_MVBENCH_SYSTEM, **_VICUNA, mm_alone=True),
     "eval_mvbench_llavanext": Template(_VCG_SYSTEM, **_CHATML, mm_alone=True),
-    "eval_videoqabench": Template("", **_VICUNA, mm_alone=False, pre_query=_VIDEOQA_PRE, post_query="\n",
-                                  answer_prompt="\nAnswer: In the video,"),
-    "eval_videoqa_llavanext": Template("<|im_start|>system\nAnswer the question.", **_CHATML, mm_alone=False,
-                                       pre_query=_VIDEOQA_PRE, post_query="\n",
-                                       answer_prompt="\nAnswer: In the video,"),
+    "eval_videoqabench": Template("", **_VICUNA, mm_alone=False),
+    "eval_videoqa_llavanext": Template("<|im_start|>system\nAnswer the question.", **_CHATML, mm_alone=False),
     "eval_recaption": Template(_RECAPTION_SYSTEM, **_VICUNA, mm_alone=True),
     "eval_recaption_llavanext": Template(_RECAPTION_SYSTEM, **_CHATML, mm_alone=True),
 }

@@ -39,53 +39,40 @@ def usage(cubin: bytes) -> dict:
     return dict(zip(("reg", "stack", "shared_static", "local"), map(int, m.groups())))
 
 
-def _compile(fn, signature, constexprs, n_ptrs, cc, num_warps, num_stages):
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs={(i,): DIV16 for i in range(n_ptrs)})
-    k = triton.compile(src, target=GPUTarget("cuda", cc, 32), options={"num_warps": num_warps, "num_stages": num_stages})
-    row = usage(k.asm["cubin"])
-    row["shared"] = int(k.metadata.shared)
-    return row
-
-
 def pool_rows():
+    """Every table config of pool_gelu, forced through its launcher's LaunchSpec (PLLaVA-7B, 16 frames)."""
+    import torch
+
     pp = importlib.import_module("pllava.kernels.pool_projector")
-    names = ["x_ptr", "w1_ptr", "b1_ptr", "out_ptr", "P", "K", "N", "T", "H", "W", "TO", "HO", "WO",
-             "stride_xm", "stride_xk", "stride_wn", "stride_wk", "stride_om", "stride_on"]
-    meta = pp.kernel_meta((24, 24), (16, 12, 12), 16)  # PLLaVA-7B: 2x2 windows
-    for arch, cc in ARCHS.items():
+    for arch in ARCHS:
         for cfg in pp.CONFIGS[arch]:
-            for dt in ("bf16", "fp16"):
-                bp, bn, bk, nw, ns = cfg
-                sig = {n: (f"*{dt}" if n.endswith("_ptr") else "i32") for n in names}
-                const = dict(meta, BLOCK_P=bp, BLOCK_N=bn, BLOCK_K=bk, IEEE=False, UPCAST=False)
-                sig.update({k: "constexpr" for k in const})
-                row = _compile(pp._pool_gelu_kernel, sig, const, 4, cc, nw, ns)
-                yield dict(kernel="pool_gelu", arch=arch, dtype=dt, config=list(cfg), **row)
+            for dt, name in ((torch.bfloat16, "bf16"), (torch.float16, "fp16")):
+                m = dict(device="meta", dtype=dt)
+                spec = pp.pool_gelu_spec(torch.empty(16 * 576, 1024, **m), torch.empty(4096, 1024, **m),
+                                         torch.empty(4096, **m), torch.empty(16 * 144, 4096, **m), 16, (24, 24),
+                                         (16, 12, 12), cfg, arch)
+                yield dict(kernel="pool_gelu", arch=arch, dtype=name, config=list(cfg), **compile_spec(spec, arch))
 
 
 def lora_rows():
+    """Every table config of lora_linear (and the fused design on the decode tiles), forced through its launcher's
+    LaunchSpec at PLLaVA-7B's q_proj (M = 1 for decode, 2400 for prefill), scalar and per-row scales."""
+    import torch
+
     ll = importlib.import_module("pllava.kernels.lora_linear")
-    names = ["x_ptr", "w_ptr", "bias_ptr", "a_ptr", "b_ptr", "xa_ptr", "s_ptr", "y_ptr", "M", "N", "K", "R",
-             "stride_xm", "stride_xk", "stride_wn", "stride_wk", "stride_ar", "stride_ak", "stride_bn", "stride_br",
-             "stride_xam", "stride_xar", "stride_ym", "stride_yn"]
-    for arch, cc in ARCHS.items():
-        modes = dict(ll.CONFIGS[arch], fused=ll.CONFIGS[arch]["decode"])  # the fused design on the decode tiles
+    m = dict(device="meta", dtype=torch.bfloat16)
+    w, a, b = torch.empty(4096, 4096, **m), torch.empty(128, 4096, **m), torch.empty(4096, 128, **m)
+    for arch in ARCHS:
+        modes = dict(ll.CONFIGS[arch], fused=ll.CONFIGS[arch]["decode"])
         for mode, cfgs in modes.items():
+            rows = 2400 if mode == "prefill" else 1
             for cfg in cfgs:
                 for per_row in (False, True):
-                    bm, bn, bk, gm, nw, ns = cfg
-                    sig = {n: ("*bf16" if n.endswith("_ptr") else "i32") for n in names}
-                    sig["s_ptr"] = "*fp32"
-                    const = dict(HAS_BIAS=True, PER_ROW=per_row, FUSE_SHRINK=mode == "fused", R_PAD=128,
-                                 BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, IEEE=False, UPCAST=False)
-                    sig.update({k: "constexpr" for k in const})
-                    row = _compile(ll._lora_linear_kernel, sig, const, 8, cc, nw, ns)
+                    scale = torch.empty(rows if per_row else (), device="meta", dtype=torch.float32)
+                    spec = ll.lora_linear_spec(torch.empty(rows, 4096, **m), w, None, a, b, scale,
+                                               torch.empty(rows, 4096, **m), (mode, cfg), arch)
                     yield dict(kernel=f"lora_linear/{mode}", arch=arch, dtype="bf16", config=list(cfg),
-                               per_row=per_row, **row)
+                               per_row=per_row, **compile_spec(spec, arch))
 
 
 def _jit_spec(fn, args: dict):
@@ -112,9 +99,8 @@ def slot_rows():
     """The slot decode-attention kernel at PLLaVA-7B (MHA, hd 128) and -34B (GQA 56/8) shapes, 8 rows, 4096
     positions a slot, with the strides the launcher passes for contiguous q and cache tensors."""
     import torch
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+
+    from pllava.kernels._common import LaunchSpec
 
     sa = importlib.import_module("pllava.kernels.slot_attention")
     fn = sa._slot_decode_kernel
@@ -129,19 +115,12 @@ def slot_rows():
                         stride_ks=kv * S * d, stride_kh=S * d, stride_kn=d, stride_kd=1,
                         stride_vs=kv * S * d, stride_vh=S * d, stride_vn=d, stride_vd=1,
                         stride_ob=h * d, stride_oh=d, stride_od=1)
-            sig, const, attrs = _jit_spec(fn, args)
             meta = dict(GROUP=h // kv, HEAD_DIM=d, BLOCK_H=bh, BLOCK_D=bd, BLOCK_N=sa.BLOCK_N, IEEE=False,
                         UPCAST=False)
-            sig.update({k: "constexpr" for k in meta})
-            const.update(meta)
-            for arch, cc in ARCHS.items():
-                src = ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs)
-                k = triton.compile(src, target=GPUTarget("cuda", cc, 32),
-                                   options={"num_warps": sa.NUM_WARPS, "num_stages": sa.NUM_STAGES})
-                row = usage(k.asm["cubin"])
-                row["shared"] = int(k.metadata.shared)
+            spec = LaunchSpec(fn, (8, kv), args, meta, sa.NUM_WARPS, sa.NUM_STAGES)
+            for arch in ARCHS:
                 yield dict(kernel=f"slot_decode/{model}", arch=arch, dtype={torch.bfloat16: "bf16", torch.float16: "fp16"}[dt],
-                           config=[bh, bd, sa.BLOCK_N, sa.NUM_WARPS, sa.NUM_STAGES], **row)
+                           config=[bh, bd, sa.BLOCK_N, sa.NUM_WARPS, sa.NUM_STAGES], **compile_spec(spec, arch))
 
 
 # ------------------------------------------------------------------------------------------ as launched

@@ -236,9 +236,13 @@ def unmerge(merged: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, sc
 def lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
                           lora_b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Plain torch, in PEFT's order: base(x) + lora_B(lora_A(x)) * scale."""
-    y = F.linear(x, weight, bias)
+    return F.linear(x, weight, bias) + lora_delta(x, lora_a, lora_b, scale)
+
+
+def lora_delta(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """lora_B(lora_A(x)) * scale; scale 0-dim, or (M,) per row: a batch of requests, each with its own alpha."""
     delta = F.linear(F.linear(x, lora_a), lora_b)
     s = scale.to(delta.dtype)
-    if s.dim() == 1:  # (M,) per-row scales: a batch of requests, each with its own alpha
+    if s.dim() == 1:
         s = s.reshape(*x.shape[:-1], 1)
-    return y + delta * s
+    return delta * s

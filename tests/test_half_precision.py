@@ -79,6 +79,6 @@ def test_half_precision_within_twice_transformers_error(refs, dtype):
         assert e_eng <= 2 * e_hf, "; ".join(report)
     # top-1 agreement with fp64 over every measured position: at least transformers' own, less one position
     agree = lambda x: int((x.argmax(-1) == l64.argmax(-1)).sum())  # noqa: E731
-    assert agree(eng) >= agree(hf) - 1, (agree(eng), agree(hf), l64.shape[0], report)
+    assert agree(eng) >= agree(hf), (agree(eng), agree(hf), l64.shape[0], report)
     print(f"\n{dtype}: " + "; ".join(report) + f"; top-1 agreement engine {agree(eng)}, transformers {agree(hf)} "
           f"of {l64.shape[0]}")

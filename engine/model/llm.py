@@ -103,16 +103,13 @@ class LoRALinear(nn.Module):
     def forward(self, x, scale: torch.Tensor | None = None):
         """`scale`: overrides the shared alpha/r for this call: 0-dim, or one per row of x (a batch of requests,
         each with its own alpha)."""
-        if self.qweight is not None:
+        if self.qweight is not None:  # int8 base weight, the LoRA unmerged on top as in the torch reference
+            from pllava.kernels.lora_linear import lora_delta
+
             from .quant import int8_linear
 
             y = int8_linear(x, self.qweight, self.qscale, self.bias)
-            if not self.r:
-                return y
-            s = (self.scale if scale is None else scale).to(y.dtype)
-            if s.dim() == 1:
-                s = s.reshape(*x.shape[:-1], 1)
-            return y + F.linear(F.linear(x, self.lora_A), self.lora_B) * s
+            return y + lora_delta(x, self.lora_A, self.lora_B, self.scale if scale is None else scale) if self.r else y
         if not self.r or self.merged:
             return F.linear(x, self.weight, self.bias)
         s = self.scale if scale is None else scale
