@@ -76,6 +76,8 @@ class Engine:
         # generate()'s KV cache: fp32 on the CPU under bf16/fp16 weights (the CPU's bf16 attention is 7x slower in
         # decode; the cache is host memory there); the weights' dtype elsewhere
         self.kv_dtype = torch.float32 if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) else dtype
+        # and, there too, the LLM's residual stream in fp32 (GEMM inputs stay in the weights' dtype; see LlamaLM)
+        model.language_model.residual_dtype = torch.float32 if self.kv_dtype != dtype else None
         # torch.compile'd decode step (opt-in: PLLAVA_COMPILE=1 or engine.compile_decode = True); see README
         self.compile_decode = os.environ.get("PLLAVA_COMPILE", "0") == "1"
         self._step = None
@@ -155,8 +157,12 @@ class Engine:
             from .model.quant import quantize_lm_int8_
 
             nbytes = quantize_lm_int8_(net.language_model)
-            how = ("torch._weight_int8pack_mm" if device.type == "cpu" else
-                   "int8 weights dequantized per call (no Triton int8 kernel yet: memory halves, speed does not)")
+            if ops.kernel_path(device) == "triton":
+                how = "the Triton int8 kernel, LoRA fused (pllava.kernels.int8_linear)"
+            elif device.type == "cpu":
+                how = "torch._weight_int8pack_mm for decode rows, bf16 GEMM on the int8 values for prefill"
+            else:
+                how = "int8 weights dequantized per call (triton cannot run here: memory halves, speed does not)"
             log.info("quantize=int8: LLM linears hold %.1f MB as int8 + scales; path: %s%s", nbytes / 1e6, how,
                      "" if dt != torch.float32 else "; with float32 activations this is slower than fp32: "
                      "use dtype=torch.bfloat16")

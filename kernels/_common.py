@@ -45,6 +45,17 @@ class LaunchSpec:
         return n
 
 
+def pick_tile(table: dict, m: int, n: int, arch: str, decode_max_m: int):
+    """From an arch's {'decode': [...], 'prefill': [...]} table (decode for M <= decode_max_m): the first config
+    whose grid covers every SM, else the mode's last (decode: the narrowest N tile, the most CTAs there can be
+    without splitting K). Returns (mode, config)."""
+    mode = "decode" if m <= decode_max_m else "prefill"
+    for cfg in table[mode]:
+        if -(-m // cfg[0]) * -(-n // cfg[1]) >= SMS[arch]:
+            return mode, cfg
+    return mode, table[mode][-1]
+
+
 def arch_key(device: torch.device | None) -> str:
     """Which config table: 'sm90' (H100/H200 and newer) or 'sm80' (A100 and older); sm90 when there is no GPU."""
     if device is not None and device.type == "cuda":

@@ -75,6 +75,35 @@ def lora_rows():
                                per_row=per_row, **compile_spec(spec, arch))
 
 
+def int8_rows():
+    """Every table config of int8_linear forced through its launcher's LaunchSpec at PLLaVA-7B's q_proj (M = 1 for
+    decode, 2400 for prefill), with the fused LoRA and without it, bf16 and fp16."""
+    import torch
+
+    il = importlib.import_module("pllava.kernels.int8_linear")
+    for arch in ARCHS:
+        for mode, cfgs in il.CONFIGS[arch].items():
+            rows = 2400 if mode == "prefill" else 1
+            for cfg in cfgs:
+                for dt, name in ((torch.bfloat16, "bf16"), (torch.float16, "fp16")):
+                    for lora in (True, False):
+                        spec = _int8_spec(il, rows, 4096, 4096, lora, dt, (mode, cfg), arch)
+                        yield dict(kernel=f"int8_linear/{mode}", arch=arch, dtype=name, config=list(cfg), lora=lora,
+                                   **compile_spec(spec, arch))
+
+
+def _int8_spec(il, m, k, n, lora: bool, dt, config, arch):
+    import torch
+
+    meta = dict(device="meta", dtype=dt)
+    a = b = scale = None
+    if lora:
+        a, b = torch.empty(128, k, **meta), torch.empty(n, 128, **meta)
+        scale = torch.empty(m if 1 < m <= il.DECODE_MAX_M else (), device="meta", dtype=torch.float32)
+    return il.int8_linear_spec(torch.empty(m, k, **meta), torch.empty(n, k, device="meta", dtype=torch.int8),
+                               torch.empty(n, **meta), None, a, b, scale, torch.empty(m, n, **meta), config, arch)
+
+
 def _jit_spec(fn, args: dict):
     """Signature, constexprs and attrs exactly as the JIT specialises these launch arguments (ints equal to 1
     become constants, ints and pointers divisible by 16 get tt.divisibility), via triton's own specialize_impl."""
@@ -126,8 +155,8 @@ def slot_rows():
 # ------------------------------------------------------------------------------------------ as launched
 # Real shapes: CLIP-L/14-336 features (c = 1024, 24x24 patches) into each LLM's hidden size; LoRA r = 128 on q_proj
 # (N = hidden) and v_proj (N = kv heads x 128).
-MODELS = {"pllava-7b": dict(hidden=4096, kv=4096), "pllava-13b": dict(hidden=5120, kv=5120),
-          "pllava-34b": dict(hidden=7168, kv=1024)}
+MODELS = {"pllava-7b": dict(hidden=4096, kv=4096, inter=11008), "pllava-13b": dict(hidden=5120, kv=5120, inter=13824),
+          "pllava-34b": dict(hidden=7168, kv=1024, inter=20480)}
 FRAMES = (1, 4, 8, 16, 32, 64)
 
 
@@ -164,12 +193,13 @@ def compile_spec(spec, arch: str) -> dict:
 
 
 def launched_rows():
-    """pool_gelu and lora_linear exactly as their launchers launch them (same config choice, same arguments, on
+    """pool_gelu, lora_linear and int8_linear exactly as their launchers launch them (same config choice, same arguments, on
     meta tensors), for the real shapes, with the checks each arch imposes."""
     import torch
 
     pp = importlib.import_module("pllava.kernels.pool_projector")
     ll = importlib.import_module("pllava.kernels.lora_linear")
+    il = importlib.import_module("pllava.kernels.int8_linear")
     from pllava.kernels._common import SHARED_LIMIT, SMS
 
     meta = dict(device="meta", dtype=torch.bfloat16)
@@ -197,6 +227,16 @@ def launched_rows():
                     yield dict(kernel=f"lora_linear/{mode}", arch=arch, dtype="bf16", model=f"{model} {proj}", m=m,
                                n=n, config=[spec.meta[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")], ctas=spec.ctas,
                                shared_limit=SHARED_LIMIT[arch], sms=SMS[arch], **row)
+            # quantize="int8": every LLM linear of a layer through int8_linear (q/v with the LoRA fused)
+            inter = dims["inter"]
+            for proj, k, n, lora in (("q_proj", d, d, True), ("v_proj", d, dims["kv"], True), ("o_proj", d, d, False),
+                                     ("gate_proj", d, inter, False), ("down_proj", inter, d, False)):
+                for m in (1, 8, 16, 2400):
+                    spec = _int8_spec(il, m, k, n, lora, torch.bfloat16, None, arch)
+                    mode = "decode" if m <= il.DECODE_MAX_M else "prefill"
+                    yield dict(kernel=f"int8_linear/{mode}", arch=arch, dtype="bf16", model=f"{model} {proj}", m=m,
+                               n=n, config=[spec.meta[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")], ctas=spec.ctas,
+                               shared_limit=SHARED_LIMIT[arch], sms=SMS[arch], **compile_spec(spec, arch))
 
 
 def faults(rows) -> list[str]:
@@ -209,7 +249,7 @@ def faults(rows) -> list[str]:
             out.append(f"{what}: spills (local {r['local']} B, stack {r['stack']} B)")
         if "shared_limit" in r and r["shared"] > r["shared_limit"]:
             out.append(f"{what}: {r['shared']} B of shared memory > the {r['shared_limit']} B limit")
-        if r["kernel"] == "lora_linear/decode" and "ctas" in r and r["ctas"] < min(r["sms"], -(-r["n"] // 16)):
+        if r["kernel"] in ("lora_linear/decode", "int8_linear/decode") and "ctas" in r and r["ctas"] < min(r["sms"], -(-r["n"] // 16)):
             out.append(f"{what}: {r['ctas']} CTAs on {r['sms']} SMs")
     return out
 
@@ -219,7 +259,7 @@ def main(argv=None) -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("compile_check: unset TRITON_INTERPRET (interpreted kernels cannot be compiled)", file=sys.stderr)
         return 2
-    rows = list(pool_rows()) + list(lora_rows()) + list(slot_rows()) + list(launched_rows())
+    rows = list(pool_rows()) + list(lora_rows()) + list(int8_rows()) + list(slot_rows()) + list(launched_rows())
     bad = faults(rows)
     if "--json" in argv:
         print(json.dumps({"rows": rows, "faults": bad}))

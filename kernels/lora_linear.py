@@ -32,7 +32,7 @@ CONFIGS = {
 }
 MAX_RANK = 256
 
-from ._common import HAVE_TRITON, SMS, LaunchSpec, arch_key, upcast_dot
+from ._common import HAVE_TRITON, LaunchSpec, arch_key, pick_tile, upcast_dot
 
 if HAVE_TRITON:
     import triton
@@ -113,14 +113,7 @@ if HAVE_TRITON:
 
 # ------------------------------------------------------------------------------------------------ launcher
 def pick_config(m: int, n: int, arch: str):
-    """The first config of the arch's table (decode for M <= 16, else prefill) whose grid covers every SM, else the
-    table's last (decode: the narrowest N tile, the most CTAs there can be without splitting K)."""
-    mode = "decode" if m <= FUSE_SHRINK_MAX_M else "prefill"
-    table = CONFIGS[arch][mode]
-    for cfg in table:
-        if triton.cdiv(m, cfg[0]) * triton.cdiv(n, cfg[1]) >= SMS[arch]:
-            return mode, cfg
-    return mode, table[-1]
+    return pick_tile(CONFIGS[arch], m, n, arch, FUSE_SHRINK_MAX_M)
 
 
 def _validate(x, weight, bias, lora_a, lora_b, scale):
@@ -182,9 +175,8 @@ def lora_linear_spec(x2, weight, bias, lora_a, lora_b, scale, y, config=None, ar
     fuse = mode == "fused"
     if fuse:
         xa = x2  # unused (a dummy pointer): the kernel computes the shrink in every CTA
-    else:  # the shrink once, scaled on the device (no host sync), in the activation dtype
-        sc = scale.float().reshape(-1, 1) if scale.dim() == 1 else scale.float()
-        xa = (F.linear(x2, lora_a).float() * sc).to(x2.dtype)  # (M, r)
+    else:
+        xa = scaled_shrink(x2, lora_a, scale)
     args = dict(x_ptr=x2, w_ptr=weight, bias_ptr=bias if bias is not None else weight, a_ptr=lora_a, b_ptr=lora_b,
                 xa_ptr=xa, s_ptr=scale, y_ptr=y, M=m, N=n, K=k, R=r,
                 stride_xm=x2.stride(0), stride_xk=x2.stride(1), stride_wn=weight.stride(0), stride_wk=weight.stride(1),
@@ -195,6 +187,13 @@ def lora_linear_spec(x2, weight, bias, lora_a, lora_b, scale, y, config=None, ar
                 R_PAD=max(16, triton.next_power_of_2(r)), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm,
                 IEEE=x2.dtype == torch.float32, UPCAST=upcast_dot(x2.dtype))
     return LaunchSpec(_lora_linear_kernel, (triton.cdiv(m, bm) * triton.cdiv(n, bn),), args, meta, nw, ns)
+
+
+def scaled_shrink(x2, lora_a, scale):
+    """s·(x2·Aᵀ) (M, r) in x2's dtype: the LoRA shrink once per call, scaled on the device (no host sync); scale
+    0-dim, or (M,) one per row."""
+    sc = scale.float().reshape(-1, 1) if scale.dim() == 1 else scale.float()
+    return (F.linear(x2, lora_a).float() * sc).to(x2.dtype)
 
 
 # ------------------------------------------------------------------------------------------------ registration

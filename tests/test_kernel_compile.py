@@ -1,5 +1,5 @@
 """Every kernel compiles for sm_90 and sm_80 without a GPU (triton.compile with a GPUTarget): every table config,
-and pool_gelu / lora_linear exactly as their launchers launch them (the launcher's own LaunchSpec: config choice,
+and pool_gelu / lora_linear / int8_linear exactly as their launchers launch them (the launcher's own LaunchSpec: config choice,
 arguments and the JIT's specialisation of them) at PLLaVA-7B/13B/34B shapes, 1-64 frames and the paper's pooling
 shapes. Triton's bundled cuobjdump gives registers, shared memory and spills; the checks per arch: no spills,
 shared memory within the limit (227 KB sm_90, 163 KB sm_80), decode grids that cover the SMs.
@@ -38,6 +38,9 @@ def test_every_table_config_compiles_for_sm90_and_sm80(report):
     assert len([r for r in table if r["kernel"] == "pool_gelu"]) == n_pool
     assert len([r for r in table if r["kernel"].startswith("lora_linear")]) == n_lora
     assert len([r for r in table if r["kernel"].startswith("slot_decode")]) == 2 * 2 * 2  # 7b/34b, dtypes, archs
+    il = importlib.import_module("pllava.kernels.int8_linear")
+    n_int8 = sum(len(c) for a in ("sm90", "sm80") for c in il.CONFIGS[a].values()) * 2 * 2  # dtypes x LoRA on/off
+    assert len([r for r in table if r["kernel"].startswith("int8_linear")]) == n_int8
     assert {r["arch"] for r in rows} == {"sm90", "sm80"}
 
 
@@ -49,6 +52,10 @@ def test_as_launched_covers_the_real_shapes(report):
     assert pool == {(a, m, t, p) for a in ("sm90", "sm80") for m in MODELS for t in FRAMES for p in pooling_shapes(t)}
     lora = [r for r in rows if r["kernel"].startswith("lora_linear")]
     assert len(lora) == 2 * len(MODELS) * 2 * 4  # archs x models x (q, v) x M in (1, 8, 16, 2400)
+    int8 = [r for r in rows if r["kernel"].startswith("int8_linear")]
+    assert len(int8) == 2 * len(MODELS) * 5 * 4  # archs x models x (q, v, o, gate, down) x M
+    dec = [r for r in int8 if r["kernel"] == "int8_linear/decode" and r["model"] == "pllava-7b q_proj"]
+    assert dec and all(r["ctas"] >= r["sms"] for r in dec), dec
     for r in rows:
         print(f"{r['kernel']:<20}{r['arch']:<6}{r['model']:<20}{r.get('frames', r.get('m'))!s:>5} "
               f"{str(r.get('pooling', '')):<14}{str(r['config']):<20}{r['ctas']:>6} CTAs {r['reg']:>4} regs "
@@ -92,7 +99,17 @@ def test_launch_spec_on_meta_tensors_is_the_launchers_launch(monkeypatch):
     lspecs = [ll.lora_linear_spec(torch.empty(n, 64, **m), torch.empty(72, 64, **m), None, torch.empty(8, 64, **m),
                                   torch.empty(72, 8, **m), torch.empty((), **m), torch.empty(n, 72, **m), None, "sm90")
               for n in (1, 300)]
+    il = importlib.import_module("pllava.kernels.int8_linear")
+    q8 = torch.zeros(72, 64, dtype=torch.int8)
+    ispecs = []
+    for n, lora in ((1, True), (300, False)):
+        ab = (torch.randn(8, 64), torch.randn(72, 8), torch.tensor(0.5)) if lora else (None, None, None)
+        il.int8_linear_triton(torch.randn(n, 64), q8, torch.ones(72), None, *ab)
+        mab = (torch.empty(8, 64, **m), torch.empty(72, 8, **m), torch.empty((), **m)) if lora else (None, None, None)
+        ispecs.append(il.int8_linear_spec(torch.empty(n, 64, **m), torch.empty(72, 64, device="meta", dtype=torch.int8),
+                                          torch.empty(72, **m), None, *mab, torch.empty(n, 72, **m), None, "sm90"))
     ints = lambda s: {k: v for k, v in s.args.items() if isinstance(v, int)}  # noqa: E731
-    for real, fake in zip(launched, [meta_spec] + lspecs):
+    assert len(launched) == 1 + len(lspecs) + len(ispecs)
+    for real, fake in zip(launched, [meta_spec] + lspecs + ispecs):
         assert real.kernel is fake.kernel and real.grid == fake.grid and real.meta == fake.meta
         assert ints(real) == ints(fake) and (real.num_warps, real.num_stages) == (fake.num_warps, fake.num_stages)

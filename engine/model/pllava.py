@@ -30,8 +30,9 @@ class PllavaModel(nn.Module):
 
     def set_kernel_path(self, path: str):
         self.multi_modal_projector.kernel_path = path
-        for m in self.lora_linears():
-            m.kernel_path = path
+        for m in self.language_model.modules():
+            if hasattr(m, "kernel_path"):  # LoRA linears (with r = 0 too: an int8 k/o_proj), int8 MLP linears
+                m.kernel_path = path
         for layer in self.language_model.layers:
             layer.self_attn.kernel_path = path
 

@@ -1,0 +1,206 @@
+"""y = x·(q·s)ᵀ + b + s_lora·((x·Aᵀ)·Bᵀ): the weight-only int8 linear of quantize="int8" on CUDA, LoRA fused.
+
+q is the (N, K) int8 weight and s its per-output-row scale (symmetric, per channel: engine/model/quant.py). The
+per-row scale factors out of the K sum, y_n = s_n · Σ_k x_k q_nk, so the kernel streams int8 tiles, widens them to
+the activation dtype in registers (int8 values are exact in bf16/fp16/fp32), accumulates in fp32 and applies s
+once to the fp32 accumulator: one rounding to the output dtype, as the dequantized-weight product in fp32 would.
+
+Decode (M <= 16) is memory-bound: the weight bytes halve against bf16 (7B: 13.0 -> 6.5 GB a token plus the LoRA's
+0.1 GB), ~1.8-1.9x tokens/s on paper. The LoRA stays unmerged at the live alpha: its shrink x·Aᵀ runs once per
+call (a (M, r) GEMV, scaled on the device: lora_linear.scaled_shrink), and the kernel runs the expand as r more
+steps of its K loop on the same accumulator (after the int8 part is scaled), then adds the bias. Linears without a
+LoRA (k/o_proj, the MLP) skip that loop (HAS_LORA).
+Order of this file: constants -> kernel -> launcher -> custom-op registration -> reference.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._common import HAVE_TRITON, LaunchSpec, arch_key, pick_tile, upcast_dot
+from .lora_linear import MAX_RANK, lora_delta, scaled_shrink
+
+# ------------------------------------------------------------------------------------------------ constants
+DECODE_MAX_M = 16
+# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages). Decode K tiles are 128 wide: 128 int8 bytes a
+# row, the bytes lora_linear's 64-wide bf16 tiles move; N tiles narrow enough to cover every SM (N = 4096 at 16:
+# 256 CTAs on 132). Prefill: lora_linear's bf16 tiles (the int8 tile is half their shared memory).
+CONFIGS = {
+    "sm90": {"decode": [(16, 32, 128, 1, 4, 4), (16, 16, 128, 1, 4, 4)],
+             "prefill": [(128, 128, 64, 8, 8, 3), (64, 128, 64, 8, 4, 4)]},
+    "sm80": {"decode": [(16, 32, 128, 1, 4, 3), (16, 16, 128, 1, 4, 3)],
+             "prefill": [(128, 128, 32, 8, 8, 3), (64, 128, 32, 8, 4, 3)]},
+}
+
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+    from ._common import mma
+
+
+# ------------------------------------------------------------------------------------------------ kernel
+if HAVE_TRITON:
+
+    @triton.jit
+    def _int8_linear_kernel(
+        x_ptr, q_ptr, qs_ptr, bias_ptr, xa_ptr, b_ptr, y_ptr,
+        M, N, K, R,
+        stride_xm, stride_xk, stride_qn, stride_qk, stride_xam, stride_xar, stride_bn, stride_br,
+        stride_ym, stride_yn,
+        HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+        IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(M, BLOCK_M)
+        num_n = tl.cdiv(N, BLOCK_N)
+        group = pid // (GROUP_M * num_n)  # grouped ordering: GROUP_M row tiles share a weight tile in L2
+        first_m = group * GROUP_M
+        size_m = min(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % (GROUP_M * num_n)) % size_m
+        pid_n = (pid % (GROUP_M * num_n)) // size_m
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        m_ok = offs_m < M
+        n_ok = offs_n < N
+        act = x_ptr.dtype.element_ty
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k_ok = (k0 + offs_k) < K
+            xk = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :] * stride_xk,
+                         mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            qk = tl.load(q_ptr + offs_n[None, :] * stride_qn + (k0 + offs_k)[:, None] * stride_qk,
+                         mask=k_ok[:, None] & n_ok[None, :], other=0)  # (BLOCK_K, BLOCK_N) int8
+            # widened to the activation dtype (exact); the interpreter (UPCAST) goes straight to fp32, the same
+            # values: numpy has no bf16 to convert to
+            acc = mma(xk, qk.to(tl.float32 if UPCAST else act), acc, IEEE, UPCAST)
+        acc = acc * tl.load(qs_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        if HAS_LORA:
+            # xa_ptr holds s_lora·(x·Aᵀ) in the activation dtype: the expand continues on the same accumulator
+            for r0 in range(0, R, BLOCK_K):
+                rr = r0 + offs_k
+                rr_ok = rr < R
+                xs = tl.load(xa_ptr + offs_m[:, None] * stride_xam + rr[None, :] * stride_xar,
+                             mask=m_ok[:, None] & rr_ok[None, :], other=0.0)
+                bt = tl.load(b_ptr + offs_n[None, :] * stride_bn + rr[:, None] * stride_br,
+                             mask=rr_ok[:, None] & n_ok[None, :], other=0.0)
+                acc = mma(xs, bt, acc, IEEE, UPCAST)
+        if HAS_BIAS:
+            acc = acc + tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
+                 acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+# ------------------------------------------------------------------------------------------------ launcher
+def pick_config(m: int, n: int, arch: str):
+    return pick_tile(CONFIGS[arch], m, n, arch, DECODE_MAX_M)
+
+
+def _validate(x, q, qs, bias, lora_a, lora_b, scale):
+    def need(cond, msg):
+        if not cond:
+            raise ValueError(f"int8_linear: {msg}")
+
+    for name, t in (("x", x), ("qweight", q), ("qscale", qs)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"int8_linear: {name} must be a tensor, got {type(t).__name__}")
+    need(x.dtype in (torch.float32, torch.float16, torch.bfloat16), f"x dtype {x.dtype} is not fp32, fp16 or bf16")
+    k = x.shape[-1]
+    need(q.dtype == torch.int8, f"qweight dtype {q.dtype} is not int8")
+    need(q.dim() == 2 and q.shape[1] == k, f"qweight shape {tuple(q.shape)} does not take x's last dim {k}")
+    n = q.shape[0]
+    need(tuple(qs.shape) == (n,), f"qscale shape {tuple(qs.shape)} must be ({n},), one scale a row")
+    need(qs.dtype.is_floating_point, f"qscale dtype {qs.dtype} is not a float dtype")
+    if bias is not None:
+        need(isinstance(bias, torch.Tensor) and tuple(bias.shape) == (n,), f"bias must be ({n},)")
+    lora = (lora_a, lora_b, scale)
+    need(all(t is None for t in lora) or all(isinstance(t, torch.Tensor) for t in lora),
+         "lora_a, lora_b and scale come together (all tensors, or all None)")
+    m, r = x.numel() // k, 0
+    if lora_a is not None:
+        need(lora_a.dim() == 2 and lora_a.shape[1] == k, f"lora_a shape {tuple(lora_a.shape)} must be (r, {k})")
+        r = lora_a.shape[0]
+        need(0 < r <= MAX_RANK, f"rank r={r} is outside 1..{MAX_RANK}")
+        need(tuple(lora_b.shape) == (n, r), f"lora_b shape {tuple(lora_b.shape)} must be ({n}, {r})")
+        need(scale.dim() == 0 or tuple(scale.shape) == (m,), f"scale must be 0-dim or ({m},) per row, got "
+             f"{tuple(scale.shape)}")
+    for name, t in (("bias", bias), ("lora_a", lora_a), ("lora_b", lora_b)):
+        if t is not None:
+            need(t.dtype == x.dtype, f"{name} dtype {t.dtype} differs from x's {x.dtype}")
+    for name, t in (("qweight", q), ("qscale", qs), ("bias", bias), ("lora_a", lora_a), ("lora_b", lora_b),
+                    ("scale", scale)):
+        if t is not None:
+            need(t.device == x.device, f"{name} is on {t.device}, x is on {x.device}")
+    need(q.stride(-1) == 1 or q.stride(0) == 1, "qweight must be contiguous along one dimension")
+    return m, n, k, r
+
+
+def int8_linear_triton(x, qweight, qscale, bias=None, lora_a=None, lora_b=None, scale=None,
+                       out: torch.Tensor | None = None, config=None) -> torch.Tensor:
+    """The launcher: validates, allocates (or fills `out`, (M, N) contiguous), picks a config, launches.
+    `config` = (mode, (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages)) overrides the table."""
+    if not HAVE_TRITON:
+        raise RuntimeError("int8_linear: triton is not installed")
+    m, n, k, _ = _validate(x, qweight, qscale, bias, lora_a, lora_b, scale)
+    x2 = x.reshape(m, k)
+    if out is None:
+        y = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    elif out.shape != (m, n) or out.dtype != x.dtype or out.device != x.device or not out.is_contiguous():
+        raise ValueError(f"int8_linear: out must be a contiguous ({m}, {n}) {x.dtype} tensor on {x.device}")
+    else:
+        y = out
+    int8_linear_spec(x2, qweight, qscale, bias, lora_a, lora_b, scale, y, config, arch_key(x.device)).launch()
+    return y.reshape(*x.shape[:-1], n)
+
+
+def int8_linear_spec(x2, q, qs, bias, lora_a, lora_b, scale, y, config=None, arch: str = "sm90"):
+    """The launch for x2 (M, K) -> y (M, N): what int8_linear_triton runs and compile_check compiles (tensors may
+    be on the meta device)."""
+    m, k = x2.shape
+    n = q.shape[0]
+    _mode, (bm, bn, bk, gm, nw, ns) = config or pick_config(m, n, arch)
+    has_lora = lora_a is not None
+    xa = scaled_shrink(x2, lora_a, scale) if has_lora else x2  # (M, r); x2 is a dummy pointer without a LoRA
+    b = lora_b if has_lora else q
+    args = dict(x_ptr=x2, q_ptr=q, qs_ptr=qs, bias_ptr=bias if bias is not None else qs, xa_ptr=xa, b_ptr=b,
+                y_ptr=y, M=m, N=n, K=k, R=lora_a.shape[0] if has_lora else 0,
+                stride_xm=x2.stride(0), stride_xk=x2.stride(1), stride_qn=q.stride(0), stride_qk=q.stride(1),
+                stride_xam=xa.stride(0), stride_xar=xa.stride(1), stride_bn=b.stride(0), stride_br=b.stride(1),
+                stride_ym=y.stride(0), stride_yn=y.stride(1))
+    meta = dict(HAS_BIAS=bias is not None, HAS_LORA=has_lora, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm,
+                IEEE=x2.dtype == torch.float32, UPCAST=upcast_dot(x2.dtype))
+    return LaunchSpec(_int8_linear_kernel, (triton.cdiv(m, bm) * triton.cdiv(n, bn),), args, meta, nw, ns)
+
+
+# ------------------------------------------------------------------------------------------------ registration
+@torch.library.custom_op("pllava::int8_linear", mutates_args=())
+def _int8_linear_op(x: torch.Tensor, qweight: torch.Tensor, qscale: torch.Tensor, bias: torch.Tensor | None,
+                    lora_a: torch.Tensor | None, lora_b: torch.Tensor | None,
+                    scale: torch.Tensor | None) -> torch.Tensor:
+    return int8_linear_triton(x, qweight, qscale, bias, lora_a, lora_b, scale)
+
+
+@_int8_linear_op.register_fake
+def _(x, qweight, qscale, bias, lora_a, lora_b, scale):
+    return x.new_empty(*x.shape[:-1], qweight.shape[0])
+
+
+def int8_linear(x, qweight, qscale, bias=None, lora_a=None, lora_b=None, scale=None) -> torch.Tensor:
+    """The Triton path as the custom op torch.ops.pllava.int8_linear (traceable by torch.compile / CUDA graphs).
+
+    x (..., K); qweight (N, K) int8; qscale (N,); bias (N,) or None; lora_a (r, K), lora_b (N, r) and scale (0-dim
+    or (M,)) together or all None -> (..., N) in x's dtype.
+    """
+    return torch.ops.pllava.int8_linear(x.contiguous(), qweight, qscale, bias, lora_a, lora_b, scale)
+
+
+# ------------------------------------------------------------------------------------------------ torch reference
+def int8_linear_reference(x, qweight, qscale, bias=None, lora_a=None, lora_b=None, scale=None) -> torch.Tensor:
+    """Plain torch: the dequantized weight in fp32 (at least), then PEFT's order for the LoRA."""
+    ct = torch.promote_types(x.dtype, torch.float32)
+    y = F.linear(x.to(ct), qweight.to(ct) * qscale.to(ct)[:, None]).to(x.dtype)
+    if bias is not None:
+        y = y + bias
+    return y + lora_delta(x, lora_a, lora_b, scale) if lora_a is not None else y
