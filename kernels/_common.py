@@ -30,12 +30,15 @@ class LaunchSpec:
     """Exactly what a launcher launches: kernel, grid, the runtime arguments by name (tensors and ints, which the
     JIT specialises), the constexpr meta-parameters, warps and stages. compile_check compiles this same object."""
 
-    def __init__(self, kernel, grid, args: dict, meta: dict, num_warps: int, num_stages: int):
+    def __init__(self, kernel, grid, args: dict, meta: dict, num_warps: int, num_stages: int, post=None):
         self.kernel, self.grid, self.args, self.meta = kernel, grid, args, meta
         self.num_warps, self.num_stages = num_warps, num_stages
+        self.post = post  # what runs after the kernel (a split-K's reduction), or None
 
     def launch(self):
         self.kernel[self.grid](**self.args, **self.meta, num_warps=self.num_warps, num_stages=self.num_stages)
+        if self.post is not None:
+            self.post()
 
     @property
     def ctas(self) -> int:
@@ -54,6 +57,24 @@ def pick_tile(table: dict, m: int, n: int, arch: str, decode_max_m: int):
         if -(-m // cfg[0]) * -(-n // cfg[1]) >= SMS[arch]:
             return mode, cfg
     return mode, table[mode][-1]
+
+
+# A split K keeps at least this many K tiles a CTA: fewer and the pipeline (3-4 stages) never fills.
+MIN_K_TILES_PER_SPLIT = 8
+
+
+def split_k(tiles: int, k: int, block_k: int, arch: str) -> int:
+    """How many K ranges a decode grid of `tiles` CTAs splits into so that it covers the arch's SMs: 1 when it
+    already does. PLLaVA-34B's v_proj (N = 1024: 64 tiles of 16 on 132 SMs) gets 3 (192 CTAs). The partial sums
+    go to an fp32 workspace and are added in a fixed order (deterministic, unlike atomics)."""
+    if tiles >= SMS[arch]:
+        return 1
+    return max(1, min(-(-SMS[arch] // tiles), -(-k // block_k) // MIN_K_TILES_PER_SPLIT))
+
+
+def split_k_reduce(ws, y):
+    """y = the sum over the split axis of the (S, M, N) fp32 partials, rounded once to y's dtype."""
+    return lambda: y.copy_(ws.sum(0))
 
 
 def arch_key(device: torch.device | None) -> str:
@@ -76,3 +97,19 @@ if HAVE_TRITON:
         else:
             out = tl.dot(a, b, acc)
         return out
+
+    @triton.jit
+    def expand_rank(xa_ptr, b_ptr, acc, offs_m, offs_n, offs_k, m_ok, n_ok, R, stride_xam, stride_xar, stride_bn,
+                    stride_br, BLOCK_K: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+        """acc + xs·Bᵀ: a LoRA's expand as R more steps of a K loop, BLOCK_K ranks at a time, on the output tile's
+        accumulator (pipelined like the main GEMM, no extra (BLOCK_M, r) registers). xa_ptr holds the shrink
+        s·(x·Aᵀ) (M, R) in the activation dtype, b_ptr lora_B (N, R)."""
+        for r0 in range(0, R, BLOCK_K):
+            rr = r0 + offs_k
+            rr_ok = rr < R
+            xs = tl.load(xa_ptr + offs_m[:, None] * stride_xam + rr[None, :] * stride_xar,
+                         mask=m_ok[:, None] & rr_ok[None, :], other=0.0)
+            bt = tl.load(b_ptr + offs_n[None, :] * stride_bn + rr[:, None] * stride_br,
+                         mask=rr_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = mma(xs, bt, acc, IEEE, UPCAST)
+        return acc

@@ -225,7 +225,7 @@ def launched_rows():
                     row = compile_spec(spec, arch)
                     mode = "decode" if m <= ll.FUSE_SHRINK_MAX_M else "prefill"
                     yield dict(kernel=f"lora_linear/{mode}", arch=arch, dtype="bf16", model=f"{model} {proj}", m=m,
-                               n=n, config=[spec.meta[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")], ctas=spec.ctas,
+                               n=n, config=[spec.meta[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K")], ctas=spec.ctas,
                                shared_limit=SHARED_LIMIT[arch], sms=SMS[arch], **row)
             # quantize="int8": every LLM linear of a layer through int8_linear (q/v with the LoRA fused)
             inter = dims["inter"]
@@ -235,13 +235,13 @@ def launched_rows():
                     spec = _int8_spec(il, m, k, n, lora, torch.bfloat16, None, arch)
                     mode = "decode" if m <= il.DECODE_MAX_M else "prefill"
                     yield dict(kernel=f"int8_linear/{mode}", arch=arch, dtype="bf16", model=f"{model} {proj}", m=m,
-                               n=n, config=[spec.meta[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")], ctas=spec.ctas,
+                               n=n, config=[spec.meta[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K")], ctas=spec.ctas,
                                shared_limit=SHARED_LIMIT[arch], sms=SMS[arch], **compile_spec(spec, arch))
 
 
 def faults(rows) -> list[str]:
     """What would fail or waste the GPU: spills, shared memory over the arch's limit, a decode grid that leaves SMs
-    idle although N has enough 16-wide tiles to fill them."""
+    idle (N's 16-wide tiles times the K split must cover them)."""
     out = []
     for r in rows:
         what = f"{r['kernel']} {r['arch']} {r.get('model', '')} {r.get('frames', r.get('m', ''))} {r['config']}"
@@ -249,7 +249,7 @@ def faults(rows) -> list[str]:
             out.append(f"{what}: spills (local {r['local']} B, stack {r['stack']} B)")
         if "shared_limit" in r and r["shared"] > r["shared_limit"]:
             out.append(f"{what}: {r['shared']} B of shared memory > the {r['shared_limit']} B limit")
-        if r["kernel"] in ("lora_linear/decode", "int8_linear/decode") and "ctas" in r and r["ctas"] < min(r["sms"], -(-r["n"] // 16)):
+        if r["kernel"] in ("lora_linear/decode", "int8_linear/decode") and "ctas" in r and r["ctas"] < r["sms"]:
             out.append(f"{what}: {r['ctas']} CTAs on {r['sms']} SMs")
     return out
 

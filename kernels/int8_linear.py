@@ -9,7 +9,8 @@ Decode (M <= 16) is memory-bound: the weight bytes halve against bf16 (7B: 13.0 
 0.1 GB), ~1.8-1.9x tokens/s on paper. The LoRA stays unmerged at the live alpha: its shrink x·Aᵀ runs once per
 call (a (M, r) GEMV, scaled on the device: lora_linear.scaled_shrink), and the kernel runs the expand as r more
 steps of its K loop on the same accumulator (after the int8 part is scaled), then adds the bias. Linears without a
-LoRA (k/o_proj, the MLP) skip that loop (HAS_LORA).
+LoRA (k/o_proj, the MLP) skip that loop (HAS_LORA). A decode grid short of the SMs (PLLaVA-34B's v_proj: N = 1024,
+64 tiles) splits K into ranges whose fp32 partials the launcher adds in a fixed order (_common.split_k).
 Order of this file: constants -> kernel -> launcher -> custom-op registration -> reference.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._common import HAVE_TRITON, LaunchSpec, arch_key, pick_tile, upcast_dot
+from ._common import HAVE_TRITON, LaunchSpec, arch_key, pick_tile, split_k, split_k_reduce, upcast_dot
 from .lora_linear import MAX_RANK, lora_delta, scaled_shrink
 
 # ------------------------------------------------------------------------------------------------ constants
@@ -36,7 +37,7 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from ._common import mma
+    from ._common import expand_rank, mma
 
 
 # ------------------------------------------------------------------------------------------------ kernel
@@ -44,15 +45,16 @@ if HAVE_TRITON:
 
     @triton.jit
     def _int8_linear_kernel(
-        x_ptr, q_ptr, qs_ptr, bias_ptr, xa_ptr, b_ptr, y_ptr,
-        M, N, K, R,
+        x_ptr, q_ptr, qs_ptr, bias_ptr, xa_ptr, b_ptr, y_ptr, ws_ptr,
+        M, N, K, R, K_PER,
         stride_xm, stride_xk, stride_qn, stride_qk, stride_xam, stride_xar, stride_bn, stride_br,
-        stride_ym, stride_yn,
-        HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
+        stride_ym, stride_yn, stride_ws,
+        HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, SPLIT_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
         IEEE: tl.constexpr, UPCAST: tl.constexpr,
     ):
         pid = tl.program_id(0)
+        pid_k = tl.program_id(1)  # the K range [pid_k K_PER, (pid_k + 1) K_PER) of a split K (else all of K)
         num_m = tl.cdiv(M, BLOCK_M)
         num_n = tl.cdiv(N, BLOCK_N)
         group = pid // (GROUP_M * num_n)  # grouped ordering: GROUP_M row tiles share a weight tile in L2
@@ -67,7 +69,7 @@ if HAVE_TRITON:
         n_ok = offs_n < N
         act = x_ptr.dtype.element_ty
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(pid_k * K_PER, tl.minimum(K, (pid_k + 1) * K_PER), BLOCK_K):
             k_ok = (k0 + offs_k) < K
             xk = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :] * stride_xk,
                          mask=m_ok[:, None] & k_ok[None, :], other=0.0)
@@ -78,19 +80,18 @@ if HAVE_TRITON:
             acc = mma(xk, qk.to(tl.float32 if UPCAST else act), acc, IEEE, UPCAST)
         acc = acc * tl.load(qs_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         if HAS_LORA:
-            # xa_ptr holds s_lora·(x·Aᵀ) in the activation dtype: the expand continues on the same accumulator
-            for r0 in range(0, R, BLOCK_K):
-                rr = r0 + offs_k
-                rr_ok = rr < R
-                xs = tl.load(xa_ptr + offs_m[:, None] * stride_xam + rr[None, :] * stride_xar,
-                             mask=m_ok[:, None] & rr_ok[None, :], other=0.0)
-                bt = tl.load(b_ptr + offs_n[None, :] * stride_bn + rr[:, None] * stride_br,
-                             mask=rr_ok[:, None] & n_ok[None, :], other=0.0)
-                acc = mma(xs, bt, acc, IEEE, UPCAST)
+            if pid_k == 0:  # (a split K: in the first range only)
+                acc = expand_rank(xa_ptr, b_ptr, acc, offs_m, offs_n, offs_k, m_ok, n_ok, R, stride_xam, stride_xar,
+                              stride_bn, stride_br, BLOCK_K, IEEE, UPCAST)
         if HAS_BIAS:
-            acc = acc + tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
-                 acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+            if pid_k == 0:
+                acc = acc + tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        if SPLIT_K > 1:  # the fp32 partial; the launcher adds the ranges in order and rounds once
+            tl.store(ws_ptr + pid_k * stride_ws + offs_m[:, None] * N + offs_n[None, :], acc,
+                     mask=m_ok[:, None] & n_ok[None, :])
+        else:
+            tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
+                     acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 # ------------------------------------------------------------------------------------------------ launcher
@@ -157,21 +158,27 @@ def int8_linear_triton(x, qweight, qscale, bias=None, lora_a=None, lora_b=None, 
 
 def int8_linear_spec(x2, q, qs, bias, lora_a, lora_b, scale, y, config=None, arch: str = "sm90"):
     """The launch for x2 (M, K) -> y (M, N): what int8_linear_triton runs and compile_check compiles (tensors may
-    be on the meta device)."""
+    be on the meta device). `config` = (mode, tile[, split]); a decode grid short of the SMs splits K
+    (_common.split_k) unless `split` is given."""
     m, k = x2.shape
     n = q.shape[0]
-    _mode, (bm, bn, bk, gm, nw, ns) = config or pick_config(m, n, arch)
+    mode, (bm, bn, bk, gm, nw, ns), *forced = config or pick_config(m, n, arch)
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    split = forced[0] if forced else (split_k(tiles, k, bk, arch) if mode == "decode" else 1)
     has_lora = lora_a is not None
     xa = scaled_shrink(x2, lora_a, scale) if has_lora else x2  # (M, r); x2 is a dummy pointer without a LoRA
     b = lora_b if has_lora else q
+    ws = y.new_empty((split, m, n), dtype=torch.float32) if split > 1 else y  # y: a dummy pointer
     args = dict(x_ptr=x2, q_ptr=q, qs_ptr=qs, bias_ptr=bias if bias is not None else qs, xa_ptr=xa, b_ptr=b,
-                y_ptr=y, M=m, N=n, K=k, R=lora_a.shape[0] if has_lora else 0,
+                y_ptr=y, ws_ptr=ws, M=m, N=n, K=k, R=lora_a.shape[0] if has_lora else 0,
+                K_PER=triton.cdiv(triton.cdiv(k, bk), split) * bk,
                 stride_xm=x2.stride(0), stride_xk=x2.stride(1), stride_qn=q.stride(0), stride_qk=q.stride(1),
                 stride_xam=xa.stride(0), stride_xar=xa.stride(1), stride_bn=b.stride(0), stride_br=b.stride(1),
-                stride_ym=y.stride(0), stride_yn=y.stride(1))
-    meta = dict(HAS_BIAS=bias is not None, HAS_LORA=has_lora, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm,
-                IEEE=x2.dtype == torch.float32, UPCAST=upcast_dot(x2.dtype))
-    return LaunchSpec(_int8_linear_kernel, (triton.cdiv(m, bm) * triton.cdiv(n, bn),), args, meta, nw, ns)
+                stride_ym=y.stride(0), stride_yn=y.stride(1), stride_ws=m * n)
+    meta = dict(HAS_BIAS=bias is not None, HAS_LORA=has_lora, SPLIT_K=split, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                GROUP_M=gm, IEEE=x2.dtype == torch.float32, UPCAST=upcast_dot(x2.dtype))
+    return LaunchSpec(_int8_linear_kernel, (tiles, split), args, meta, nw, ns,
+                      split_k_reduce(ws, y) if split > 1 else None)
 
 
 # ------------------------------------------------------------------------------------------------ registration

@@ -32,13 +32,13 @@ CONFIGS = {
 }
 MAX_RANK = 256
 
-from ._common import HAVE_TRITON, LaunchSpec, arch_key, pick_tile, upcast_dot
+from ._common import HAVE_TRITON, LaunchSpec, arch_key, pick_tile, split_k, split_k_reduce, upcast_dot
 
 if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from ._common import mma
+    from ._common import expand_rank, mma
 
 
 # ------------------------------------------------------------------------------------------------ kernel
@@ -46,15 +46,17 @@ if HAVE_TRITON:
 
     @triton.jit
     def _lora_linear_kernel(
-        x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, xa_ptr, s_ptr, y_ptr,
-        M, N, K, R,
+        x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, xa_ptr, s_ptr, y_ptr, ws_ptr,
+        M, N, K, R, K_PER,
         stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
-        stride_xam, stride_xar, stride_ym, stride_yn,
+        stride_xam, stride_xar, stride_ym, stride_yn, stride_ws,
         HAS_BIAS: tl.constexpr, PER_ROW: tl.constexpr, FUSE_SHRINK: tl.constexpr, R_PAD: tl.constexpr,
+        SPLIT_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
         IEEE: tl.constexpr, UPCAST: tl.constexpr,
     ):
         pid = tl.program_id(0)
+        pid_k = tl.program_id(1)  # the K range [pid_k K_PER, (pid_k + 1) K_PER) of a split K (else all of K)
         num_m = tl.cdiv(M, BLOCK_M)
         num_n = tl.cdiv(N, BLOCK_N)
         # grouped ordering: GROUP_M row tiles share each W column tile while it is in L2
@@ -72,7 +74,7 @@ if HAVE_TRITON:
         r_ok = offs_r < R
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         xa = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(pid_k * K_PER, tl.minimum(K, (pid_k + 1) * K_PER), BLOCK_K):
             k_ok = (k0 + offs_k) < K
             xk = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :] * stride_xk,
                          mask=m_ok[:, None] & k_ok[None, :], other=0.0)
@@ -94,21 +96,18 @@ if HAVE_TRITON:
             bt = tl.load(b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
                          mask=r_ok[:, None] & n_ok[None, :], other=0.0)  # (R_PAD, BLOCK_N)
             acc = mma(xs, bt, acc, IEEE, UPCAST)
-        else:
-            # prefill: xa_ptr holds s·(x·Aᵀ) in the activation dtype; the expand continues the K loop over r with
-            # the same tiles, so it is pipelined like the main GEMM and holds no extra (BLOCK_M, r) registers
-            for r0 in range(0, R, BLOCK_K):
-                rr = r0 + offs_k
-                rr_ok = rr < R
-                xs = tl.load(xa_ptr + offs_m[:, None] * stride_xam + rr[None, :] * stride_xar,
-                             mask=m_ok[:, None] & rr_ok[None, :], other=0.0)
-                bt = tl.load(b_ptr + offs_n[None, :] * stride_bn + rr[:, None] * stride_br,
-                             mask=rr_ok[:, None] & n_ok[None, :], other=0.0)
-                acc = mma(xs, bt, acc, IEEE, UPCAST)
+        elif pid_k == 0:  # the shrink ran once (xa_ptr); the expand on the same accumulator (a split K: first range)
+            acc = expand_rank(xa_ptr, b_ptr, acc, offs_m, offs_n, offs_k, m_ok, n_ok, R, stride_xam, stride_xar,
+                              stride_bn, stride_br, BLOCK_K, IEEE, UPCAST)
         if HAS_BIAS:
-            acc = acc + tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
-                 acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+            if pid_k == 0:
+                acc = acc + tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        if SPLIT_K > 1:  # the fp32 partial; the launcher adds the ranges in order and rounds once
+            tl.store(ws_ptr + pid_k * stride_ws + offs_m[:, None] * N + offs_n[None, :], acc,
+                     mask=m_ok[:, None] & n_ok[None, :])
+        else:
+            tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
+                     acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 # ------------------------------------------------------------------------------------------------ launcher
@@ -168,25 +167,33 @@ def lora_linear_triton(x, weight, bias, lora_a, lora_b, scale, out: torch.Tensor
 
 def lora_linear_spec(x2, weight, bias, lora_a, lora_b, scale, y, config=None, arch: str = "sm90"):
     """The launch for x2 (M, K) -> y (M, N): what lora_linear_triton runs and compile_check compiles (tensors may
-    be on the meta device). `config` = (mode, tile) with mode 'decode', 'prefill' or 'fused'."""
+    be on the meta device). `config` = (mode, tile[, split]) with mode 'decode', 'prefill' or 'fused'; a decode
+    grid short of the SMs splits K (_common.split_k) unless `split` is given."""
     m, k = x2.shape
     n, r = weight.shape[0], lora_a.shape[0]
-    mode, (bm, bn, bk, gm, nw, ns) = config or pick_config(m, n, arch)
+    mode, (bm, bn, bk, gm, nw, ns), *forced = config or pick_config(m, n, arch)
     fuse = mode == "fused"
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    split = forced[0] if forced else (split_k(tiles, k, bk, arch) if mode == "decode" else 1)
     if fuse:
+        if split != 1:
+            raise ValueError("lora_linear: the fused design does not split K")
         xa = x2  # unused (a dummy pointer): the kernel computes the shrink in every CTA
     else:
         xa = scaled_shrink(x2, lora_a, scale)
+    k_per = triton.cdiv(triton.cdiv(k, bk), split) * bk
+    ws = y.new_empty((split, m, n), dtype=torch.float32) if split > 1 else y  # y: a dummy pointer
     args = dict(x_ptr=x2, w_ptr=weight, bias_ptr=bias if bias is not None else weight, a_ptr=lora_a, b_ptr=lora_b,
-                xa_ptr=xa, s_ptr=scale, y_ptr=y, M=m, N=n, K=k, R=r,
+                xa_ptr=xa, s_ptr=scale, y_ptr=y, ws_ptr=ws, M=m, N=n, K=k, R=r, K_PER=k_per,
                 stride_xm=x2.stride(0), stride_xk=x2.stride(1), stride_wn=weight.stride(0), stride_wk=weight.stride(1),
                 stride_ar=lora_a.stride(0), stride_ak=lora_a.stride(1), stride_bn=lora_b.stride(0),
                 stride_br=lora_b.stride(1), stride_xam=xa.stride(0), stride_xar=xa.stride(1), stride_ym=y.stride(0),
-                stride_yn=y.stride(1))
+                stride_yn=y.stride(1), stride_ws=m * n)
     meta = dict(HAS_BIAS=bias is not None, PER_ROW=scale.dim() == 1, FUSE_SHRINK=fuse,
-                R_PAD=max(16, triton.next_power_of_2(r)), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm,
-                IEEE=x2.dtype == torch.float32, UPCAST=upcast_dot(x2.dtype))
-    return LaunchSpec(_lora_linear_kernel, (triton.cdiv(m, bm) * triton.cdiv(n, bn),), args, meta, nw, ns)
+                R_PAD=max(16, triton.next_power_of_2(r)), SPLIT_K=split, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                GROUP_M=gm, IEEE=x2.dtype == torch.float32, UPCAST=upcast_dot(x2.dtype))
+    return LaunchSpec(_lora_linear_kernel, (tiles, split), args, meta, nw, ns,
+                      split_k_reduce(ws, y) if split > 1 else None)
 
 
 def scaled_shrink(x2, lora_a, scale):

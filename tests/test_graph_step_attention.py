@@ -15,8 +15,19 @@ if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
     pytest.skip("needs a CUDA device or TRITON_INTERPRET=1", allow_module_level=True)
 
 
-def test_graph_step_reads_only_used_positions(ckpts):
-    eng = pllava.Engine.from_pretrained(ckpts["pllava"])
+def _mistral(tmp_path):
+    from pllava.testing import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(str(tmp_path / "mistral"), "current", shards=1,
+                                text={"model_type": "mistral", "sliding_window": 24, "head_dim": 16})
+
+
+@pytest.mark.parametrize("model", ["llama", "mistral-window-24"])
+def test_graph_step_reads_only_used_positions(ckpts, tmp_path, model):
+    """Llama: [0, pos]. Mistral with a 24-position window under a ~60-position prompt: (pos - 24, pos] only, so
+    NaN is also put into the used positions older than the window, which the step must not read either."""
+    eng = pllava.Engine.from_pretrained(ckpts["pllava"] if model == "llama" else _mistral(tmp_path))
+    win = eng.config.text.sliding_window
     lm = eng.model.language_model
     px = torch.randn(4, 3, 42, 42, generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
@@ -28,6 +39,10 @@ def test_graph_step_reads_only_used_positions(ckpts):
         for layer in lm.layers:  # unused positions hold garbage a later request must never see
             layer.self_attn.kv_cache.k_cache[:, :, n + 1:] = float("nan")
             layer.self_attn.kv_cache.v_cache[:, :, n + 1:] = float("nan")
+            if win is not None:
+                assert n + 1 > win + 8  # the window cuts into the prompt
+                layer.self_attn.kv_cache.k_cache[:, :, :n + 1 - win] = float("nan")
+                layer.self_attn.kv_cache.v_cache[:, :, :n + 1 - win] = float("nan")
         eng.model.set_kernel_path("triton")
         got = decode_one_token(lm, tok, pos)  # kv_len None: the graph step, through the slot kernel
         assert torch.isfinite(got).all()

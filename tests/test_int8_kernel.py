@@ -124,3 +124,45 @@ def test_int8_linear_fake_and_decode_grid():
     # decode at 7B's q_proj: the narrow N tile, 256 CTAs on 132 SMs (the wide one would leave 4 idle)
     mode, cfg = pick_config(1, 4096, "sm90")
     assert mode == "decode" and 4096 // cfg[1] == 256
+
+
+@pytest.mark.parametrize("kernel", ["int8_linear", "lora_linear"])
+@pytest.mark.parametrize("split", [3, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_split_k_adds_the_ranges(kernel, split, dtype):
+    """A split K forced on 6 K tiles: 3 ranges of 2 tiles, or 4 whose last is empty (its partial must be zero).
+    The LoRA's expand and the bias are added once (in the first range), per-row alphas, rows and N mid-tile."""
+    from pllava.kernels.lora_linear import CONFIGS as LCONFIGS, lora_linear_reference
+
+    cfg = (CONFIGS if kernel == "int8_linear" else LCONFIGS)["sm90"]["decode"][-1]
+    m, k, n, r = 5, 5 * cfg[2] + 5, cfg[1] * 3 + 7, 24
+    if kernel == "int8_linear":
+        out, torch_out, ref64 = _run(m, k, n, r, True, True, dtype, config=("decode", cfg, split), seed=split)
+    else:
+        g = torch.Generator().manual_seed(split)
+        x64, w, b = _rand(m, k, g=g), _rand(n, k, std=k ** -0.5, g=g), _rand(n, std=0.5, g=g)
+        a, bb, s = _rand(r, k, std=k ** -0.5, g=g), _rand(n, r, std=r ** -0.5, g=g), torch.rand(m, generator=g)
+        ref64 = lora_linear_reference(x64, w, b, a, bb, s.double())
+        args = [t.to(DEV, dtype) for t in (x64, w, b, a, bb)]
+        torch_out = lora_linear_reference(*args, s.to(DEV))
+        out = torch.full((m, n), float("nan"), device=DEV, dtype=dtype)
+        from pllava.kernels.lora_linear import lora_linear_triton
+
+        lora_linear_triton(*args, s.to(DEV), out=out, config=("decode", cfg, split))
+    assert_within_torch(out.cpu(), torch_out.cpu(), ref64, dtype, f"{kernel} split {split} K={k}")
+
+
+def test_split_k_is_chosen_where_the_grid_leaves_sms_idle(monkeypatch):
+    from pllava.kernels import _common
+    from pllava.kernels._common import split_k
+
+    assert split_k(64, 7168, 128, "sm90") == 3  # 34B v_proj, int8 tiles: 192 CTAs on 132 SMs
+    assert split_k(64, 7168, 64, "sm80") == 2  # 128 CTAs on 108
+    assert split_k(256, 4096, 128, "sm90") == 1  # 7B q_proj already fills the SMs
+    assert split_k(4, 512, 128, "sm90") == 1  # 4 K tiles: too few to split
+    launched = []
+    real = _common.LaunchSpec.launch
+    monkeypatch.setattr(_common.LaunchSpec, "launch", lambda self: launched.append(self) or real(self))
+    out, torch_out, ref64 = _run(1, 16 * 128 + 5, 40, 8, True, False, torch.bfloat16, seed=7)  # 3 tiles of 16
+    assert launched[-1].grid == (3, 2) and launched[-1].post is not None
+    assert_within_torch(out.cpu(), torch_out.cpu(), ref64, torch.bfloat16, "int8_linear automatic split")

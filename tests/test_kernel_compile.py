@@ -76,6 +76,9 @@ def test_the_two_faults_stay_fixed(report):
     # the 7B q_proj decode (M = 1, N = 4096) ran 64 CTAs on 132 SMs
     q = [r for r in rows if r["kernel"] == "lora_linear/decode" and r["model"] == "pllava-7b q_proj" and r["m"] == 1]
     assert q and all(r["ctas"] >= r["sms"] for r in q), q
+    # 34B's v_proj (N = 1024: 64 tiles of 16) splits K to cover the SMs, in both linears
+    v = [r for r in rows if r["kernel"].endswith("/decode") and r["model"] == "pllava-34b v_proj"]
+    assert len(v) == 2 * 2 * 3 and all(r["ctas"] >= r["sms"] and r["config"][3] > 1 for r in v), v
 
 
 def test_launch_spec_on_meta_tensors_is_the_launchers_launch(monkeypatch):

@@ -146,13 +146,12 @@ class Attention(nn.Module):
                 k_all, v_all = k_all[:, :, :kv_len], v_all[:, :, :kv_len]
         if mask is None:  # a prefill from position 0 attends only to itself: causal, no padding to mask
             o = ops.causal_attention(q, k, v, self.attn_backend)
-        elif (kv_len is None and n == 1 and bsz == 1 and self.kernel_path == "triton" and self.window is None
-              and k_all.dtype == q.dtype):
+        elif kv_len is None and n == 1 and bsz == 1 and self.kernel_path == "triton" and k_all.dtype == q.dtype:
             # a CUDA-graph decode step (no host length): the slot kernel reads positions [0, pos] only, with pos on
             # the device, where the masked SDPA below would read the whole static cache (and 0 x NaN of a stale
-            # slot is NaN)
+            # slot is NaN); with a sliding window (Mistral) only (pos - window, pos]
             slot = torch.zeros(1, dtype=torch.long, device=q.device)
-            o = ops.slot_decode_attention(q, k_all, v_all, slot, input_pos, None)
+            o = ops.slot_decode_attention(q, k_all, v_all, slot, input_pos, self.window)
         else:  # decode / continued prefill: the whole static cache, future slots masked out. A cache in another
             # dtype than q (fp32 under bf16 weights on the CPU, where bf16 decode attention is 7x slower: 1.67 ms
             # against 0.23 ms a layer at 2400 keys, 12 heads) is attended in the cache's dtype
