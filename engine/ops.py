@@ -77,7 +77,9 @@ def check_attn_backend(name: str, device, dtype) -> str:
     if torch.device(device).type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"attn_backend {name!r} runs on CUDA in float16/bfloat16, not {torch.device(device)} "
                          f"{dtype}")
-    log.info("pllava attention: %s for prefill, torch SDPA over the static cache for decode", name)
+    log.info("pllava attention: %s for prefill; decode steps addressed on the device (batched, CUDA graphs) %s",
+             name, "through flash_attn_with_kvcache (per-row cache_seqlens)" if name == "flash_attn" else
+             "through the Triton slot kernel")
     return name
 
 
@@ -102,9 +104,21 @@ def causal_attention(q, k, v, backend: str = "sdpa"):
 
 
 
-def slot_decode_attention(q, kc, vc, slot_t, pos_t, window: int | None = None):
-    """Decode attention of B rows (one token each) addressed by device tensors only: the Triton kernel
-    (pllava.kernels.slot_attention), so a CUDA graph can replay the step for any lengths. q (B, H, 1, hd)."""
+def slot_decode_attention(q, kc, vc, slot_t, pos_t, window: int | None = None, backend: str = "sdpa"):
+    """Decode attention of B rows (one token each) addressed by device tensors only, so a CUDA graph can replay
+    the step for any lengths: row b attends positions [0, pos_t[b]] of slot slot_t[b] (the last `window` of them
+    under a sliding window). q (B, H, 1, hd); kc / vc (slots, KV, S, hd), the new token already written.
+    backend 'flash_attn': flash-attn's flash_attn_with_kvcache with per-row cache_seqlens = pos + 1 and
+    cache_batch_idx = slot (its (batch, seqlen, heads, hd) layout is a transposed view of the cache: no copy);
+    otherwise the Triton kernel pllava.kernels.slot_attention."""
+    if backend == "flash_attn":
+        from flash_attn import flash_attn_with_kvcache
+
+        o = flash_attn_with_kvcache(q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2),
+                                    cache_seqlens=(pos_t + 1).to(torch.int32),
+                                    cache_batch_idx=slot_t.to(torch.int32), causal=True,
+                                    window_size=(window - 1, 0) if window else (-1, -1))  # keys > pos - window
+        return o.transpose(1, 2)  # (B, H, 1, hd)
     return K.slot_decode_attention(q, kc, vc, slot_t, pos_t, window)
 
 

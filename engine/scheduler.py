@@ -197,9 +197,11 @@ class Scheduler:
             raise InputError(f"prefill_chunk must be an integer >= 1 or None, got {prefill_chunk!r}")
         lm.free_cache()  # generate()'s single-sequence cache: allocated again if generate() runs later
         engine._prefix = None
-        self.plan = plan_slots(engine.config.text, engine.dtype, engine.device, max_num_seqs, slot_len,
+        # the cache in generate()'s dtype: fp32 under bf16/fp16 weights on the CPU (Engine.kv_dtype), as fast to
+        # attend there and without rounding K and V; the plan counts its bytes
+        self.plan = plan_slots(engine.config.text, engine.kv_dtype, engine.device, max_num_seqs, slot_len,
                                kv_cache_bytes)
-        self.cache = SlotKVCache(engine.config.text, self.plan.num_slots, slot_len, engine.dtype, engine.device)
+        self.cache = SlotKVCache(engine.config.text, self.plan.num_slots, slot_len, engine.kv_dtype, engine.device)
         self.prefill_chunk = prefill_chunk
         attn_path = lm.layers[0].self_attn.kernel_path
         self.graphs = None

@@ -1,6 +1,9 @@
-"""The optional flash-attn / xformers prefill paths: the layout and GQA handling are checked against SDPA with
-stand-ins that implement each library's documented contract ((B, L, H, hd) tensors; flash-attn's native GQA;
-xformers' LowerTriangularMask). The real libraries need CUDA; the choice itself is validated everywhere."""
+"""The optional flash-attn / xformers paths: the layout and GQA handling are checked against SDPA with stand-ins
+that implement each library's documented contract ((B, L, H, hd) tensors; flash-attn's native GQA;
+xformers' LowerTriangularMask; flash_attn_with_kvcache's (batch, seqlen, heads, hd) cache with per-row
+cache_seqlens, cache_batch_idx and window_size). The real libraries need CUDA (none has run here); the choice
+itself is validated everywhere."""
+import os
 import sys
 import types
 
@@ -28,7 +31,30 @@ def fakes(monkeypatch):
         calls.append("flash_attn")
         return _ref_blhd(q, k, v)
 
-    fa.flash_attn_func = flash_attn_func
+    def flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=None, cache_batch_idx=None, causal=False,
+                                window_size=(-1, -1)):
+        """flash-attn's documented contract: q (B, Lq, H, hd); caches (B_cache, S, KV, hd), last dim contiguous;
+        row b reads cache row cache_batch_idx[b] up to cache_seqlens[b] keys; causal aligns the queries to the end
+        (bottom right); window_size (left, right) keeps keys in [i - left, i + right] of query position i."""
+        assert q.dim() == 4 and k_cache.dim() == 4 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+        assert cache_seqlens.dtype == torch.int32 and cache_batch_idx.dtype == torch.int32 and causal
+        assert k_cache.shape[2] == v_cache.shape[2] and q.shape[2] % k_cache.shape[2] == 0
+        calls.append("flash_attn_with_kvcache")
+        left = window_size[0]
+        outs = []
+        for b in range(q.shape[0]):
+            n, c, lq = int(cache_seqlens[b]), int(cache_batch_idx[b]), q.shape[1]
+            pos = torch.arange(n - lq, n)[:, None]
+            kpos = torch.arange(n)[None, :]
+            mask = (kpos <= pos) & ((kpos >= pos - left) if left >= 0 else True)
+            rep = q.shape[2] // k_cache.shape[2]
+            k = k_cache[c, :n].repeat_interleave(rep, dim=1).transpose(0, 1)  # (H, n, hd)
+            v = v_cache[c, :n].repeat_interleave(rep, dim=1).transpose(0, 1)
+            o = F.scaled_dot_product_attention(q[b].transpose(0, 1), k, v, attn_mask=mask)  # (H, Lq, hd)
+            outs.append(o.transpose(0, 1))
+        return torch.stack(outs)
+
+    fa.flash_attn_func, fa.flash_attn_with_kvcache = flash_attn_func, flash_attn_with_kvcache
     xo = types.ModuleType("xformers.ops")
 
     class LowerTriangularMask:
@@ -73,3 +99,53 @@ def test_engine_rejects_an_unusable_backend(ckpts):
 
     with pytest.raises(ValueError, match="attn_backend"):
         pllava.Engine.from_pretrained(ckpts["pllava"], attn_backend="xformers")
+
+
+def _triton_runs():
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        return False
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+needs_triton = pytest.mark.skipif(not _triton_runs(), reason="needs triton with CUDA or TRITON_INTERPRET=1")
+
+
+@needs_triton
+@pytest.mark.parametrize("window", [None, 5])
+def test_decode_through_flash_attn_with_kvcache_matches_the_slot_kernel(fakes, window):
+    """Rows in other slots at other lengths (GQA 8/2), NaN in every unused position: flash_attn_with_kvcache
+    (per-row cache_seqlens = pos + 1, cache_batch_idx = slot) gives the slot kernel's output."""
+    g = torch.Generator().manual_seed(1)
+    kc, vc = torch.randn(4, 2, 40, 16, generator=g), torch.randn(4, 2, 40, 16, generator=g)
+    slot, pos = torch.tensor([2, 0, 3]), torch.tensor([7, 31, 0])
+    for s_, p in zip(slot.tolist(), pos.tolist()):
+        kc[s_, :, p + 1:], vc[s_, :, p + 1:] = float("nan"), float("nan")
+    kc[1], vc[1] = float("nan"), float("nan")  # a slot no row owns
+    q = torch.randn(3, 8, 1, 16, generator=g)
+    want = ops.slot_decode_attention(q, kc, vc, slot, pos, window)
+    got = ops.slot_decode_attention(q, kc, vc, slot, pos, window, backend="flash_attn")
+    assert fakes == ["flash_attn_with_kvcache"] and torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
+def test_batched_decode_steps_go_through_flash_attn_with_kvcache(fakes, ckpts):
+    """The scheduler's device-addressed decode step with attn_backend flash_attn (set on the layers: the real
+    check wants CUDA): the same tokens as the default, and every decode step went through the library call."""
+    import pllava
+
+    eng = pllava.Engine.from_pretrained(ckpts["pllava"])
+    eng.model.set_kernel_path("triton")
+    s = eng.config.vision.image_size
+    reqs = [dict(video=torch.randn(eng.config.num_frames, 3, s, s, generator=torch.Generator().manual_seed(i)),
+                 prompt="What happens?", max_new_tokens=6) for i in range(2)]
+    want = [o.token_ids for o in eng.generate_many(reqs)]
+    assert "flash_attn_with_kvcache" not in fakes
+    for layer in eng.model.language_model.layers:
+        layer.self_attn.attn_backend = "flash_attn"
+    got = [o.token_ids for o in eng.generate_many(reqs)]
+    assert got == want
+    n_layers = len(eng.model.language_model.layers)
+    assert fakes.count("flash_attn_with_kvcache") >= 5 * n_layers  # every layer of every decode step

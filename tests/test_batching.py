@@ -313,3 +313,19 @@ def test_bad_values_are_typed_errors_in_both_paths(engine, pxs, field, value, ma
         engine.generate(**r)
     with pytest.raises(PllavaError, match=match):
         engine.generate_many([r])
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_bf16_on_the_cpu_batches_with_generates_fp32_cache(ckpts, pxs, quantize):
+    """Under bf16 weights on the CPU, generate() keeps its KV cache and decode attention in fp32; the scheduler's
+    slot cache is fp32 too, so the batched tokens equal one-at-a-time generate()'s (with a bf16 slot cache the
+    rounding of K and V differed between the two)."""
+    eng = pllava.Engine.from_pretrained(ckpts["pllava"], dtype=torch.bfloat16, quantize=quantize)
+    assert eng.kv_dtype == torch.float32 and eng.model.language_model.residual_dtype == torch.float32
+    reqs = [dict(video=p, prompt=f"Question {i}: what happens?", max_new_tokens=12) for i, p in enumerate(pxs[:3])]
+    want = [o.token_ids for o in one_at_a_time(eng, reqs)]
+    got = eng.generate_many(reqs, max_batch_size=3)
+    assert [o.token_ids for o in got] == want
+    from pllava.scheduler import Scheduler
+
+    assert Scheduler(eng, max_num_seqs=2).cache.k[0].dtype == torch.float32

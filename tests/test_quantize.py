@@ -49,9 +49,9 @@ def _oracle(ckpts, lora, dtype, quantized):
 
 
 def _triton_runs():
-    try:
-        import triton  # noqa: F401
-    except ImportError:
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
         return False
     return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 

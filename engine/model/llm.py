@@ -151,7 +151,7 @@ class Attention(nn.Module):
             # the device, where the masked SDPA below would read the whole static cache (and 0 x NaN of a stale
             # slot is NaN); with a sliding window (Mistral) only (pos - window, pos]
             slot = torch.zeros(1, dtype=torch.long, device=q.device)
-            o = ops.slot_decode_attention(q, k_all, v_all, slot, input_pos, self.window)
+            o = ops.slot_decode_attention(q, k_all, v_all, slot, input_pos, self.window, self.attn_backend)
         else:  # decode / continued prefill: the whole static cache, future slots masked out. A cache in another
             # dtype than q (fp32 under bf16 weights on the CPU, where bf16 decode attention is 7x slower: 1.67 ms
             # against 0.23 ms a layer at 2400 keys, 12 heads) is attended in the cache's dtype
@@ -167,12 +167,14 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(bsz, n, self.n_kv, self.head_dim).transpose(1, 2)  # (B, KV, L, hd)
         v = self.v_proj(x, rows.scale).view(bsz, n, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k_new, v_new = k, v
+        k, v = k.to(kc.dtype), v.to(vc.dtype)  # the cache may be fp32 under bf16 weights (the CPU)
         if n == 1 and self.kernel_path == "triton":
             # decode addressed by device tensors only (no host integers): one CUDA graph serves every length
             pos = rows.pos_t[:, 0]
             kc[rows.slot_t, :, pos] = k[:, :, 0]
             vc[rows.slot_t, :, pos] = v[:, :, 0]
-            o = ops.slot_decode_attention(q, kc, vc, rows.slot_t, pos, window)
+            o = ops.slot_decode_attention(q, kc, vc, rows.slot_t, pos, window, self.attn_backend)
             return self.o_proj(o.transpose(1, 2).reshape(bsz, n, -1))
         if bsz == 1:
             s, a = rows.slots[0], rows.starts[0]
@@ -182,9 +184,9 @@ class Attention(nn.Module):
             kc[rows.slot_t, :, rows.pos_t[:, 0]] = k[:, :, 0]
             vc[rows.slot_t, :, rows.pos_t[:, 0]] = v[:, :, 0]
         if bsz == 1 and rows.starts[0] == 0 and not (window is not None and n > window):
-            o = ops.causal_attention(q, k, v, self.attn_backend)  # a whole prompt: the same path as generate()
-        else:
-            o = ops.slot_attention(q, kc, vc, rows.slots, rows.starts, window)
+            o = ops.causal_attention(q, k_new, v_new, self.attn_backend)  # a whole prompt: generate()'s path
+        else:  # what reads the cache attends in its dtype, as generate()'s masked path does
+            o = ops.slot_attention(q.to(kc.dtype), kc, vc, rows.slots, rows.starts, window).to(q.dtype)
         return self.o_proj(o.transpose(1, 2).reshape(bsz, n, -1))
 
 

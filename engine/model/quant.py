@@ -43,9 +43,9 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: tor
     if x2.device.type == "cpu" and x2.shape[0] <= DECODE_ROWS:
         y = torch._weight_int8pack_mm(x2.contiguous(), q, scale.to(x2.dtype))
     elif x2.dtype == torch.bfloat16:  # prefill: bf16's GEMM on q itself (int8 values are exact in bf16; its range
-        # holds x·q), the scale applied to the fp32 of its output: q · s rounded to bf16 first cost 2 of 59 top-1
-        # agreements on the tiny checkpoint
-        y = (F.linear(x2, q.to(x2.dtype)).float() * scale.float()).to(x2.dtype)
+        # holds x·q), then the scale: torch's bf16 multiply forms y·s in fp32 and rounds once, bit-identical to
+        # (y.float() * s.float()).to(bf16) but 5x faster (2.6 against 13.9 ms at M = 2400, N = 2048, 2 cores)
+        y = F.linear(x2, q.to(x2.dtype)).mul_(scale)
     else:  # fp16 (whose range x·q could overflow) and fp32: the dequantized weight
         y = F.linear(x2, q.to(x2.dtype) * scale.to(x2.dtype)[:, None])
     if bias is not None:
