@@ -29,7 +29,8 @@ part "GPU info" "$OUT/gpu.txt" '.' nvidia-smi --query-gpu=name,memory.total,driv
 part "GPU tests (kernels on CUDA, the engine's triton path, bf16/fp16 parity)" "$OUT/gpu_tests.txt" \
   'passed|failed|error|FAILED|ERROR' \
   "$PY" -m pytest -q tests/test_gpu.py tests/test_kernels.py tests/test_slot_attention.py tests/test_triton_engine.py \
-  tests/test_parity.py tests/test_half_precision.py tests/test_quantize.py tests/test_compiled_step.py tests/test_batching.py
+  tests/test_parity.py tests/test_half_precision.py tests/test_quantize.py tests/test_compiled_step.py tests/test_batching.py \
+  tests/test_int8_kernel.py tests/test_graph_step_attention.py tests/test_attention_backends.py
 part "kernel benchmarks" "$OUT/kernels.md" '^\||^###|speed-up|vs merged|FAILED|Error' \
   "$PY" -m pytest -q -s benchmarks/bench_kernels.py --benchmark-disable
 part "copy bandwidth" "$OUT/bandwidth.txt" 'GB/s|Error' "$PY" - <<'PYX'
@@ -47,6 +48,10 @@ part "pllava-7b end to end (CUDA graphs: $PLLAVA_CUDA_GRAPHS)" "$OUT/e2e_7b.md" 
 part "pllava-7b continuous batching (batch ${BATCHES:-1,2,4,8,16}, 16 frames)" "$OUT/batch_7b.md" \
   '^\||^###|Speed-up|error' \
   "$PY" -m pllava.cli bench --preset pllava-7b --batch "${BATCHES:-1,2,4,8,16}" --frames 16 --runs 2 --new-tokens 64 --out "$OUT"
+part "pllava-7b bf16 + int8 weights (the Triton int8 kernel, LoRA fused), 16 frames" "$OUT/int8_7b.md" \
+  '^\||^###|ratio|TTFT|FAILED|Error' \
+  "$PY" -m pllava.cli bench --preset pllava-7b --frames 16 --dtype bfloat16 --quantize int8 --runs 2 --new-tokens 64 \
+  --out "$OUT/int8"
 part "torch.compile'd decode step vs eager (live alpha)" "$OUT/compile.md" '^\||Error' \
   "$PY" benchmarks/bench_compile.py small 3
 part "summary" "$OUT/summary.md" '.' "$PY" - "$OUT" <<'PYX'

@@ -113,3 +113,34 @@ if HAVE_TRITON:
                          mask=rr_ok[:, None] & n_ok[None, :], other=0.0)
             acc = mma(xs, bt, acc, IEEE, UPCAST)
         return acc
+
+    @triton.jit
+    def tile_offsets(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+        """Row and column offsets of this CTA's output tile, in grouped order (GROUP_M row tiles share each weight
+        column tile while it is in L2), and their in-bounds masks."""
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(M, BLOCK_M)
+        num_n = tl.cdiv(N, BLOCK_N)
+        group = pid // (GROUP_M * num_n)
+        first_m = group * GROUP_M
+        size_m = min(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % (GROUP_M * num_n)) % size_m
+        pid_n = (pid % (GROUP_M * num_n)) // size_m
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        return offs_m, offs_n, offs_m < M, offs_n < N
+
+    @triton.jit
+    def bias_and_store(acc, bias_ptr, y_ptr, ws_ptr, offs_m, offs_n, m_ok, n_ok, pid_k, N, stride_ym, stride_yn,
+                       stride_ws, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+        """The epilogue of a (split-K) GEMM tile: the bias once (first K range), then the tile in y's dtype, or, for
+        a split K, its fp32 partial into the workspace (the launcher adds the ranges in order and rounds once)."""
+        if HAS_BIAS:
+            if pid_k == 0:
+                acc = acc + tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        if SPLIT_K > 1:
+            tl.store(ws_ptr + pid_k * stride_ws + offs_m[:, None] * N + offs_n[None, :], acc,
+                     mask=m_ok[:, None] & n_ok[None, :])
+        else:
+            tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
+                     acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])

@@ -37,7 +37,7 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from ._common import expand_rank, mma
+    from ._common import bias_and_store, expand_rank, mma, tile_offsets
 
 
 # ------------------------------------------------------------------------------------------------ kernel
@@ -53,20 +53,9 @@ if HAVE_TRITON:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
         IEEE: tl.constexpr, UPCAST: tl.constexpr,
     ):
-        pid = tl.program_id(0)
         pid_k = tl.program_id(1)  # the K range [pid_k K_PER, (pid_k + 1) K_PER) of a split K (else all of K)
-        num_m = tl.cdiv(M, BLOCK_M)
-        num_n = tl.cdiv(N, BLOCK_N)
-        group = pid // (GROUP_M * num_n)  # grouped ordering: GROUP_M row tiles share a weight tile in L2
-        first_m = group * GROUP_M
-        size_m = min(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % (GROUP_M * num_n)) % size_m
-        pid_n = (pid % (GROUP_M * num_n)) // size_m
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m, offs_n, m_ok, n_ok = tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
         offs_k = tl.arange(0, BLOCK_K)
-        m_ok = offs_m < M
-        n_ok = offs_n < N
         act = x_ptr.dtype.element_ty
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(pid_k * K_PER, tl.minimum(K, (pid_k + 1) * K_PER), BLOCK_K):
@@ -81,17 +70,10 @@ if HAVE_TRITON:
         acc = acc * tl.load(qs_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         if HAS_LORA:
             if pid_k == 0:  # (a split K: in the first range only)
-                acc = expand_rank(xa_ptr, b_ptr, acc, offs_m, offs_n, offs_k, m_ok, n_ok, R, stride_xam, stride_xar,
-                              stride_bn, stride_br, BLOCK_K, IEEE, UPCAST)
-        if HAS_BIAS:
-            if pid_k == 0:
-                acc = acc + tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        if SPLIT_K > 1:  # the fp32 partial; the launcher adds the ranges in order and rounds once
-            tl.store(ws_ptr + pid_k * stride_ws + offs_m[:, None] * N + offs_n[None, :], acc,
-                     mask=m_ok[:, None] & n_ok[None, :])
-        else:
-            tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
-                     acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+                acc = expand_rank(xa_ptr, b_ptr, acc, offs_m, offs_n, offs_k, m_ok, n_ok, R, stride_xam,
+                                  stride_xar, stride_bn, stride_br, BLOCK_K, IEEE, UPCAST)
+        bias_and_store(acc, bias_ptr, y_ptr, ws_ptr, offs_m, offs_n, m_ok, n_ok, pid_k, N, stride_ym, stride_yn,
+                       stride_ws, HAS_BIAS, SPLIT_K)
 
 
 # ------------------------------------------------------------------------------------------------ launcher
