@@ -163,7 +163,8 @@ class Engine:
                 how = "torch._weight_int8pack_mm for decode rows, bf16 GEMM on the int8 values for prefill"
             else:
                 how = "int8 weights dequantized per call (triton cannot run here: memory halves, speed does not)"
-            log.info("quantize=int8: LLM linears hold %.1f MB as int8 + scales; path: %s%s", nbytes / 1e6, how,
+            log.info("quantize=int8: the decoder layers' linears hold %.1f MB as int8 + scales (lm_head stays %s); "
+                     "path: %s%s", nbytes / 1e6, str(dt).replace("torch.", ""), how,
                      "" if dt != torch.float32 else "; with float32 activations this is slower than fp32: "
                      "use dtype=torch.bfloat16")
         net.lora_scale = torch.tensor(cfg.lora.scale, dtype=torch.float32, device=device)
