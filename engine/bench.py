@@ -271,17 +271,32 @@ def bench_baseline(bl, video: str, frames: int, new_tokens: int, runs: int, devi
     rec = {k: [] for k in STAGES}
     gen_kw = dict(do_sample=False, min_new_tokens=0, pad_token_id=tok.pad_token_id)
 
+    class Stamps:  # a transformers streamer that only notes when each put() comes: the prompt, then each token
+        def __init__(self):
+            self.t = []
+
+        def put(self, _value):
+            self.t.append(clock())
+
+        def end(self):
+            pass
+
     def once(n):
         t0 = clock()
         vid, _meta = load_video(video, num_frames=frames, backend="pyav")
         t1 = clock()
         px = proc(images=list(vid), return_tensors="pt")["pixel_values"].to(device, m.dtype)
         t2 = clock()
+        stamps = Stamps()
         with torch.no_grad():
             out = m.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=px,
-                             max_new_tokens=n, **gen_kw)
+                             max_new_tokens=n, streamer=stamps, **gen_kw)
         t3 = clock()
-        return t1 - t0, t2 - t1, t3 - t2, out.shape[1] - ids.shape[1]
+        n_new = out.shape[1] - ids.shape[1]
+        # token decode: from the first new token to the last, inside this one call (a difference of two calls'
+        # totals went negative under noise at a few tokens)
+        dec_s = stamps.t[-1] - stamps.t[1] if n_new > 1 and len(stamps.t) == n_new + 1 else float("nan")
+        return t1 - t0, t2 - t1, t3 - t2, n_new, dec_s
 
     try:
         once(2)  # warm-up
@@ -289,16 +304,16 @@ def bench_baseline(bl, video: str, frames: int, new_tokens: int, runs: int, devi
         if torch.device(device).type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         for _ in range(runs):
-            dec, pre, gen1, _ = once(1)
+            dec, pre, gen1, _, _ = once(1)
             vis, proj = spans["vision"], spans["projector"]
-            _, _, gen_n, n = once(new_tokens)
+            _, _, gen_n, n, dec_s = once(new_tokens)
             rec["decode"].append(dec)
             rec["preprocess"].append(pre)
             rec["vision"].append(vis)
             rec["projector"].append(proj)
             rec["prefill"].append(gen1 - vis - proj)
             rec["ttft"].append(dec + pre + gen1)
-            rec["decode_tok_s"].append((n - 1) / (gen_n - gen1) if n > 1 and gen_n > gen1 else float("nan"))
+            rec["decode_tok_s"].append((n - 1) / dec_s if dec_s > 0 else float("nan"))
             rec["e2e"].append(dec + pre + gen_n)
     finally:
         for h in hooks:
