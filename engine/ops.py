@@ -62,6 +62,18 @@ def pool_projector(x, w1, b1, w2, b2, frame_shape, pooling_shape, act="gelu", pa
 ATTN_BACKENDS = ("sdpa", "flash_attn", "xformers")
 
 
+def _attn_module(name: str):
+    """The optional library behind attention backend `name` ('flash_attn' -> flash_attn, 'xformers' ->
+    xformers.ops), imported here only; a missing one is an error naming the extra that installs it."""
+    import importlib
+
+    mod = {"flash_attn": "flash_attn", "xformers": "xformers.ops"}[name]
+    try:
+        return importlib.import_module(mod)
+    except ImportError as e:
+        raise ValueError(f"attn_backend {name!r}: {mod} is not installed (pip install 'pllava-engine[gpu]')") from e
+
+
 def check_attn_backend(name: str, device, dtype) -> str:
     """Validate an attention backend choice: 'sdpa' (torch; the default), or 'flash_attn' / 'xformers' when
     installed, on CUDA in fp16/bf16. A choice that cannot run is an error, never a silent fallback."""
@@ -69,11 +81,7 @@ def check_attn_backend(name: str, device, dtype) -> str:
         raise ValueError(f"attn_backend {name!r}: expected one of {ATTN_BACKENDS}")
     if name == "sdpa":
         return name
-    mod = {"flash_attn": "flash_attn", "xformers": "xformers.ops"}[name]
-    try:
-        __import__(mod)
-    except ImportError as e:
-        raise ValueError(f"attn_backend {name!r}: {mod} is not installed (pip install 'pllava-engine[gpu]')") from e
+    _attn_module(name)
     if torch.device(device).type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"attn_backend {name!r} runs on CUDA in float16/bfloat16, not {torch.device(device)} "
                          f"{dtype}")
@@ -87,13 +95,11 @@ def causal_attention(q, k, v, backend: str = "sdpa"):
     """Causal self-attention of a prefill from position 0: q (B, H, L, hd), k/v (B, KV, L, hd) -> (B, H, L, hd)."""
     gqa = k.shape[1] != q.shape[1]
     if backend == "flash_attn":
-        from flash_attn import flash_attn_func  # (B, L, H, hd) layout; GQA native
-
-        o = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
+        o = _attn_module("flash_attn").flash_attn_func(  # (B, L, H, hd) layout; GQA native
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
         return o.transpose(1, 2)
     if backend == "xformers":
-        import xformers.ops as xops
-
+        xops = _attn_module("xformers")
         if gqa:  # xformers' BMHK path wants as many K/V heads as query heads
             rep = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -112,12 +118,10 @@ def slot_decode_attention(q, kc, vc, slot_t, pos_t, window: int | None = None, b
     cache_batch_idx = slot (its (batch, seqlen, heads, hd) layout is a transposed view of the cache: no copy);
     otherwise the Triton kernel pllava.kernels.slot_attention."""
     if backend == "flash_attn":
-        from flash_attn import flash_attn_with_kvcache
-
-        o = flash_attn_with_kvcache(q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2),
-                                    cache_seqlens=(pos_t + 1).to(torch.int32),
-                                    cache_batch_idx=slot_t.to(torch.int32), causal=True,
-                                    window_size=(window - 1, 0) if window else (-1, -1))  # keys > pos - window
+        o = _attn_module("flash_attn").flash_attn_with_kvcache(
+            q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2), cache_seqlens=(pos_t + 1).to(torch.int32),
+            cache_batch_idx=slot_t.to(torch.int32), causal=True,
+            window_size=(window - 1, 0) if window else (-1, -1))  # keys > pos - window
         return o.transpose(1, 2)  # (B, H, 1, hd)
     return K.slot_decode_attention(q, kc, vc, slot_t, pos_t, window)
 

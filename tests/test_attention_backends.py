@@ -92,6 +92,12 @@ def test_backend_choice_is_validated(fakes, monkeypatch):
     monkeypatch.setitem(sys.modules, "flash_attn", None)  # not installed
     with pytest.raises(ValueError, match="not installed"):
         ops.check_attn_backend("flash_attn", "cuda", torch.bfloat16)
+    # a layer set to the backend by hand reaches the same guard at its first call, never a bare ImportError
+    q, kc = torch.randn(1, 2, 1, 8), torch.randn(1, 2, 4, 8)
+    with pytest.raises(ValueError, match=r"pllava-engine\[gpu\]"):
+        ops.slot_decode_attention(q, kc, kc, torch.tensor([0]), torch.tensor([2]), None, backend="flash_attn")
+    with pytest.raises(ValueError, match=r"pllava-engine\[gpu\]"):
+        ops.causal_attention(q, kc[:, :, :1], kc[:, :, :1], "flash_attn")
 
 
 def test_engine_rejects_an_unusable_backend(ckpts):
