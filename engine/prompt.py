@@ -327,6 +327,12 @@ def tokenize(tokenizer, prompt: str, image_token_index: int, video: bool = True)
     return ids, int(where[0])
 
 
+def text_ids(ids: torch.Tensor, image_pos: int | None) -> torch.Tensor:
+    """The prompt's ids without its <image> placeholder (image_pos None: a text-only prompt, as is): what stop
+    strings and repetition see as the prompt's text."""
+    return ids if image_pos is None else torch.cat([ids[:image_pos], ids[image_pos + 1:]])
+
+
 def splice(text_embeds: torch.Tensor, image_pos: int, visual: torch.Tensor) -> torch.Tensor:
     """Replace the one <image> embedding at image_pos by all visual embeddings: (L, d) -> (L - 1 + N, d)."""
     return torch.cat([text_embeds[:image_pos], visual.to(text_embeds.dtype), text_embeds[image_pos + 1:]], dim=0)

@@ -18,7 +18,7 @@ from .generate import DecodeStep, GenerationOutput, SamplingParams, generate_tok
 from .model import PllavaModel
 from .preprocess import clip_defaults, load_processor_config, preprocess
 from .prompt import (CAPTION_QUESTION, build_chat_prompt, build_prompt, check_image_token, default_conv_mode,
-                     default_question,                      splice, tokenize)
+                     default_question, splice, text_ids, tokenize)
 from .video import DEFAULT_LIMITS, is_source, read_frames, stream_frames
 
 log = logging.getLogger("pllava")
@@ -432,7 +432,7 @@ class Engine:
             vis = self.encode(video, timings)
             start = 0
             embeds = splice(lm.embed(ids.to(self.device)), img_pos, vis).unsqueeze(0)  # (1, L, D)
-        prompt_text_ids = ids if img_pos is None else torch.cat([ids[:img_pos], ids[img_pos + 1:]])
+        prompt_text_ids = text_ids(ids, img_pos)
         first = True
         if self._step is None or (self._step.use_graph, self._step.use_compile) != (self.cuda_graphs,
                                                                                     self.compile_decode):

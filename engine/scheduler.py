@@ -31,7 +31,7 @@ from .errors import InputError, MemoryBudgetError, NumericalError, PllavaError, 
 from .generate import GenerationOutput, SamplingParams, SequenceState, StepEvent
 from .batch_graphs import BatchDecodeGraphs
 from .model.llm import SlotKVCache, SlotRows
-from .prompt import splice
+from .prompt import splice, text_ids
 
 log = logging.getLogger("pllava")
 
@@ -406,9 +406,8 @@ class Scheduler:
                 self._fail(s, err)
                 raise
             s.future = None
-            s.state = SequenceState(s.params, e.tokenizer, e.eos_ids, s.ids if s.img_pos is None else
-                                    torch.cat([s.ids[:s.img_pos], s.ids[s.img_pos + 1:]]),
-                                    e.device, s.req.cancel)
+            s.state = SequenceState(s.params, e.tokenizer, e.eos_ids, text_ids(s.ids, s.img_pos), e.device,
+                                    s.req.cancel)
             s.prefilled = 0
             s.timings["prefill"] = 0.0
             self.prefilling = s

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..config import TextConfig
 from .. import ops
+from .quant import int8_linear
 
 
 class RMSNorm(nn.Module):
@@ -106,8 +107,6 @@ class LoRALinear(nn.Module):
         """`scale`: overrides the shared alpha/r for this call: 0-dim, or one per row of x (a batch of requests,
         each with its own alpha)."""
         if self.qweight is not None:  # int8 base weight, the LoRA unmerged at its live scale (fused on Triton)
-            from .quant import int8_linear
-
             lora = (self.lora_A, self.lora_B, self.scale if scale is None else scale) if self.r else None
             return int8_linear(x, self.qweight, self.qscale, self.bias, lora, self.kernel_path)
         if not self.r or self.merged:
@@ -167,24 +166,23 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(bsz, n, self.n_kv, self.head_dim).transpose(1, 2)  # (B, KV, L, hd)
         v = self.v_proj(x, rows.scale).view(bsz, n, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k_new, v_new = k, v
-        k, v = k.to(kc.dtype), v.to(vc.dtype)  # the cache may be fp32 under bf16 weights (the CPU)
+        kw, vw = k.to(kc.dtype), v.to(vc.dtype)  # as the cache holds them (fp32 under bf16 weights on the CPU)
         if n == 1 and self.kernel_path == "triton":
             # decode addressed by device tensors only (no host integers): one CUDA graph serves every length
             pos = rows.pos_t[:, 0]
-            kc[rows.slot_t, :, pos] = k[:, :, 0]
-            vc[rows.slot_t, :, pos] = v[:, :, 0]
+            kc[rows.slot_t, :, pos] = kw[:, :, 0]
+            vc[rows.slot_t, :, pos] = vw[:, :, 0]
             o = ops.slot_decode_attention(q, kc, vc, rows.slot_t, pos, window, self.attn_backend)
             return self.o_proj(o.transpose(1, 2).reshape(bsz, n, -1))
         if bsz == 1:
             s, a = rows.slots[0], rows.starts[0]
-            kc[s, :, a:a + n].copy_(k[0])
-            vc[s, :, a:a + n].copy_(v[0])
+            kc[s, :, a:a + n].copy_(kw[0])
+            vc[s, :, a:a + n].copy_(vw[0])
         else:  # decode: one token a row, each at its own position of its own slot
-            kc[rows.slot_t, :, rows.pos_t[:, 0]] = k[:, :, 0]
-            vc[rows.slot_t, :, rows.pos_t[:, 0]] = v[:, :, 0]
+            kc[rows.slot_t, :, rows.pos_t[:, 0]] = kw[:, :, 0]
+            vc[rows.slot_t, :, rows.pos_t[:, 0]] = vw[:, :, 0]
         if bsz == 1 and rows.starts[0] == 0 and not (window is not None and n > window):
-            o = ops.causal_attention(q, k_new, v_new, self.attn_backend)  # a whole prompt: generate()'s path
+            o = ops.causal_attention(q, k, v, self.attn_backend)  # a whole prompt: generate()'s path
         else:  # what reads the cache attends in its dtype, as generate()'s masked path does
             o = ops.slot_attention(q.to(kc.dtype), kc, vc, rows.slots, rows.starts, window).to(q.dtype)
         return self.o_proj(o.transpose(1, 2).reshape(bsz, n, -1))

@@ -14,6 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pllava.kernels.int8_linear import int8_linear as int8_linear_fused
+from pllava.kernels.lora_linear import lora_delta
+
 
 # Up to this many rows (decode, small batches) the int8 GEMV streams half the bytes. Past it the product is
 # compute-bound, and dequantizing to bf16 for its GEMM wins: M = 2400, K = 768, N = 2048 on 2 Zen4 cores took
@@ -36,9 +39,7 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: tor
     """x (..., K) · (q · scale)ᵀ + bias [+ the LoRA: lora = (lora_A, lora_B, s) at its live scale], in x's dtype.
     path 'triton': the fused Triton kernel; 'torch': the CPU kernels below (or the dequantized weight)."""
     if path == "triton":
-        from pllava.kernels.int8_linear import int8_linear as fused
-
-        return fused(x, q, scale, bias, *(lora or (None, None, None)))
+        return int8_linear_fused(x, q, scale, bias, *(lora or (None, None, None)))
     x2 = x.reshape(-1, x.shape[-1])
     if x2.device.type == "cpu" and x2.shape[0] <= DECODE_ROWS:
         y = torch._weight_int8pack_mm(x2.contiguous(), q, scale.to(x2.dtype))
@@ -52,8 +53,6 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: tor
         y = y + bias
     y = y.reshape(*x.shape[:-1], q.shape[0])
     if lora is not None:
-        from pllava.kernels.lora_linear import lora_delta
-
         y = y + lora_delta(x, *lora)
     return y
 
