@@ -77,6 +77,15 @@ def split_k_reduce(ws, y):
     return lambda: y.copy_(ws.sum(0))
 
 
+def output_for(op: str, x, m: int, n: int, out=None):
+    """The (M, N) output in x's dtype on x's device: `out` when it is one (contiguous), else a new tensor."""
+    if out is None:
+        return torch.empty(m, n, device=x.device, dtype=x.dtype)
+    if out.shape != (m, n) or out.dtype != x.dtype or out.device != x.device or not out.is_contiguous():
+        raise ValueError(f"{op}: out must be a contiguous ({m}, {n}) {x.dtype} tensor on {x.device}")
+    return out
+
+
 def arch_key(device: torch.device | None) -> str:
     """Which config table: 'sm90' (H100/H200 and newer) or 'sm80' (A100 and older); sm90 when there is no GPU."""
     if device is not None and device.type == "cuda":

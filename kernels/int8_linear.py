@@ -18,20 +18,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._common import HAVE_TRITON, LaunchSpec, arch_key, pick_tile, split_k, split_k_reduce, upcast_dot
-from .lora_linear import MAX_RANK, lora_delta, scaled_shrink
+from ._common import (HAVE_TRITON, LaunchSpec, arch_key, output_for, pick_tile, split_k, split_k_reduce,
+                      upcast_dot)
+from .lora_linear import CONFIGS as LORA_CONFIGS, FUSE_SHRINK_MAX_M, MAX_RANK, lora_delta, scaled_shrink
 
 # ------------------------------------------------------------------------------------------------ constants
-DECODE_MAX_M = 16
-# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages). Decode K tiles are 128 wide: 128 int8 bytes a
-# row, the bytes lora_linear's 64-wide bf16 tiles move; N tiles narrow enough to cover every SM (N = 4096 at 16:
-# 256 CTAs on 132). Prefill: lora_linear's bf16 tiles (the int8 tile is half their shared memory).
-CONFIGS = {
-    "sm90": {"decode": [(16, 32, 128, 1, 4, 4), (16, 16, 128, 1, 4, 4)],
-             "prefill": [(128, 128, 64, 8, 8, 3), (64, 128, 64, 8, 4, 4)]},
-    "sm80": {"decode": [(16, 32, 128, 1, 4, 3), (16, 16, 128, 1, 4, 3)],
-             "prefill": [(128, 128, 32, 8, 8, 3), (64, 128, 32, 8, 4, 3)]},
-}
+DECODE_MAX_M = FUSE_SHRINK_MAX_M  # decode tiles up to 16 rows, as the tables it derives from
+# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages), derived from lora_linear's tables: decode tiles
+# twice as wide in K (128 int8 bytes a row, the bytes its 64-wide bf16 tiles move; N tiles narrow enough to cover
+# every SM: N = 4096 at 16 is 256 CTAs on 132), prefill its tiles as they are (the int8 tile is half their shared
+# memory).
+CONFIGS = {arch: {"decode": [(bm, bn, 2 * bk, gm, nw, ns) for bm, bn, bk, gm, nw, ns in modes["decode"]],
+                  "prefill": list(modes["prefill"])}
+           for arch, modes in LORA_CONFIGS.items()}
 
 if HAVE_TRITON:
     import triton
@@ -128,12 +127,7 @@ def int8_linear_triton(x, qweight, qscale, bias=None, lora_a=None, lora_b=None, 
         raise RuntimeError("int8_linear: triton is not installed")
     m, n, k, _ = _validate(x, qweight, qscale, bias, lora_a, lora_b, scale)
     x2 = x.reshape(m, k)
-    if out is None:
-        y = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    elif out.shape != (m, n) or out.dtype != x.dtype or out.device != x.device or not out.is_contiguous():
-        raise ValueError(f"int8_linear: out must be a contiguous ({m}, {n}) {x.dtype} tensor on {x.device}")
-    else:
-        y = out
+    y = output_for("int8_linear", x, m, n, out)
     int8_linear_spec(x2, qweight, qscale, bias, lora_a, lora_b, scale, y, config, arch_key(x.device)).launch()
     return y.reshape(*x.shape[:-1], n)
 

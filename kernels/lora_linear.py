@@ -32,7 +32,8 @@ CONFIGS = {
 }
 MAX_RANK = 256
 
-from ._common import HAVE_TRITON, LaunchSpec, arch_key, pick_tile, split_k, split_k_reduce, upcast_dot
+from ._common import (HAVE_TRITON, LaunchSpec, arch_key, output_for, pick_tile, split_k, split_k_reduce,
+                      upcast_dot)
 
 if HAVE_TRITON:
     import triton
@@ -136,12 +137,7 @@ def lora_linear_triton(x, weight, bias, lora_a, lora_b, scale, out: torch.Tensor
         raise RuntimeError("lora_linear: triton is not installed")
     m, n, k, r = _validate(x, weight, bias, lora_a, lora_b, scale)
     x2 = x.reshape(m, k)
-    if out is None:
-        y = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    elif out.shape != (m, n) or out.dtype != x.dtype or out.device != x.device or not out.is_contiguous():
-        raise ValueError(f"lora_linear: out must be a contiguous ({m}, {n}) {x.dtype} tensor on {x.device}")
-    else:
-        y = out
+    y = output_for("lora_linear", x, m, n, out)
     lora_linear_spec(x2, weight, bias, lora_a, lora_b, scale, y, config, arch_key(x.device)).launch()
     return y.reshape(*x.shape[:-1], n)
 
