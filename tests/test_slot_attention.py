@@ -3,6 +3,7 @@ run by Triton's interpreter on the CPU. Tolerance as in test_kernels: at most 2x
 dtype plus one rounding. Every position a row must not read (past its length, before its window, other slots)
 holds NaN, so a kernel that reads one fails; outputs start as NaN, so an unwritten one fails."""
 import os
+import zlib
 
 import pytest
 import torch
@@ -88,7 +89,9 @@ def torch_same_dtype(q, kc, vc, slots, pos, window):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[:5])) + f"w{c[5]}")
 def test_slot_decode_attention_matches_oracle(case, dtype):
-    q, kc, vc, slots, pos, window = make(case, dtype, seed=hash(case) % 1000)
+    # a stable seed: hash() of a tuple holding None changes per process before Python 3.12 (CI drew one whose
+    # fp32 max error was 1.03x the bound; 60 seeds: median 0.42x)
+    q, kc, vc, slots, pos, window = make(case, dtype, seed=zlib.crc32(repr(case).encode()) % 1000)
     ref = oracle(q.cpu(), kc.cpu(), vc.cpu(), slots.cpu(), pos.cpu(), window)
     got = slot_decode_attention(q, kc, vc, slots, pos, window).cpu()
     tor = torch_same_dtype(q.cpu(), kc.cpu(), vc.cpu(), slots.cpu(), pos.cpu(), window)
