@@ -8,7 +8,9 @@ clip is random pixels, and every position of its prompt is a teacher-forced posi
 Why the tiny checkpoint and many clips: on the small preset the 2304 visual positions of one clip flip together
 (random weights, near-tied logits), so a handful of clips swings the count by 70 of 4654 with a 1-ulp change of
 the scales; 512 short clips are 512 independent draws. Rows: transformers bf16; the engine in bf16, bf16 + int8,
-and two ablations of int8 (lm_head in int8 too; residual stream in bf16). Writes
+and ablations of int8 (lm_head in bf16, or in plain int8; residual stream in bf16). Each row is also paired
+with transformers bf16 position by position (McNemar): the excess of its disagreements and that excess's
+standard error. Writes
 benchmarks/results/quality.json.
 """
 import glob
@@ -50,35 +52,49 @@ def main(clips=512):
             return oracle_logits(m, e).argmax(-1)
 
     f32, b16 = hf(torch.float32), hf(torch.bfloat16)
+    bf16 = pllava.Engine.from_pretrained(ck, dtype=torch.bfloat16)
     int8 = pllava.Engine.from_pretrained(ck, dtype=torch.bfloat16, quantize="int8")
+    head16 = pllava.Engine.from_pretrained(ck, dtype=torch.bfloat16, quantize="int8")
+    head16.model.language_model.lm_head = bf16.model.language_model.lm_head  # the design before Int8Head
     head8 = pllava.Engine.from_pretrained(ck, dtype=torch.bfloat16, quantize="int8")
-    head8.model.language_model.lm_head = Int8Linear(head8.model.language_model.lm_head)
+    head8.model.language_model.lm_head = Int8Linear(bf16.model.language_model.lm_head)
     resid16 = pllava.Engine.from_pretrained(ck, dtype=torch.bfloat16, quantize="int8")
     resid16.model.language_model.residual_dtype = None
     modes = {
         "transformers bf16": lambda px: hf_top1(b16, px),
-        "pllava-engine bf16": pllava.Engine.from_pretrained(ck, dtype=torch.bfloat16),
-        "pllava-engine bf16 + int8": int8,
-        "  ablation: lm_head in int8 too": head8,
+        "pllava-engine bf16": bf16,
+        "pllava-engine bf16 + int8 (lm_head: Int8Head)": int8,
+        "  ablation: lm_head in bf16": head16,
+        "  ablation: lm_head in plain int8": head8,
         "  ablation: residual stream in bf16": resid16,
     }
     agree = dict.fromkeys(modes, 0)
+    only_mode, only_hf = dict.fromkeys(modes, 0), dict.fromkeys(modes, 0)  # paired: right where the other is wrong
     total = 0
     for c in range(clips):
         px = torch.randn(frames, 3, 42, 42, generator=torch.Generator().manual_seed(1000 + c))
         ref = hf_top1(f32, px)
         total += ref.numel()
+        right = {}
         for name, m in modes.items():
             got = m(px) if callable(m) and not isinstance(m, pllava.Engine) else m.prompt_logits(px, Q).argmax(-1)
-            agree[name] += int((got == ref).sum())
+            right[name] = got == ref
+            agree[name] += int(right[name].sum())
+        for name in modes:
+            only_mode[name] += int((right[name] & ~right["transformers bf16"]).sum())
+            only_hf[name] += int((~right[name] & right["transformers bf16"]).sum())
     print(f"top-1 agreement with transformers fp32: tiny checkpoint, {clips} clips, {total} teacher-forced positions")
-    print("| mode | agree | disagree |\n|---|---:|---:|")
+    print("paired with transformers bf16 (McNemar): the excess of its disagreements over transformers bf16's, and "
+          "the standard error of that excess, sqrt(discordant positions)")
+    print("| mode | agree | disagree | excess over transformers bf16 | its standard error |\n|---|---:|---:|---:|---:|")
     for name, a in agree.items():
-        print(f"| {name} | {a} | {total - a} |")
+        d = only_hf[name] + only_mode[name]
+        print(f"| {name} | {a} | {total - a} | {only_hf[name] - only_mode[name]:+d} | {d ** 0.5:.1f} |")
     out = os.path.join(os.path.dirname(__file__), "results")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "quality.json"), "w") as f:
-        json.dump(dict(clips=clips, positions=total, agree=agree), f, indent=1)
+        json.dump(dict(clips=clips, positions=total, agree=agree, right_only_mode=only_mode,
+                       right_only_transformers_bf16=only_hf), f, indent=1)
     print(f"wrote {os.path.join(out, 'quality.json')}")
 
 

@@ -154,17 +154,20 @@ class Engine:
             net = PllavaModel(cfg)
         load_weights(net, tensors, plan.layout, dt, device, model_dir)
         if quantize == "int8":
-            from .model.quant import quantize_lm_int8_
+            from .model.quant import HEAD_RESCORE, quantize_lm_int8_, quantized_bytes
 
-            nbytes = quantize_lm_int8_(net.language_model)
+            head8 = quantize_lm_int8_(net.language_model)
+            nbytes = quantized_bytes(net.language_model)
             if ops.kernel_path(device) == "triton":
                 how = "the Triton int8 kernel, LoRA fused (pllava.kernels.int8_linear)"
             elif device.type == "cpu":
                 how = "torch._weight_int8pack_mm for decode rows, bf16 GEMM on the int8 values for prefill"
             else:
                 how = "int8 weights dequantized per call (triton cannot run here: memory halves, speed does not)"
-            log.info("quantize=int8: the decoder layers' linears hold %.1f MB as int8 + scales (lm_head stays %s); "
-                     "path: %s%s", nbytes / 1e6, str(dt).replace("torch.", ""), how,
+            head = (f"lm_head two-level int8, its top {HEAD_RESCORE} logits a row rescored" if head8 else
+                    f"lm_head tied to the embedding, kept {str(dt).replace('torch.', '')}")
+            log.info("quantize=int8: the LLM's linears hold %.1f MB as int8 + scales (%s); path: %s%s",
+                     nbytes / 1e6, head, how,
                      "" if dt != torch.float32 else "; with float32 activations this is slower than fp32: "
                      "use dtype=torch.bfloat16")
         net.lora_scale = torch.tensor(cfg.lora.scale, dtype=torch.float32, device=device)

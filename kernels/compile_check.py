@@ -155,8 +155,9 @@ def slot_rows():
 # ------------------------------------------------------------------------------------------ as launched
 # Real shapes: CLIP-L/14-336 features (c = 1024, 24x24 patches) into each LLM's hidden size; LoRA r = 128 on q_proj
 # (N = hidden) and v_proj (N = kv heads x 128).
-MODELS = {"pllava-7b": dict(hidden=4096, kv=4096, inter=11008), "pllava-13b": dict(hidden=5120, kv=5120, inter=13824),
-          "pllava-34b": dict(hidden=7168, kv=1024, inter=20480)}
+MODELS = {"pllava-7b": dict(hidden=4096, kv=4096, inter=11008, vocab=32064),
+          "pllava-13b": dict(hidden=5120, kv=5120, inter=13824, vocab=32064),
+          "pllava-34b": dict(hidden=7168, kv=1024, inter=20480, vocab=64064)}
 FRAMES = (1, 4, 8, 16, 32, 64)
 
 
@@ -227,11 +228,13 @@ def launched_rows():
                     yield dict(kernel=f"lora_linear/{mode}", arch=arch, dtype="bf16", model=f"{model} {proj}", m=m,
                                n=n, config=[spec.meta[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K")], ctas=spec.ctas,
                                shared_limit=SHARED_LIMIT[arch], sms=SMS[arch], **row)
-            # quantize="int8": every LLM linear of a layer through int8_linear (q/v with the LoRA fused)
+            # quantize="int8": every LLM linear of a layer through int8_linear (q/v with the LoRA fused), and the
+            # first pass of lm_head (an Int8Head: only decode rows, a prefill wants the last position's logits)
             inter = dims["inter"]
             for proj, k, n, lora in (("q_proj", d, d, True), ("v_proj", d, dims["kv"], True), ("o_proj", d, d, False),
-                                     ("gate_proj", d, inter, False), ("down_proj", inter, d, False)):
-                for m in (1, 8, 16, 2400):
+                                     ("gate_proj", d, inter, False), ("down_proj", inter, d, False),
+                                     ("lm_head", d, dims["vocab"], False)):
+                for m in (1, 8, 16) if proj == "lm_head" else (1, 8, 16, 2400):
                     spec = _int8_spec(il, m, k, n, lora, torch.bfloat16, None, arch)
                     mode = "decode" if m <= il.DECODE_MAX_M else "prefill"
                     yield dict(kernel=f"int8_linear/{mode}", arch=arch, dtype="bf16", model=f"{model} {proj}", m=m,

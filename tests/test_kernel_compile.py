@@ -53,7 +53,10 @@ def test_as_launched_covers_the_real_shapes(report):
     lora = [r for r in rows if r["kernel"].startswith("lora_linear")]
     assert len(lora) == 2 * len(MODELS) * 2 * 4  # archs x models x (q, v) x M in (1, 8, 16, 2400)
     int8 = [r for r in rows if r["kernel"].startswith("int8_linear")]
-    assert len(int8) == 2 * len(MODELS) * 5 * 4  # archs x models x (q, v, o, gate, down) x M
+    # archs x models x ((q, v, o, gate, down) x M in (1, 8, 16, 2400) + lm_head's first pass x M in (1, 8, 16))
+    assert len(int8) == 2 * len(MODELS) * (5 * 4 + 3)
+    head = [r for r in int8 if r["model"].endswith("lm_head")]
+    assert {r["n"] for r in head} == {m["vocab"] for m in MODELS.values()} and all(r["m"] <= 16 for r in head)
     dec = [r for r in int8 if r["kernel"] == "int8_linear/decode" and r["model"] == "pllava-7b q_proj"]
     assert dec and all(r["ctas"] >= r["sms"] for r in dec), dec
     for r in rows:

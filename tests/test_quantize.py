@@ -9,7 +9,7 @@ import torch
 import pllava
 from oracle import load_oracle, oracle_embeds, oracle_inputs, oracle_logits, read_lora
 from pllava.errors import ConfigError, InputError
-from pllava.model.quant import int8_linear, quantize_weight
+from pllava.model.quant import HEAD_RESCORE, Int8Head, int8_linear, quantize_weight
 
 Q = "What is happening in the video?"
 
@@ -26,11 +26,53 @@ def test_int8_linear_is_the_dequantized_product():
     assert float((got - want).abs().max() / want.abs().max()) < 1e-2  # bf16 output rounding only
 
 
-def _fake_quant_(lin):
-    """The test's own per-row symmetric int8 round trip of a transformers linear (shares nothing with quant.py)."""
-    w = lin.weight.data.double()
+def _round_trip(w):
+    """The test's own per-row symmetric int8 round trip (shares nothing with quant.py)."""
+    w = w.double()
     step = w.abs().amax(dim=1, keepdim=True) / 127.0
-    lin.weight.data = (torch.round(w / step).clamp(-127, 127) * step).to(lin.weight.dtype)
+    return torch.round(w / step).clamp(-127, 127) * step
+
+
+def _fake_quant_(lin):
+    lin.weight.data = _round_trip(lin.weight.data).to(lin.weight.dtype)
+
+
+def test_int8_head_rescores_its_best_logits_exactly():
+    """Int8Head against fp64: every logit within the int8 error of the exact product; at least HEAD_RESCORE a row,
+    and always the exact best 8, within the second level's far smaller error; the argmax exact."""
+    g = torch.Generator().manual_seed(3)
+    V, D = 3000, 96
+    lin = torch.nn.Linear(D, V, bias=False).bfloat16().requires_grad_(False)
+    lin.weight.copy_(torch.randn(V, D, generator=g) * 0.3)
+    head = Int8Head(lin)
+    assert head.qweight.dtype == head.rweight.dtype == torch.int8
+    assert sum(b.numel() * b.element_size() for b in head.buffers()) <= V * D * 2 + V * 6  # as bf16, plus scales
+    for rows in (1, 5, 70):  # decode rows (_weight_int8pack_mm), and past DECODE_ROWS and RESCORE_ROWS (chunked)
+        h = torch.randn(rows, D, generator=g).bfloat16()
+        got = head(h).double()
+        assert got.dtype == torch.float64 and got.shape == (rows, V)
+        exact = h.double() @ lin.weight.double().T  # (rows, V)
+        int8 = h.double() @ _round_trip(lin.weight).T  # only to show the first pass is not already exact
+        w_max = lin.weight.double().abs().amax(dim=1)[None]  # (1, V)
+        h1 = h.double().abs().sum(-1, keepdim=True)  # (rows, 1)
+        # rescored: the second level leaves at most half its step a weight; the residual is under one first-level
+        # step (half a step, plus the scale's bf16 rounding, 127 x 2^-9 steps), so that step is <= max|w_row|/127^2
+        tol_exact = h1 * w_max / 127 ** 2 / 2 + 1e-6 * exact.abs()
+        # the first pass: half an int8 step a weight (whichever way a tie rounds), then three roundings of 2^-9:
+        # the scale to bf16, x·q to bf16 before the scale (CPU's _weight_int8pack_mm; checked: -737.59 became
+        # -736), the output to bf16
+        step_err = h1 * w_max / 127 / 2
+        tol_int8 = step_err + 3 * 2 ** -9 * (exact.abs() + step_err) + 1e-6 * float(exact.abs().max())
+        err = (got - exact).abs()
+        is_exact = err <= tol_exact
+        assert bool((err <= tol_int8).all()), f"{rows} rows: a logit is off by more than the int8 error"
+        assert int(is_exact.sum()) >= rows * HEAD_RESCORE, "fewer logits rescored than HEAD_RESCORE a row"
+        best = exact.topk(8, dim=-1).indices
+        assert bool(is_exact.gather(-1, best).all()), "one of a row's best 8 logits was not rescored"
+        assert torch.equal(got.argmax(-1), exact.argmax(-1))
+        print(f"{rows} rows: int8 vs exact max {float((int8 - exact).abs().max()):.2e}, best 8's error max "
+              f"{float(err.gather(-1, best).max()):.2e} (bound max {float(tol_exact.max()):.2e})")
+        assert float((int8 - exact).abs().max()) > 5 * float(tol_exact.max())  # the first pass is int8: not vacuous
 
 
 def _oracle(ckpts, lora, dtype, quantized):
@@ -41,7 +83,7 @@ def _oracle(ckpts, lora, dtype, quantized):
             for layer in lm.layers:
                 for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
                             layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
-                    _fake_quant_(lin)  # lm_head stays in the model's dtype, as the engine keeps it
+                    _fake_quant_(lin)  # lm_head: see _head_logits
         for (i, proj), ab in lora.items():  # the LoRA on top of the (quantized) base, as the engine runs it
             lin = getattr(lm.layers[i].self_attn, proj)
             lin.weight += ((4.0 / ab["A"].shape[0]) * ab["B"] @ ab["A"]).to(lin.weight.dtype)
@@ -83,19 +125,30 @@ def test_bf16_int8_is_int8_within_twice_transformers_bf16_error(ckpts, monkeypat
         with torch.no_grad():
             return oracle_logits(m, oracle_embeds(m, px.to(dt), ids, image_token, pooling, frames)).double()
 
+    def head_logits(px):  # the exact int8 model's last hidden states through lm_head: unquantized, and int8
+        with torch.no_grad():
+            e = oracle_embeds(q64, px.double(), ids, image_token, pooling, frames)
+            hid = q64.model.language_model(inputs_embeds=e[None]).last_hidden_state[0]
+            return hid @ q64.lm_head.weight.T, hid @ _round_trip(q64.lm_head.weight).T
+
     def rel(a, b):
         return float((a - b).abs().max() / b.abs().max())
 
-    for seed in range(2):
+    for seed in range(2):  # lm_head is an Int8Head: each logit is the exact or the int8 head's, the best exact
         px = torch.randn(frames, 3, 42, 42, generator=torch.Generator().manual_seed(21 + seed))
-        e_eng = rel(eng.prompt_logits(px, Q).double(), logits(q64, px))
+        got = eng.prompt_logits(px, Q).double()
+        exact, int8 = head_logits(px)
+        scale = float(exact.abs().max())
+        err = torch.minimum((got - exact).abs(), (got - int8).abs())
+        e_eng, e_best = float(err.max()) / scale, float((got - exact).gather(-1, exact.topk(8).indices).abs().max()) / scale
         e_hf = rel(logits(bf16, px), logits(f64, px))
-        print(f"\nseed {seed}: engine vs exact int8 {e_eng:.2e}, transformers bf16 vs fp64 {e_hf:.2e}")
-        assert 0 < e_eng <= 2 * e_hf, (seed, e_eng, e_hf)
+        print(f"\nseed {seed}: engine vs exact int8 {e_eng:.2e} (best 8: {e_best:.2e}), "
+              f"transformers bf16 vs fp64 {e_hf:.2e}, the head's own int8 {rel(int8, exact):.2e}")
+        assert 0 < e_eng <= 2 * e_hf and e_best <= 2 * e_hf, (seed, e_eng, e_best, e_hf)
     assert rel(logits(q64, px), logits(f64, px)) > e_hf / 10  # the int8 reference differs from fp32: not a no-op
-    if path == "triton":  # 7 int8 linears a layer a call, 2 of them (q/v) with the LoRA fused
+    if path == "triton":  # 7 int8 linears a layer a call, 2 of them (q/v) with the LoRA fused, and lm_head
         n_layers = len(eng.model.language_model.layers)
-        assert len(calls) == 2 * 7 * n_layers and sum(calls) == 2 * 2 * n_layers, (len(calls), sum(calls))
+        assert len(calls) == 2 * (7 * n_layers + 1) and sum(calls) == 2 * 2 * n_layers, (len(calls), sum(calls))
 
 
 def test_alpha_stays_live_and_merge_is_refused(ckpts):
@@ -119,7 +172,7 @@ def test_int8_halves_the_llm_weight_bytes(ckpts):
     full = pllava.Engine.from_pretrained(ckpts["pllava"], dtype=torch.bfloat16)
     q = pllava.Engine.from_pretrained(ckpts["pllava"], dtype=torch.bfloat16, quantize="int8")
 
-    def linear_bytes(lm):  # the decoder layers' linears (lm_head stays in bf16: quant.quantize_lm_int8_)
+    def linear_bytes(lm):  # the decoder layers' linears
         n = 0
         for name, t in list(lm.named_parameters()) + list(lm.named_buffers()):
             if not name.startswith("layers.") or "norm" in name or "lora_" in name or "kv_cache" in name:
@@ -129,4 +182,7 @@ def test_int8_halves_the_llm_weight_bytes(ckpts):
 
     a, b = linear_bytes(full.model.language_model), linear_bytes(q.model.language_model)
     assert b <= 0.52 * a, (a, b)  # int8 + one bf16 scale a row
-    assert q.model.language_model.lm_head.weight.dtype == torch.bfloat16
+    head, bf16_head = q.model.language_model.lm_head, full.model.language_model.lm_head
+    assert isinstance(head, Int8Head)  # two int8 levels: the bytes of the bf16 head, plus a scale pair a row
+    head_bytes = sum(b.numel() * b.element_size() for b in head.buffers())
+    assert head_bytes <= bf16_head.weight.numel() * 2 + head.out_features * 6, head_bytes
