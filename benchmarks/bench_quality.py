@@ -7,8 +7,9 @@ clip is random pixels, and every position of its prompt is a teacher-forced posi
 
 Why the tiny checkpoint and many clips: on the small preset the 2304 visual positions of one clip flip together
 (random weights, near-tied logits), so a handful of clips swings the count by 70 of 4654 with a 1-ulp change of
-the scales; 512 short clips are 512 independent draws. Rows: transformers bf16; the engine in bf16, bf16 + int8,
-and ablations of int8 (lm_head in bf16, or in plain int8; residual stream in bf16). Each row is also paired
+the scales; 512 short clips are 512 independent draws. Rows: transformers bf16; the engine in bf16 and its lm_head
+without rescoring (model/head.py); bf16 + int8 and its ablations (lm_head in bf16 without rescoring, or in plain
+int8; the residual stream in bf16). Each row is also paired
 with transformers bf16 position by position (McNemar): the excess of its disagreements and that excess's
 standard error. Writes
 benchmarks/results/quality.json.
@@ -52,20 +53,24 @@ def main(clips=512):
             return oracle_logits(m, e).argmax(-1)
 
     f32, b16 = hf(torch.float32), hf(torch.bfloat16)
-    bf16 = pllava.Engine.from_pretrained(ck, dtype=torch.bfloat16)
-    int8 = pllava.Engine.from_pretrained(ck, dtype=torch.bfloat16, quantize="int8")
-    head16 = pllava.Engine.from_pretrained(ck, dtype=torch.bfloat16, quantize="int8")
-    head16.model.language_model.lm_head = bf16.model.language_model.lm_head  # the design before Int8Head
-    head8 = pllava.Engine.from_pretrained(ck, dtype=torch.bfloat16, quantize="int8")
-    head8.model.language_model.lm_head = Int8Linear(bf16.model.language_model.lm_head)
-    resid16 = pllava.Engine.from_pretrained(ck, dtype=torch.bfloat16, quantize="int8")
+    def engine(quantize=None, head=None):
+        e = pllava.Engine.from_pretrained(ck, dtype=torch.bfloat16, quantize=quantize)
+        if head is not None:
+            e.model.language_model.lm_head = head
+        return e
+
+    bf16 = engine()  # lm_head: a HalfHead
+    plain = torch.nn.Linear(1, 1, bias=False)  # the bf16 head without rescoring (bf16 logits)
+    plain.weight = bf16.model.language_model.lm_head.weight
+    resid16 = engine("int8")
     resid16.model.language_model.residual_dtype = None
     modes = {
         "transformers bf16": lambda px: hf_top1(b16, px),
-        "pllava-engine bf16": bf16,
-        "pllava-engine bf16 + int8 (lm_head: Int8Head)": int8,
-        "  ablation: lm_head in bf16": head16,
-        "  ablation: lm_head in plain int8": head8,
+        "pllava-engine bf16 (lm_head: HalfHead)": bf16,
+        "  ablation: lm_head not rescored (bf16 logits)": engine(head=plain),
+        "pllava-engine bf16 + int8 (lm_head: Int8Head)": engine("int8"),
+        "  ablation: lm_head in bf16, not rescored": engine("int8", plain),
+        "  ablation: lm_head in plain int8": engine("int8", Int8Linear(plain)),
         "  ablation: residual stream in bf16": resid16,
     }
     agree = dict.fromkeys(modes, 0)

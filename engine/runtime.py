@@ -16,6 +16,7 @@ from .config import DEFAULT_LORA_ALPHA, PllavaConfig, check_lora_alpha, load_con
 from .errors import CheckpointError, ConfigError, InputError, NumericalError, PromptError
 from .generate import DecodeStep, GenerationOutput, SamplingParams, generate_tokens
 from .model import PllavaModel
+from .model.head import HEAD_RESCORE, HalfHead, RescoredHead
 from .preprocess import clip_defaults, load_processor_config, preprocess
 from .prompt import (CAPTION_QUESTION, build_chat_prompt, build_prompt, check_image_token, default_conv_mode,
                      default_question, splice, text_ids, tokenize)
@@ -154,7 +155,7 @@ class Engine:
             net = PllavaModel(cfg)
         load_weights(net, tensors, plan.layout, dt, device, model_dir)
         if quantize == "int8":
-            from .model.quant import HEAD_RESCORE, quantize_lm_int8_, quantized_bytes
+            from .model.quant import quantize_lm_int8_, quantized_bytes
 
             head8 = quantize_lm_int8_(net.language_model)
             nbytes = quantized_bytes(net.language_model)
@@ -164,12 +165,17 @@ class Engine:
                 how = "torch._weight_int8pack_mm for decode rows, bf16 GEMM on the int8 values for prefill"
             else:
                 how = "int8 weights dequantized per call (triton cannot run here: memory halves, speed does not)"
-            head = (f"lm_head two-level int8, its top {HEAD_RESCORE} logits a row rescored" if head8 else
-                    f"lm_head tied to the embedding, kept {str(dt).replace('torch.', '')}")
+            head = "lm_head two-level int8" if head8 else "lm_head tied to the embedding: not quantized"
             log.info("quantize=int8: the LLM's linears hold %.1f MB as int8 + scales (%s); path: %s%s",
                      nbytes / 1e6, head, how,
                      "" if dt != torch.float32 else "; with float32 activations this is slower than fp32: "
                      "use dtype=torch.bfloat16")
+        lm = net.language_model
+        if dt in (torch.bfloat16, torch.float16) and isinstance(lm.lm_head, torch.nn.Linear):
+            lm.lm_head = HalfHead(lm.lm_head)  # fp32 logits at each row's best (model/head.py)
+        if isinstance(lm.lm_head, RescoredHead):
+            log.info("lm_head: a first pass over the vocabulary, then each row's %d best logits in fp32",
+                     HEAD_RESCORE)
         net.lora_scale = torch.tensor(cfg.lora.scale, dtype=torch.float32, device=device)
         net.bind_lora_scale()
         net.language_model.setup_rope(device)

@@ -82,3 +82,44 @@ def test_half_precision_within_twice_transformers_error(refs, dtype):
     assert agree(eng) >= agree(hf), (agree(eng), agree(hf), l64.shape[0], report)
     print(f"\n{dtype}: " + "; ".join(report) + f"; top-1 agreement engine {agree(eng)}, transformers {agree(hf)} "
           f"of {l64.shape[0]}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_head_gives_fp32_logits_at_each_rows_best(dtype):
+    """HalfHead against fp64 on the same half-precision weight: the rows' best logits exact to fp32, the rest
+    within one rounding to `dtype`, the argmax exact, fp32 out. The weight is shared, never copied."""
+    from pllava.model.head import HEAD_RESCORE, HalfHead
+
+    g = torch.Generator().manual_seed(4)
+    V, D = 2000, 80
+    lin = torch.nn.Linear(D, V, bias=False).to(dtype).requires_grad_(False)
+    lin.weight.copy_(torch.randn(V, D, generator=g) * 0.3)
+    head = HalfHead(lin)
+    assert head.weight is lin.weight
+    eps = torch.finfo(dtype).eps / 2  # one rounding to nearest
+    for rows in (1, 3, 130):  # a decode row, a small batch, past RESCORE_ROWS (chunked)
+        h = torch.randn(rows, D, generator=g).to(dtype)
+        got = head(h)
+        assert got.dtype == torch.float32 and got.shape == (rows, V)
+        exact = h.double() @ lin.weight.double().T
+        err = (got.double() - exact).abs()
+        tol_fp32 = 1e-6 * (h.double().abs() @ lin.weight.double().abs().T)  # fp32 accumulation over D = 80
+        tol_half = eps * exact.abs() + tol_fp32
+        assert bool((err <= tol_half).all()), f"{rows} rows: a first-pass logit off by more than one rounding"
+        best = exact.topk(8, dim=-1).indices
+        assert bool((err.gather(-1, best) <= tol_fp32.gather(-1, best)).all()), "a row's best 8 are not fp32-exact"
+        assert int((err <= tol_fp32).sum()) >= rows * HEAD_RESCORE
+        assert torch.equal(got.argmax(-1), exact.argmax(-1))
+        plain = lin(h).double()  # what an unrescored head returns: not fp32-exact at the best (not vacuous)
+        assert float((plain - exact).abs().gather(-1, best).max()) > 10 * float(tol_fp32.gather(-1, best).max())
+
+
+def test_half_engine_uses_the_rescored_head(ckpts):
+    from pllava.model.head import HalfHead
+
+    eng = pllava.Engine.from_pretrained(ckpts["pllava"], dtype=torch.bfloat16)
+    assert isinstance(eng.model.language_model.lm_head, HalfHead)
+    px = torch.randn(4, 3, 42, 42, generator=torch.Generator().manual_seed(23))
+    assert eng.prompt_logits(px, QUESTION).dtype == torch.float32
+    fp32 = pllava.Engine.from_pretrained(ckpts["pllava"])
+    assert isinstance(fp32.model.language_model.lm_head, torch.nn.Linear)  # fp32 logits already: no second pass

@@ -9,7 +9,8 @@ import torch
 import pllava
 from oracle import load_oracle, oracle_embeds, oracle_inputs, oracle_logits, read_lora
 from pllava.errors import ConfigError, InputError
-from pllava.model.quant import HEAD_RESCORE, Int8Head, int8_linear, quantize_weight
+from pllava.model.head import HEAD_RESCORE
+from pllava.model.quant import Int8Head, int8_linear, quantize_weight
 
 Q = "What is happening in the video?"
 

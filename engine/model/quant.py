@@ -17,6 +17,8 @@ from torch import nn
 from pllava.kernels.int8_linear import int8_linear as int8_linear_fused
 from pllava.kernels.lora_linear import lora_delta
 
+from .head import RescoredHead
+
 
 # Up to this many rows (decode, small batches) the int8 GEMV streams half the bytes. Past it the product is
 # compute-bound, and dequantizing to bf16 for its GEMM wins: M = 2400, K = 768, N = 2048 on 2 Zen4 cores took
@@ -73,20 +75,11 @@ class Int8Linear(nn.Module):
         return int8_linear(x, self.qweight, self.qscale, self.bias, path=self.kernel_path)
 
 
-# The int8 head's first pass ranks the vocabulary; this many of its best are then recomputed from the two-level
-# weight. Argmax needs only the true best among them: the int8 logits' error (about 0.4 % of a row's scale) moves
-# a token by a few ranks, not 32.
-HEAD_RESCORE = 32
-RESCORE_ROWS = 64
-
-
-class Int8Head(nn.Module):
+class Int8Head(RescoredHead):
     """lm_head at int8 speed without int8's top-1 cost. The weight is stored in two levels, w = q·s + r with
-    r ≈ q2·s2 (per row; 2 bytes a weight, as bf16): one int8 pass over q gives every logit, then the HEAD_RESCORE
-    best of each row are recomputed in fp32 from q·s + q2·s2, whose error (≤ s2/2, about max|w_row| / 40000) is
-    far under bf16's (2^-9 of each weight). Decode streams the 1-byte q only. Logits come back in fp32: exact
-    (to the weights' second level) at the rescored tokens, int8-accurate elsewhere, which only a sampler that
-    reaches past the first 32 tokens (a high temperature, top_p near 1) ever reads."""
+    r ≈ q2·s2 (per row; 2 bytes a weight, as bf16): the first pass streams the 1-byte q only; the rescored rows
+    come from q·s + q2·s2, whose error (<= s2/2, about max|w_row| / 2·127²) is far under bf16's (2^-9 of each
+    weight)."""
 
     def __init__(self, lin: nn.Linear):
         super().__init__()
@@ -98,16 +91,12 @@ class Int8Head(nn.Module):
         self.in_features, self.out_features = lin.in_features, lin.out_features
         self.kernel_path = "torch"
 
-    def forward(self, h):  # h (..., D) -> logits (..., V) fp32
-        h2 = h.reshape(-1, h.shape[-1])  # (R, D)
-        approx = int8_linear(h2, self.qweight, self.qscale, None, path=self.kernel_path).float()  # (R, V)
-        top = approx.topk(min(HEAD_RESCORE, approx.shape[-1]), dim=-1).indices  # (R, k)
-        for r0 in range(0, h2.shape[0], RESCORE_ROWS):  # chunks bound the gathered rows: 64 x 32 x 4096 fp32, 32 MB
-            t, x = top[r0:r0 + RESCORE_ROWS], h2[r0:r0 + RESCORE_ROWS].float()
-            w = (self.qweight[t].float() * self.qscale[t].float()[..., None]
-                 + self.rweight[t].float() * self.rscale[t][..., None])  # (r, k, D)
-            approx[r0:r0 + RESCORE_ROWS].scatter_(-1, t, (w @ x[:, :, None]).squeeze(-1))
-        return approx.reshape(*h.shape[:-1], -1)
+    def first_pass(self, h2):
+        return int8_linear(h2, self.qweight, self.qscale, None, path=self.kernel_path)
+
+    def weight_rows(self, t):
+        return (self.qweight[t].float() * self.qscale[t].float()[..., None]
+                + self.rweight[t].float() * self.rscale[t][..., None])
 
 
 def quantize_lm_int8_(lm) -> bool:
