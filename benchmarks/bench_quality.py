@@ -3,16 +3,17 @@
 The issue's quality bar for quantize="int8": top-1 agreement with the fp32 model on teacher-forced positions at
 least transformers' own bf16 agreement. The fp32 model is transformers' LlavaForConditionalGeneration with
 PLLaVA's pooling and the LoRA merged at alpha 4 (tests/oracle.py), on the tests' tiny checkpoint (seed 0); each
-clip is random pixels, and every position of its prompt is a teacher-forced position (59 a clip).
+clip is random pixels. Two kinds of teacher-forced positions, counted apart: every position of the prompt (59 a
+clip, one prefill), and DECODE_STEPS random text tokens fed after it, one cached decode step each: the path
+generation runs (int8 decode rows go through _weight_int8pack_mm, prefill rows through a bf16 GEMM).
+Transformers (fp32 and bf16) get prompt + fed tokens in one forward.
 
 Why the tiny checkpoint and many clips: on the small preset the 2304 visual positions of one clip flip together
 (random weights, near-tied logits), so a handful of clips swings the count by 70 of 4654 with a 1-ulp change of
-the scales; 512 short clips are 512 independent draws. Rows: transformers bf16; the engine in bf16 and its lm_head
+the scales; many short clips are independent draws. Rows: transformers bf16; the engine in bf16 and its lm_head
 without rescoring (model/head.py); bf16 + int8 and its ablations (lm_head in bf16 without rescoring, or in plain
-int8; the residual stream in bf16). Each row is also paired
-with transformers bf16 position by position (McNemar): the excess of its disagreements and that excess's
-standard error. Writes
-benchmarks/results/quality.json.
+int8; the residual stream in bf16). Each row is also paired with transformers bf16 position by position
+(McNemar): the excess of its disagreements and that excess's standard error. Writes benchmarks/results/quality.json.
 """
 import glob
 import json
@@ -26,13 +27,17 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 import pllava  # noqa: E402
 from oracle import load_oracle, oracle_embeds, oracle_inputs, oracle_logits, read_lora  # noqa: E402
+from pllava.generate import decode_one_token  # noqa: E402
 from pllava.model.quant import Int8Linear  # noqa: E402
 from pllava.testing import make_tiny_checkpoint  # noqa: E402
 
 Q = "What is happening in the video?"
 
 
-def main(clips=512):
+DECODE_STEPS = 16  # teacher-forced tokens a clip through the engine's cached decode steps
+
+
+def main(clips=512, out_dir=None):
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     root = tempfile.mkdtemp(prefix="pllava-quality-")
     ck, cur = make_tiny_checkpoint(root + "/pllava", "pllava", shards=2), make_tiny_checkpoint(root + "/cur", "current")
@@ -47,12 +52,26 @@ def main(clips=512):
                 lin.weight += ((4.0 / ab["A"].shape[0]) * ab["B"] @ ab["A"]).to(dtype)
         return m
 
-    def hf_top1(m, px):
+    def hf_top1(m, px, feed):
+        """(prompt positions, decode positions): the prompt alone, then prompt + fed tokens in one forward (the
+        reference at the positions the engine reaches by cached decode steps)."""
         with torch.no_grad():
             e = oracle_embeds(m, px.to(next(m.parameters()).dtype), ids, image_token, pooling, frames)
-            return oracle_logits(m, e).argmax(-1)
+            seq = torch.cat([e, m.model.language_model.embed_tokens(feed)])
+            return oracle_logits(m, e).argmax(-1), oracle_logits(m, seq)[e.shape[0]:].argmax(-1)
+
+    def engine_top1(eng, px, feed):
+        lm, n = eng.model.language_model, ids.numel() + pooling[0] * pooling[1] * pooling[2] - 1
+        lm.setup_cache(1, n + DECODE_STEPS, eng.kv_dtype, eng.device)  # generate()'s cache: prompt + steps
+        with torch.no_grad():
+            prompt = eng.prompt_logits(px, Q)
+            assert prompt.shape[0] == n, (prompt.shape, n)
+            steps = [decode_one_token(lm, t.view(1, 1), torch.tensor([n + i]), kv_len=n + i + 1)[0, -1]
+                     for i, t in enumerate(feed)]
+        return prompt.argmax(-1), torch.stack(steps).argmax(-1)
 
     f32, b16 = hf(torch.float32), hf(torch.bfloat16)
+
     def engine(quantize=None, head=None):
         e = pllava.Engine.from_pretrained(ck, dtype=torch.bfloat16, quantize=quantize)
         if head is not None:
@@ -65,7 +84,7 @@ def main(clips=512):
     resid16 = engine("int8")
     resid16.model.language_model.residual_dtype = None
     modes = {
-        "transformers bf16": lambda px: hf_top1(b16, px),
+        "transformers bf16": lambda px, feed: hf_top1(b16, px, feed),
         "pllava-engine bf16 (lm_head: HalfHead)": bf16,
         "  ablation: lm_head not rescored (bf16 logits)": engine(head=plain),
         "pllava-engine bf16 + int8 (lm_head: Int8Head)": engine("int8"),
@@ -73,34 +92,43 @@ def main(clips=512):
         "  ablation: lm_head in plain int8": engine("int8", Int8Linear(plain)),
         "  ablation: residual stream in bf16": resid16,
     }
-    agree = dict.fromkeys(modes, 0)
-    only_mode, only_hf = dict.fromkeys(modes, 0), dict.fromkeys(modes, 0)  # paired: right where the other is wrong
-    total = 0
+    parts = ("prefill", "decode")
+    stats = {part: {name: dict(agree=0, only_mode=0, only_hf=0) for name in modes} for part in parts}
+    total = dict.fromkeys(parts, 0)
+    vocab = f32.config.text_config.vocab_size
     for c in range(clips):
-        px = torch.randn(frames, 3, 42, 42, generator=torch.Generator().manual_seed(1000 + c))
-        ref = hf_top1(f32, px)
-        total += ref.numel()
-        right = {}
-        for name, m in modes.items():
-            got = m(px) if callable(m) and not isinstance(m, pllava.Engine) else m.prompt_logits(px, Q).argmax(-1)
-            right[name] = got == ref
-            agree[name] += int(right[name].sum())
-        for name in modes:
-            only_mode[name] += int((right[name] & ~right["transformers bf16"]).sum())
-            only_hf[name] += int((~right[name] & right["transformers bf16"]).sum())
-    print(f"top-1 agreement with transformers fp32: tiny checkpoint, {clips} clips, {total} teacher-forced positions")
-    print("paired with transformers bf16 (McNemar): the excess of its disagreements over transformers bf16's, and "
-          "the standard error of that excess, sqrt(discordant positions)")
-    print("| mode | agree | disagree | excess over transformers bf16 | its standard error |\n|---|---:|---:|---:|---:|")
-    for name, a in agree.items():
-        d = only_hf[name] + only_mode[name]
-        print(f"| {name} | {a} | {total - a} | {only_hf[name] - only_mode[name]:+d} | {d ** 0.5:.1f} |")
-    out = os.path.join(os.path.dirname(__file__), "results")
+        g = torch.Generator().manual_seed(1000 + c)
+        px = torch.randn(frames, 3, 42, 42, generator=g)
+        feed = torch.randint(0, vocab, (DECODE_STEPS,), generator=g)
+        feed[feed == image_token] = 0  # text tokens only
+        refs = hf_top1(f32, px, feed)
+        got = {name: (m(px, feed) if not isinstance(m, pllava.Engine) else engine_top1(m, px, feed))
+               for name, m in modes.items()}
+        for k, part in enumerate(parts):
+            total[part] += refs[k].numel()
+            right = {name: got[name][k] == refs[k] for name in modes}
+            for name in modes:  # paired with transformers bf16: right where the other is wrong
+                st = stats[part][name]
+                st["agree"] += int(right[name].sum())
+                st["only_mode"] += int((right[name] & ~right["transformers bf16"]).sum())
+                st["only_hf"] += int((~right[name] & right["transformers bf16"]).sum())
+    print(f"top-1 agreement with transformers fp32: tiny checkpoint, {clips} clips; prompt positions by one "
+          f"prefill, then {DECODE_STEPS} random text tokens a clip fed through the engine's cached decode steps")
+    print("paired with transformers bf16 (McNemar): the excess of a mode's disagreements over transformers bf16's "
+          "at the same positions, and its standard error, sqrt(discordant positions)")
+    for part in parts:
+        print(f"\n{part}: {total[part]} teacher-forced positions")
+        print("| mode | agree | disagree | excess over transformers bf16 | its standard error |\n|---|---:|---:|---:|---:|")
+        for name, st in stats[part].items():
+            d = st["only_hf"] + st["only_mode"]
+            print(f"| {name} | {st['agree']} | {total[part] - st['agree']} | {st['only_hf'] - st['only_mode']:+d} "
+                  f"| {d ** 0.5:.1f} |")
+    out = out_dir or os.path.join(os.path.dirname(__file__), "results")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "quality.json"), "w") as f:
-        json.dump(dict(clips=clips, positions=total, agree=agree, right_only_mode=only_mode,
-                       right_only_transformers_bf16=only_hf), f, indent=1)
+        json.dump(dict(clips=clips, decode_steps=DECODE_STEPS, positions=total, stats=stats), f, indent=1)
     print(f"wrote {os.path.join(out, 'quality.json')}")
+    return dict(positions=total, stats=stats)
 
 
 if __name__ == "__main__":

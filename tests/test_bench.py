@@ -28,3 +28,24 @@ def test_run_bench_tiny(tmp_path, monkeypatch, video_path, capsys):
     assert "fewer than 3 runs is noisy" in err
     head = res["table"].splitlines()[0]
     assert "video decode ms" in head and "token decode tok/s" in head and "| decode" not in head
+
+
+def test_bench_quality_counts_both_kinds_of_position(tmp_path):
+    """benchmarks/bench_quality.py on 2 clips: every mode scored at each prompt and each decode position, the
+    paired counts consistent, transformers bf16 paired with itself discordant nowhere."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_quality.py")
+    spec = importlib.util.spec_from_file_location("bench_quality", path)
+    bq = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bq)
+    res = bq.main(2, out_dir=str(tmp_path))
+    assert res["positions"]["decode"] == 2 * bq.DECODE_STEPS and res["positions"]["prefill"] > 2 * bq.DECODE_STEPS
+    for part, by_mode in res["stats"].items():
+        n = res["positions"][part]
+        hf = by_mode["transformers bf16"]
+        assert hf["only_mode"] == hf["only_hf"] == 0
+        for name, st in by_mode.items():  # a mode's agreement = transformers bf16's - only_hf + only_mode
+            assert 0 <= st["agree"] <= n and st["agree"] == hf["agree"] - st["only_hf"] + st["only_mode"], name
+        assert by_mode["pllava-engine bf16 + int8 (lm_head: Int8Head)"]["agree"] > 0.8 * n  # scored, not garbage
+    assert json.load(open(tmp_path / "quality.json"))["positions"] == res["positions"]
