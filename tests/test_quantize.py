@@ -27,10 +27,11 @@ def test_int8_linear_is_the_dequantized_product():
     assert float((got - want).abs().max() / want.abs().max()) < 1e-2  # bf16 output rounding only
 
 
-def _round_trip(w):
-    """The test's own per-row symmetric int8 round trip (shares nothing with quant.py)."""
+def _round_trip(w, scale_dtype=torch.bfloat16):
+    """The test's own per-row symmetric int8 round trip (shares nothing with quant.py), in the format's terms: the
+    step max|w_row| / 127 stored in the activation dtype, the int8 values fitted to that stored step."""
     w = w.double()
-    step = w.abs().amax(dim=1, keepdim=True) / 127.0
+    step = (w.abs().amax(dim=1, keepdim=True) / 127.0).to(scale_dtype).double()
     return torch.round(w / step).clamp(-127, 127) * step
 
 
@@ -57,7 +58,7 @@ def test_int8_head_rescores_its_best_logits_exactly():
         w_max = lin.weight.double().abs().amax(dim=1)[None]  # (1, V)
         h1 = h.double().abs().sum(-1, keepdim=True)  # (rows, 1)
         # rescored: the second level leaves at most half its step a weight; the residual is under one first-level
-        # step (half a step, plus the scale's bf16 rounding, 127 x 2^-9 steps), so that step is <= max|w_row|/127^2
+        # step (half a step, or 127 x 2^-9 steps where the clamp cut q at 127), so that step is <= max|w_row|/127^2
         tol_exact = h1 * w_max / 127 ** 2 / 2 + 1e-6 * exact.abs()
         # the first pass: half an int8 step a weight (whichever way a tie rounds), then three roundings of 2^-9:
         # the scale to bf16, x·q to bf16 before the scale (CPU's _weight_int8pack_mm; checked: -737.59 became

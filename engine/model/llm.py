@@ -257,8 +257,8 @@ class LlamaLM(nn.Module):
         self.pad_token_id: int | None = None
         # The residual stream's dtype (None: the embeddings'). The runtime sets fp32 under bf16/fp16 weights on the
         # CPU: every GEMM still takes bf16 inputs, but the sum of 2 x layers increments is not rounded to bf16 at
-        # each add. benchmarks/bench_quality.py (30208 positions): bf16 + int8 disagrees with fp32 at 466 positions,
-        # 487 with a bf16 residual; the adds are (L, D) elementwise, no cost the bench can see.
+        # each add. benchmarks/bench_quality.py 1024: bf16 + int8 disagrees with fp32 at 767 / 279 (prompt / decode)
+        # positions, 855 / 329 with a bf16 residual; the adds are (L, D) elementwise, no cost the bench can see.
         self.residual_dtype: torch.dtype | None = None
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
