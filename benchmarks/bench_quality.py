@@ -37,9 +37,7 @@ Q = "What is happening in the video?"
 DECODE_STEPS = 16  # teacher-forced tokens a clip through the engine's cached decode steps
 
 
-def main(clips=512, out_dir=None, ablations=True, extra=None):
-    """`extra`: {name: f(checkpoint dir) -> Engine}, more modes to score (variants under study);
-    ablations=False scores transformers bf16 and the two shipped modes only."""
+def main(clips=512, out_dir=None):
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     root = tempfile.mkdtemp(prefix="pllava-quality-")
     ck, cur = make_tiny_checkpoint(root + "/pllava", "pllava", shards=2), make_tiny_checkpoint(root + "/cur", "current")
@@ -94,9 +92,6 @@ def main(clips=512, out_dir=None, ablations=True, extra=None):
         "  ablation: lm_head in plain int8": engine("int8", Int8Linear(plain)),
         "  ablation: residual stream in bf16": resid16,
     }
-    if not ablations:
-        modes = {k: v for k, v in modes.items() if not k.startswith("  ablation")}
-    modes.update({name: make(ck) for name, make in (extra or {}).items()})
     parts = ("prefill", "decode")
     stats = {part: {name: dict(agree=0, only_mode=0, only_hf=0) for name in modes} for part in parts}
     total = dict.fromkeys(parts, 0)
