@@ -14,7 +14,8 @@ class OptionalBuildExt(build_ext):
     """Builds pllava._C when a compiler and pybind11 are present; never fails the install.
 
     The engine falls back to its torch preprocessing when the extension is missing and says so
-    (`pllava.native_available()`).
+    (`pllava.native_available()`), and quantize="int8" decodes through torch's int8 GEMV instead of the
+    extension's fp32 one (the log says which).
     """
 
     def run(self):
@@ -31,7 +32,7 @@ class OptionalBuildExt(build_ext):
 
     @staticmethod
     def _warn(e):
-        sys.stderr.write(f"WARNING: pllava._C was not built ({e}); the torch preprocessing path will be used.\n")
+        sys.stderr.write(f"WARNING: pllava._C was not built ({e}); the torch preprocessing and int8 paths will be used.\n")
 
 
 def _extensions():

@@ -5,14 +5,14 @@ least transformers' own bf16 agreement. The fp32 model is transformers' LlavaFor
 PLLaVA's pooling and the LoRA merged at alpha 4 (tests/oracle.py), on the tests' tiny checkpoint (seed 0); each
 clip is random pixels. Two kinds of teacher-forced positions, counted apart: every position of the prompt (59 a
 clip, one prefill), and DECODE_STEPS random text tokens fed after it, one cached decode step each: the path
-generation runs (int8 decode rows go through _weight_int8pack_mm, prefill rows through a bf16 GEMM).
+generation runs (int8 decode rows in fp32 through pllava._C's int8 GEMV, prefill rows through a bf16 GEMM).
 Transformers (fp32 and bf16) get prompt + fed tokens in one forward.
 
 Why the tiny checkpoint and many clips: on the small preset the 2304 visual positions of one clip flip together
 (random weights, near-tied logits), so a handful of clips swings the count by 70 of 4654 with a 1-ulp change of
 the scales; many short clips are independent draws. Rows: transformers bf16; the engine in bf16 and its lm_head
 without rescoring (model/head.py); bf16 + int8 and its ablations (lm_head in bf16 without rescoring, or in plain
-int8; the residual stream in bf16). Each row is also paired with transformers bf16 position by position
+int8; the residual stream in bf16); fp32 + int8 (int8 weights, every activation in fp32). Each row is also paired with transformers bf16 position by position
 (McNemar): the excess of its disagreements and that excess's standard error. Writes benchmarks/results/quality.json.
 """
 import glob
@@ -32,6 +32,17 @@ from pllava.model.quant import Int8Linear  # noqa: E402
 from pllava.testing import make_tiny_checkpoint  # noqa: E402
 
 Q = "What is happening in the video?"
+
+
+class PlainHead(torch.nn.Linear):
+    """A bf16 lm_head without rescoring: bf16 logits, from hidden states in any dtype (fp32 decode rows)."""
+
+    def __init__(self, weight):
+        super().__init__(1, 1, bias=False)
+        self.weight = weight
+
+    def forward(self, h):
+        return super().forward(h.to(self.weight.dtype))
 
 
 DECODE_STEPS = 16  # teacher-forced tokens a clip through the engine's cached decode steps
@@ -72,15 +83,14 @@ def main(clips=512, out_dir=None):
 
     f32, b16 = hf(torch.float32), hf(torch.bfloat16)
 
-    def engine(quantize=None, head=None):
-        e = pllava.Engine.from_pretrained(ck, dtype=torch.bfloat16, quantize=quantize)
+    def engine(quantize=None, head=None, dtype=torch.bfloat16):
+        e = pllava.Engine.from_pretrained(ck, dtype=dtype, quantize=quantize)
         if head is not None:
             e.model.language_model.lm_head = head
         return e
 
     bf16 = engine()  # lm_head: a HalfHead
-    plain = torch.nn.Linear(1, 1, bias=False)  # the bf16 head without rescoring (bf16 logits)
-    plain.weight = bf16.model.language_model.lm_head.weight
+    plain = PlainHead(bf16.model.language_model.lm_head.weight)  # the bf16 head without rescoring (bf16 logits)
     resid16 = engine("int8")
     resid16.model.language_model.residual_dtype = None
     modes = {
@@ -91,6 +101,7 @@ def main(clips=512, out_dir=None):
         "  ablation: lm_head in bf16, not rescored": engine("int8", plain),
         "  ablation: lm_head in plain int8": engine("int8", Int8Linear(plain)),
         "  ablation: residual stream in bf16": resid16,
+        "pllava-engine fp32 + int8 (lm_head: Int8Head)": engine("int8", dtype=torch.float32),
     }
     parts = ("prefill", "decode")
     stats = {part: {name: dict(agree=0, only_mode=0, only_hf=0) for name in modes} for part in parts}

@@ -24,8 +24,8 @@ class _Help(argparse.HelpFormatter):
 _CONV_HELP = ("prompt template or recipe: plain, eval_vcgbench, eval_mvbench, ..., mvbench, vcgbench, videoqabench, "
               "recaption, demo (the *_llavanext ones for ChatML), or raw; see README 'Prompts' (default: plain, or "
               "eval_vcg_llavanext for a ChatML tokenizer)")
-_QUANT_HELP = ("int8: weight-only int8 LLM linears, LoRA unmerged at the live alpha; pair with --dtype bfloat16 on "
-               "the CPU (default: none)")
+_QUANT_HELP = ("int8: weight-only int8 LLM linears, LoRA unmerged at the live alpha; on the CPU with --dtype bfloat16 "
+               "(fastest) or float32 (fp32 activations: the most agreement) (default: none)")
 _DEVICE_HELP = "torch device, e.g. cuda, cuda:1, cpu (default: cuda when present)"
 _DTYPE_HELP = "float32 | float16 | bfloat16 (default: the checkpoint's on CUDA, bf16 for fp32 ones; float32 on CPU)"
 
@@ -330,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--video", default=None, help="clip for the decode stage (default: a cached 720p30 clip)")
     b.add_argument("--no-baseline", action="store_true", help="skip the transformers baseline")
     b.add_argument("--quantize", choices=["int8"], default=None,
-                   help="the engine with int8 LLM linears (the fast CPU mode with --dtype bfloat16); the baseline "
+                   help="the engine with int8 LLM linears (the fast CPU mode: --dtype bfloat16, or float32); the baseline "
                         "then runs in float32 unless --baseline-dtype says otherwise (default: none)")
     b.add_argument("--baseline-dtype", default=None, help="transformers' dtype (default: the engine's)")
     b.add_argument("--out", default="benchmarks/results", help="JSON and PNG plots go here")

@@ -1,5 +1,6 @@
-"""quantize="int8": weight-only int8 LLM linears with bf16 activations, the LoRA unmerged at the live alpha,
-against an independent int8 reference (transformers in fp64 on weights the test quantizes itself)."""
+"""quantize="int8": weight-only int8 LLM linears (bf16 or fp32 prefill, fp32 decode rows on the CPU), the LoRA
+unmerged at the live alpha, against an independent int8 reference (transformers in fp64 on weights the test
+quantizes itself)."""
 import glob
 import os
 
@@ -27,16 +28,16 @@ def test_int8_linear_is_the_dequantized_product():
     assert float((got - want).abs().max() / want.abs().max()) < 1e-2  # bf16 output rounding only
 
 
-def _round_trip(w):
+def _round_trip(w, step_dtype=torch.bfloat16):
     """The test's own per-row symmetric int8 round trip (shares nothing with quant.py), in the format's terms: the
     step max|w_row| / 127 stored in the activation dtype, the int8 values fitted to that stored step."""
     w = w.double()
-    step = (w.abs().amax(dim=1, keepdim=True) / 127.0).bfloat16().double()
+    step = (w.abs().amax(dim=1, keepdim=True) / 127.0).to(step_dtype).double()
     return torch.round(w / step).clamp(-127, 127) * step
 
 
-def _fake_quant_(lin):
-    lin.weight.data = _round_trip(lin.weight.data).to(lin.weight.dtype)
+def _fake_quant_(lin, step_dtype=torch.bfloat16):
+    lin.weight.data = _round_trip(lin.weight.data, step_dtype).to(lin.weight.dtype)
 
 
 def test_int8_head_rescores_its_best_logits_exactly():
@@ -77,15 +78,16 @@ def test_int8_head_rescores_its_best_logits_exactly():
         assert float((int8 - exact).abs().max()) > 5 * float(tol_exact.max())  # the first pass is int8: not vacuous
 
 
-def _oracle(ckpts, lora, dtype, quantized):
+def _oracle(ckpts, lora, dtype, quantized, step_dtype=torch.bfloat16):
     m = load_oracle(ckpts["current"]).to(torch.float64 if quantized else dtype)
     lm = m.model.language_model
     with torch.no_grad():
-        if quantized:
+        if quantized:  # the base weights as the engine holds them (rounded to the step's dtype), then int8
             for layer in lm.layers:
                 for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
                             layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
-                    _fake_quant_(lin)  # lm_head: see _head_logits
+                    lin.weight.data = lin.weight.data.to(step_dtype).double()
+                    _fake_quant_(lin, step_dtype)  # lm_head: see _head_logits
         for (i, proj), ab in lora.items():  # the LoRA on top of the (quantized) base, as the engine runs it
             lin = getattr(lm.layers[i].self_attn, proj)
             lin.weight += ((4.0 / ab["A"].shape[0]) * ab["B"] @ ab["A"]).to(lin.weight.dtype)
@@ -188,3 +190,58 @@ def test_int8_halves_the_llm_weight_bytes(ckpts):
     assert isinstance(head, Int8Head)  # two int8 levels: the bytes of the bf16 head, plus a scale pair a row
     head_bytes = sum(b.numel() * b.element_size() for b in head.buffers())
     assert head_bytes <= bf16_head.weight.numel() * 2 + head.out_features * 6, head_bytes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_decode_steps_are_the_exact_int8_model(ckpts, caplog, dtype):
+    """The positions generation runs: random text tokens fed one cached decode step each after a clip's prompt.
+    With pllava._C those decode rows run in fp32 (the int8 GEMV, fp32 norms and residual): in fp32 the engine is
+    the exact int8 model within 2x transformers' own fp32 error against fp64; in bf16 (a bf16 prefill before
+    them) within 2x transformers' bf16 error. lm_head is an Int8Head: each logit the int8 head's or, for a row's
+    best, its two-level one (w = q·s + q2·s2, the test's own round trip twice; in bf16 that is exact enough)."""
+    from pllava.generate import decode_one_token
+    from pllava.model.quant import native_int8_available
+
+    lora = read_lora(sorted(glob.glob(os.path.join(ckpts["pllava"], "*.safetensors"))))
+    ids, image_token, pooling, frames, _ = oracle_inputs(ckpts["current"])
+    with caplog.at_level("INFO", logger="pllava"):
+        eng = pllava.Engine.from_pretrained(ckpts["pllava"], dtype=dtype, quantize="int8")
+    native = native_int8_available()
+    assert ("decode rows in fp32 through pllava._C" in caplog.text) == native, caplog.text
+    norms = [m.fp32_rows for m in eng.model.language_model.modules() if hasattr(m, "fp32_rows")]
+    assert len(norms) == 2 * len(eng.model.language_model.layers) + 1 and set(norms) == {16 if native else 0}
+    q64 = _oracle(ckpts, lora, None, True, step_dtype=dtype)
+    ref, f64 = _oracle(ckpts, lora, dtype, False), _oracle(ckpts, lora, torch.float64, False)
+    lm, n = eng.model.language_model, ids.numel() + pooling[0] * pooling[1] * pooling[2] - 1
+    steps = 6
+
+    def hidden(m, px, feed):  # last hidden states at the fed positions: prompt + feed in one forward
+        dt = next(m.parameters()).dtype
+        with torch.no_grad():
+            e = oracle_embeds(m, px.to(dt), ids, image_token, pooling, frames)
+            seq = torch.cat([e, m.model.language_model.embed_tokens(feed)])
+            return m.model.language_model(inputs_embeds=seq[None]).last_hidden_state[0, n - 1:n - 1 + steps]
+
+    for seed in range(2):
+        g = torch.Generator().manual_seed(40 + seed)
+        px = torch.randn(frames, 3, 42, 42, generator=g)
+        feed = torch.randint(0, eng.config.text.vocab_size, (steps,), generator=g)
+        feed[feed == image_token] = 0
+        lm.setup_cache(1, n + steps, eng.kv_dtype, eng.device)
+        with torch.no_grad():
+            eng.prompt_logits(px, Q)  # fills positions [0, n)
+            got = torch.stack([decode_one_token(lm, t.view(1, 1), torch.tensor([n + i]), kv_len=n + i + 1)[0, -1]
+                               for i, t in enumerate(feed[:steps - 1])]).double()  # predictions at n .. n+steps-2
+        h = hidden(q64, px, feed)[1:]  # the same positions in the exact int8 model
+        w = q64.lm_head.weight.to(dtype).double()  # as the engine holds it
+        level1 = _round_trip(w, dtype)
+        two, int8 = h @ (level1 + _round_trip(w - level1, torch.float32)).T, h @ level1.T
+        scale = float(two.abs().max())
+        err = torch.minimum((got - two).abs(), (got - int8).abs())
+        e_eng = float(err.max()) / scale
+        e_best = float((got - two).gather(-1, two.topk(8).indices).abs().max()) / scale
+        hr, hf = hidden(ref, px, feed)[1:].double(), hidden(f64, px, feed)[1:]
+        e_hf = float((hr @ ref.lm_head.weight.double().T - hf @ f64.lm_head.weight.T).abs().max()) / scale
+        print(f"\n{dtype} seed {seed}: engine decode vs exact int8 {e_eng:.2e} (best 8: {e_best:.2e}), "
+              f"transformers {dtype} vs fp64 {e_hf:.2e}")
+        assert 0 < e_eng <= 2 * e_hf and e_best <= 2 * e_hf, (seed, e_eng, e_best, e_hf)

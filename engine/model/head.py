@@ -53,7 +53,8 @@ class HalfHead(RescoredHead):
     def first_pass(self, h2):
         # F.linear also for a skinny batch: the (V, D) x (D, B) order that wins in fp32 on the CPU (llm.py) lost
         # in bf16 (small preset's head, 2 cores: 7.0 against 11.6 ms at 2 rows, 8.3 against 11.7 at 8)
-        return F.linear(h2, self.weight)
+        # h2 in the weights' dtype: fp32 decode rows (the CPU's int8 mode, its head tied to the embedding) too
+        return F.linear(h2.to(self.weight.dtype), self.weight)
 
     def weight_rows(self, t):
         return self.weight[t].float()

@@ -23,11 +23,16 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(dim))
+        # Up to this many rows the output stays in fp32 (LlamaLM.set_fp32_rows: decode rows on the CPU under int8,
+        # whose linears take fp32 activations at no cost); 0: always the weight's dtype
+        self.fp32_rows = 0
 
     def forward(self, x):
         dt = x.dtype
         x32 = x.float()  # in fp32, as the reference: a bf16 variance loses ~3 digits
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if x.numel() <= self.fp32_rows * x.shape[-1]:
+            return self.weight.float() * x32
         # in the weight's dtype (the next linear's input): for an x in the weight's dtype that is the reference's
         # weight * x.to(dt); for an fp32 residual stream (LlamaLM.residual_dtype) it is one rounding, not two
         return (self.weight * x32.to(dt)).to(self.weight.dtype)
@@ -260,6 +265,13 @@ class LlamaLM(nn.Module):
         # each add. benchmarks/bench_quality.py 1024: bf16 + int8 disagrees with fp32 at 767 / 279 (prompt / decode)
         # positions, 855 / 329 with a bf16 residual; the adds are (L, D) elementwise, no cost the bench can see.
         self.residual_dtype: torch.dtype | None = None
+
+    def set_fp32_rows(self, rows: int):
+        """Forwards of at most `rows` rows keep their activations in fp32 through the norms (quant.py: the CPU's
+        int8 decode rows); the linears' outputs are then fp32 by their kernel, the residual by residual_dtype."""
+        for m in self.modules():
+            if isinstance(m, RMSNorm):
+                m.fp32_rows = rows
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Token ids (any shape) -> embeddings, <image> ids looked up as pad_token_id (graph-safe: no branch)."""

@@ -1,14 +1,22 @@
 """Weight-only int8 for the LLM's linears (`Engine.from_pretrained(..., quantize="int8")`).
 
 Per output channel, symmetric: w ≈ q · s with q = round(w / s) in [-127, 127], s = max|w_row| / 127, the scale in
-the activation dtype. The LoRA stays unmerged in the activation dtype at the live alpha (only the base weight is
-quantized), so set_lora_alpha works as before. Decode (M <= 16 rows) is memory-bound, so half the weight bytes is the point:
-on the CPU, torch's `_weight_int8pack_mm` with bf16 activations measured 0.16-0.21x the fp32 GEMV time at 7B
-shapes (with fp32 activations it is 4x slower, so this mode wants dtype=bfloat16). On the Triton path (CUDA) every
+the weights' dtype. The LoRA stays unmerged in the weights' dtype at the live alpha (only the base weight is
+quantized), so set_lora_alpha works as before. Decode (M <= 16 rows) is memory-bound, so a quarter of fp32's weight
+bytes (half of bf16's) is the point.
+
+On the CPU, decode rows run in fp32 when pllava._C is built (`native_int8_available()`): its int8 GEMV keeps the
+activations and the accumulator in fp32 and is as fast as torch's bf16 one (7B shapes, 2 Zen4 cores, one row:
+0.34 ms at K = N = 4096 against _weight_int8pack_mm's 0.53 ms with bf16 activations, 7.9 ms with fp32 ones, and
+3.1 ms for the fp32 GEMV it replaces), so bf16 decode activations buy no speed and cost agreement (README,
+"quality"). Without pllava._C, decode rows go through _weight_int8pack_mm in the activations' dtype (slow in
+fp32), and the log says so. Prefill rows: a GEMM in the weights' dtype (below). On the Triton path (CUDA) every
 call is pllava.kernels.int8_linear: int8 tiles widened in registers, the scale on the fp32 accumulator, the LoRA's
 expand fused at the live alpha; without triton there the weight is dequantized per call, and the log says which.
 """
 from __future__ import annotations
+
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +27,7 @@ from pllava.kernels.lora_linear import lora_delta
 
 from .head import RescoredHead
 
+log = logging.getLogger("pllava")
 
 # Up to this many rows (decode, small batches) the int8 GEMV streams half the bytes. Past it the product is
 # compute-bound, and dequantizing to bf16 for its GEMM wins: M = 2400, K = 768, N = 2048 on 2 Zen4 cores took
@@ -38,14 +47,73 @@ def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+def _native():
+    try:
+        from pllava import _C
+    except ImportError:
+        return None
+    return _C if hasattr(_C, "int8_gemv") else None
+
+
+def native_int8_available() -> bool:
+    """Whether pllava._C's fp32 int8 GEMV is built (decode rows on the CPU then run in fp32)."""
+    return _native() is not None
+
+
+@torch.library.custom_op("pllava::int8_gemv_cpu", mutates_args=())
+def int8_gemv_cpu(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (M, K) fp32 · (q (N, K) int8 · scale (N,) fp32)ᵀ -> (M, N) fp32, accumulated in fp32 (pllava._C)."""
+    C = _native()
+    if C is None:
+        raise RuntimeError("pllava::int8_gemv_cpu: pllava._C is not built with int8_gemv (reinstall the package)")
+    if x.device.type != "cpu" or x.dim() != 2 or x.dtype != torch.float32:
+        raise ValueError(f"int8_gemv_cpu: x must be a 2-D float32 CPU tensor, got {tuple(x.shape)} {x.dtype} "
+                         f"on {x.device}")
+    if q.dtype != torch.int8 or q.dim() != 2 or q.shape[1] != x.shape[1] or q.device.type != "cpu":
+        raise ValueError(f"int8_gemv_cpu: q must be an int8 CPU (N, {x.shape[1]}), got {tuple(q.shape)} {q.dtype}")
+    if scale.dtype != torch.float32 or scale.shape != (q.shape[0],) or scale.device.type != "cpu":
+        raise ValueError(f"int8_gemv_cpu: scale must be float32 ({q.shape[0]},), got {tuple(scale.shape)} "
+                         f"{scale.dtype}")
+    x, q, scale = x.contiguous(), q.contiguous(), scale.contiguous()
+    (m, k), n = x.shape, q.shape[0]
+    y = torch.empty(m, n, dtype=torch.float32)
+    C.int8_gemv(x.data_ptr(), k, q.data_ptr(), scale.data_ptr(), y.data_ptr(), n, m, n, k, torch.get_num_threads())
+    return y
+
+
+@int8_gemv_cpu.register_fake
+def _(x, q, scale):
+    return x.new_empty(x.shape[0], q.shape[0], dtype=torch.float32)
+
+
+_LOGGED: set = set()
+
+
+def _log_once(msg: str):
+    if msg not in _LOGGED:
+        _LOGGED.add(msg)
+        log.info(msg)
+
+
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                 lora=None, path: str = "torch") -> torch.Tensor:
-    """x (..., K) · (q · scale)ᵀ + bias [+ the LoRA: lora = (lora_A, lora_B, s) at its live scale], in x's dtype.
+    """x (..., K) · (q · scale)ᵀ + bias [+ the LoRA: lora = (lora_A, lora_B, s) at its live scale], in x's dtype
+    but for decode rows on the CPU with pllava._C: those come back in fp32 (module docstring).
     path 'triton': the fused Triton kernel; 'torch': the CPU kernels below (or the dequantized weight)."""
     if path == "triton":
         return int8_linear_fused(x, q, scale, bias, *(lora or (None, None, None)))
     x2 = x.reshape(-1, x.shape[-1])
+    if x2.device.type == "cpu" and x2.shape[0] <= DECODE_ROWS and native_int8_available():
+        _log_once("int8 decode rows: pllava._C's fp32 int8 GEMV")
+        y = torch.ops.pllava.int8_gemv_cpu(x2.float(), q, scale.float())  # (M, N) fp32
+        if bias is not None:
+            y = y + bias
+        y = y.reshape(*x.shape[:-1], q.shape[0])
+        if lora is not None:  # in the LoRA's dtype (fp32 copies of A and B would add 2 bytes a LoRA weight)
+            y = y + lora_delta(x.to(lora[0].dtype), *lora)
+        return y
     if x2.device.type == "cpu" and x2.shape[0] <= DECODE_ROWS:
+        _log_once("int8 decode rows: torch._weight_int8pack_mm in the activations' dtype (pllava._C is not built)")
         y = torch._weight_int8pack_mm(x2.contiguous(), q, scale.to(x2.dtype))
     elif x2.dtype == torch.bfloat16:  # prefill: bf16's GEMM on q itself (int8 values are exact in bf16; its range
         # holds x·q), then the scale: torch's bf16 multiply forms y·s in fp32 and rounds once, bit-identical to
@@ -85,9 +153,15 @@ class Int8Head(RescoredHead):
 
     def __init__(self, lin: nn.Linear):
         super().__init__()
-        w32 = lin.weight.data.float()
-        q, s = quantize_weight(lin.weight.data)
-        q2, s2 = quantize_weight(w32 - q.float() * s.float()[:, None])  # the residual against the scale in use
+        w = lin.weight.data
+        q, s = quantize_weight(w)
+        # the residual against the scale in use, formed in fp64: exact (for fp32 weights q·s needs 31 bits, and an
+        # fp32 residual moved second-level values by one step: 2e-6 of a logit against fp32's 3e-7); row chunks
+        # bound the fp64 copy (34B's head: 64064 x 7168)
+        resid = torch.empty(w.shape, dtype=torch.float32, device=w.device)
+        for r in range(0, w.shape[0], 4096):
+            resid[r:r + 4096] = w[r:r + 4096].double() - q[r:r + 4096].double() * s[r:r + 4096].double()[:, None]
+        q2, s2 = quantize_weight(resid)
         for name, t in (("qweight", q), ("qscale", s), ("rweight", q2), ("rscale", s2.float())):
             self.register_buffer(name, t)
         self.in_features, self.out_features = lin.in_features, lin.out_features

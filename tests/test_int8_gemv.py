@@ -1,0 +1,115 @@
+"""pllava._C's int8 GEMV (fp32 activations, the CPU's int8 decode rows) against references computed here: integer
+inputs whose products and sums fp32 holds exactly (so every output is exact, whatever the summation order), and
+random floats against fp64 within twice torch's own fp32 error."""
+import pytest
+import torch
+
+import pllava
+from pllava.model.quant import int8_linear, native_int8_available, quantize_weight
+
+native = pytest.mark.skipif(not native_int8_available(), reason="pllava._C is not built")
+
+# M up to DECODE_ROWS (16), with row counts off the kernel's 4-row tile; K off its 16-wide vector (tails of 1 and
+# 15), N off its 4-row tile
+SHAPES = [(1, 1, 1), (1, 5, 17), (3, 4, 16), (4, 9, 31), (5, 13, 64), (13, 7, 100), (16, 33, 257), (2, 130, 15)]
+
+
+def _c():
+    from pllava import _C
+
+    return _C
+
+
+def _run(x, q, s, generic, ldy=None, out=None):
+    """Calls the kernel on x's own row stride, writing into `out` (rows of ldy) when given."""
+    m, k = x.shape
+    n = q.shape[0]
+    y = torch.full((m, ldy or n), float("nan")) if out is None else out
+    _c().int8_gemv(x.data_ptr(), x.stride(0), q.data_ptr(), s.data_ptr(), y.data_ptr(), y.stride(0), m, n, k, 2,
+                   generic)
+    return y
+
+
+@native
+@pytest.mark.parametrize("generic", [False, True])
+@pytest.mark.parametrize("m,n,k", SHAPES)
+def test_int8_gemv_is_exact_on_integer_inputs(m, n, k, generic):
+    g = torch.Generator().manual_seed(m * 1000 + n * 10 + k)
+    wide = torch.randint(-8, 9, (m, k + 3), generator=g).float()
+    x = wide[:, 1:k + 1]  # a row stride of k + 3: the kernel must honour ldx
+    q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    s = 2.0 ** torch.randint(-6, 3, (n,), generator=g).float()  # powers of two: the scaling is exact too
+    want = (x.long() @ q.long().T).double() * s.double()  # |sums| <= 257 * 8 * 127 < 2^24: exact in fp32
+    y = _run(x, q, s, generic, ldy=n + 2)  # two columns past N that must stay untouched
+    assert torch.equal(y[:, :n].double(), want), (y[:, :n] - want).abs().max()
+    assert torch.isnan(y[:, n:]).all(), "wrote past N"
+
+
+@native
+@pytest.mark.parametrize("m,n,k", [(1, 300, 4096), (7, 64, 1000), (16, 40, 513)])
+def test_int8_gemv_float_error_is_fp32s(m, n, k):
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(m, k, generator=g)
+    q, s = quantize_weight(torch.randn(n, k, generator=g) * 0.02)
+    s = s.float()
+    w = q.float() * s[:, None]
+    exact = x.double() @ (q.double() * s.double()[:, None]).T
+    peak = float(exact.abs().max())
+    e_torch = float((torch.nn.functional.linear(x, w).double() - exact).abs().max()) / peak
+    for generic in (False, True):
+        e = float((_run(x.contiguous(), q, s, generic).double() - exact).abs().max()) / peak
+        print(f"\n{m}x{n}x{k} generic={generic}: {e:.2e} against torch fp32's {e_torch:.2e}")
+        assert e <= 2 * e_torch + 2 ** -23, (generic, e, e_torch)  # + an ulp: torch's may round to 0 on a shape
+
+
+@native
+def test_the_custom_op_is_consistent_and_refuses_bad_arguments():
+    q, s = quantize_weight(torch.randn(12, 40))
+    x = torch.randn(3, 40)
+    torch.library.opcheck(torch.ops.pllava.int8_gemv_cpu, (x, q, s.float()))
+    with pytest.raises(ValueError, match="x must be a 2-D float32"):
+        torch.ops.pllava.int8_gemv_cpu(x.bfloat16(), q, s.float())
+    with pytest.raises(ValueError, match=r"q must be an int8 CPU \(N, 40\)"):
+        torch.ops.pllava.int8_gemv_cpu(x, q[:, :39], s.float())
+    with pytest.raises(ValueError, match=r"scale must be float32 \(12,\)"):
+        torch.ops.pllava.int8_gemv_cpu(x, q, s.float()[:11])
+    with pytest.raises(ValueError, match="ldx >= K"):
+        _c().int8_gemv(x.data_ptr(), 39, q.data_ptr(), s.data_ptr(), x.data_ptr(), 12, 3, 12, 40, 1, False)
+
+
+@native
+def test_decode_rows_come_back_in_fp32_with_the_lora_at_its_scale():
+    """int8_linear for <= 16 rows on the CPU: fp32 out from bf16 or fp32 in, bias and LoRA added, the base product
+    the fp32 one (not bf16-rounded)."""
+    g = torch.Generator().manual_seed(3)
+    w, b = torch.randn(24, 48, generator=g), torch.randn(24, generator=g)
+    a_, b_ = torch.randn(4, 48, generator=g), torch.randn(24, 4, generator=g)
+    q, s = quantize_weight(w)
+    x = torch.randn(2, 3, 48, generator=g)  # 6 rows
+    scale = torch.tensor(0.5)
+    y = int8_linear(x, q, s, b, (a_, b_, scale))
+    assert y.dtype == torch.float32 and y.shape == (2, 3, 24)
+    deq = q.double() * s.double()[:, None]
+    want = x.double() @ deq.T + b.double() + 0.5 * (x.double() @ a_.double().T @ b_.double().T)
+    assert float((y - want).abs().max() / want.abs().max()) < 1e-5
+    y16 = int8_linear(x.bfloat16(), q, s.bfloat16(), b.bfloat16())
+    want16 = x.bfloat16().double() @ (q.double() * s.bfloat16().double()[:, None]).T + b.bfloat16().double()
+    assert y16.dtype == torch.float32
+    assert float((y16 - want16).abs().max() / want16.abs().max()) < 1e-5  # no bf16 rounding of the output
+
+
+def test_without_the_extension_decode_rows_use_torchs_int8_gemv_and_say_so(ckpts, monkeypatch, caplog):
+    from pllava.model import quant
+
+    monkeypatch.setattr(quant, "_native", lambda: None)
+    monkeypatch.setattr(quant, "_LOGGED", set())
+    q, s = quantize_weight(torch.randn(24, 48).bfloat16())
+    x = torch.randn(2, 48).bfloat16()
+    with caplog.at_level("INFO", logger="pllava"):
+        y = int8_linear(x, q, s, None)
+        eng = pllava.Engine.from_pretrained(ckpts["pllava"], dtype=torch.bfloat16, quantize="int8")
+    assert y.dtype == torch.bfloat16  # _weight_int8pack_mm keeps the activations' dtype
+    assert torch.equal(y, torch._weight_int8pack_mm(x, q, s))
+    assert "torch._weight_int8pack_mm in the activations' dtype (pllava._C is not built)" in caplog.text
+    assert "torch._weight_int8pack_mm for decode rows (pllava._C is not built)" in caplog.text
+    assert all(m.fp32_rows == 0 for m in eng.model.language_model.modules() if hasattr(m, "fp32_rows"))
