@@ -102,7 +102,7 @@ def test_without_the_extension_decode_rows_use_torchs_int8_gemv_and_say_so(ckpts
     from pllava.model import quant
 
     monkeypatch.setattr(quant, "_native", lambda: None)
-    monkeypatch.setattr(quant, "_LOGGED", set())
+    monkeypatch.setattr(quant, "_LOGGED", set())  # (_native is looked up per call)
     q, s = quantize_weight(torch.randn(24, 48).bfloat16())
     x = torch.randn(2, 48).bfloat16()
     with caplog.at_level("INFO", logger="pllava"):

@@ -47,12 +47,25 @@ def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+_NATIVE: list = []  # [pllava._C or None], looked up once: decode calls this ~60 times a token
+
+
 def _native():
-    try:
-        from pllava import _C
-    except ImportError:
-        return None
-    return _C if hasattr(_C, "int8_gemv") else None
+    if not _NATIVE:
+        try:
+            from pllava import _C
+        except ImportError:
+            _C = None
+        _NATIVE.append(_C if hasattr(_C, "int8_gemv") else None)
+    return _NATIVE[0]
+
+
+def _gemv(C, x, q, scale):
+    """The kernel call itself: x (M, K) fp32 and scale (N,) fp32 contiguous, q (N, K) int8 contiguous."""
+    (m, k), n = x.shape, q.shape[0]
+    y = torch.empty(m, n, dtype=torch.float32)
+    C.int8_gemv(x.data_ptr(), k, q.data_ptr(), scale.data_ptr(), y.data_ptr(), n, m, n, k, torch.get_num_threads())
+    return y
 
 
 def native_int8_available() -> bool:
@@ -74,11 +87,7 @@ def int8_gemv_cpu(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torc
     if scale.dtype != torch.float32 or scale.shape != (q.shape[0],) or scale.device.type != "cpu":
         raise ValueError(f"int8_gemv_cpu: scale must be float32 ({q.shape[0]},), got {tuple(scale.shape)} "
                          f"{scale.dtype}")
-    x, q, scale = x.contiguous(), q.contiguous(), scale.contiguous()
-    (m, k), n = x.shape, q.shape[0]
-    y = torch.empty(m, n, dtype=torch.float32)
-    C.int8_gemv(x.data_ptr(), k, q.data_ptr(), scale.data_ptr(), y.data_ptr(), n, m, n, k, torch.get_num_threads())
-    return y
+    return _gemv(C, x.contiguous(), q.contiguous(), scale.contiguous())
 
 
 @int8_gemv_cpu.register_fake
@@ -103,9 +112,13 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: tor
     if path == "triton":
         return int8_linear_fused(x, q, scale, bias, *(lora or (None, None, None)))
     x2 = x.reshape(-1, x.shape[-1])
-    if x2.device.type == "cpu" and x2.shape[0] <= DECODE_ROWS and native_int8_available():
+    C = _native() if x2.device.type == "cpu" and x2.shape[0] <= DECODE_ROWS else None
+    if C is not None:
         _log_once("int8 decode rows: pllava._C's fp32 int8 GEMV")
-        y = torch.ops.pllava.int8_gemv_cpu(x2.float(), q, scale.float())  # (M, N) fp32
+        if torch.compiler.is_compiling() or not q.is_contiguous():  # the custom op: traceable, and it checks
+            y = torch.ops.pllava.int8_gemv_cpu(x2.float(), q, scale.float())  # (M, N) fp32
+        else:  # eager: the kernel directly (the op's dispatch cost 20 us a call, 60 calls a token)
+            y = _gemv(C, x2.float().contiguous(), q, scale.float().contiguous())
         if bias is not None:
             y = y + bias
         y = y.reshape(*x.shape[:-1], q.shape[0])
