@@ -262,8 +262,9 @@ class LlamaLM(nn.Module):
         self.pad_token_id: int | None = None
         # The residual stream's dtype (None: the embeddings'). The runtime sets fp32 under bf16/fp16 weights on the
         # CPU: every GEMM still takes bf16 inputs, but the sum of 2 x layers increments is not rounded to bf16 at
-        # each add. benchmarks/bench_quality.py 1024: bf16 + int8 disagrees with fp32 at 767 / 279 (prompt / decode)
-        # positions, 855 / 329 with a bf16 residual; the adds are (L, D) elementwise, no cost the bench can see.
+        # each add. benchmarks/bench_quality.py 1024, bf16 decode rows then: bf16 + int8 disagreed with fp32 at
+        # 767 / 279 (prompt / decode) positions, 855 / 329 with a bf16 residual; the adds are (L, D) elementwise,
+        # no cost the bench can see. (int8's decode rows are fp32 now, whose outputs promote the residual anyway.)
         self.residual_dtype: torch.dtype | None = None
 
     def set_fp32_rows(self, rows: int):

@@ -192,9 +192,9 @@ def quantize_lm_int8_(lm) -> bool:
     """Quantize the decoder layers' linears (attention q/k/v/o with their LoRA left as is, the MLP) and lm_head
     (as an Int8Head) in place; the embedding stays in the weights' dtype. lm_head tied to the embedding stays too
     (its two-level copy would add 2 bytes a weight). Returns whether lm_head was quantized.
-    benchmarks/bench_quality.py 1024 (tiny checkpoint, top-1 disagreements with the fp32 model at 60416 prompt /
-    16384 decode positions; transformers' bf16: 913 / 259): lm_head in bf16 937 / 314, in plain int8 1160 / 353,
-    as an Int8Head 767 / 279 (the gain is the fp32 logits of the rescored tokens)."""
+    benchmarks/bench_quality.py 2048 (tiny checkpoint, top-1 disagreements with the fp32 model at 120832 prompt /
+    32768 decode positions; transformers' bf16: 1893 / 507): lm_head in bf16 1890 / 623, in plain int8
+    2326 / 657, as an Int8Head 1565 / 526 (the gain is the fp32 logits of the rescored tokens)."""
     from .llm import LoRALinear
 
     for layer in lm.layers:
