@@ -161,19 +161,20 @@ class Engine:
             nbytes = quantized_bytes(net.language_model)
             if ops.kernel_path(device) == "triton":
                 how = "the Triton int8 kernel, LoRA fused (pllava.kernels.int8_linear)"
-            elif device.type == "cpu" and native_int8_available():
+            elif device.type == "cpu" and native_int8_available(dt):
                 how = ("decode rows in fp32 through pllava._C's int8 GEMV, prefill rows by a GEMM in the weights' "
                        "dtype")
                 net.language_model.set_fp32_rows(DECODE_ROWS)
             elif device.type == "cpu":
-                how = ("torch._weight_int8pack_mm for decode rows (pllava._C is not built), prefill rows by a GEMM "
-                       "in the weights' dtype")
+                why = "is not built" if not native_int8_available() else "runs without AVX-512 here"
+                how = (f"torch._weight_int8pack_mm for decode rows (pllava._C {why}), prefill rows by a GEMM in the "
+                       "weights' dtype")
             else:
                 how = "int8 weights dequantized per call (triton cannot run here: memory halves, speed does not)"
             head = "lm_head two-level int8" if head8 else "lm_head tied to the embedding: not quantized"
             log.info("quantize=int8: the LLM's linears hold %.1f MB as int8 + scales (%s); path: %s%s",
                      nbytes / 1e6, head, how,
-                     "" if dt != torch.float32 or device.type != "cpu" or native_int8_available() else
+                     "" if dt != torch.float32 or device.type != "cpu" or native_int8_available(dt) else
                      "; with float32 activations this is slower than fp32: use dtype=torch.bfloat16")
         lm = net.language_model
         if dt in (torch.bfloat16, torch.float16) and isinstance(lm.lm_head, torch.nn.Linear):

@@ -113,3 +113,34 @@ def test_without_the_extension_decode_rows_use_torchs_int8_gemv_and_say_so(ckpts
     assert "torch._weight_int8pack_mm in the activations' dtype (pllava._C is not built)" in caplog.text
     assert "torch._weight_int8pack_mm for decode rows (pllava._C is not built)" in caplog.text
     assert all(m.fp32_rows == 0 for m in eng.model.language_model.modules() if hasattr(m, "fp32_rows"))
+
+
+@native
+def test_without_avx512_bf16_decode_rows_keep_torchs_bf16_gemv(monkeypatch, caplog):
+    """The portable loop is slower than torch's bf16 GEMV: a bf16 engine keeps bf16 decode rows there, an fp32 one
+    (whose alternative is torch's slow fp32 int8 GEMV) still takes the extension."""
+    from pllava.model import quant
+
+    C = quant._native()
+
+    class Portable:  # the extension on a CPU without AVX-512
+        @staticmethod
+        def int8_gemv(*a):
+            return C.int8_gemv(*a[:10], True)
+
+        @staticmethod
+        def int8_gemv_isa():
+            return "generic"
+
+    monkeypatch.setattr(quant, "_native", lambda: Portable)
+    monkeypatch.setattr(quant, "_LOGGED", set())
+    assert native_int8_available(torch.float32) and not native_int8_available(torch.bfloat16)
+    q, s = quantize_weight(torch.randn(24, 48))
+    x = torch.randn(2, 48)
+    with caplog.at_level("INFO", logger="pllava"):
+        y16 = int8_linear(x.bfloat16(), q, s.bfloat16(), None)
+        y32 = int8_linear(x, q, s, None)
+    assert y16.dtype == torch.bfloat16 and torch.equal(y16, torch._weight_int8pack_mm(x.bfloat16(), q, s.bfloat16()))
+    want = x.double() @ (q.double() * s.double()[:, None]).T
+    assert y32.dtype == torch.float32 and float((y32 - want).abs().max() / want.abs().max()) < 1e-6
+    assert "pllava._C is built without AVX-512 here" in caplog.text and "int8 GEMV (generic)" in caplog.text

@@ -206,7 +206,7 @@ def test_int8_decode_steps_are_the_exact_int8_model(ckpts, caplog, dtype):
     ids, image_token, pooling, frames, _ = oracle_inputs(ckpts["current"])
     with caplog.at_level("INFO", logger="pllava"):
         eng = pllava.Engine.from_pretrained(ckpts["pllava"], dtype=dtype, quantize="int8")
-    native = native_int8_available()
+    native = native_int8_available(dtype)
     assert ("decode rows in fp32 through pllava._C" in caplog.text) == native, caplog.text
     norms = [m.fp32_rows for m in eng.model.language_model.modules() if hasattr(m, "fp32_rows")]
     assert len(norms) == 2 * len(eng.model.language_model.layers) + 1 and set(norms) == {16 if native else 0}

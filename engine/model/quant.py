@@ -5,7 +5,7 @@ the weights' dtype. The LoRA stays unmerged in the weights' dtype at the live al
 quantized), so set_lora_alpha works as before. Decode (M <= 16 rows) is memory-bound, so a quarter of fp32's weight
 bytes (half of bf16's) is the point.
 
-On the CPU, decode rows run in fp32 when pllava._C is built (`native_int8_available()`): its int8 GEMV keeps the
+On the CPU, decode rows run in fp32 when pllava._C is built (`native_int8_available(dtype)`): its int8 GEMV keeps the
 activations and the accumulator in fp32 and is as fast as torch's bf16 one (7B shapes, 2 Zen4 cores, one row:
 0.34 ms at K = N = 4096 against _weight_int8pack_mm's 0.53 ms with bf16 activations, 7.9 ms with fp32 ones, and
 3.1 ms for the fp32 GEMV it replaces), so bf16 decode activations buy no speed and cost agreement (README,
@@ -68,9 +68,12 @@ def _gemv(C, x, q, scale):
     return y
 
 
-def native_int8_available() -> bool:
-    """Whether pllava._C's fp32 int8 GEMV is built (decode rows on the CPU then run in fp32)."""
-    return _native() is not None
+def native_int8_available(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether int8 decode rows of an engine in `dtype` run in fp32 through pllava._C's GEMV: it is built, and for
+    bf16 / fp16 engines its AVX-512 path runs here (its portable loop is slower than torch's bf16 GEMV, which then
+    keeps those rows in bf16)."""
+    C = _native()
+    return C is not None and (dtype == torch.float32 or C.int8_gemv_isa() == "avx512")
 
 
 @torch.library.custom_op("pllava::int8_gemv_cpu", mutates_args=())
@@ -113,8 +116,8 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: tor
         return int8_linear_fused(x, q, scale, bias, *(lora or (None, None, None)))
     x2 = x.reshape(-1, x.shape[-1])
     C = _native() if x2.device.type == "cpu" and x2.shape[0] <= DECODE_ROWS else None
-    if C is not None:
-        _log_once("int8 decode rows: pllava._C's fp32 int8 GEMV")
+    if C is not None and (x2.dtype == torch.float32 or C.int8_gemv_isa() == "avx512"):
+        _log_once(f"int8 decode rows: pllava._C's fp32 int8 GEMV ({C.int8_gemv_isa()})")
         if torch.compiler.is_compiling() or not q.is_contiguous():  # the custom op: traceable, and it checks
             y = torch.ops.pllava.int8_gemv_cpu(x2.float(), q, scale.float())  # (M, N) fp32
         else:  # eager: the kernel directly (the op's dispatch cost 20 us a call, 60 calls a token)
@@ -126,7 +129,8 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: tor
             y = y + lora_delta(x.to(lora[0].dtype), *lora)
         return y
     if x2.device.type == "cpu" and x2.shape[0] <= DECODE_ROWS:
-        _log_once("int8 decode rows: torch._weight_int8pack_mm in the activations' dtype (pllava._C is not built)")
+        _log_once("int8 decode rows: torch._weight_int8pack_mm in the activations' dtype (pllava._C is "
+                  + ("not built)" if C is None else "built without AVX-512 here)"))
         y = torch._weight_int8pack_mm(x2.contiguous(), q, scale.to(x2.dtype))
     elif x2.dtype == torch.bfloat16:  # prefill: bf16's GEMM on q itself (int8 values are exact in bf16; its range
         # holds x·q), then the scale: torch's bf16 multiply forms y·s in fp32 and rounds once, bit-identical to
