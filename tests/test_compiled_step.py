@@ -36,3 +36,17 @@ def test_compiled_step_follows_a_live_alpha(engines):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames_after_first
     comp.set_lora_alpha(4)
     eager.set_lora_alpha(4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_compiled_int8_step_gives_the_eager_tokens(ckpts, dtype):
+    """quantize="int8" on the CPU: the decode rows' int8 GEMV traces as the custom op pllava::int8_gemv_cpu
+    (fullgraph: the extension is not called, nor asked its ISA, inside the graph)."""
+    px = torch.randn(4, 3, 42, 42, generator=torch.Generator().manual_seed(5))
+    q = "What is happening in the video?"
+    eager = pllava.Engine.from_pretrained(ckpts["pllava"], dtype=dtype, quantize="int8")
+    comp = pllava.Engine.from_pretrained(ckpts["pllava"], dtype=dtype, quantize="int8")
+    comp.compile_decode = True
+    got = comp.generate(px, q, max_new_tokens=8)
+    assert comp._step.compiled is not None
+    assert got.token_ids == eager.generate(px, q, max_new_tokens=8).token_ids

@@ -101,8 +101,8 @@ def test_decode_rows_come_back_in_fp32_with_the_lora_at_its_scale():
 def test_without_the_extension_decode_rows_use_torchs_int8_gemv_and_say_so(ckpts, monkeypatch, caplog):
     from pllava.model import quant
 
-    monkeypatch.setattr(quant, "_native", lambda: None)
-    monkeypatch.setattr(quant, "_LOGGED", set())  # (_native is looked up per call)
+    monkeypatch.setattr(quant, "_native", lambda: (None, None))
+    monkeypatch.setattr(quant, "_LOGGED", set())
     q, s = quantize_weight(torch.randn(24, 48).bfloat16())
     x = torch.randn(2, 48).bfloat16()
     with caplog.at_level("INFO", logger="pllava"):
@@ -121,18 +121,14 @@ def test_without_avx512_bf16_decode_rows_keep_torchs_bf16_gemv(monkeypatch, capl
     (whose alternative is torch's slow fp32 int8 GEMV) still takes the extension."""
     from pllava.model import quant
 
-    C = quant._native()
+    C = quant._native()[0]
 
     class Portable:  # the extension on a CPU without AVX-512
         @staticmethod
         def int8_gemv(*a):
             return C.int8_gemv(*a[:10], True)
 
-        @staticmethod
-        def int8_gemv_isa():
-            return "generic"
-
-    monkeypatch.setattr(quant, "_native", lambda: Portable)
+    monkeypatch.setattr(quant, "_native", lambda: (Portable, "generic"))
     monkeypatch.setattr(quant, "_LOGGED", set())
     assert native_int8_available(torch.float32) and not native_int8_available(torch.bfloat16)
     q, s = quantize_weight(torch.randn(24, 48))

@@ -47,16 +47,19 @@ def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-_NATIVE: list = []  # [pllava._C or None], looked up once: decode calls this ~60 times a token
+_NATIVE: list = []  # [(pllava._C or None, its GEMV's ISA)], looked up once: decode asks ~60 times a token, and a
+# compiled step must not call into the extension to ask
 
 
 def _native():
+    """-> (pllava._C, "avx512" | "generic"), or (None, None) where it is not built."""
     if not _NATIVE:
         try:
             from pllava import _C
         except ImportError:
             _C = None
-        _NATIVE.append(_C if hasattr(_C, "int8_gemv") else None)
+        ok = hasattr(_C, "int8_gemv")
+        _NATIVE.append((_C, _C.int8_gemv_isa()) if ok else (None, None))
     return _NATIVE[0]
 
 
@@ -72,14 +75,14 @@ def native_int8_available(dtype: torch.dtype = torch.float32) -> bool:
     """Whether int8 decode rows of an engine in `dtype` run in fp32 through pllava._C's GEMV: it is built, and for
     bf16 / fp16 engines its AVX-512 path runs here (its portable loop is slower than torch's bf16 GEMV, which then
     keeps those rows in bf16)."""
-    C = _native()
-    return C is not None and (dtype == torch.float32 or C.int8_gemv_isa() == "avx512")
+    C, isa = _native()
+    return C is not None and (dtype == torch.float32 or isa == "avx512")
 
 
 @torch.library.custom_op("pllava::int8_gemv_cpu", mutates_args=())
 def int8_gemv_cpu(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x (M, K) fp32 · (q (N, K) int8 · scale (N,) fp32)ᵀ -> (M, N) fp32, accumulated in fp32 (pllava._C)."""
-    C = _native()
+    C = _native()[0]
     if C is None:
         raise RuntimeError("pllava::int8_gemv_cpu: pllava._C is not built with int8_gemv (reinstall the package)")
     if x.device.type != "cpu" or x.dim() != 2 or x.dtype != torch.float32:
@@ -115,10 +118,13 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: tor
     if path == "triton":
         return int8_linear_fused(x, q, scale, bias, *(lora or (None, None, None)))
     x2 = x.reshape(-1, x.shape[-1])
-    C = _native() if x2.device.type == "cpu" and x2.shape[0] <= DECODE_ROWS else None
-    if C is not None and (x2.dtype == torch.float32 or C.int8_gemv_isa() == "avx512"):
-        _log_once(f"int8 decode rows: pllava._C's fp32 int8 GEMV ({C.int8_gemv_isa()})")
-        if torch.compiler.is_compiling() or not q.is_contiguous():  # the custom op: traceable, and it checks
+    decode = x2.device.type == "cpu" and x2.shape[0] <= DECODE_ROWS
+    C, isa = _native() if decode else (None, None)
+    eager = not torch.compiler.is_compiling()
+    if C is not None and (x2.dtype == torch.float32 or isa == "avx512"):
+        if eager:
+            _log_once(f"int8 decode rows: pllava._C's fp32 int8 GEMV ({isa})")
+        if not eager or not q.is_contiguous():  # the custom op: traceable, and it checks
             y = torch.ops.pllava.int8_gemv_cpu(x2.float(), q, scale.float())  # (M, N) fp32
         else:  # eager: the kernel directly (the op's dispatch cost 20 us a call, 60 calls a token)
             y = _gemv(C, x2.float().contiguous(), q, scale.float().contiguous())
@@ -128,9 +134,10 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: tor
         if lora is not None:  # in the LoRA's dtype (fp32 copies of A and B would add 2 bytes a LoRA weight)
             y = y + lora_delta(x.to(lora[0].dtype), *lora)
         return y
-    if x2.device.type == "cpu" and x2.shape[0] <= DECODE_ROWS:
-        _log_once("int8 decode rows: torch._weight_int8pack_mm in the activations' dtype (pllava._C is "
-                  + ("not built)" if C is None else "built without AVX-512 here)"))
+    if decode:
+        if eager:
+            _log_once("int8 decode rows: torch._weight_int8pack_mm in the activations' dtype (pllava._C is "
+                      + ("not built)" if C is None else "built without AVX-512 here)"))
         y = torch._weight_int8pack_mm(x2.contiguous(), q, scale.to(x2.dtype))
     elif x2.dtype == torch.bfloat16:  # prefill: bf16's GEMM on q itself (int8 values are exact in bf16; its range
         # holds x·q), then the scale: torch's bf16 multiply forms y·s in fp32 and rounds once, bit-identical to
