@@ -1,14 +1,13 @@
 """pllava._C's int8 GEMV (fp32 activations, the CPU's int8 decode rows) against references computed here: integer
 inputs whose products and sums fp32 holds exactly (so every output is exact, whatever the summation order), and
 random floats against fp64 within twice torch's own fp32 error."""
-import os
 import shutil
-import subprocess
 
 import pytest
 import torch
 
 import pllava
+from asan_util import run_under_asan
 from pllava.model.quant import int8_linear, native_int8_available, quantize_weight
 
 native = pytest.mark.skipif(not native_int8_available(), reason="pllava._C is not built")
@@ -148,12 +147,4 @@ def test_without_avx512_bf16_decode_rows_keep_torchs_bf16_gemv(monkeypatch, capl
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="no C++ compiler")
 def test_int8_gemv_under_address_sanitizer(tmp_path):
-    root = os.path.join(os.path.dirname(__file__), "..")
-    exe = str(tmp_path / "asan_int8_gemv")
-    cmd = ["g++", "-std=c++17", "-O1", "-g", "-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fopenmp",
-           os.path.join(root, "csrc", "int8_gemv.cpp"), os.path.join(root, "tests", "native", "asan_int8_gemv.cpp"),
-           "-o", exe]
-    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
-    r = subprocess.run([exe], capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, UBSAN_OPTIONS="halt_on_error=1", ASAN_OPTIONS="detect_leaks=1"))
-    assert r.returncode == 0 and "asan int8 gemv: ok" in r.stdout, (r.stdout[-2000:], r.stderr[-3000:])
+    run_under_asan(tmp_path, "int8_gemv.cpp", "asan_int8_gemv.cpp", "asan int8 gemv: ok")

@@ -5,13 +5,13 @@ arithmetic, so they are held to the same uint8 pixels: what remains (< 1e-3/255)
 rescale/normalize step."""
 import os
 import shutil
-import subprocess
 
 import numpy as np
 import pytest
 import torch
 
 import pllava
+from asan_util import run_under_asan
 from pllava.errors import InputError
 from pllava.preprocess import clip_defaults, native_params, preprocess, preprocess_torch
 
@@ -144,12 +144,4 @@ def test_forcing_a_path(monkeypatch):
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="no C++ compiler")
 def test_native_core_under_address_sanitizer(tmp_path):
-    root = os.path.join(os.path.dirname(__file__), "..")
-    exe = str(tmp_path / "asan_driver")
-    cmd = ["g++", "-std=c++17", "-O1", "-g", "-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fopenmp",
-           os.path.join(root, "csrc", "preprocess.cpp"), os.path.join(root, "tests", "native", "asan_driver.cpp"),
-           "-o", exe]
-    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
-    r = subprocess.run([exe], capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, UBSAN_OPTIONS="halt_on_error=1", ASAN_OPTIONS="detect_leaks=1"))
-    assert r.returncode == 0 and "asan driver: ok" in r.stdout, r.stderr[-3000:]
+    run_under_asan(tmp_path, "preprocess.cpp", "asan_driver.cpp", "asan driver: ok")
