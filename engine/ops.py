@@ -45,16 +45,23 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scale, path: str = "torch"):
     return K.lora_linear_reference(x, weight, bias, lora_a, lora_b, scale)
 
 
-_warned: set = set()
+_logged: set = set()
+
+
+def log_once(msg: str, level: int = logging.INFO):
+    """Log a path choice once a process (the paths that run per call: preprocessing, int8 decode rows, kernels)."""
+    if msg not in _logged:
+        _logged.add(msg)
+        log.log(level, msg)
 
 
 def pool_projector(x, w1, b1, w2, b2, frame_shape, pooling_shape, act="gelu", path: str = "torch"):
     if path == "triton":
         if act == "gelu":
             return K.pool_projector(x, w1, b1, w2, b2, frame_shape, pooling_shape)
-        if act not in _warned:  # the fused kernel implements PLLaVA's erf GELU only
-            _warned.add(act)
-            log.warning("pllava kernels: projector activation %r has no Triton kernel; the torch path runs it", act)
+        # the fused kernel implements PLLaVA's erf GELU only
+        log_once(f"pllava kernels: projector activation {act!r} has no Triton kernel; the torch path runs it",
+                 logging.WARNING)
     return K.pool_projector_torch(x, w1, b1, w2, b2, frame_shape, pooling_shape, act)
 
 

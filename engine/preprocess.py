@@ -7,7 +7,6 @@ in host memory, and torch (CPU or GPU) for everything else and for configs the n
 from __future__ import annotations
 
 import json
-import logging
 import os
 
 import numpy as np
@@ -15,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ConfigError, InputError
+from .ops import log_once
 
-log = logging.getLogger("pllava")
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -32,15 +31,6 @@ def native_available() -> bool:
 
 
 _NATIVE_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-_logged = set()
-
-
-def _log_once(msg: str):
-    if msg not in _logged:
-        _logged.add(msg)
-        log.info(msg)
-
-
 def clip_defaults(image_size: int) -> dict:
     return {"do_resize": True, "size": {"shortest_edge": image_size}, "do_center_crop": True,
             "crop_size": {"height": image_size, "width": image_size}, "do_rescale": True,
@@ -183,7 +173,7 @@ def preprocess(frames, processor_config, *, dtype=torch.float32, out: torch.Tens
     on_cpu = not (isinstance(frames, torch.Tensor) and frames.device.type != "cpu")
     params = native_params(cfg) if forced != "torch" and on_cpu else None
     if params is not None and native_available():
-        _log_once("pllava preprocess: native path (pllava._C)")
+        log_once("pllava preprocess: native path (pllava._C)")
         px = _native(frames, params, dtype, out if (out is not None and out.device.type == "cpu") else None)
         if device is not None and torch.device(device) != px.device:
             px = px.to(device, non_blocking=True)
@@ -195,7 +185,7 @@ def preprocess(frames, processor_config, *, dtype=torch.float32, out: torch.Tens
     if forced == "native":
         raise RuntimeError("PLLAVA_PREPROCESS=native but " + ("pllava._C is not built" if not native_available()
                            else "the native path does not cover this config or these frames"))
-    _log_once("pllava preprocess: torch path" + ("" if native_available() else " (pllava._C not built)"))
+    log_once("pllava preprocess: torch path" + ("" if native_available() else " (pllava._C not built)"))
     return preprocess_torch(frames, cfg, dtype=dtype, out=out, device=device)
 
 

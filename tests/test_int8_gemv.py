@@ -102,10 +102,11 @@ def test_decode_rows_come_back_in_fp32_with_the_lora_at_its_scale():
 
 
 def test_without_the_extension_decode_rows_use_torchs_int8_gemv_and_say_so(ckpts, monkeypatch, caplog):
+    from pllava import ops
     from pllava.model import quant
 
     monkeypatch.setattr(quant, "_native", lambda: (None, None))
-    monkeypatch.setattr(quant, "_LOGGED", set())
+    monkeypatch.setattr(ops, "_logged", set())
     q, s = quantize_weight(torch.randn(24, 48).bfloat16())
     x = torch.randn(2, 48).bfloat16()
     with caplog.at_level("INFO", logger="pllava"):
@@ -122,6 +123,7 @@ def test_without_the_extension_decode_rows_use_torchs_int8_gemv_and_say_so(ckpts
 def test_without_avx512_bf16_decode_rows_keep_torchs_bf16_gemv(monkeypatch, caplog):
     """The portable loop is slower than torch's bf16 GEMV: a bf16 engine keeps bf16 decode rows there, an fp32 one
     (whose alternative is torch's slow fp32 int8 GEMV) still takes the extension."""
+    from pllava import ops
     from pllava.model import quant
 
     C = quant._native()[0]
@@ -132,7 +134,7 @@ def test_without_avx512_bf16_decode_rows_keep_torchs_bf16_gemv(monkeypatch, capl
             return C.int8_gemv(*a[:10], True)
 
     monkeypatch.setattr(quant, "_native", lambda: (Portable, "generic"))
-    monkeypatch.setattr(quant, "_LOGGED", set())
+    monkeypatch.setattr(ops, "_logged", set())
     assert native_int8_available(torch.float32) and not native_int8_available(torch.bfloat16)
     q, s = quantize_weight(torch.randn(24, 48))
     x = torch.randn(2, 48)

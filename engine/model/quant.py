@@ -16,8 +16,6 @@ expand fused at the live alpha; without triton there the weight is dequantized p
 """
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,9 +23,8 @@ from torch import nn
 from pllava.kernels.int8_linear import int8_linear as int8_linear_fused
 from pllava.kernels.lora_linear import lora_delta
 
+from ..ops import log_once
 from .head import RescoredHead
-
-log = logging.getLogger("pllava")
 
 # Up to this many rows (decode, small batches) the int8 GEMV streams half the bytes. Past it the product is
 # compute-bound, and dequantizing to bf16 for its GEMM wins: M = 2400, K = 768, N = 2048 on 2 Zen4 cores took
@@ -101,15 +98,6 @@ def _(x, q, scale):
     return x.new_empty(x.shape[0], q.shape[0], dtype=torch.float32)
 
 
-_LOGGED: set = set()
-
-
-def _log_once(msg: str):
-    if msg not in _LOGGED:
-        _LOGGED.add(msg)
-        log.info(msg)
-
-
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                 lora=None, path: str = "torch") -> torch.Tensor:
     """x (..., K) · (q · scale)ᵀ + bias [+ the LoRA: lora = (lora_A, lora_B, s) at its live scale], in x's dtype
@@ -121,9 +109,9 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: tor
     decode = x2.device.type == "cpu" and x2.shape[0] <= DECODE_ROWS
     C, isa = _native() if decode else (None, None)
     eager = not torch.compiler.is_compiling()
-    if C is not None and (x2.dtype == torch.float32 or isa == "avx512"):
+    if decode and native_int8_available(x2.dtype):  # the runtime's rule, per call (fp32 rows: the norms' output)
         if eager:
-            _log_once(f"int8 decode rows: pllava._C's fp32 int8 GEMV ({isa})")
+            log_once(f"int8 decode rows: pllava._C's fp32 int8 GEMV ({isa})")
         if not eager or not q.is_contiguous():  # the custom op: traceable, and it checks
             y = torch.ops.pllava.int8_gemv_cpu(x2.float(), q, scale.float())  # (M, N) fp32
         else:  # eager: the kernel directly (the op's dispatch cost 20 us a call, 60 calls a token)
@@ -136,7 +124,7 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: tor
         return y
     if decode:
         if eager:
-            _log_once("int8 decode rows: torch._weight_int8pack_mm in the activations' dtype (pllava._C is "
+            log_once("int8 decode rows: torch._weight_int8pack_mm in the activations' dtype (pllava._C is "
                       + ("not built)" if C is None else "built without AVX-512 here)"))
         y = torch._weight_int8pack_mm(x2.contiguous(), q, scale.to(x2.dtype))
     elif x2.dtype == torch.bfloat16:  # prefill: bf16's GEMM on q itself (int8 values are exact in bf16; its range
