@@ -46,12 +46,13 @@ static py::tuple output_size(int h, int w, int shortest_edge) {
 }
 
 static void int8_gemv(uintptr_t x, int64_t ldx, uintptr_t q, uintptr_t scale, uintptr_t y, int64_t ldy, int64_t m,
-                      int64_t n, int64_t k, int num_threads, bool generic) {
+                      int64_t n, int64_t k, int num_threads, bool generic, int64_t prefetch) {
   if (m < 0 || n < 0 || k < 0 || ldx < k || ldy < n)
     throw std::invalid_argument("int8_gemv: need M, N, K >= 0, ldx >= K and ldy >= N");
   py::gil_scoped_release release;
   pllava::int8_gemv(reinterpret_cast<const float*>(x), ldx, reinterpret_cast<const int8_t*>(q),
-                    reinterpret_cast<const float*>(scale), reinterpret_cast<float*>(y), ldy, m, n, k, num_threads, generic);
+                    reinterpret_cast<const float*>(scale), reinterpret_cast<float*>(y), ldy, m, n, k, num_threads,
+                    generic, prefetch);
 }
 
 PYBIND11_MODULE(_C, m) {
@@ -61,7 +62,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("output_size", &output_size);
   m.def("int8_gemv", &int8_gemv, py::arg("x"), py::arg("ldx"), py::arg("q"), py::arg("scale"), py::arg("y"),
         py::arg("ldy"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("num_threads") = 0,
-        py::arg("generic") = false);
+        py::arg("generic") = false, py::arg("prefetch") = -1);
   m.def("int8_gemv_isa", &pllava::int8_gemv_isa);
-  m.attr("ABI") = 2;
+  m.def("int8_gemv_prefetch_distance", &pllava::int8_gemv_prefetch_distance);
+  m.attr("ABI") = 3;
 }

@@ -13,8 +13,9 @@ from pllava.model.quant import int8_linear, native_int8_available, quantize_weig
 native = pytest.mark.skipif(not native_int8_available(), reason="pllava._C is not built")
 
 # M up to DECODE_ROWS (16), with row counts off the kernel's 4-row tile; K off its 16-wide vector (tails of 1 and
-# 15), N off its 4-row tile
-SHAPES = [(1, 1, 1), (1, 5, 17), (3, 4, 16), (4, 9, 31), (5, 13, 64), (13, 7, 100), (16, 33, 257), (2, 130, 15)]
+# 15), N off its 4-row tile; K past the rows the default prefetches (2048)
+SHAPES = [(1, 1, 1), (1, 5, 17), (3, 4, 16), (4, 9, 31), (5, 13, 64), (13, 7, 100), (16, 33, 257), (2, 130, 15),
+          (3, 6, 2100)]
 
 
 def _c():
@@ -23,27 +24,28 @@ def _c():
     return _C
 
 
-def _run(x, q, s, generic, ldy=None, out=None):
+def _run(x, q, s, generic, ldy=None, out=None, prefetch=-1):
     """Calls the kernel on x's own row stride, writing into `out` (rows of ldy) when given."""
     m, k = x.shape
     n = q.shape[0]
     y = torch.full((m, ldy or n), float("nan")) if out is None else out
     _c().int8_gemv(x.data_ptr(), x.stride(0), q.data_ptr(), s.data_ptr(), y.data_ptr(), y.stride(0), m, n, k, 2,
-                   generic)
+                   generic, prefetch)
     return y
 
 
 @native
+@pytest.mark.parametrize("prefetch", [-1, 0, 64, 1 << 20])  # the default for K, none, one line, past q's end
 @pytest.mark.parametrize("generic", [False, True])
 @pytest.mark.parametrize("m,n,k", SHAPES)
-def test_int8_gemv_is_exact_on_integer_inputs(m, n, k, generic):
+def test_int8_gemv_is_exact_on_integer_inputs(m, n, k, generic, prefetch):
     g = torch.Generator().manual_seed(m * 1000 + n * 10 + k)
     wide = torch.randint(-8, 9, (m, k + 3), generator=g).float()
     x = wide[:, 1:k + 1]  # a row stride of k + 3: the kernel must honour ldx
     q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
     s = 2.0 ** torch.randint(-6, 3, (n,), generator=g).float()  # powers of two: the scaling is exact too
     want = (x.long() @ q.long().T).double() * s.double()  # |sums| <= 257 * 8 * 127 < 2^24: exact in fp32
-    y = _run(x, q, s, generic, ldy=n + 2)  # two columns past N that must stay untouched
+    y = _run(x, q, s, generic, ldy=n + 2, prefetch=prefetch)  # two columns past N that must stay untouched
     assert torch.equal(y[:, :n].double(), want), (y[:, :n] - want).abs().max()
     assert torch.isnan(y[:, n:]).all(), "wrote past N"
 

@@ -6,10 +6,11 @@ quantized), so set_lora_alpha works as before. Decode (M <= 16 rows) is memory-b
 bytes (half of bf16's) is the point.
 
 On the CPU, decode rows run in fp32 when pllava._C is built (`native_int8_available(dtype)`): its int8 GEMV keeps the
-activations and the accumulator in fp32 and is as fast as torch's bf16 one (7B shapes, 2 Zen4 cores, one row:
-0.34 ms at K = N = 4096 against _weight_int8pack_mm's 0.53 ms with bf16 activations, 7.9 ms with fp32 ones, and
-3.1 ms for the fp32 GEMV it replaces), so bf16 decode activations buy no speed and cost agreement (README,
-"quality"). Without pllava._C, decode rows go through _weight_int8pack_mm in the activations' dtype (slow in
+activations and the accumulator in fp32 and is at least as fast as torch's bf16 one (7B shapes, 2 Zen4 cores, one
+row, weights in L3: 0.34 ms at K = N = 4096 against _weight_int8pack_mm's 0.53 ms with bf16 activations, 7.9 ms
+with fp32 ones, and 3.1 ms for the fp32 GEMV it replaces; a small-preset step's weights from DRAM, with its
+prefetch: 3.8 against 7.9 ms, benchmarks/bench_int8_gemv.py), so bf16 decode activations buy no speed and cost
+agreement (README, "quality"). Without pllava._C, decode rows go through _weight_int8pack_mm in the activations' dtype (slow in
 fp32), and the log says so. Prefill rows: a GEMM in the weights' dtype (below). On the Triton path (CUDA) every
 call is pllava.kernels.int8_linear: int8 tiles widened in registers, the scale on the fp32 accumulator, the LoRA's
 expand fused at the live alpha; without triton there the weight is dequantized per call, and the log says which.

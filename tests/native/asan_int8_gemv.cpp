@@ -1,6 +1,7 @@
 // Runs the int8 GEMV under AddressSanitizer/UBSan on awkward shapes (K tails, N off the 4-row tile, M up to 16,
-// padded row strides): every read must stay inside x, q and scale, every write inside y's rows of N (built and run
-// by tests/test_int8_gemv.py). Each buffer is its own exact-size heap block, so one element past it is caught.
+// padded row strides, prefetch off, at its default, one line and past q's end): every read must stay inside x, q
+// and scale, every write inside y's rows of N (built and run by tests/test_int8_gemv.py). Each buffer is its own
+// exact-size heap block, so one element past it is caught.
 #include <cmath>
 #include <cstdio>
 #include <vector>
@@ -9,7 +10,7 @@
 
 int main() {
   const int shapes[][3] = {{1, 1, 1}, {1, 5, 17}, {3, 4, 16}, {4, 9, 31}, {5, 13, 64}, {13, 7, 100}, {16, 33, 257},
-                           {2, 130, 15}, {16, 1, 4096}};
+                           {2, 130, 15}, {16, 1, 4096}, {3, 6, 2100}, {1, 70, 768}};
   unsigned seed = 7;
   auto rnd = [&seed]() { return (seed = seed * 1103515245u + 12345u) >> 8; };
   for (auto& s : shapes) {
@@ -21,15 +22,16 @@ int main() {
       for (auto& v : x) v = static_cast<float>(static_cast<int>(rnd() % 17) - 8);
       for (auto& v : q) v = static_cast<int8_t>(static_cast<int>(rnd() % 255) - 127);
       for (auto& v : scale) v = std::ldexp(1.0f, static_cast<int>(rnd() % 9) - 6);
-      for (int generic = 0; generic < 2; ++generic) {
+      for (int generic = 0; generic < 2; ++generic) for (long prefetch : {-1L, 0L, 64L, 1L << 20}) {
         std::vector<float> y(static_cast<size_t>(m - 1) * ldy + n, NAN);
-        pllava::int8_gemv(x.data(), ldx, q.data(), scale.data(), y.data(), ldy, m, n, k, 2, generic != 0);
+        pllava::int8_gemv(x.data(), ldx, q.data(), scale.data(), y.data(), ldy, m, n, k, 2, generic != 0, prefetch);
         for (int i = 0; i < m; ++i)
           for (int j = 0; j < n; ++j) {
             long long acc = 0;  // integers: fp32 holds every partial sum exactly (|sum| < 2^24)
             for (int t = 0; t < k; ++t) acc += static_cast<long long>(x[i * ldx + t]) * q[j * k + t];
             if (y[i * ldy + j] != static_cast<float>(acc) * scale[j]) {
-              std::printf("mismatch m=%d n=%d k=%d pad=%d generic=%d at (%d, %d)\n", m, n, k, pad, generic, i, j);
+              std::printf("mismatch m=%d n=%d k=%d pad=%d generic=%d prefetch=%ld at (%d, %d)\n", m, n, k, pad,
+                          generic, prefetch, i, j);
               return 1;
             }
           }

@@ -1,0 +1,85 @@
+"""pllava._C's int8 GEMV as a decode step runs it: `python benchmarks/bench_int8_gemv.py [reps]` (default 15).
+
+In a decode step every weight comes from DRAM (the step streams more than the L3 holds: the small preset's int8
+linears are 82 MB with lm_head, its fp32 KV cache 114 MB at 2330 positions), so this streams a whole step's set of
+distinct weights in model order, one row (M = 1), on the threads torch uses, with the kernel's software prefetch
+off and at its default distance, interleaved rep by rep (one noisy machine, one run). References in the same run:
+the bandwidth of a 1 GiB read (torch.sum) and torch's _weight_int8pack_mm with bf16 activations on the same weights.
+Prints a table of median ms and GB/s; asserts nothing (speed lives here, not in the tests).
+"""
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+from pllava.model.quant import _gemv, _native
+
+
+def shapes(hidden, inter, layers, vocab):
+    """One decode step's LLM linears (q, k, v, o, gate, up, down a layer) and lm_head, as (N, K)."""
+    layer = [(hidden, hidden)] * 4 + [(inter, hidden)] * 2 + [(hidden, inter)]
+    return layer * layers + ([(vocab, hidden)] if vocab else [])
+
+
+SETS = {  # the small preset's whole step; two of pllava-7b's 32 layers (404 MB, past any L3)
+    "small (K 768 / 2048)": shapes(768, 2048, 8, 32064),
+    "pllava-7b x2 layers (K 4096 / 11008)": shapes(4096, 11008, 2, 0),
+}
+
+
+def read_bandwidth():
+    x = torch.ones(2 ** 28)  # 1 GiB
+    x.sum()
+    t = []
+    for _ in range(5):
+        a = time.perf_counter()
+        x.sum()
+        t.append(time.perf_counter() - a)
+    return x.numel() * 4 / statistics.median(t) / 1e9
+
+
+def main(reps=15):
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    C, isa = _native()
+    if C is None:
+        sys.exit("pllava._C is not built (pip install --no-build-isolation -e .)")
+    g = torch.Generator().manual_seed(0)
+    bw = read_bandwidth()
+    print(f"\n### int8 GEMV, M = 1, {torch.get_num_threads()} threads, {isa}; 1 GiB read: {bw:.1f} GB/s\n")
+    print("| weights | MB | prefetch off | prefetch default | speedup | _weight_int8pack_mm (bf16 x) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, sh in SETS.items():
+        ws = [(torch.randn(1, k, generator=g), torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8),
+               torch.rand(n, generator=g) * 0.01) for n, k in sh]
+        wb = [(x.bfloat16(), q, s.bfloat16()) for x, q, s in ws]
+        ys = [torch.empty(1, n) for n, _ in sh]
+        nbytes = sum(n * k for n, k in sh)
+        runs = {
+            "off": lambda: [C.int8_gemv(x.data_ptr(), x.shape[1], q.data_ptr(), s.data_ptr(), y.data_ptr(), y.shape[1],
+                                        1, y.shape[1], x.shape[1], torch.get_num_threads(), False, 0)
+                            for (x, q, s), y in zip(ws, ys)],
+            "default": lambda: [_gemv(C, x, q, s) for x, q, s in ws],
+            "torch": lambda: [torch._weight_int8pack_mm(x, q, s) for x, q, s in wb],
+        }
+        for f in runs.values():
+            f()
+        t = {k: [] for k in runs}
+        for _ in range(reps):
+            for k, f in runs.items():
+                a = time.perf_counter()
+                f()
+                t[k].append(time.perf_counter() - a)
+        ms = {k: statistics.median(v) * 1e3 for k, v in t.items()}
+
+        def cell(k):
+            return f"{ms[k]:.2f} ms ({nbytes / ms[k] / 1e6:.1f} GB/s)"
+
+        print(f"| {name} | {nbytes / 1e6:.0f} | {cell('off')} | {cell('default')} | "
+              f"{ms['off'] / ms['default']:.2f}x | {cell('torch')} |")
+        del ws, wb
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 15)
