@@ -243,8 +243,13 @@ def _set_tensor(model: nn.Module, name: str, t: torch.Tensor):
     setattr(mod, attr, nn.Parameter(t, requires_grad=False))
 
 
-def load_weights(model: nn.Module, tensors: dict[str, TensorRef], layout: str, dtype, device, where: str):
-    """Fill a meta-device model from the planned tensors; every key checked for presence and shape first."""
+def load_weights(model: nn.Module, tensors: dict[str, TensorRef], layout: str, dtype, device, where: str,
+                 convert=None):
+    """Fill a meta-device model from the planned tensors; every key checked for presence and shape first.
+    convert(name, tensor) -> tensor | None: what to make of each tensor as stored (its own dtype, on the CPU)
+    instead of moving it to (device, dtype): the tensor to set, or None where convert took it itself (quantize=
+    "int8" quantizes the LLM's linears from the checkpoint's own precision as they load; the module is then
+    rebuilt around the int8 weight, and its float parameter stays on the meta device)."""
     expected = {n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
     tied = model.config.text.tie_word_embeddings
     if tied:
@@ -268,7 +273,10 @@ def load_weights(model: nn.Module, tensors: dict[str, TensorRef], layout: str, d
         with _open(path) as f:
             for can, ref in items:
                 # LoRA factors stay in the compute dtype too: PEFT keeps them in the base layer's dtype.
-                _set_tensor(model, can, f.get_tensor(ref.name).to(device=device, dtype=dtype))
+                t = f.get_tensor(ref.name)
+                t = t.to(device=device, dtype=dtype) if convert is None else convert(can, t)
+                if t is not None:
+                    _set_tensor(model, can, t)
     if tied:
         model.language_model.lm_head.weight = model.language_model.embed_tokens.weight
 

@@ -153,18 +153,27 @@ class Engine:
 
         with torch.device("meta"):
             net = PllavaModel(cfg)
-        load_weights(net, tensors, plan.layout, dt, device, model_dir)
+        convert, pre = None, {}
         if quantize == "int8":
-            from .model.quant import DECODE_ROWS, native_int8_available, quantize_lm_int8_, quantized_bytes
+            from .model.quant import (DECODE_ROWS, int8_loader, native_int8_available, quantize_lm_int8_,
+                                      quantized_bytes)
 
-            head8 = quantize_lm_int8_(net.language_model)
+            fp32_rows = ops.kernel_path(device) != "triton" and device.type == "cpu" and native_int8_available(dt)
+            convert = int8_loader(net.language_model, dt, device, fp32_rows, pre)
+        load_weights(net, tensors, plan.layout, dt, device, model_dir, convert)
+        if quantize == "int8":
+            head8 = quantize_lm_int8_(net.language_model, pre)
+            left = [n for n, t in net.named_parameters() if t.is_meta]
+            if left:  # a target the loader took but quantize_lm_int8_ did not rebuild: never run on meta tensors
+                raise CheckpointError(f"{model_dir}: quantize='int8' left {len(left)} weights unloaded, e.g. "
+                                      f"'{left[0]}'")
             nbytes = quantized_bytes(net.language_model)
             if ops.kernel_path(device) == "triton":
                 how = "the Triton int8 kernel, LoRA fused (pllava.kernels.int8_linear)"
-            elif device.type == "cpu" and native_int8_available(dt):
-                how = ("decode rows in fp32 through pllava._C's int8 GEMV, prefill rows by a GEMM in the weights' "
-                       "dtype")
-                net.language_model.set_fp32_rows(DECODE_ROWS)
+            elif fp32_rows:
+                how = ("decode rows in fp32 through pllava._C's int8 GEMV (norm weights in fp32), prefill rows by a "
+                       "GEMM in the weights' dtype")
+                net.language_model.set_fp32_rows(DECODE_ROWS, dt)
             elif device.type == "cpu":
                 why = "is not built" if not native_int8_available() else "runs without AVX-512 here"
                 how = (f"torch._weight_int8pack_mm for decode rows (pllava._C {why}), prefill rows by a GEMM in the "

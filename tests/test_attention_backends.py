@@ -3,7 +3,6 @@ that implement each library's documented contract ((B, L, H, hd) tensors; flash-
 xformers' LowerTriangularMask; flash_attn_with_kvcache's (batch, seqlen, heads, hd) cache with per-row
 cache_seqlens, cache_batch_idx and window_size). The real libraries need CUDA (none has run here); the choice
 itself is validated everywhere."""
-import os
 import sys
 import types
 
@@ -12,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from pllava import ops
+from triton_util import needs_triton
 
 
 def _ref_blhd(q, k, v):  # (B, L, H, hd) causal attention with GQA
@@ -105,17 +105,6 @@ def test_engine_rejects_an_unusable_backend(ckpts):
 
     with pytest.raises(ValueError, match="attn_backend"):
         pllava.Engine.from_pretrained(ckpts["pllava"], attn_backend="xformers")
-
-
-def _triton_runs():
-    import importlib.util
-
-    if importlib.util.find_spec("triton") is None:
-        return False
-    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
-
-
-needs_triton = pytest.mark.skipif(not _triton_runs(), reason="needs triton with CUDA or TRITON_INTERPRET=1")
 
 
 @needs_triton

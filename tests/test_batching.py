@@ -3,7 +3,6 @@
 The oracle is the single-request path: its own static cache, masked attention over the whole cache, the shared
 0-dim LoRA scale and its own decode loop. The batched path has slots, per-row lengths and per-row scales.
 """
-import os
 import threading
 
 import pytest
@@ -12,6 +11,7 @@ import torch
 import pllava
 from pllava.errors import InputError, MemoryBudgetError, VideoError
 from pllava.scheduler import Request, plan_slots
+from triton_util import needs_triton
 
 
 @pytest.fixture(scope="module")
@@ -225,8 +225,7 @@ def test_a_failing_clip_fails_alone(engine, pxs, tmp_path):
     assert all(o is None for o in engine._sched.owner)  # nothing left holding a slot
 
 
-@pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
-                    reason="needs CUDA or the Triton interpreter")
+@needs_triton
 def test_triton_per_row_scale_in_a_batch(ckpts, pxs, monkeypatch):
     """The Triton LoRA kernel's per-row scale path (one alpha a row) gives the torch path's tokens."""
     pytest.importorskip("triton")

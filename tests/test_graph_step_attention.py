@@ -2,17 +2,16 @@
 positions in use only, with the position on the device (run here by Triton's interpreter): the same logits as the
 eager step that slices the cache to its used length, and NaN left in unused cache positions cannot reach it (the
 masked whole-cache SDPA it replaces turns 0 x NaN into NaN)."""
-import os
 
 import pytest
 import torch
 
 import pllava
 from pllava.generate import decode_one_token
+from triton_util import skip_module_without_triton
 
 pytest.importorskip("triton")
-if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
-    pytest.skip("needs a CUDA device or TRITON_INTERPRET=1", allow_module_level=True)
+skip_module_without_triton()
 
 
 def _mistral(tmp_path):

@@ -4,14 +4,14 @@ Tolerance as in test_kernels.py: at most 2x torch's own error in the same dtype,
 result. The exact result is the fp64 product with the dequantized weight q·s; the torch baseline is the
 dequantized product in the dtype (fp32 accumulation, PEFT's order for the LoRA). Outputs are poisoned with NaN.
 """
-import os
 
 import pytest
 import torch
 
 triton = pytest.importorskip("triton")
-if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
-    pytest.skip("needs a CUDA device or TRITON_INTERPRET=1", allow_module_level=True)
+from triton_util import skip_module_without_triton  # noqa: E402
+
+skip_module_without_triton()
 
 from pllava.kernels.int8_linear import (CONFIGS, int8_linear, int8_linear_reference,  # noqa: E402
                                         int8_linear_triton, pick_config)

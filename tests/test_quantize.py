@@ -12,6 +12,7 @@ from oracle import load_oracle, oracle_embeds, oracle_inputs, oracle_logits, rea
 from pllava.errors import ConfigError, InputError
 from pllava.model.head import HEAD_RESCORE
 from pllava.model.quant import Int8Head, int8_linear, quantize_weight
+from triton_util import needs_triton
 
 Q = "What is happening in the video?"
 
@@ -82,11 +83,11 @@ def _oracle(ckpts, lora, dtype, quantized, step_dtype=torch.bfloat16):
     m = load_oracle(ckpts["current"]).to(torch.float64 if quantized else dtype)
     lm = m.model.language_model
     with torch.no_grad():
-        if quantized:  # the base weights as the engine holds them (rounded to the step's dtype), then int8
+        if quantized:  # the checkpoint's own (fp32) base weights through int8, its step stored in step_dtype: the
+            # engine quantizes each weight as it loads, before any rounding to its dtype
             for layer in lm.layers:
                 for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
                             layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
-                    lin.weight.data = lin.weight.data.to(step_dtype).double()
                     _fake_quant_(lin, step_dtype)  # lm_head: see _head_logits
         for (i, proj), ab in lora.items():  # the LoRA on top of the (quantized) base, as the engine runs it
             lin = getattr(lm.layers[i].self_attn, proj)
@@ -94,16 +95,7 @@ def _oracle(ckpts, lora, dtype, quantized, step_dtype=torch.bfloat16):
     return m
 
 
-def _triton_runs():
-    import importlib.util
-
-    if importlib.util.find_spec("triton") is None:
-        return False
-    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
-
-
-@pytest.mark.parametrize("path", ["torch", pytest.param("triton", marks=pytest.mark.skipif(
-    not _triton_runs(), reason="needs triton with a CUDA device or TRITON_INTERPRET=1"))])
+@pytest.mark.parametrize("path", ["torch", pytest.param("triton", marks=needs_triton)])
 def test_bf16_int8_is_int8_within_twice_transformers_bf16_error(ckpts, monkeypatch, caplog, path):
     """The reference is the same int8 model computed exactly: transformers' modules in fp64 with the base weights
     put through the test's own int8 round trip. The engine (bf16 activations, int8 kernels) may err against it at
@@ -233,7 +225,7 @@ def test_int8_decode_steps_are_the_exact_int8_model(ckpts, caplog, dtype):
             got = torch.stack([decode_one_token(lm, t.view(1, 1), torch.tensor([n + i]), kv_len=n + i + 1)[0, -1]
                                for i, t in enumerate(feed[:steps - 1])]).double()  # predictions at n .. n+steps-2
         h = hidden(q64, px, feed)[1:]  # the same positions in the exact int8 model
-        w = q64.lm_head.weight.to(dtype).double()  # as the engine holds it
+        w = q64.lm_head.weight  # the checkpoint's, which the engine's two levels are fitted to
         level1 = _round_trip(w, dtype)
         two, int8 = h @ (level1 + _round_trip(w - level1, torch.float32)).T, h @ level1.T
         scale = float(two.abs().max())
@@ -245,3 +237,54 @@ def test_int8_decode_steps_are_the_exact_int8_model(ckpts, caplog, dtype):
         print(f"\n{dtype} seed {seed}: engine decode vs exact int8 {e_eng:.2e} (best 8: {e_best:.2e}), "
               f"transformers {dtype} vs fp64 {e_hf:.2e}")
         assert 0 < e_eng <= 2 * e_hf and e_best <= 2 * e_hf, (seed, e_eng, e_best, e_hf)
+
+
+def _stored(ckpt, suffix):
+    """The checkpoint's own tensor whose key ends with `suffix`, read straight from its safetensors shards."""
+    from safetensors import safe_open
+
+    for f in sorted(glob.glob(os.path.join(ckpt, "*.safetensors"))):
+        with safe_open(f, "pt") as h:
+            for k in h.keys():
+                if k.endswith(suffix):
+                    return h.get_tensor(k)
+    raise KeyError(suffix)
+
+
+def test_int8_is_fitted_to_the_checkpoints_own_weights(ckpts):
+    """A bf16 engine over an fp32 checkpoint: the int8 values and their bf16 step come from the fp32 weights as
+    stored, not from a copy first rounded to bf16 (which moves q by one step at many weights); with pllava._C's fp32
+    decode rows the LLM's norm weights stay the checkpoint's fp32 values, and a prefill's norm output is bf16."""
+    from pllava.model.quant import native_int8_available
+
+    eng = pllava.Engine.from_pretrained(ckpts["pllava"], dtype=torch.bfloat16, quantize="int8")
+    lm = eng.model.language_model
+    for i in range(len(lm.layers)):
+        w = _stored(ckpts["pllava"], f"layers.{i}.mlp.gate_proj.weight")
+        assert w.dtype == torch.float32
+        w = w.double()
+        step = (w.abs().amax(dim=1) / 127.0).to(torch.bfloat16)
+        want = torch.round(w / step.double()[:, None]).clamp(-127, 127)
+        lin = lm.layers[i].mlp.gate_proj
+        assert torch.equal(lin.qscale, step) and torch.equal(lin.qweight.double(), want)
+        rounded_first = torch.round(w.to(torch.bfloat16).double() / step.double()[:, None]).clamp(-127, 127)
+        assert not torch.equal(rounded_first, want)  # the two fits differ on this checkpoint: the check can fail
+    norm = lm.layers[0].input_layernorm
+    stored = _stored(ckpts["pllava"], "layers.0.input_layernorm.weight")
+    if native_int8_available(torch.bfloat16):
+        assert norm.weight.dtype == torch.float32 and torch.equal(norm.weight, stored)
+        x = torch.randn(40, stored.numel())  # a prefill's rows (past the 16 fp32 decode rows)
+        assert norm(x).dtype == torch.bfloat16 and norm(x[:1]).dtype == torch.float32
+    else:
+        assert norm.weight.dtype == torch.bfloat16 and torch.equal(norm.weight, stored.bfloat16())
+
+
+def test_a_weight_the_int8_loader_took_but_nothing_rebuilt_is_an_error(ckpts, monkeypatch):
+    """The loader leaves the float parameters of int8 targets on the meta device; if quantize_lm_int8_ did not
+    rebuild one, the engine must refuse to run on it, naming a weight, not fail later inside a matmul."""
+    from pllava.errors import CheckpointError
+    from pllava.model import quant
+
+    monkeypatch.setattr(quant, "quantize_lm_int8_", lambda lm, pre=None: False)
+    with pytest.raises(CheckpointError, match=r"left \d+ weights unloaded, e.g. 'language_model\.layers\.0\."):
+        pllava.Engine.from_pretrained(ckpts["pllava"], dtype=torch.bfloat16, quantize="int8")

@@ -7,7 +7,6 @@ import time
 
 import httpx
 import pytest
-import torch
 
 import pllava
 from pllava.media import MediaError, check_ip, fetch_http

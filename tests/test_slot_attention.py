@@ -9,8 +9,9 @@ import pytest
 import torch
 
 triton = pytest.importorskip("triton")
-if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
-    pytest.skip("needs a CUDA device or TRITON_INTERPRET=1", allow_module_level=True)
+from triton_util import skip_module_without_triton  # noqa: E402
+
+skip_module_without_triton()
 
 from pllava.kernels.slot_attention import slot_decode_attention, slot_decode_attention_triton  # noqa: E402
 

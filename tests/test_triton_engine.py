@@ -1,14 +1,13 @@
 """The engine with PLLAVA_KERNELS=triton (interpreted on the CPU) gives the torch path's greedy tokens."""
-import os
 
 import pytest
 import torch
 
 import pllava
+from triton_util import skip_module_without_triton
 
 pytest.importorskip("triton")
-if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
-    pytest.skip("needs a CUDA device or TRITON_INTERPRET=1", allow_module_level=True)
+skip_module_without_triton()
 
 
 @pytest.mark.parametrize("layout", ["pllava", "adapter"])

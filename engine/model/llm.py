@@ -24,8 +24,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(dim))
         # Up to this many rows the output stays in fp32 (LlamaLM.set_fp32_rows: decode rows on the CPU under int8,
-        # whose linears take fp32 activations at no cost); 0: always the weight's dtype
+        # whose linears take fp32 activations at no cost); 0: always out_dtype
         self.fp32_rows = 0
+        self.out_dtype: torch.dtype | None = None  # None: the weight's; set where the weight is held in fp32
 
     def forward(self, x):
         dt = x.dtype
@@ -33,9 +34,9 @@ class RMSNorm(nn.Module):
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         if x.numel() <= self.fp32_rows * x.shape[-1]:
             return self.weight.float() * x32
-        # in the weight's dtype (the next linear's input): for an x in the weight's dtype that is the reference's
-        # weight * x.to(dt); for an fp32 residual stream (LlamaLM.residual_dtype) it is one rounding, not two
-        return (self.weight * x32.to(dt)).to(self.weight.dtype)
+        # in the next linear's input dtype (out_dtype, else the weight's): for an x in the weight's dtype that is the
+        # reference's weight * x.to(dt); for an fp32 residual stream (LlamaLM.residual_dtype) one rounding, not two
+        return (self.weight * x32.to(dt)).to(self.out_dtype or self.weight.dtype)
 
 
 class KVCache(nn.Module):
@@ -267,12 +268,14 @@ class LlamaLM(nn.Module):
         # no cost the bench can see. (int8's decode rows are fp32 now, whose outputs promote the residual anyway.)
         self.residual_dtype: torch.dtype | None = None
 
-    def set_fp32_rows(self, rows: int):
+    def set_fp32_rows(self, rows: int, dtype: torch.dtype | None = None):
         """Forwards of at most `rows` rows keep their activations in fp32 through the norms (quant.py: the CPU's
-        int8 decode rows); the linears' outputs are then fp32 by their kernel, the residual by residual_dtype."""
+        int8 decode rows); the linears' outputs are then fp32 by their kernel, the residual by residual_dtype.
+        Longer forwards (prefill) get the norms' output in `dtype` (default: the norm weight's), the next linear's
+        input: the runtime holds these norms' weights in fp32 (as the checkpoint stores them) under int8."""
         for m in self.modules():
             if isinstance(m, RMSNorm):
-                m.fp32_rows = rows
+                m.fp32_rows, m.out_dtype = rows, dtype
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Token ids (any shape) -> embeddings, <image> ids looked up as pad_token_id (graph-safe: no branch)."""

@@ -33,16 +33,50 @@ from .head import RescoredHead
 DECODE_ROWS = 16
 
 
-def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, K) float -> (int8 (N, K), per-row scale (N,) in w's dtype). The scale is max|w_row| / 127 rounded to
-    w's dtype first, and q = round(w / that scale): the rounding the kernels multiply by is the one q was fitted
-    to, not a per-row gain error of up to 2^-9 on every output. benchmarks/bench_quality.py 1024 (tiny
+def quantize_weight(w: torch.Tensor, scale_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) float -> (int8 (N, K), per-row scale (N,) in scale_dtype, default w's). The scale is max|w_row| / 127
+    rounded to its dtype first, and q = round(w / that scale): the rounding the kernels multiply by is the one q was
+    fitted to, not a per-row gain error of up to 2^-9 on every output. benchmarks/bench_quality.py 1024 (tiny
     checkpoint, top-1 disagreements with the fp32 model; q fitted to the fp32 scale before): prompt positions
-    767 against 846 of 60416, decode positions 279 against 310 of 16384 (transformers bf16: 913, 259)."""
+    767 against 846 of 60416, decode positions 279 against 310 of 16384 (transformers bf16: 913, 259).
+    q is fitted to w at w's own precision: the loader passes the checkpoint's tensor (fp32 in the tests' and the
+    bench's checkpoints) with scale_dtype = the engine's dtype, not a copy already rounded to it."""
     w32 = w.float()
-    scale = (w32.abs().amax(dim=1) / 127.0).clamp(min=1e-12).to(w.dtype)
+    scale = (w32.abs().amax(dim=1) / 127.0).clamp(min=1e-12).to(scale_dtype or w.dtype)
     q = torch.round(w32 / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)  # a scale rounded down: 127.5
     return q, scale
+
+
+def head_levels(w: torch.Tensor, scale_dtype: torch.dtype | None = None):
+    """lm_head's two int8 levels (Int8Head): w = q·s + r with r ≈ q2·s2 -> (q, s in scale_dtype, q2, s2 in fp32).
+    The residual is formed against the scale in use in fp64: exact (for fp32 weights q·s needs 31 bits, and an
+    fp32 residual moved second-level values by one step: 2e-6 of a logit against fp32's 3e-7); row chunks bound
+    the fp64 copy (34B's head: 64064 x 7168)."""
+    q, s = quantize_weight(w, scale_dtype)
+    resid = torch.empty(w.shape, dtype=torch.float32, device=w.device)
+    for r in range(0, w.shape[0], 4096):
+        resid[r:r + 4096] = w[r:r + 4096].double() - q[r:r + 4096].double() * s[r:r + 4096].double()[:, None]
+    q2, s2 = quantize_weight(resid)
+    return q, s, q2, s2.float()
+
+
+def int8_targets(lm) -> dict[str, str]:
+    """The weights quantize_lm_int8_ turns into int8, by name under `lm` (a LlamaLM): 'linear' for the decoder
+    layers' attention and MLP linears, 'head' for an lm_head not tied to the embedding."""
+    out = {}
+    for i in range(len(lm.layers)):
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            out[f"layers.{i}.self_attn.{name}.weight"] = "linear"
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            out[f"layers.{i}.mlp.{name}.weight"] = "linear"
+    if not (lm.config.tie_word_embeddings or lm.lm_head.weight is lm.embed_tokens.weight):
+        out["lm_head.weight"] = "head"
+    return out
+
+
+def quantize_target(w: torch.Tensor, kind: str, scale_dtype: torch.dtype):
+    """One int8_targets weight, at whatever precision it comes in -> its int8 form: (q, s), or the head's levels."""
+    return head_levels(w, scale_dtype) if kind == "head" else quantize_weight(w, scale_dtype)
 
 
 _NATIVE: list = []  # [(pllava._C or None, its GEMV's ISA)], looked up once: decode asks ~60 times a token, and a
@@ -142,12 +176,38 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: tor
     return y
 
 
-class Int8Linear(nn.Module):
-    """nn.Linear with an int8 weight (buffers qweight, qscale)."""
+def int8_loader(lm, dtype: torch.dtype, device, norms_fp32: bool, pre: dict, prefix: str = "language_model."):
+    """checkpoint.load_weights' convert for quantize="int8": each int8_targets weight is quantized as it loads, from
+    the checkpoint's own tensor (fitted to its precision: fp32 where stored so, with the scale in `dtype`), into
+    `pre` for quantize_lm_int8_, never materialised in `dtype` (the load's peak holds one float weight, not all);
+    with norms_fp32 the LLM's RMSNorm weights stay in fp32 (for the CPU's fp32 decode rows, LlamaLM.set_fp32_rows);
+    everything else goes to `dtype`. benchmarks/bench_quality.py 2048 (decode positions, transformers bf16: 507):
+    q fitted to bf16-rounded weights 526, to the fp32 ones 503, and fp32 norm weights too 458."""
+    from .llm import RMSNorm
 
-    def __init__(self, lin: nn.Linear):
+    targets = {prefix + n: (n, kind) for n, kind in int8_targets(lm).items()}
+    norms = {f"{prefix}{n}.weight" for n, m in lm.named_modules() if isinstance(m, RMSNorm)} if norms_fp32 else set()
+
+    def convert(name, t):
+        if name in targets:
+            key, kind = targets[name]
+            pre[key] = quantize_target(t.to(device), kind, dtype)
+            return None
+        if name in norms:  # a copy: a tensor kept as stored is a view of the file's mapping, which it would pin
+            # whole (an fp32 small preset held 430 MB more resident after the load)
+            return t.to(device=device, dtype=torch.float32, copy=True)
+        return t.to(device=device, dtype=dtype)
+
+    return convert
+
+
+class Int8Linear(nn.Module):
+    """nn.Linear with an int8 weight (buffers qweight, qscale). qs: (q, s) already quantized (by the loader, from
+    the checkpoint's tensor); otherwise lin's weight is quantized here."""
+
+    def __init__(self, lin: nn.Linear, qs=None):
         super().__init__()
-        q, s = quantize_weight(lin.weight.data)
+        q, s = quantize_weight(lin.weight.data) if qs is None else qs
         self.register_buffer("qweight", q)
         self.register_buffer("qscale", s)
         self.bias = lin.bias
@@ -160,22 +220,14 @@ class Int8Linear(nn.Module):
 
 class Int8Head(RescoredHead):
     """lm_head at int8 speed without int8's top-1 cost. The weight is stored in two levels, w = q·s + r with
-    r ≈ q2·s2 (per row; 2 bytes a weight, as bf16): the first pass streams the 1-byte q only; the rescored rows
-    come from q·s + q2·s2, whose error (<= s2/2, about max|w_row| / 2·127²) is far under bf16's (2^-9 of each
-    weight)."""
+    r ≈ q2·s2 (per row; 2 bytes a weight, as bf16; head_levels): the first pass streams the 1-byte q only; the
+    rescored rows come from q·s + q2·s2, whose error (<= s2/2, about max|w_row| / 2·127²) is far under bf16's
+    (2^-9 of each weight). levels: head_levels' output already computed (by the loader); otherwise from lin."""
 
-    def __init__(self, lin: nn.Linear):
+    def __init__(self, lin: nn.Linear, levels=None):
         super().__init__()
-        w = lin.weight.data
-        q, s = quantize_weight(w)
-        # the residual against the scale in use, formed in fp64: exact (for fp32 weights q·s needs 31 bits, and an
-        # fp32 residual moved second-level values by one step: 2e-6 of a logit against fp32's 3e-7); row chunks
-        # bound the fp64 copy (34B's head: 64064 x 7168)
-        resid = torch.empty(w.shape, dtype=torch.float32, device=w.device)
-        for r in range(0, w.shape[0], 4096):
-            resid[r:r + 4096] = w[r:r + 4096].double() - q[r:r + 4096].double() * s[r:r + 4096].double()[:, None]
-        q2, s2 = quantize_weight(resid)
-        for name, t in (("qweight", q), ("qscale", s), ("rweight", q2), ("rscale", s2.float())):
+        q, s, q2, s2 = head_levels(lin.weight.data) if levels is None else levels
+        for name, t in (("qweight", q), ("qscale", s), ("rweight", q2), ("rscale", s2)):
             self.register_buffer(name, t)
         self.in_features, self.out_features = lin.in_features, lin.out_features
         self.kernel_path = "torch"
@@ -188,27 +240,36 @@ class Int8Head(RescoredHead):
                 + self.rweight[t].float() * self.rscale[t][..., None])
 
 
-def quantize_lm_int8_(lm) -> bool:
+def quantize_lm_int8_(lm, pre: dict | None = None) -> bool:
     """Quantize the decoder layers' linears (attention q/k/v/o with their LoRA left as is, the MLP) and lm_head
     (as an Int8Head) in place; the embedding stays in the weights' dtype. lm_head tied to the embedding stays too
-    (its two-level copy would add 2 bytes a weight). Returns whether lm_head was quantized.
+    (its two-level copy would add 2 bytes a weight). Returns whether lm_head was quantized. `pre`: int8_targets'
+    weights already quantized by the loader (quantize_target of the checkpoint's own tensors, whose float weights
+    were never materialised); the others are quantized from the module's weight.
     benchmarks/bench_quality.py 2048 (tiny checkpoint, top-1 disagreements with the fp32 model at 120832 prompt /
-    32768 decode positions; transformers' bf16: 1893 / 507): lm_head in bf16 1890 / 623, in plain int8
-    2326 / 657, as an Int8Head 1565 / 526 (the gain is the fp32 logits of the rescored tokens)."""
+    32768 decode positions; transformers' bf16: 1893 / 507; q fitted to bf16-rounded weights, bf16 norm weights):
+    lm_head in bf16 1890 / 623, in plain int8 2326 / 657, as an Int8Head 1565 / 526 (the gain is the fp32 logits
+    of the rescored tokens)."""
     from .llm import LoRALinear
 
-    for layer in lm.layers:
+    pre = pre or {}
+
+    def get(name, m):
+        return pre[name] if name in pre else quantize_weight(m.weight.data)
+
+    for i, layer in enumerate(lm.layers):
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
             m: LoRALinear = getattr(layer.self_attn, name)
-            q, s = quantize_weight(m.weight.data)
+            q, s = get(f"layers.{i}.self_attn.{name}.weight", m)
             del m.weight  # the float weight goes: the memory is the point
             m.weight = None
             m.qweight, m.qscale = q, s
         for name in ("gate_proj", "up_proj", "down_proj"):
-            setattr(layer.mlp, name, Int8Linear(getattr(layer.mlp, name)))
-    if lm.lm_head.weight is lm.embed_tokens.weight:
+            m = getattr(layer.mlp, name)
+            setattr(layer.mlp, name, Int8Linear(m, get(f"layers.{i}.mlp.{name}.weight", m)))
+    if "lm_head.weight" not in int8_targets(lm):
         return False
-    lm.lm_head = Int8Head(lm.lm_head)
+    lm.lm_head = Int8Head(lm.lm_head, pre.get("lm_head.weight"))
     return True
 
 
