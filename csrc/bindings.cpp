@@ -55,8 +55,17 @@ static void int8_gemv(uintptr_t x, int64_t ldx, uintptr_t q, uintptr_t scale, ui
                     generic, prefetch);
 }
 
+static void bf16_gemv(uintptr_t x, int64_t ldx, uintptr_t w, float alpha, bool accumulate, uintptr_t y, int64_t ldy,
+                      int64_t m, int64_t n, int64_t k, int num_threads, bool generic, int64_t prefetch) {
+  if (m < 0 || n < 0 || k < 0 || ldx < k || ldy < n)
+    throw std::invalid_argument("bf16_gemv: need M, N, K >= 0, ldx >= K and ldy >= N");
+  py::gil_scoped_release release;
+  pllava::bf16_gemv(reinterpret_cast<const float*>(x), ldx, reinterpret_cast<const uint16_t*>(w), alpha, accumulate,
+                    reinterpret_cast<float*>(y), ldy, m, n, k, num_threads, generic, prefetch);
+}
+
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "pllava native preprocessing (PIL-exact bicubic resize + center crop + normalize) and int8 GEMV";
+  m.doc() = "pllava native preprocessing (PIL-exact bicubic resize + center crop + normalize), int8 and bf16 GEMV";
   m.def("preprocess", &preprocess_frames, py::arg("data"), py::arg("shape"), py::arg("strides"), py::arg("cfg"),
         py::arg("out"), py::arg("dtype"), py::arg("num_threads") = 0);
   m.def("output_size", &output_size);
@@ -64,6 +73,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("ldy"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("num_threads") = 0,
         py::arg("generic") = false, py::arg("prefetch") = -1);
   m.def("int8_gemv_isa", &pllava::int8_gemv_isa);
-  m.def("int8_gemv_prefetch_distance", &pllava::int8_gemv_prefetch_distance);
-  m.attr("ABI") = 3;
+  m.def("bf16_gemv", &bf16_gemv, py::arg("x"), py::arg("ldx"), py::arg("w"), py::arg("alpha"), py::arg("accumulate"),
+        py::arg("y"), py::arg("ldy"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("num_threads") = 0,
+        py::arg("generic") = false, py::arg("prefetch") = -1);
+  m.def("gemv_prefetch_distance", &pllava::gemv_prefetch_distance);
+  m.attr("ABI") = 4;
 }

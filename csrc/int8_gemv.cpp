@@ -1,4 +1,5 @@
-// Weight-only int8 GEMV with fp32 activations, for decode rows (M <= 16) on the CPU.
+// Weight-only int8 GEMV with fp32 activations, for decode rows (M <= 16) on the CPU, and the same kernel over bf16
+// weights (the LoRA factors of those rows: bf16_gemv).
 //
 // Why: torch's _weight_int8pack_mm is fast only with bf16 activations (7B shapes on 2 Zen4 cores: 0.50 ms at
 // K = N = 4096 in bf16, 7.9 ms with fp32 activations, 3.3 ms for the fp32 GEMV it replaces), and bf16 activations
@@ -13,57 +14,85 @@
 // gets ahead of them: the small preset's 56 decode GEMVs (K = 768 and 2048, 57 MB, from DRAM as in a decode step)
 // streamed at 10.5 GB/s on 2 Zen4 cores, against 24 GB/s with one software prefetch a k step, a fixed distance
 // ahead in q's bytes (benchmarks/bench_int8_gemv.py). Long rows stream well on their own (K = 4096: 20.5 GB/s
-// without, 19.4 with), so the default prefetches only rows up to 2048 bytes (kPrefetchMaxK).
+// without, 19.4 with), so the default prefetches only rows up to 2048 bytes (kPrefetchMaxRow).
+//
+// bf16 weights: the LoRA's A (r, K) and B (N, r) of a decode row went through torch's bf16 GEMM, 51 us a product on
+// 2 Zen4 cores (small preset, r = 128: 1.6 ms of a 9 ms step for 32 products, 3.8 GB/s), with x rounded to bf16.
+// Here bf16 is widened exactly (its bits shifted into an fp32's high half) and x stays fp32.
 #include "int8_gemv.h"
 
 #include <immintrin.h>
 #include <omp.h>
 
 #include <algorithm>
+#include <cstring>
 
 namespace pllava {
 namespace {
 
 constexpr int kTile = 4;
-
-constexpr int64_t kPrefetchMaxK = 2048;
+constexpr int64_t kPrefetchMaxRow = 2048;  // bytes of a weight row
 constexpr int64_t kLine = 64;
 
-// Prefetches [p, end) one cache line a call: the tiles call it once a k step, so a tile of NB rows (NB * K bytes,
-// K / 16 steps) covers NB * 16 / 64 of its own size ahead; finish() covers what its steps left.
+// Prefetches [p, end) a cache line at a time: the tiles call step<L>() once a k step of 16 weights a row, L =
+// the weight's bytes, so a 4-row tile (4 * K * L bytes, K / 16 steps) covers its own size ahead; finish() covers
+// what its steps left (fewer rows, the K tail).
 struct Prefetch {
   const char* p;
   const char* end;
+  template <int L>
   inline void step() {
-    if (p < end) {
-      __builtin_prefetch(p, 0, 3);
-      p += kLine;
-    }
+    for (int l = 0; l < L && p < end; ++l, p += kLine) __builtin_prefetch(p, 0, 3);
   }
   inline void finish() {
     for (; p < end; p += kLine) __builtin_prefetch(p, 0, 3);
   }
 };
 
-using TileFn = void (*)(const float*, int64_t, const int8_t*, int64_t, const float*, float*, int64_t, int64_t,
-                        Prefetch);
+// What a tile writes: y = alpha * (scale ? scale[n] : 1) * sum (+ y where accumulate).
+struct Out {
+  const float* scale;
+  float alpha;
+  bool accumulate;
+  inline void put(float* y, int64_t n, float t) const {
+    if (scale != nullptr) t *= scale[n];
+    if (alpha != 1.0f) t *= alpha;
+    *y = accumulate ? *y + t : t;
+  }
+};
+
+inline float widen(int8_t v) { return static_cast<float>(v); }
+inline float widen(uint16_t b) {  // bf16 bits -> fp32, exact
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+__attribute__((target("avx512f"))) inline __m512 load16(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+__attribute__((target("avx512f"))) inline __m512 load16(const uint16_t* p) {
+  const __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+}
+
+template <typename W>
+using TileFn = void (*)(const float*, int64_t, const W*, int64_t, const Out&, float*, int64_t, int64_t, Prefetch);
 
 // Rows m < MB of x (and y) against rows n .. n + NB of q; x and y already point at the tile's first row. pf: the
 // bytes of q to prefetch meanwhile (empty for none).
-template <int MB, int NB>
-__attribute__((target("avx512f"))) void tile_avx512(const float* x, int64_t ldx, const int8_t* q, int64_t K,
-                                                    const float* scale, float* y, int64_t ldy, int64_t n,
-                                                    Prefetch pf) {
+template <typename W, int MB, int NB>
+__attribute__((target("avx512f"))) void tile_avx512(const float* x, int64_t ldx, const W* q, int64_t K,
+                                                    const Out& out, float* y, int64_t ldy, int64_t n, Prefetch pf) {
   __m512 acc[MB][NB];
   for (int i = 0; i < MB; ++i)
     for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + 16 <= K; k += 16) {
-    pf.step();
+    pf.step<sizeof(W)>();
     __m512 w[NB];
-    for (int j = 0; j < NB; ++j)
-      w[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
-          _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + (n + j) * K + k))));
+    for (int j = 0; j < NB; ++j) w[j] = load16(q + (n + j) * K + k);
     for (int i = 0; i < MB; ++i) {
       const __m512 xv = _mm512_loadu_ps(x + i * ldx + k);
       for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_fmadd_ps(w[j], xv, acc[i][j]);
@@ -73,34 +102,37 @@ __attribute__((target("avx512f"))) void tile_avx512(const float* x, int64_t ldx,
   for (int i = 0; i < MB; ++i)
     for (int j = 0; j < NB; ++j) {
       float t = _mm512_reduce_add_ps(acc[i][j]);
-      for (int64_t kk = k; kk < K; ++kk) t += x[i * ldx + kk] * static_cast<float>(q[(n + j) * K + kk]);
-      y[i * ldy + n + j] = t * scale[n + j];
+      for (int64_t kk = k; kk < K; ++kk) t += x[i * ldx + kk] * widen(q[(n + j) * K + kk]);
+      out.put(y + i * ldy + n + j, n + j, t);
     }
 }
 
-template <int MB, int NB>
-void tile_generic(const float* x, int64_t ldx, const int8_t* q, int64_t K, const float* scale, float* y, int64_t ldy,
+template <typename W, int MB, int NB>
+void tile_generic(const float* x, int64_t ldx, const W* q, int64_t K, const Out& out, float* y, int64_t ldy,
                   int64_t n, Prefetch pf) {
   pf.finish();  // the row loops below are not a k loop to spread it over; ahead of them is still ahead
   for (int i = 0; i < MB; ++i)
     for (int j = 0; j < NB; ++j) {
-      const int8_t* qr = q + (n + j) * K;
+      const W* qr = q + (n + j) * K;
       const float* xr = x + i * ldx;
       float lane[16] = {};  // 16 partial sums, as the AVX-512 path: one sequential sum loses ~K/16 times more
       int64_t k = 0;
       for (; k + 16 <= K; k += 16)
-        for (int l = 0; l < 16; ++l) lane[l] += xr[k + l] * static_cast<float>(qr[k + l]);
+        for (int l = 0; l < 16; ++l) lane[l] += xr[k + l] * widen(qr[k + l]);
       float t = 0.f;
       for (int l = 0; l < 16; ++l) t += lane[l];
-      for (; k < K; ++k) t += xr[k] * static_cast<float>(qr[k]);
-      y[i * ldy + n + j] = t * scale[n + j];
+      for (; k < K; ++k) t += xr[k] * widen(qr[k]);
+      out.put(y + i * ldy + n + j, n + j, t);
     }
 }
 
-#define PLLAVA_ROW(F, m) {F<m, 1>, F<m, 2>, F<m, 3>, F<m, 4>}
+#define PLLAVA_ROW(F, m) {F<W, m, 1>, F<W, m, 2>, F<W, m, 3>, F<W, m, 4>}
 #define PLLAVA_TABLE(F) {PLLAVA_ROW(F, 1), PLLAVA_ROW(F, 2), PLLAVA_ROW(F, 3), PLLAVA_ROW(F, 4)}
-const TileFn kAvx512[kTile][kTile] = PLLAVA_TABLE(tile_avx512);
-const TileFn kGeneric[kTile][kTile] = PLLAVA_TABLE(tile_generic);
+template <typename W>
+struct Tables {
+  static constexpr TileFn<W> avx512[kTile][kTile] = PLLAVA_TABLE(tile_avx512);
+  static constexpr TileFn<W> generic[kTile][kTile] = PLLAVA_TABLE(tile_generic);
+};
 #undef PLLAVA_TABLE
 #undef PLLAVA_ROW
 
@@ -109,26 +141,23 @@ bool has_avx512() {
   return yes;
 }
 
-}  // namespace
-
-const char* int8_gemv_isa() { return has_avx512() ? "avx512" : "generic"; }
-
-int64_t int8_gemv_prefetch_distance(int64_t K) { return K <= 1024 ? 4096 : K <= kPrefetchMaxK ? 8192 : 0; }
-
-void int8_gemv(const float* x, int64_t ldx, const int8_t* q, const float* scale, float* y, int64_t ldy, int64_t M,
-               int64_t N, int64_t K, int num_threads, bool generic, int64_t prefetch) {
-  const TileFn(*table)[kTile] = has_avx512() && !generic ? kAvx512 : kGeneric;
+template <typename W>
+void gemv(const float* x, int64_t ldx, const W* q, const Out& out, float* y, int64_t ldy, int64_t M, int64_t N,
+          int64_t K, int num_threads, bool generic, int64_t prefetch) {
+  const TileFn<W>(*table)[kTile] = has_avx512() && !generic ? Tables<W>::avx512 : Tables<W>::generic;
   const int64_t blocks = (N + kTile - 1) / kTile;
   const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(
       num_threads > 0 ? num_threads : omp_get_max_threads(), blocks)));
-  const int64_t dist = prefetch < 0 ? int8_gemv_prefetch_distance(K) : prefetch;
+  const int64_t row = K * static_cast<int64_t>(sizeof(W));  // bytes
+  const int64_t dist = prefetch < 0 ? gemv_prefetch_distance(row) : prefetch;
 #pragma omp parallel num_threads(threads)
   {
     // contiguous blocks a thread (as schedule(static)), so its prefetches stay inside the q rows it streams
     const int t = omp_get_thread_num(), nt = omp_get_num_threads();
     const int64_t b0 = blocks * t / nt, b1 = blocks * (t + 1) / nt;
-    const char* lim = reinterpret_cast<const char*>(q + std::min(N, b1 * kTile) * K);
-    const char* ahead = reinterpret_cast<const char*>(q + b0 * kTile * K);
+    const char* base = reinterpret_cast<const char*>(q);
+    const char* lim = base + std::min(N, b1 * kTile) * row;
+    const char* ahead = base + b0 * kTile * row;
     if (dist > 0) {  // the first `dist` bytes, before the first tile needs them
       Prefetch head{ahead, std::min(lim, ahead + dist)};
       head.finish();
@@ -136,15 +165,33 @@ void int8_gemv(const float* x, int64_t ldx, const int8_t* q, const float* scale,
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n = b * kTile;
       const int nb = static_cast<int>(std::min<int64_t>(kTile, N - n));
-      const char* start = reinterpret_cast<const char*>(q + n * K) + dist;
-      Prefetch pf{start, dist > 0 ? std::min(lim, start + nb * K) : start};
+      const char* start = base + n * row + dist;
+      Prefetch pf{start, dist > 0 ? std::min(lim, start + nb * row) : start};
       for (int64_t m = 0; m < M; m += kTile) {  // the tile's q rows stay in L1 across the row blocks
         const int mb = static_cast<int>(std::min<int64_t>(kTile, M - m));
-        table[mb - 1][nb - 1](x + m * ldx, ldx, q, K, scale, y + m * ldy, ldy, n, pf);
+        table[mb - 1][nb - 1](x + m * ldx, ldx, q, K, out, y + m * ldy, ldy, n, pf);
         pf.p = pf.end;  // prefetched once, by the first row block
       }
     }
   }
+}
+
+}  // namespace
+
+const char* int8_gemv_isa() { return has_avx512() ? "avx512" : "generic"; }
+
+int64_t gemv_prefetch_distance(int64_t row_bytes) {
+  return row_bytes <= 1024 ? 4096 : row_bytes <= kPrefetchMaxRow ? 8192 : 0;
+}
+
+void int8_gemv(const float* x, int64_t ldx, const int8_t* q, const float* scale, float* y, int64_t ldy, int64_t M,
+               int64_t N, int64_t K, int num_threads, bool generic, int64_t prefetch) {
+  gemv(x, ldx, q, Out{scale, 1.0f, false}, y, ldy, M, N, K, num_threads, generic, prefetch);
+}
+
+void bf16_gemv(const float* x, int64_t ldx, const uint16_t* w, float alpha, bool accumulate, float* y, int64_t ldy,
+               int64_t M, int64_t N, int64_t K, int num_threads, bool generic, int64_t prefetch) {
+  gemv(x, ldx, w, Out{nullptr, alpha, accumulate}, y, ldy, M, N, K, num_threads, generic, prefetch);
 }
 
 }  // namespace pllava

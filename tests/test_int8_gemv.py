@@ -51,6 +51,29 @@ def test_int8_gemv_is_exact_on_integer_inputs(m, n, k, generic, prefetch):
 
 
 @native
+@pytest.mark.parametrize("prefetch", [-1, 0, 1 << 20])
+@pytest.mark.parametrize("generic", [False, True])
+@pytest.mark.parametrize("m,n,k", SHAPES)
+def test_bf16_gemv_is_exact_on_integer_inputs(m, n, k, generic, prefetch):
+    """bf16 weights (integers to 127: exact in bf16) widened, times fp32 x, times a power-of-two alpha, written or
+    added onto y: every output exact, so any lane, tail, row or accumulate slip shows."""
+    g = torch.Generator().manual_seed(m * 1000 + n * 10 + k + 1)
+    x = torch.randint(-8, 9, (m, k + 3), generator=g).float()[:, 1:k + 1]  # row stride k + 3
+    w = torch.randint(-127, 128, (n, k), generator=g).bfloat16()
+    prod = (x.long() @ w.long().T).double()
+    for alpha, accumulate in ((1.0, False), (0.25, True), (-4.0, False)):
+        y = torch.full((m, n + 2), float("nan"))
+        if accumulate:
+            y[:, :n] = torch.randint(-50, 50, (m, n), generator=g).float()
+        before = y[:, :n].double().clone()
+        _c().bf16_gemv(x.data_ptr(), x.stride(0), w.data_ptr(), alpha, accumulate, y.data_ptr(), y.stride(0), m, n,
+                       k, 2, generic, prefetch)
+        want = alpha * prod + (before if accumulate else 0)
+        assert torch.equal(y[:, :n].double(), want), (alpha, accumulate, (y[:, :n] - want).abs().max())
+        assert torch.isnan(y[:, n:]).all(), "wrote past N"
+
+
+@native
 @pytest.mark.parametrize("m,n,k", [(1, 300, 4096), (7, 64, 1000), (16, 40, 513)])
 def test_int8_gemv_float_error_is_fp32s(m, n, k):
     g = torch.Generator().manual_seed(k)
@@ -101,6 +124,32 @@ def test_decode_rows_come_back_in_fp32_with_the_lora_at_its_scale():
     want16 = x.bfloat16().double() @ (q.double() * s.bfloat16().double()[:, None]).T + b.bfloat16().double()
     assert y16.dtype == torch.float32
     assert float((y16 - want16).abs().max() / want16.abs().max()) < 1e-5  # no bf16 rounding of the output
+
+
+@native
+@pytest.mark.skipif(not native_int8_available(torch.bfloat16), reason="the bf16 LoRA kernel runs with AVX-512")
+def test_a_bf16_lora_on_decode_rows_is_exact_in_fp32():
+    """A bf16 engine's LoRA (bf16 A and B) on fp32 decode rows: pllava._C's bf16 GEMV widens the factors exactly and
+    keeps x in fp32, so the delta is the fp64 product of x and the bf16 factors to fp32's error, where torch's bf16
+    GEMM rounded x (and the partial product) to bf16: ~1e-3. A per-row scale (a batch, one alpha a row) takes torch's
+    path, within bf16's error."""
+    g = torch.Generator().manual_seed(4)
+    q, s = quantize_weight(torch.randn(40, 96, generator=g), torch.bfloat16)
+    a_, b_ = torch.randn(16, 96, generator=g).bfloat16(), torch.randn(40, 16, generator=g).bfloat16()
+    x = torch.randn(3, 96, generator=g)  # fp32 rows, as the norms give them
+    deq = q.double() * s.double()[:, None]
+
+    def want(sc):
+        return x.double() @ deq.T + sc * (x.double() @ a_.double().T @ b_.double().T)
+
+    y = int8_linear(x, q, s, None, (a_, b_, torch.tensor(0.25)))
+    ref = want(0.25)
+    err = float((y.double() - ref).abs().max() / ref.abs().max())
+    assert y.dtype == torch.float32 and err < 1e-6, err
+    rows = torch.tensor([0.25, 0.5, 2.0])  # one scale a row: torch's lora_delta in bf16
+    yr = int8_linear(x, q, s, None, (a_, b_, rows))
+    refr = x.double() @ deq.T + rows.double()[:, None] * (x.double() @ a_.double().T @ b_.double().T)
+    assert float((yr.double() - refr).abs().max() / refr.abs().max()) < 2e-2
 
 
 def test_without_the_extension_decode_rows_use_torchs_int8_gemv_and_say_so(ckpts, monkeypatch, caplog):

@@ -10,10 +10,12 @@ activations and the accumulator in fp32 and is at least as fast as torch's bf16 
 row, weights in L3: 0.34 ms at K = N = 4096 against _weight_int8pack_mm's 0.53 ms with bf16 activations, 7.9 ms
 with fp32 ones, and 3.1 ms for the fp32 GEMV it replaces; a small-preset step's weights from DRAM, with its
 prefetch: 3.8 against 7.9 ms, benchmarks/bench_int8_gemv.py), so bf16 decode activations buy no speed and cost
-agreement (README, "quality"). Without pllava._C, decode rows go through _weight_int8pack_mm in the activations' dtype (slow in
-fp32), and the log says so. Prefill rows: a GEMM in the weights' dtype (below). On the Triton path (CUDA) every
-call is pllava.kernels.int8_linear: int8 tiles widened in registers, the scale on the fp32 accumulator, the LoRA's
-expand fused at the live alpha; without triton there the weight is dequantized per call, and the log says which.
+agreement (README, "quality"). A bf16 LoRA on those rows goes through the extension's bf16 GEMV (its factors
+widened exactly, x kept fp32). Without pllava._C, decode rows go through _weight_int8pack_mm in the activations'
+dtype (slow in fp32), and the log says so. Prefill rows: a GEMM in the weights' dtype (below). On the Triton path
+(CUDA) every call is pllava.kernels.int8_linear: int8 tiles widened in registers, the scale on the fp32
+accumulator, the LoRA's expand fused at the live alpha; without triton there the weight is dequantized per call,
+and the log says which.
 """
 from __future__ import annotations
 
@@ -103,6 +105,16 @@ def _gemv(C, x, q, scale):
     return y
 
 
+def _gemv_bf16(C, x, w, alpha: float, out=None):
+    """alpha · x (M, K) fp32 · w (N, K) bf16ᵀ in fp32 (pllava._C's bf16 GEMV), added into `out` (M, N) fp32
+    contiguous when given. x and w contiguous."""
+    (m, k), n = x.shape, w.shape[0]
+    y = torch.empty(m, n, dtype=torch.float32) if out is None else out
+    C.bf16_gemv(x.data_ptr(), k, w.data_ptr(), alpha, out is not None, y.data_ptr(), n, m, n, k,
+                torch.get_num_threads())
+    return y
+
+
 def native_int8_available(dtype: torch.dtype = torch.float32) -> bool:
     """Whether int8 decode rows of an engine in `dtype` run in fp32 through pllava._C's GEMV: it is built, and for
     bf16 / fp16 engines its AVX-512 path runs here (its portable loop is slower than torch's bf16 GEMV, which then
@@ -147,16 +159,24 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: tor
     if decode and native_int8_available(x2.dtype):  # the runtime's rule, per call (fp32 rows: the norms' output)
         if eager:
             log_once(f"int8 decode rows: pllava._C's fp32 int8 GEMV ({isa})")
+        xf = x2.float().contiguous()  # (M, K)
         if not eager or not q.is_contiguous():  # the custom op: traceable, and it checks
-            y = torch.ops.pllava.int8_gemv_cpu(x2.float(), q, scale.float())  # (M, N) fp32
+            y = torch.ops.pllava.int8_gemv_cpu(xf, q, scale.float())  # (M, N) fp32
         else:  # eager: the kernel directly (the op's dispatch cost 20 us a call, 60 calls a token)
-            y = _gemv(C, x2.float().contiguous(), q, scale.float().contiguous())
+            y = _gemv(C, xf, q, scale.float().contiguous())
         if bias is not None:
             y = y + bias
-        y = y.reshape(*x.shape[:-1], q.shape[0])
-        if lora is not None:  # in the LoRA's dtype (fp32 copies of A and B would add 2 bytes a LoRA weight)
-            y = y + lora_delta(x.to(lora[0].dtype), *lora)
-        return y
+        if lora is not None:
+            a, b, s = lora
+            if eager and a.dtype == torch.bfloat16 and s.dim() == 0 and isa == "avx512" and a.is_contiguous() \
+                    and b.is_contiguous():
+                # the bf16 factors widened in registers, x kept fp32, the delta added into y at the live scale
+                # (torch's bf16 GEMM took 51 us a product here, 1.6 ms of a 9 ms small-preset step)
+                log_once("int8 decode rows: the LoRA through pllava._C's bf16 GEMV, in fp32")
+                _gemv_bf16(C, _gemv_bf16(C, xf, a, 1.0), b, float(s), out=y)
+            else:  # in the LoRA's dtype (fp32 copies of A and B would add 2 bytes a LoRA weight)
+                y = y + lora_delta(x2.to(a.dtype), a, b, s)
+        return y.reshape(*x.shape[:-1], q.shape[0])
     if decode:
         if eager:
             log_once("int8 decode rows: torch._weight_int8pack_mm in the activations' dtype (pllava._C is "

@@ -1,9 +1,10 @@
-// Runs the int8 GEMV under AddressSanitizer/UBSan on awkward shapes (K tails, N off the 4-row tile, M up to 16,
-// padded row strides, prefetch off, at its default, one line and past q's end): every read must stay inside x, q
-// and scale, every write inside y's rows of N (built and run by tests/test_int8_gemv.py). Each buffer is its own
-// exact-size heap block, so one element past it is caught.
+// Runs the int8 and bf16 GEMVs under AddressSanitizer/UBSan on awkward shapes (K tails, N off the 4-row tile, M up
+// to 16, padded row strides, prefetch off, at its default, one line and past q's end): every read must stay inside
+// x, q (or w) and scale, every write inside y's rows of N (built and run by tests/test_int8_gemv.py). Each buffer is
+// its own exact-size heap block, so one element past it is caught.
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <vector>
 
 #include "../../csrc/int8_gemv.h"
@@ -22,19 +23,34 @@ int main() {
       for (auto& v : x) v = static_cast<float>(static_cast<int>(rnd() % 17) - 8);
       for (auto& v : q) v = static_cast<int8_t>(static_cast<int>(rnd() % 255) - 127);
       for (auto& v : scale) v = std::ldexp(1.0f, static_cast<int>(rnd() % 9) - 6);
+      // the same integers as bf16 bits (|q| <= 127: exact), for bf16_gemv, in their own exact-size block
+      std::vector<uint16_t> wb(q.size());
+      for (size_t i = 0; i < q.size(); ++i) {
+        const float f = q[i];
+        uint32_t u;
+        std::memcpy(&u, &f, sizeof u);
+        wb[i] = static_cast<uint16_t>(u >> 16);
+      }
       for (int generic = 0; generic < 2; ++generic) for (long prefetch : {-1L, 0L, 64L, 1L << 20}) {
-        std::vector<float> y(static_cast<size_t>(m - 1) * ldy + n, NAN);
-        pllava::int8_gemv(x.data(), ldx, q.data(), scale.data(), y.data(), ldy, m, n, k, 2, generic != 0, prefetch);
-        for (int i = 0; i < m; ++i)
-          for (int j = 0; j < n; ++j) {
-            long long acc = 0;  // integers: fp32 holds every partial sum exactly (|sum| < 2^24)
-            for (int t = 0; t < k; ++t) acc += static_cast<long long>(x[i * ldx + t]) * q[j * k + t];
-            if (y[i * ldy + j] != static_cast<float>(acc) * scale[j]) {
-              std::printf("mismatch m=%d n=%d k=%d pad=%d generic=%d prefetch=%ld at (%d, %d)\n", m, n, k, pad,
-                          generic, prefetch, i, j);
-              return 1;
+        for (int kind = 0; kind < 2; ++kind) {  // int8 with its scales; bf16 at alpha 0.5, added onto y = 1
+          std::vector<float> y(static_cast<size_t>(m - 1) * ldy + n, kind ? 1.0f : NAN);
+          if (kind)
+            pllava::bf16_gemv(x.data(), ldx, wb.data(), 0.5f, true, y.data(), ldy, m, n, k, 2, generic != 0, prefetch);
+          else
+            pllava::int8_gemv(x.data(), ldx, q.data(), scale.data(), y.data(), ldy, m, n, k, 2, generic != 0,
+                              prefetch);
+          for (int i = 0; i < m; ++i)
+            for (int j = 0; j < n; ++j) {
+              long long acc = 0;  // integers: fp32 holds every partial sum exactly (|sum| < 2^24)
+              for (int t = 0; t < k; ++t) acc += static_cast<long long>(x[i * ldx + t]) * q[j * k + t];
+              const float want = kind ? 1.0f + static_cast<float>(acc) * 0.5f : static_cast<float>(acc) * scale[j];
+              if (y[i * ldy + j] != want) {
+                std::printf("mismatch %s m=%d n=%d k=%d pad=%d generic=%d prefetch=%ld at (%d, %d)\n",
+                            kind ? "bf16" : "int8", m, n, k, pad, generic, prefetch, i, j);
+                return 1;
+              }
             }
-          }
+        }
       }
     }
   }
