@@ -133,6 +133,36 @@ def slot_decode_attention(q, kc, vc, slot_t, pos_t, window: int | None = None, b
     return K.slot_decode_attention(q, kc, vc, slot_t, pos_t, window)
 
 
+_DECODE_ATTN: list = []  # [pllava._C or None]: looked up once (decode asks once a layer a step)
+
+
+def native_decode_attention():
+    """pllava._C when it is built with the fp32 decode-attention kernel (csrc/decode_attention.cpp), else None."""
+    if not _DECODE_ATTN:
+        try:
+            from pllava import _C
+        except ImportError:
+            _C = None
+        _DECODE_ATTN.append(_C if hasattr(_C, "decode_attention") else None)
+    return _DECODE_ATTN[0]
+
+
+def cpu_decode_attention(C, q, k, v, lo: int, hi: int):
+    """One decode step's attention on the CPU by pllava._C: q (B, H, 1, hd) fp32 attends positions [lo, hi) of
+    k / v (B, KV, S, hd) fp32 (the static cache, hd contiguous) -> (B, H, 1, hd) fp32. What the masked SDPA gives
+    for a mask that is true on [lo, hi) only (tests/test_decode_attention.py), without reading the rest."""
+    bsz, h, _, d = q.shape
+    if k.stride() != v.stride() or k.stride(-1) != 1 or q.stride(-1) != 1 or k.dtype != torch.float32:
+        raise ValueError(f"cpu_decode_attention: k and v must be fp32 with one layout and hd contiguous, got "
+                         f"{k.dtype} strides {k.stride()} / {v.stride()}")
+    o = torch.empty(bsz, h, 1, d, dtype=torch.float32)
+    log_once("decode attention: pllava._C's fp32 kernel over the used positions")
+    C.decode_attention(q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1),
+                       k.stride(2), o.data_ptr(), o.stride(0), o.stride(1), bsz, h, k.shape[1], d, lo, hi, d ** -0.5,
+                       torch.get_num_threads())
+    return o
+
+
 def slot_attention(q, kc, vc, slots: list[int], starts: list[int], window: int | None = None):
     """Attention of rows that live in different slots of a slot KV cache, each over its own used positions only.
 

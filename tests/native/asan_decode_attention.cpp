@@ -1,0 +1,45 @@
+// Runs the fp32 decode attention under AddressSanitizer/UBSan (built and run by tests/test_decode_attention.py):
+// MHA and GQA, head sizes on and off the 16-wide vector, one position and a window's lower bound, both ISAs. Each of
+// q, k, v and o is its own exact-size heap block (k and v end at position hi), so one element past is caught; the
+// result must be a convex mix of V's values (every V row holds one constant per (b, kv head)).
+#include <cmath>
+#include <cstdio>
+#include <vector>
+
+#include "../../csrc/decode_attention.h"
+
+int main() {
+  const int cases[][6] = {{1, 12, 12, 64, 0, 257}, {2, 8, 2, 128, 0, 90}, {1, 7, 1, 80, 5, 33}, {1, 4, 2, 16, 19, 20},
+                          {3, 6, 3, 24, 2, 9}};
+  unsigned seed = 11;
+  auto rnd = [&seed]() { return static_cast<float>((seed = seed * 1103515245u + 12345u) >> 8) / 16777216.0f - 0.5f; };
+  for (auto& c : cases) {
+    const int B = c[0], H = c[1], KV = c[2], D = c[3], lo = c[4], hi = c[5], S = hi;  // cache slots end at hi
+    std::vector<float> q(static_cast<size_t>(B) * H * D), k(static_cast<size_t>(B) * KV * S * D),
+        v(static_cast<size_t>(B) * KV * S * D);
+    for (auto& x : q) x = rnd();
+    for (auto& x : k) x = rnd();
+    for (int b = 0; b < B; ++b)
+      for (int h = 0; h < KV; ++h)
+        for (int s = 0; s < S * D; ++s)
+          v[(static_cast<size_t>(b) * KV + h) * S * D + s] = static_cast<float>(b * KV + h);
+    for (int generic = 0; generic < 2; ++generic) {
+      std::vector<float> o(static_cast<size_t>(B) * H * D, NAN);
+      pllava::decode_attention(q.data(), H * D, D, k.data(), v.data(), KV * S * D, S * D, D, o.data(), H * D, D, B, H,
+                               KV, D, lo, hi, 1.0f / std::sqrt(static_cast<float>(D)), 2, generic != 0);
+      for (int b = 0; b < B; ++b)
+        for (int h = 0; h < H; ++h)
+          for (int d = 0; d < D; ++d) {
+            const float want = static_cast<float>(b * KV + h / (H / KV));
+            const float got = o[(static_cast<size_t>(b) * H + h) * D + d];
+            if (!(std::fabs(got - want) <= 1e-5f * (1.0f + want))) {
+              std::printf("mismatch B=%d H=%d KV=%d D=%d lo=%d hi=%d generic=%d at (%d, %d, %d): %g\n", B, H, KV, D, lo,
+                          hi, generic, b, h, d, got);
+              return 1;
+            }
+          }
+    }
+  }
+  std::printf("asan decode attention: ok\n");
+  return 0;
+}

@@ -1,0 +1,106 @@
+"""pllava._C's fp32 decode attention (the CPU's eager decode steps) against an fp64 masked softmax written here:
+within twice torch's own fp32 error (its SDPA against the same fp64), both ISAs, MHA and GQA, odd head sizes, a
+sliding window's lower bound; every position outside [lo, hi) holds NaN, so a kernel that reads one fails."""
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pllava
+from asan_util import run_under_asan
+from pllava import ops
+from pllava.generate import decode_one_token
+
+C = ops.native_decode_attention()
+native = pytest.mark.skipif(C is None, reason="pllava._C is not built")
+
+CASES = [  # (B, H, KV, D, S cache slots, lo, hi)
+    (1, 12, 12, 64, 300, 0, 257),  # the small preset's heads
+    (2, 8, 2, 128, 90, 0, 90),  # GQA, 4 query heads a KV head, two rows
+    (1, 7, 1, 80, 40, 5, 33),  # D off the 16-wide vector (the portable loop), a window's lower bound
+    (1, 4, 2, 16, 20, 19, 20),  # one position
+    (1, 2, 2, 64, 2400, 0, 2330),  # a 16-frame prompt's length
+]
+
+
+def _case(b, h, kv, d, s, lo, hi, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, 1, d, generator=g)
+    k, v = torch.randn(b, kv, s, d, generator=g) * 2, torch.randn(b, kv, s, d, generator=g)
+    return q, k, v
+
+
+def _oracle(q, k, v, lo, hi):
+    rep = q.shape[1] // k.shape[1]
+    kk, vv = k[:, :, lo:hi].double().repeat_interleave(rep, 1), v[:, :, lo:hi].double().repeat_interleave(rep, 1)
+    w = torch.softmax(q.double() @ kk.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+    return w @ vv
+
+
+@native
+@pytest.mark.parametrize("generic", [False, True])
+@pytest.mark.parametrize("case", CASES)
+def test_decode_attention_is_the_masked_softmax_to_fp32s_error(case, generic):
+    b, h, kv, d, s, lo, hi = case
+    q, k, v = _case(*case, seed=sum(case))
+    want = _oracle(q, k, v, lo, hi)
+    mask = torch.zeros(1, s, dtype=torch.bool)
+    mask[:, lo:hi] = True
+    e_torch = float((F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=kv != h).double()
+                     - want).abs().max())
+    k[:, :, :lo], k[:, :, hi:], v[:, :, :lo], v[:, :, hi:] = (float("nan"),) * 4  # never to be read
+    o = torch.full((b, h, 1, d), float("nan"))
+    C.decode_attention(q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1),
+                       k.stride(2), o.data_ptr(), o.stride(0), o.stride(1), b, h, kv, d, lo, hi, d ** -0.5, 2,
+                       generic)
+    e = float((o.double() - want).abs().max())
+    print(f"\n{case} generic={generic}: {e:.2e} against torch SDPA fp32's {e_torch:.2e}")
+    assert e <= 2 * e_torch + 2 ** -23, (e, e_torch)
+
+
+@native
+def test_the_wrapper_matches_sdpa_and_refuses_bad_arguments():
+    q, k, v = _case(1, 4, 2, 32, 50, 0, 31, seed=9)
+    mask = torch.zeros(1, 50, dtype=torch.bool)
+    mask[:, 3:31] = True
+    got = ops.cpu_decode_attention(C, q, k, v, 3, 31)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    assert got.shape == want.shape and float((got - want).abs().max()) < 1e-5
+    with pytest.raises(ValueError, match="one layout"):
+        ops.cpu_decode_attention(C, q, k, v.contiguous().transpose(2, 3).contiguous().transpose(2, 3), 0, 31)
+    with pytest.raises(ValueError, match="0 <= lo < hi"):
+        ops.cpu_decode_attention(C, q, k, v, 5, 5)
+    with pytest.raises(ValueError, match="multiple of KV"):
+        ops.cpu_decode_attention(C, q[:, :3], k, v, 0, 4)
+
+
+@native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_engine_decode_steps_with_the_kernel_are_sdpas(ckpts, monkeypatch, caplog, dtype):
+    """The eager decode steps of generate() (an fp32 KV cache on the CPU, in fp32 and bf16 engines): the kernel's
+    logits are the masked SDPA's within fp32's error (bf16's where the engine is bf16), step after step, and the
+    log names the path."""
+    eng = pllava.Engine.from_pretrained(ckpts["pllava"], dtype=dtype)
+    lm, px = eng.model.language_model, torch.randn(4, 3, 42, 42, generator=torch.Generator().manual_seed(5))
+
+    def steps():
+        lm.setup_cache(1, 400, eng.kv_dtype, eng.device)
+        with torch.no_grad():
+            pos = eng.prompt_logits(px, "What is happening?").shape[0]
+            out = [decode_one_token(lm, torch.tensor([[7 + i]]), torch.tensor([pos + i]), kv_len=pos + i + 1)[0, -1]
+                   for i in range(4)]
+        return torch.stack(out).float()
+
+    monkeypatch.setattr(ops, "_logged", set())
+    with caplog.at_level("INFO", logger="pllava"):
+        got = steps()
+    assert "decode attention: pllava._C's fp32 kernel" in caplog.text
+    monkeypatch.setattr(ops, "native_decode_attention", lambda: None)
+    want = steps()
+    assert float((got - want).abs().max() / want.abs().max()) < (1e-5 if dtype == torch.float32 else 2e-2)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="no C++ compiler")
+def test_decode_attention_under_address_sanitizer(tmp_path):
+    run_under_asan(tmp_path, "decode_attention.cpp", "asan_decode_attention.cpp", "asan decode attention: ok")
