@@ -5,7 +5,8 @@ linears are 82 MB with lm_head, its fp32 KV cache 114 MB at 2330 positions), so 
 distinct weights in model order, one row (M = 1), on the threads torch uses, with the kernel's software prefetch
 off and at its default distance, interleaved rep by rep (one noisy machine, one run). References in the same run:
 the bandwidth of a 1 GiB read (torch.sum) and torch's _weight_int8pack_mm with bf16 activations on the same weights.
-Prints a table of median ms and GB/s; asserts nothing (speed lives here, not in the tests).
+Then the bf16 GEMV on a step's LoRA factors against torch's bf16 GEMMs. Prints tables of median ms and GB/s;
+asserts nothing (speed lives here, not in the tests).
 """
 import os
 import statistics
@@ -78,7 +79,36 @@ def main(reps=15):
 
         print(f"| {name} | {nbytes / 1e6:.0f} | {cell('off')} | {cell('default')} | "
               f"{ms['off'] / ms['default']:.2f}x | {cell('torch')} |")
-        del ws, wb
+    lora(C, g, reps)
+
+
+def lora(C, g, reps, layers=8, r=128, d=768):
+    """The small preset's q/v LoRA factors of one decode step (bf16 A (r, d) and B (d, r), 2 a layer): torch's bf16
+    GEMMs on a bf16-rounded x (what int8_linear ran before), against pllava._C's bf16 GEMV on the fp32 x, the delta
+    added into y at the live scale (quant._gemv_bf16)."""
+    from pllava.model.quant import _gemv_bf16
+
+    fs = [((torch.randn(r, d, generator=g) * 0.02).bfloat16(), (torch.randn(d, r, generator=g) * 0.02).bfloat16())
+          for _ in range(2 * layers)]
+    x, y = torch.randn(1, d, generator=g), torch.zeros(1, d)
+    runs = {
+        "torch": lambda: [torch.nn.functional.linear(torch.nn.functional.linear(x.bfloat16(), a), b) * 0.03
+                          for a, b in fs],
+        "native": lambda: [_gemv_bf16(C, _gemv_bf16(C, x, a, 1.0), b, 0.03, out=y) for a, b in fs],
+    }
+    for f in runs.values():
+        f()
+    t = {k: [] for k in runs}
+    for _ in range(reps):
+        for k, f in runs.items():
+            a = time.perf_counter()
+            f()
+            t[k].append(time.perf_counter() - a)
+    ms = {k: statistics.median(v) * 1e3 for k, v in t.items()}
+    nbytes = sum(a.numel() * 2 + b.numel() * 2 for a, b in fs)
+    print(f"\n| LoRA factors, one step (bf16) | MB | torch bf16 GEMMs (x in bf16) | pllava._C bf16 GEMV (x in fp32) "
+          f"| speedup |\n|---|---:|---:|---:|---:|\n| small preset: {2 * layers} x (A {r}x{d}, B {d}x{r}) | "
+          f"{nbytes / 1e6:.1f} | {ms['torch']:.2f} ms | {ms['native']:.2f} ms | {ms['torch'] / ms['native']:.2f}x |")
 
 
 if __name__ == "__main__":
