@@ -8,14 +8,13 @@ heads of 64) and two of pllava-34b's 60 layers (56 query heads on 8 KV heads of 
 length. Prints median ms and GB/s (K and V bytes read); asserts nothing.
 """
 import os
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 from pllava import ops
+from timing import interleaved_medians
 
 SETS = {  # name: (layers, query heads, kv heads, head dim, used positions)
     "small preset, 8 layers": (8, 12, 12, 64, 2330),
@@ -44,15 +43,7 @@ def main(reps=15):
                                                             enable_gqa=kv != h) for k, v in caches],
             "native": lambda: [ops.cpu_decode_attention(C, q, k, v, 0, s) for k, v in caches],
         }
-        for f in runs.values():
-            f()
-        t = {k: [] for k in runs}
-        for _ in range(reps):
-            for k, f in runs.items():
-                a = time.perf_counter()
-                f()
-                t[k].append(time.perf_counter() - a)
-        ms = {k: statistics.median(v) * 1e3 for k, v in t.items()}
+        ms = interleaved_medians(runs, reps)
         nbytes = 2 * layers * kv * s * d * 4
         print(f"| {name} | {nbytes / 1e6:.0f} | {ms['sdpa']:.2f} ms ({nbytes / ms['sdpa'] / 1e6:.1f} GB/s) | "
               f"{ms['native']:.2f} ms ({nbytes / ms['native'] / 1e6:.1f} GB/s) | {ms['sdpa'] / ms['native']:.2f}x |")

@@ -16,6 +16,7 @@ import time
 import torch
 
 from pllava.model.quant import _gemv, _native
+from timing import interleaved_medians
 
 
 def shapes(hidden, inter, layers, vocab):
@@ -64,15 +65,7 @@ def main(reps=15):
             "default": lambda: [_gemv(C, x, q, s) for x, q, s in ws],
             "torch": lambda: [torch._weight_int8pack_mm(x, q, s) for x, q, s in wb],
         }
-        for f in runs.values():
-            f()
-        t = {k: [] for k in runs}
-        for _ in range(reps):
-            for k, f in runs.items():
-                a = time.perf_counter()
-                f()
-                t[k].append(time.perf_counter() - a)
-        ms = {k: statistics.median(v) * 1e3 for k, v in t.items()}
+        ms = interleaved_medians(runs, reps)
 
         def cell(k):
             return f"{ms[k]:.2f} ms ({nbytes / ms[k] / 1e6:.1f} GB/s)"
@@ -96,15 +89,7 @@ def lora(C, g, reps, layers=8, r=128, d=768):
                           for a, b in fs],
         "native": lambda: [_gemv_bf16(C, _gemv_bf16(C, x, a, 1.0), b, 0.03, out=y) for a, b in fs],
     }
-    for f in runs.values():
-        f()
-    t = {k: [] for k in runs}
-    for _ in range(reps):
-        for k, f in runs.items():
-            a = time.perf_counter()
-            f()
-            t[k].append(time.perf_counter() - a)
-    ms = {k: statistics.median(v) * 1e3 for k, v in t.items()}
+    ms = interleaved_medians(runs, reps)
     nbytes = sum(a.numel() * 2 + b.numel() * 2 for a, b in fs)
     print(f"\n| LoRA factors, one step (bf16) | MB | torch bf16 GEMMs (x in bf16) | pllava._C bf16 GEMV (x in fp32) "
           f"| speedup |\n|---|---:|---:|---:|---:|\n| small preset: {2 * layers} x (A {r}x{d}, B {d}x{r}) | "
