@@ -174,10 +174,15 @@ def slot_attention(q, kc, vc, slots: list[int], starts: list[int], window: int |
     """
     gqa = kc.shape[1] != q.shape[1]
     n = q.shape[2]
+    native = (native_decode_attention() if n == 1 and q.device.type == "cpu" and kc.dtype == q.dtype == torch.float32
+              and not torch.compiler.is_compiling() else None)  # the CPU's batched decode: generate()'s kernel
     outs = []
     for b, (s, a) in enumerate(zip(slots, starts)):
         end = a + n
         lo = max(0, a - window + 1) if window is not None else 0
+        if native is not None:
+            outs.append(cpu_decode_attention(native, q[b:b + 1], kc[s:s + 1], vc[s:s + 1], lo, end))
+            continue
         k, v = kc[s:s + 1, :, lo:end], vc[s:s + 1, :, lo:end]
         mask = None
         if n > 1:  # a prefill chunk: causal among its own tokens (one decode token sees all of [lo, end))

@@ -104,3 +104,27 @@ def test_engine_decode_steps_with_the_kernel_are_sdpas(ckpts, monkeypatch, caplo
 @pytest.mark.skipif(shutil.which("g++") is None, reason="no C++ compiler")
 def test_decode_attention_under_address_sanitizer(tmp_path):
     run_under_asan(tmp_path, "decode_attention.cpp", "asan_decode_attention.cpp", "asan decode attention: ok")
+
+
+@native
+@pytest.mark.parametrize("window", [None, 6])
+def test_batched_slot_decode_uses_the_kernel_and_gives_sdpas_rows(monkeypatch, window):
+    """The scheduler's CPU decode (ops.slot_attention, one token a row, each row in its own slot at its own length):
+    through the kernel each row is the per-row SDPA's within fp32 error, and stale positions past a row's length
+    (NaN here) are never read."""
+    g = torch.Generator().manual_seed(12)
+    kc, vc = torch.randn(4, 2, 30, 32, generator=g), torch.randn(4, 2, 30, 32, generator=g)
+    slots, starts = [2, 0, 3], [9, 0, 20]  # the new token's position in each slot
+    for s, a in zip(slots, starts):
+        kc[s, :, a + 1:], vc[s, :, a + 1:] = float("nan"), float("nan")
+    kc[1], vc[1] = float("nan"), float("nan")  # a slot no row owns
+    q = torch.randn(3, 4, 1, 32, generator=g)
+    calls = []
+    real = ops.cpu_decode_attention
+    monkeypatch.setattr(ops, "cpu_decode_attention", lambda *a: calls.append(a[-2:]) or real(*a))
+    got = ops.slot_attention(q, kc, vc, slots, starts, window)
+    lo = [max(0, a - window + 1) if window else 0 for a in starts]
+    assert calls == [(lo_, a + 1) for lo_, a in zip(lo, starts)]
+    monkeypatch.setattr(ops, "native_decode_attention", lambda: None)
+    want = ops.slot_attention(q, kc, vc, slots, starts, window)
+    assert torch.isfinite(got).all() and float((got - want).abs().max()) < 1e-5
