@@ -201,8 +201,9 @@ def int8_loader(lm, dtype: torch.dtype, device, norms_fp32: bool, pre: dict, pre
     the checkpoint's own tensor (fitted to its precision: fp32 where stored so, with the scale in `dtype`), into
     `pre` for quantize_lm_int8_, never materialised in `dtype` (the load's peak holds one float weight, not all);
     with norms_fp32 the LLM's RMSNorm weights stay in fp32 (for the CPU's fp32 decode rows, LlamaLM.set_fp32_rows);
-    everything else goes to `dtype`. benchmarks/bench_quality.py 2048 (decode positions, transformers bf16: 507):
-    q fitted to bf16-rounded weights 526, to the fp32 ones 503, and fp32 norm weights too 458."""
+    everything else goes to `dtype`. benchmarks/bench_quality.py 2048 (disagreements at decode positions;
+    transformers bf16: 507): q fitted to bf16-rounded weights 526, to the fp32 ones 503 (a scratch run), with the
+    fp32 norm weights too 486 (README, "quality")."""
     from .llm import RMSNorm
 
     targets = {prefix + n: (n, kind) for n, kind in int8_targets(lm).items()}
