@@ -155,6 +155,11 @@ def cpu_decode_attention(C, q, k, v, lo: int, hi: int):
     if k.stride() != v.stride() or k.stride(-1) != 1 or q.stride(-1) != 1 or k.dtype != torch.float32:
         raise ValueError(f"cpu_decode_attention: k and v must be fp32 with one layout and hd contiguous, got "
                          f"{k.dtype} strides {k.stride()} / {v.stride()}")
+    if q.dtype != torch.float32 or q.shape[2] != 1 or k.shape[0] != bsz or k.shape[3] != d or v.shape != k.shape:
+        raise ValueError(f"cpu_decode_attention: q must be fp32 (B, H, 1, {k.shape[3]}) for a cache of "
+                         f"{tuple(k.shape)}, got {q.dtype} {tuple(q.shape)} (v {tuple(v.shape)})")
+    if hi > k.shape[2]:  # the kernel would read past the cache
+        raise ValueError(f"cpu_decode_attention: positions [{lo}, {hi}) past the cache's {k.shape[2]}")
     o = torch.empty(bsz, h, 1, d, dtype=torch.float32)
     log_once("decode attention: pllava._C's fp32 kernel over the used positions")
     C.decode_attention(q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1),

@@ -73,6 +73,10 @@ def test_the_wrapper_matches_sdpa_and_refuses_bad_arguments():
         ops.cpu_decode_attention(C, q, k, v, 5, 5)
     with pytest.raises(ValueError, match="multiple of KV"):
         ops.cpu_decode_attention(C, q[:, :3], k, v, 0, 4)
+    with pytest.raises(ValueError, match="past the cache's 50"):
+        ops.cpu_decode_attention(C, q, k, v, 0, 51)
+    with pytest.raises(ValueError, match="q must be fp32"):
+        ops.cpu_decode_attention(C, q.double(), k, v, 0, 4)
 
 
 @native
