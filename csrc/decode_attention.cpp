@@ -98,17 +98,24 @@ void weighted_sum_generic(const Item& it, const float* p, float* acc) {
   }
 }
 
-void run_item(const Item& it, bool avx512, std::vector<float>& sc, std::vector<float>& acc) {
+struct Scratch {  // a thread's buffers, sized once per call and reused across its items
+  std::vector<float> sc, acc, part, mx, sum, chunk;
+};
+
+void run_item(const Item& it, bool avx512, Scratch& w) {
+  std::vector<float>&sc = w.sc, &acc = w.acc, &part = w.part, &mx = w.mx, &sum = w.sum, &chunk = w.chunk;
   sc.resize(static_cast<size_t>(it.S * it.g));
   acc.assign(static_cast<size_t>(it.g * it.D), 0.f);
+  part.resize(acc.size());
+  mx.assign(static_cast<size_t>(it.g), -INFINITY);
+  sum.assign(static_cast<size_t>(it.g), 0.f);
+  chunk.resize(static_cast<size_t>(it.g));
   if (avx512)
     scores_avx512(it, sc.data());
   else
     scores_generic(it, sc.data());
-  std::vector<float> mx(static_cast<size_t>(it.g), -INFINITY), sum(static_cast<size_t>(it.g), 0.f);
   for (int64_t s = 0; s < it.S; ++s)
     for (int64_t j = 0; j < it.g; ++j) mx[j] = std::max(mx[j], sc[s * it.g + j]);
-  std::vector<float> chunk(static_cast<size_t>(it.g));
   for (int64_t c = 0; c < it.S; c += kChunk) {  // the normaliser in the same two levels
     std::fill(chunk.begin(), chunk.end(), 0.f);
     for (int64_t s = c; s < std::min<int64_t>(c + kChunk, it.S); ++s)
@@ -121,7 +128,6 @@ void run_item(const Item& it, bool avx512, std::vector<float>& sc, std::vector<f
   }
   // the weighted sum in chunks of kChunk positions, each added into acc: a running sum over every position lost
   // 2x torch's fp32 error at 257 positions (tests/test_decode_attention.py); two levels keep it near fp32's
-  std::vector<float> part(acc.size());
   for (int64_t c = 0; c < it.S; c += kChunk) {
     Item sub = it;
     sub.v = it.v + c * it.kv_ss;
@@ -150,14 +156,14 @@ void decode_attention(const float* q, int64_t q_sb, int64_t q_sh, const float* k
       num_threads > 0 ? num_threads : omp_get_max_threads(), items)));
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<float> sc, acc;
+    Scratch scratch;
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < items; ++i) {
       const int64_t b = i / KV, kh = i % KV;
       const Item it{q + b * q_sb + kh * g * q_sh, q_sh, k + b * kv_sb + kh * kv_sh + lo * kv_ss,
                     v + b * kv_sb + kh * kv_sh + lo * kv_ss, kv_ss, o + b * o_sb + kh * g * o_sh, o_sh,
                     g, D, hi - lo, scale};
-      run_item(it, avx512, sc, acc);
+      run_item(it, avx512, scratch);
     }
   }
 }

@@ -133,18 +133,24 @@ def slot_decode_attention(q, kc, vc, slot_t, pos_t, window: int | None = None, b
     return K.slot_decode_attention(q, kc, vc, slot_t, pos_t, window)
 
 
-_DECODE_ATTN: list = []  # [pllava._C or None]: looked up once (decode asks once a layer a step)
+_EXT: list = []  # [pllava._C or None]: imported once; the decode paths ask per call
 
 
-def native_decode_attention():
-    """pllava._C when it is built with the fp32 decode-attention kernel (csrc/decode_attention.cpp), else None."""
-    if not _DECODE_ATTN:
+def native_extension(entry: str):
+    """pllava._C when it is built and has `entry` (preprocess, int8_gemv, decode_attention, ...), else None: the
+    one lookup of the optional extension for every path that can use it."""
+    if not _EXT:
         try:
             from pllava import _C
         except ImportError:
             _C = None
-        _DECODE_ATTN.append(_C if hasattr(_C, "decode_attention") else None)
-    return _DECODE_ATTN[0]
+        _EXT.append(_C)
+    return _EXT[0] if hasattr(_EXT[0], entry) else None
+
+
+def native_decode_attention():
+    """pllava._C when it is built with the fp32 decode-attention kernel (csrc/decode_attention.cpp), else None."""
+    return native_extension("decode_attention")
 
 
 def cpu_decode_attention(C, q, k, v, lo: int, hi: int):

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ConfigError, InputError
-from .ops import log_once
+from .ops import log_once, native_extension
 
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -23,11 +23,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 def native_available() -> bool:
     """Whether the native extension pllava._C (PIL-exact, threaded, GIL released) is built and importable."""
-    try:
-        from pllava import _C
-    except ImportError:
-        return False
-    return hasattr(_C, "preprocess")
+    return native_extension("preprocess") is not None
 
 
 _NATIVE_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -120,7 +116,7 @@ def native_params(cfg: dict) -> dict | None:
 
 
 def _native(frames, params: dict, dtype, out):
-    from pllava import _C
+    _C = native_extension("preprocess")
 
     shape = _check_frames_array(frames)
     if isinstance(frames, np.ndarray):

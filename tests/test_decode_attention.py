@@ -102,7 +102,10 @@ def test_engine_decode_steps_with_the_kernel_are_sdpas(ckpts, monkeypatch, caplo
     assert "decode attention: pllava._C's fp32 kernel" in caplog.text
     monkeypatch.setattr(ops, "native_decode_attention", lambda: None)
     want = steps()
-    assert float((got - want).abs().max() / want.abs().max()) < (1e-5 if dtype == torch.float32 else 2e-2)
+    # fp32: the two kernels' own rounding (3.5e-7 measured). bf16: the attention output is rounded to bf16 before the
+    # next linear, so the two may differ by one bf16 step (2^-8 relative; 0.0 measured); a kernel that misses the
+    # newest position is off by 5.3e-2 in both (checked), so either bound catches it
+    assert float((got - want).abs().max() / want.abs().max()) < (1e-5 if dtype == torch.float32 else 2 ** -8)
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="no C++ compiler")

@@ -148,8 +148,11 @@ def test_a_bf16_lora_on_decode_rows_is_exact_in_fp32():
     assert y.dtype == torch.float32 and err < 1e-6, err
     rows = torch.tensor([0.25, 0.5, 2.0])  # one scale a row: torch's lora_delta in bf16
     yr = int8_linear(x, q, s, None, (a_, b_, rows))
-    refr = x.double() @ deq.T + rows.double()[:, None] * (x.double() @ a_.double().T @ b_.double().T)
-    assert float((yr.double() - refr).abs().max() / refr.abs().max()) < 2e-2
+    delta = rows.double()[:, None] * (x.double() @ a_.double().T @ b_.double().T)
+    refr = x.double() @ deq.T + delta
+    # torch's path rounds to bf16 four times on the delta (x, each product, the scaled delta): 2^-9 each at most,
+    # against the delta's own size (3.0e-3 measured)
+    assert float((yr.double() - refr).abs().max() / delta.abs().max()) < 4 * 2 ** -9
 
 
 def test_without_the_extension_decode_rows_use_torchs_int8_gemv_and_say_so(ckpts, monkeypatch, caplog):

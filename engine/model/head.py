@@ -4,8 +4,9 @@ HEAD_RESCORE logits are recomputed in fp32 and the logits come back in fp32.
 Why: a bf16 logit near 8 is a multiple of 2^-5, so near-equal tokens tie or swap at the argmax. On the tests' tiny
 checkpoint (benchmarks/bench_quality.py 2048: top-1 disagreements with the fp32 model at 120832 prompt / 32768
 decode positions) the bf16 engine went from 1761 / 496 to 1370 / 384 with fp32 logits, int8 from 1890 / 623 to
-1565 / 526 (transformers bf16: 1893 / 507). The rescoring reads 32 rows of the weight a row of logits (PLLaVA-7B: 256 KB against the head's 262 MB):
-0.13 ms a step on the small preset's CPU run (topk 0.06, rescoring 0.07), against a 2.1-4.3 ms first pass.
+1565 / 526 (transformers bf16: 1893 / 507; int8 fitted to bf16-rounded weights then). The rescoring reads 32
+rows of the weight a row of logits (PLLaVA-7B: 256 KB against the head's 262 MB): 0.13 ms a step on the small
+preset's CPU run (topk 0.06, rescoring 0.07), against a 2.1-4.3 ms first pass.
 
 Greedy decoding and the top of a sampler's distribution see fp32 logits; only a sampler that reaches past a row's
 32 best (a high temperature, top_p near 1) reads first-pass ones.

@@ -158,13 +158,12 @@ class Attention(nn.Module):
             slot = torch.zeros(1, dtype=torch.long, device=q.device)
             o = ops.slot_decode_attention(q, k_all, v_all, slot, input_pos, self.window, self.attn_backend)
         elif (n == 1 and kv_len is not None and k_all.dtype == torch.float32 and q.device.type == "cpu"
-              and ops.native_decode_attention() is not None and not torch.compiler.is_compiling()):
+              and (C := ops.native_decode_attention()) is not None and not torch.compiler.is_compiling()):
             # an eager CPU decode step over an fp32 cache: pllava._C's kernel reads exactly the positions the mask
             # below admits, [lo, pos], at twice SDPA's bandwidth (csrc/decode_attention.cpp)
             pos = int(input_pos[0])
             lo = max(0, pos + 1 - self.window) if self.window is not None else 0
-            o = ops.cpu_decode_attention(ops.native_decode_attention(), q.float(), k_all, v_all, lo,
-                                         min(pos + 1, kv_len)).to(q.dtype)
+            o = ops.cpu_decode_attention(C, q.float(), k_all, v_all, lo, min(pos + 1, kv_len)).to(q.dtype)
         else:  # decode / continued prefill: the whole static cache, future slots masked out. A cache in another
             # dtype than q (fp32 under bf16 weights on the CPU, where bf16 decode attention is 7x slower: 1.67 ms
             # against 0.23 ms a layer at 2400 keys, 12 heads) is attended in the cache's dtype

@@ -26,7 +26,7 @@ from torch import nn
 from pllava.kernels.int8_linear import int8_linear as int8_linear_fused
 from pllava.kernels.lora_linear import lora_delta
 
-from ..ops import log_once
+from ..ops import log_once, native_extension
 from .head import RescoredHead
 
 # Up to this many rows (decode, small batches) the int8 GEMV streams half the bytes. Past it the product is
@@ -88,12 +88,8 @@ _NATIVE: list = []  # [(pllava._C or None, its GEMV's ISA)], looked up once: dec
 def _native():
     """-> (pllava._C, "avx512" | "generic"), or (None, None) where it is not built."""
     if not _NATIVE:
-        try:
-            from pllava import _C
-        except ImportError:
-            _C = None
-        ok = hasattr(_C, "int8_gemv")
-        _NATIVE.append((_C, _C.int8_gemv_isa()) if ok else (None, None))
+        C = native_extension("int8_gemv")
+        _NATIVE.append((C, C.int8_gemv_isa()) if C is not None else (None, None))
     return _NATIVE[0]
 
 
