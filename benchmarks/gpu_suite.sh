@@ -4,6 +4,9 @@
 # torch (pip install -e ".[dev]").
 # Every part runs even when an earlier one fails; the suite then exits 1 and names each failed part (a pipe's
 # status is its first failing command's: pytest's, not tee's).
+# SUITE_BUDGET_S (default: none) bounds the whole suite, for a lent machine's per-call limit: each part runs under
+# what is left of it less SUITE_RESERVE_S (default 20: the summary's), a part past it is killed and named "timed
+# out", one with no time left "not run", and what the finished parts wrote stays in $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
@@ -12,14 +15,31 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
 unset TRITON_INTERPRET
 FAILED=()
+BUDGET=${SUITE_BUDGET_S:-0}
+DEADLINE=$(( $(date +%s) + BUDGET ))
 
 part() {  # part NAME OUTFILE FILTER CMD...: run CMD, keep the lines FILTER matches in OUTFILE, record a failure
   local name=$1 out=$2 filter=$3
   shift 3
+  local limit=()
+  if [ "$BUDGET" -gt 0 ]; then
+    local reserve=${SUITE_RESERVE_S:-20}
+    [ "$name" = summary ] && reserve=0
+    local left=$(( DEADLINE - $(date +%s) - reserve ))
+    if [ "$left" -lt 1 ]; then
+      echo "== $name: not run (the suite's ${BUDGET} s budget is spent)"
+      FAILED+=("$name (not run: the suite's ${BUDGET} s budget was spent)")
+      return
+    fi
+    limit=(timeout --kill-after=5 "$left")
+  fi
   echo "== $name"
-  "$@" 2>&1 | tee "$out.log" | grep -E "$filter" | tee "$out"
+  ${limit[@]+"${limit[@]}"} "$@" 2>&1 | tee "$out.log" | grep -E "$filter" | tee "$out"
   local rc=${PIPESTATUS[0]}
-  if [ "$rc" -ne 0 ]; then
+  if [ "$rc" -eq 124 ] && [ "${#limit[@]}" -gt 0 ]; then
+    FAILED+=("$name (timed out at the suite's ${BUDGET} s budget; output so far in $out.log)")
+    tail -20 "$out.log"
+  elif [ "$rc" -ne 0 ]; then
     FAILED+=("$name (exit $rc; full output in $out.log)")
     tail -20 "$out.log"
   fi

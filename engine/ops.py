@@ -174,6 +174,43 @@ def cpu_decode_attention(C, q, k, v, lo: int, hi: int):
     return o
 
 
+_LIB = torch.library.Library("pllava", "FRAGMENT")  # the CPU ops of pllava._C's kernels
+
+
+def define_cpu_op(schema: str, impl, fake):
+    """Register pllava::<schema> with `impl` as its CPU kernel and `fake` for tracing: a compiled graph calls the
+    kernel as one opaque op. Registered at this level, not by torch.library.custom_op, since its Python wrappers
+    cost a decode step's ~65 calls 1 ms (2 Zen4 cores, x (1, 768) int8 GEMV: 21-34 us a call that way, 7-12 us
+    here, 4-10 us for the kernel called directly)."""
+    name = schema.split("(")[0]
+    _LIB.define(schema)
+    _LIB.impl(name, impl, "CPU")
+    torch.library.register_fake(f"pllava::{name}", fake, lib=_LIB)
+
+
+def _decode_attention_op(q, k, v, input_pos, window: int):
+    C = native_decode_attention()
+    if C is None:
+        raise RuntimeError("pllava::decode_attention_cpu: pllava._C is not built with decode_attention "
+                           "(reinstall the package)")
+    if input_pos.numel() != 1 or input_pos.device.type != "cpu":
+        raise ValueError(f"decode_attention_cpu: input_pos must be one CPU position, got {tuple(input_pos.shape)} "
+                         f"on {input_pos.device}")
+    pos = int(input_pos.reshape(()))
+    if pos < 0:
+        raise ValueError(f"decode_attention_cpu: position {pos} is negative")
+    lo = max(0, pos + 1 - window) if window > 0 else 0
+    return cpu_decode_attention(C, q, k, v, lo, pos + 1)
+
+
+# The compiled CPU decode step's attention (one sequence, fp32 static cache): q (B, H, 1, hd) fp32 attends the
+# positions [lo, pos] of k / v (B, KV, S, hd), pos = input_pos[0] read in the op (a CPU tensor: no device sync),
+# lo = pos + 1 - window under a sliding window (window 0: none). What the masked SDPA over the whole static cache
+# gives, reading the used positions only.
+define_cpu_op("decode_attention_cpu(Tensor q, Tensor k, Tensor v, Tensor input_pos, int window) -> Tensor",
+              _decode_attention_op, lambda q, k, v, input_pos, window: q.new_empty(q.shape, dtype=torch.float32))
+
+
 def slot_attention(q, kc, vc, slots: list[int], starts: list[int], window: int | None = None):
     """Attention of rows that live in different slots of a slot KV cache, each over its own used positions only.
 

@@ -80,6 +80,33 @@ def test_the_wrapper_matches_sdpa_and_refuses_bad_arguments():
 
 
 @native
+@pytest.mark.parametrize("window", [0, 9])
+def test_the_op_reads_its_position_from_the_tensor(window):
+    """pllava::decode_attention_cpu (the compiled step's attention): position pos = input_pos[0] read at run time,
+    so one graph serves every step; it attends [pos + 1 - window, pos] (all of [0, pos] without a window) of a
+    cache whose other slots hold NaN, to the fp64 oracle within twice torch's fp32 error."""
+    q, k, v = _case(1, 6, 3, 32, 64, 0, 64, seed=11)
+    for pos in (0, 20, 63):
+        lo, hi = (max(0, pos + 1 - window) if window else 0), pos + 1
+        want = _oracle(q, k, v, lo, hi)
+        mask = torch.zeros(1, 64, dtype=torch.bool)
+        mask[:, lo:hi] = True
+        e_torch = float((F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True).double()
+                         - want).abs().max())
+        kn, vn = k.clone(), v.clone()
+        kn[:, :, :lo], kn[:, :, hi:], vn[:, :, :lo], vn[:, :, hi:] = (float("nan"),) * 4
+        got = torch.ops.pllava.decode_attention_cpu(q, kn, vn, torch.tensor([pos]), window)
+        assert float((got.double() - want).abs().max()) <= 2 * e_torch + 2 ** -23, pos
+    torch.library.opcheck(torch.ops.pllava.decode_attention_cpu, (q, k, v, torch.tensor([5]), window))
+    with pytest.raises(ValueError, match="one CPU position"):
+        torch.ops.pllava.decode_attention_cpu(q, k, v, torch.tensor([1, 2]), window)
+    with pytest.raises(ValueError, match="position -1 is negative"):
+        torch.ops.pllava.decode_attention_cpu(q, k, v, torch.tensor([-1]), window)
+    with pytest.raises(ValueError, match="past the cache's 64"):
+        torch.ops.pllava.decode_attention_cpu(q, k, v, torch.tensor([64]), window)
+
+
+@native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_engine_decode_steps_with_the_kernel_are_sdpas(ckpts, monkeypatch, caplog, dtype):
     """The eager decode steps of generate() (an fp32 KV cache on the CPU, in fp32 and bf16 engines): the kernel's

@@ -1,12 +1,14 @@
 """The decode step a CUDA graph captures (no host length: kv_len None) attends through the slot kernel over the
 positions in use only, with the position on the device (run here by Triton's interpreter): the same logits as the
 eager step that slices the cache to its used length, and NaN left in unused cache positions cannot reach it (the
-masked whole-cache SDPA it replaces turns 0 x NaN into NaN)."""
+masked whole-cache SDPA it replaces turns 0 x NaN into NaN). On the CPU the same step without Triton (the compiled
+step's) goes through pllava._C's decode-attention op, which must be as careful."""
 
 import pytest
 import torch
 
 import pllava
+from pllava import ops
 from pllava.generate import decode_one_token
 from triton_util import skip_module_without_triton
 
@@ -22,7 +24,7 @@ def _mistral(tmp_path):
 
 
 @pytest.mark.parametrize("model", ["llama", "mistral-window-24"])
-def test_graph_step_reads_only_used_positions(ckpts, tmp_path, model):
+def test_graph_step_reads_only_used_positions(ckpts, tmp_path, monkeypatch, model):
     """Llama: [0, pos]. Mistral with a 24-position window under a ~60-position prompt: (pos - 24, pos] only, so
     NaN is also put into the used positions older than the window, which the step must not read either."""
     eng = pllava.Engine.from_pretrained(ckpts["pllava"] if model == "llama" else _mistral(tmp_path))
@@ -47,5 +49,8 @@ def test_graph_step_reads_only_used_positions(ckpts, tmp_path, model):
         assert torch.isfinite(got).all()
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
         eng.model.set_kernel_path("torch")
+        if ops.native_decode_attention() is not None:  # the CPU's compiled step: pllava._C's op, as careful
+            torch.testing.assert_close(decode_one_token(lm, tok, pos), want, rtol=1e-4, atol=1e-4)
+        monkeypatch.setattr(ops, "native_decode_attention", lambda: None)
         old = decode_one_token(lm, tok, pos)  # the masked whole-cache SDPA: poisoned by the stale NaN
     assert not torch.isfinite(old).all()

@@ -164,6 +164,12 @@ class Attention(nn.Module):
             pos = int(input_pos[0])
             lo = max(0, pos + 1 - self.window) if self.window is not None else 0
             o = ops.cpu_decode_attention(C, q.float(), k_all, v_all, lo, min(pos + 1, kv_len)).to(q.dtype)
+        elif (n == 1 and bsz == 1 and kv_len is None and k_all.dtype == torch.float32 and q.device.type == "cpu"
+              and ops.native_decode_attention() is not None):
+            # the compiled CPU step (static shapes, no host length): the same kernel as a custom op that reads the
+            # position from input_pos, so the graph attends [lo, pos] only, not the whole static cache under a mask
+            o = torch.ops.pllava.decode_attention_cpu(q.float(), k_all, v_all, input_pos,
+                                                      self.window or 0).to(q.dtype)
         else:  # decode / continued prefill: the whole static cache, future slots masked out. A cache in another
             # dtype than q (fp32 under bf16 weights on the CPU, where bf16 decode attention is 7x slower: 1.67 ms
             # against 0.23 ms a layer at 2400 keys, 12 heads) is attended in the cache's dtype

@@ -26,7 +26,7 @@ from torch import nn
 from pllava.kernels.int8_linear import int8_linear as int8_linear_fused
 from pllava.kernels.lora_linear import lora_delta
 
-from ..ops import log_once, native_extension
+from ..ops import define_cpu_op, log_once, native_extension
 from .head import RescoredHead
 
 # Up to this many rows (decode, small batches) the int8 GEMV streams half the bytes. Past it the product is
@@ -119,10 +119,30 @@ def native_int8_available(dtype: torch.dtype = torch.float32) -> bool:
     return C is not None and (dtype == torch.float32 or isa == "avx512")
 
 
-@torch.library.custom_op("pllava::int8_gemv_cpu", mutates_args=())
-def int8_gemv_cpu(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x (M, K) fp32 · (q (N, K) int8 · scale (N,) fp32)ᵀ -> (M, N) fp32, accumulated in fp32 (pllava._C)."""
-    C = _native()[0]
+def _decode_rows(C, isa, xf, q, scale, bias, lora):
+    """The CPU's int8 decode rows by pllava._C: xf (M, K) fp32 contiguous · (q · scale)ᵀ + bias [+ the LoRA at its
+    live scale] -> (M, N) fp32. Called directly in eager steps and as the body of pllava::int8_gemv_cpu."""
+    y = _gemv(C, xf, q, scale.float().contiguous())
+    if bias is not None:
+        y += bias
+    if lora is not None:
+        a, b, s = lora
+        if a.dtype == torch.bfloat16 and isa == "avx512" and a.is_contiguous() and b.is_contiguous():
+            # the bf16 factors widened in registers, x kept fp32, the delta added into y at the live scale
+            # (torch's bf16 GEMM took 51 us a product here, 1.6 ms of a 9 ms small-preset step)
+            log_once("int8 decode rows: the LoRA through pllava._C's bf16 GEMV, in fp32")
+            t = _gemv_bf16(C, xf, a, 1.0)  # (M, r)
+            if s.dim() == 0:
+                _gemv_bf16(C, t, b, float(s), out=y)
+            else:  # the batched scheduler's rows, one alpha each: the (M, r) product scaled a row at a time
+                _gemv_bf16(C, t.mul_(s.float().reshape(-1, 1)), b, 1.0, out=y)
+        else:  # in the LoRA's dtype (fp32 copies of A and B would add 2 bytes a LoRA weight)
+            y += lora_delta(xf.to(a.dtype), a, b, s)
+    return y
+
+
+def _int8_gemv_op(x, q, scale, bias=None, lora_a=None, lora_b=None, lora_scale=None):
+    C, isa = _native()
     if C is None:
         raise RuntimeError("pllava::int8_gemv_cpu: pllava._C is not built with int8_gemv (reinstall the package)")
     if x.device.type != "cpu" or x.dim() != 2 or x.dtype != torch.float32:
@@ -130,15 +150,30 @@ def int8_gemv_cpu(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torc
                          f"on {x.device}")
     if q.dtype != torch.int8 or q.dim() != 2 or q.shape[1] != x.shape[1] or q.device.type != "cpu":
         raise ValueError(f"int8_gemv_cpu: q must be an int8 CPU (N, {x.shape[1]}), got {tuple(q.shape)} {q.dtype}")
-    if scale.dtype != torch.float32 or scale.shape != (q.shape[0],) or scale.device.type != "cpu":
-        raise ValueError(f"int8_gemv_cpu: scale must be float32 ({q.shape[0]},), got {tuple(scale.shape)} "
+    if scale.shape != (q.shape[0],) or not scale.is_floating_point() or scale.device.type != "cpu":
+        raise ValueError(f"int8_gemv_cpu: scale must be a float ({q.shape[0]},), got {tuple(scale.shape)} "
                          f"{scale.dtype}")
-    return _gemv(C, x.contiguous(), q.contiguous(), scale.contiguous())
+    if bias is not None and bias.shape != (q.shape[0],):
+        raise ValueError(f"int8_gemv_cpu: bias must be ({q.shape[0]},), got {tuple(bias.shape)}")
+    lora = None
+    if lora_a is not None or lora_b is not None or lora_scale is not None:
+        if lora_a is None or lora_b is None or lora_scale is None:
+            raise ValueError("int8_gemv_cpu: a LoRA needs lora_a, lora_b and lora_scale together")
+        r = lora_a.shape[0]
+        if lora_a.shape != (r, x.shape[1]) or lora_b.shape != (q.shape[0], r) or lora_scale.dim() > 1:
+            raise ValueError(f"int8_gemv_cpu: LoRA factors must be (r, {x.shape[1]}) and ({q.shape[0]}, r) with a "
+                             f"0-dim or per-row scale, got {tuple(lora_a.shape)}, {tuple(lora_b.shape)}, "
+                             f"{tuple(lora_scale.shape)}")
+        lora = (lora_a, lora_b, lora_scale)
+    return _decode_rows(C, isa, x.contiguous(), q.contiguous(), scale, bias, lora)
 
 
-@int8_gemv_cpu.register_fake
-def _(x, q, scale):
-    return x.new_empty(x.shape[0], q.shape[0], dtype=torch.float32)
+# x (M, K) fp32 · (q (N, K) int8 · scale (N,))ᵀ [+ bias] [+ lora_scale · (x · lora_aᵀ) · lora_bᵀ] -> (M, N) fp32,
+# accumulated in fp32 (pllava._C): the compiled step's int8 decode rows, LoRA included, as one opaque op
+define_cpu_op("int8_gemv_cpu(Tensor x, Tensor q, Tensor scale, Tensor? bias=None, Tensor? lora_a=None, "
+              "Tensor? lora_b=None, Tensor? lora_scale=None) -> Tensor", _int8_gemv_op,
+              lambda x, q, scale, bias=None, lora_a=None, lora_b=None, lora_scale=None:
+              x.new_empty(x.shape[0], q.shape[0], dtype=torch.float32))
 
 
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
@@ -156,22 +191,10 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: tor
         if eager:
             log_once(f"int8 decode rows: pllava._C's fp32 int8 GEMV ({isa})")
         xf = x2.float().contiguous()  # (M, K)
-        if not eager or not q.is_contiguous():  # the custom op: traceable, and it checks
-            y = torch.ops.pllava.int8_gemv_cpu(xf, q, scale.float())  # (M, N) fp32
-        else:  # eager: the kernel directly (the op's dispatch cost 20 us a call, 60 calls a token)
-            y = _gemv(C, xf, q, scale.float().contiguous())
-        if bias is not None:
-            y = y + bias
-        if lora is not None:
-            a, b, s = lora
-            if eager and a.dtype == torch.bfloat16 and s.dim() == 0 and isa == "avx512" and a.is_contiguous() \
-                    and b.is_contiguous():
-                # the bf16 factors widened in registers, x kept fp32, the delta added into y at the live scale
-                # (torch's bf16 GEMM took 51 us a product here, 1.6 ms of a 9 ms small-preset step)
-                log_once("int8 decode rows: the LoRA through pllava._C's bf16 GEMV, in fp32")
-                _gemv_bf16(C, _gemv_bf16(C, xf, a, 1.0), b, float(s), out=y)
-            else:  # in the LoRA's dtype (fp32 copies of A and B would add 2 bytes a LoRA weight)
-                y = y + lora_delta(x2.to(a.dtype), a, b, s)
+        if eager and q.is_contiguous():  # the kernels directly (the op's dispatch costs 7-12 us a call)
+            y = _decode_rows(C, isa, xf, q, scale, bias, lora)
+        else:  # the op: traceable (the compiled step calls the same kernels), and it checks its arguments
+            y = torch.ops.pllava.int8_gemv_cpu(xf, q, scale, bias, *(lora or (None, None, None)))  # (M, N) fp32
         return y.reshape(*x.shape[:-1], q.shape[0])
     if decode:
         if eager:
