@@ -1,10 +1,12 @@
-"""Eager vs torch.compile'd decode step, in one run: `python benchmarks/bench_compile.py [preset] [runs] [int8]`.
+"""Eager vs torch.compile'd decode step (and, on CUDA, CUDA-graph replay), in one run:
+`python benchmarks/bench_compile.py [preset] [runs] [int8]`.
 
 The preset's seeded checkpoint (pllava bench writes it once), 16 random frames, 48 new tokens, greedy; decode
-tok/s is the median of `runs`, eager and compiled runs interleaved; the compile's one-time cost is timed on its
-first call. Also checks that the two give the same tokens and that after set_lora_alpha(20) the compiled step
-still matches eager. `int8`: the engine in bf16 with int8 weights (the fast CPU mode), else fp32 on the CPU and
-bf16 on CUDA."""
+tok/s is the median of `runs`, the modes' runs interleaved (the machine's drift falls on each alike); the
+compile's one-time cost is timed on its first call. Also checks that every mode gives eager's tokens, and still
+does after set_lora_alpha(20) (a frozen graph would keep the old alpha). The graph column is what decides whether
+CUDA graphs become the default (engine.cuda_graphs, PLLAVA_CUDA_GRAPHS). `int8`: the engine in bf16 with int8
+weights (the fast CPU mode), else fp32 on the CPU and bf16 on CUDA."""
 import statistics
 import sys
 import time
@@ -21,32 +23,36 @@ def main(preset="small", runs=3, quantize=None):
     _, adapter = make_preset_checkpoint(preset, dtype=dt, device=device.type)
     e = pllava.Engine.from_pretrained(adapter, device=device, dtype=dt, quantize=quantize)
     e.prefix_cache = False
-    e.cuda_graphs = False  # eager vs compiled: CUDA graph replay is a third mode, measured by the e2e bench
     s = e.config.vision.image_size
     px = torch.rand(16, 3, s, s, generator=torch.Generator().manual_seed(0))
+    modes = ("eager", "compiled") + (("graphs",) if device.type == "cuda" else ())
 
-    def run(compiled: bool, n=48):
-        e.compile_decode = compiled  # the step object is rebuilt; dynamo's cache keeps the compiled graph
+    def run(mode: str, n=48):
+        # the step object is rebuilt on a switch; dynamo's cache keeps the compiled graph, a CUDA graph is recaptured
+        e.compile_decode, e.cuda_graphs = mode == "compiled", mode == "graphs"
         out = e.generate(px, "Describe the video in details.", max_new_tokens=n)
         return out.timings["decode_tokens"] / out.timings["decode"], out.token_ids
 
-    run(False)  # warm-up
-    t0 = time.perf_counter()
-    run(True, 4)
-    first = time.perf_counter() - t0
-    e_r, c_r = [], []
-    for _ in range(runs):  # interleaved, so the machine's drift falls on both alike
-        e_r.append(run(False))
-        c_r.append(run(True))
-    eager, t_e = statistics.median(x for x, _ in e_r), e_r[-1][1]
-    comp, t_c = statistics.median(x for x, _ in c_r), c_r[-1][1]
+    first = {}
+    for m in modes:  # warm-up; the compile is timed here
+        t0 = time.perf_counter()
+        run(m, 4)
+        first[m] = time.perf_counter() - t0
+    rates, toks = {m: [] for m in modes}, {}
+    for _ in range(runs):
+        for m in modes:
+            r, toks[m] = run(m)
+            rates[m].append(r)
+    med = {m: statistics.median(v) for m, v in rates.items()}
     e.set_lora_alpha(20)
-    _, c20 = run(True)
-    _, e20 = run(False)
-    mode = f"{device.type} {str(dt).split('.')[-1]}" + (f" + {quantize}" if quantize else "")
-    print(f"| {preset} | {mode} | eager {eager:.2f} tok/s | compiled {comp:.2f} tok/s "
-          f"| {comp / eager:.2f}x | first call {first:.1f} s | same tokens {t_e == t_c} | alpha 20 matches eager "
-          f"{c20 == e20} |")
+    at20 = {m: run(m)[1] for m in modes}
+    label = f"{device.type} {str(dt).split('.')[-1]}" + (f" + {quantize}" if quantize else "")
+    cells = " | ".join(f"{m} {med[m]:.2f} tok/s ({med[m] / med['eager']:.2f}x)" for m in modes)
+    same = all(toks[m] == toks["eager"] for m in modes)
+    same20 = all(at20[m] == at20["eager"] for m in modes)
+    print(f"| {preset} | {label} | {cells} | first call: compiled {first['compiled']:.1f} s"
+          + (f", graphs {first['graphs']:.1f} s" if "graphs" in first else "")
+          + f" | same tokens {same} | alpha 20 matches eager {same20} |")
 
 
 if __name__ == "__main__":

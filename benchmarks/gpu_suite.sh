@@ -46,13 +46,7 @@ part() {  # part NAME OUTFILE FILTER CMD...: run CMD, keep the lines FILTER matc
 }
 
 part "GPU info" "$OUT/gpu.txt" '.' nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-part "GPU tests (kernels on CUDA, the engine's triton path, bf16/fp16 parity)" "$OUT/gpu_tests.txt" \
-  'passed|failed|error|FAILED|ERROR' \
-  "$PY" -m pytest -q tests/test_gpu.py tests/test_kernels.py tests/test_slot_attention.py tests/test_triton_engine.py \
-  tests/test_parity.py tests/test_half_precision.py tests/test_quantize.py tests/test_compiled_step.py tests/test_batching.py \
-  tests/test_int8_kernel.py tests/test_graph_step_attention.py tests/test_attention_backends.py
-part "kernel benchmarks" "$OUT/kernels.md" '^\||^###|speed-up|vs merged|FAILED|Error' \
-  "$PY" -m pytest -q -s benchmarks/bench_kernels.py --benchmark-disable
+# Most telling first, should SUITE_BUDGET_S cut the tail: correctness, then the headline numbers
 part "copy bandwidth" "$OUT/bandwidth.txt" 'GB/s|Error' "$PY" - <<'PYX'
 import torch
 x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda"); y = torch.empty_like(x)
@@ -61,19 +55,26 @@ torch.cuda.synchronize(); s, e = torch.cuda.Event(True), torch.cuda.Event(True)
 s.record(); [y.copy_(x) for _ in range(10)]; e.record(); torch.cuda.synchronize()
 print(f"device copy bandwidth: {2 * 10 * (1 << 30) / (s.elapsed_time(e) / 1e3) / 1e9:.0f} GB/s (read + write)")
 PYX
+part "GPU tests (kernels on CUDA, the engine's triton path, bf16/fp16 parity)" "$OUT/gpu_tests.txt" \
+  'passed|failed|error|FAILED|ERROR' \
+  "$PY" -m pytest -q tests/test_gpu.py tests/test_kernels.py tests/test_slot_attention.py tests/test_triton_engine.py \
+  tests/test_parity.py tests/test_half_precision.py tests/test_quantize.py tests/test_compiled_step.py tests/test_batching.py \
+  tests/test_int8_kernel.py tests/test_graph_step_attention.py tests/test_attention_backends.py
 export PLLAVA_CUDA_GRAPHS=${PLLAVA_CUDA_GRAPHS:-1}
 part "pllava-7b end to end (CUDA graphs: $PLLAVA_CUDA_GRAPHS)" "$OUT/e2e_7b.md" '^\||^###|ratio|TTFT|end to end|FAILED|Error' \
   env PLLAVA_BENCH_PRESET=pllava-7b PLLAVA_BENCH_FRAMES="${FRAMES:-1,4,16,32}" PLLAVA_BENCH_RUNS=3 \
   "$PY" -m pytest -q -s benchmarks/bench_e2e.py --benchmark-disable
-part "pllava-7b continuous batching (batch ${BATCHES:-1,2,4,8,16}, 16 frames)" "$OUT/batch_7b.md" \
-  '^\||^###|Speed-up|error' \
-  "$PY" -m pllava.cli bench --preset pllava-7b --batch "${BATCHES:-1,2,4,8,16}" --frames 16 --runs 2 --new-tokens 64 --out "$OUT"
+part "pllava-7b decode step: eager, torch.compile'd, CUDA graphs (live alpha; decides the graphs default)" \
+  "$OUT/step_modes.md" '^\||Error' "$PY" benchmarks/bench_compile.py pllava-7b 3
 part "pllava-7b bf16 + int8 weights (the Triton int8 kernel, LoRA fused), 16 frames" "$OUT/int8_7b.md" \
   '^\||^###|ratio|TTFT|FAILED|Error' \
   "$PY" -m pllava.cli bench --preset pllava-7b --frames 16 --dtype bfloat16 --quantize int8 --runs 2 --new-tokens 64 \
   --out "$OUT/int8"
-part "torch.compile'd decode step vs eager (live alpha)" "$OUT/compile.md" '^\||Error' \
-  "$PY" benchmarks/bench_compile.py small 3
+part "pllava-7b continuous batching (batch ${BATCHES:-1,2,4,8,16}, 16 frames)" "$OUT/batch_7b.md" \
+  '^\||^###|Speed-up|error' \
+  "$PY" -m pllava.cli bench --preset pllava-7b --batch "${BATCHES:-1,2,4,8,16}" --frames 16 --runs 2 --new-tokens 64 --out "$OUT"
+part "kernel benchmarks" "$OUT/kernels.md" '^\||^###|speed-up|vs merged|FAILED|Error' \
+  "$PY" -m pytest -q -s benchmarks/bench_kernels.py --benchmark-disable
 part "summary" "$OUT/summary.md" '.' "$PY" - "$OUT" <<'PYX'
 import json, re, sys
 out = sys.argv[1]
