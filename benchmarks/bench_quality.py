@@ -12,7 +12,7 @@ Why the tiny checkpoint and many clips: on the small preset the 2304 visual posi
 (random weights, near-tied logits), so a handful of clips swings the count by 70 of 4654 with a 1-ulp change of
 the scales; many short clips are independent draws. Rows: transformers bf16; the engine in bf16 and its lm_head
 without rescoring (model/head.py); bf16 + int8 and its ablations (lm_head in bf16 without rescoring, or in plain
-int8; the residual stream in bf16); fp32 + int8 (int8 weights, every activation in fp32). Each row is also paired with transformers bf16 position by position
+int8; the residual stream in bf16; the KV cache in fp32); fp32 + int8 (int8 weights, every activation in fp32). Each row is also paired with transformers bf16 position by position
 (McNemar): the excess of its disagreements and that excess's standard error. Writes benchmarks/results/quality.json.
 """
 import glob
@@ -93,6 +93,8 @@ def main(clips=512, out_dir=None):
     plain = PlainHead(bf16.model.language_model.lm_head.weight)  # the bf16 head without rescoring (bf16 logits)
     resid16 = engine("int8")
     resid16.model.language_model.residual_dtype = None
+    kv32 = engine("int8")
+    kv32.kv_dtype = torch.float32  # the KV cache before it was bf16 (Engine.kv_dtype on the CPU)
     modes = {
         "transformers bf16": lambda px, feed: hf_top1(b16, px, feed),
         "pllava-engine bf16 (lm_head: HalfHead)": bf16,
@@ -101,6 +103,7 @@ def main(clips=512, out_dir=None):
         "  ablation: lm_head in bf16, not rescored": engine("int8", plain),
         "  ablation: lm_head in plain int8": engine("int8", Int8Linear(plain)),
         "  ablation: residual stream in bf16": resid16,
+        "  ablation: KV cache in fp32": kv32,
         "pllava-engine fp32 + int8 (lm_head: Int8Head)": engine("int8", dtype=torch.float32),
     }
     parts = ("prefill", "decode")

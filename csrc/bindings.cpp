@@ -68,17 +68,23 @@ static void bf16_gemv(uintptr_t x, int64_t ldx, uintptr_t w, float alpha, bool a
 static void decode_attention(uintptr_t q, int64_t q_sb, int64_t q_sh, uintptr_t k, uintptr_t v, int64_t kv_sb,
                              int64_t kv_sh, int64_t kv_ss, uintptr_t o, int64_t o_sb, int64_t o_sh, int64_t b,
                              int64_t h, int64_t kv, int64_t d, int64_t lo, int64_t hi, float scale, int num_threads,
-                             bool generic) {
+                             bool generic, bool kv_bf16) {
   if (b < 0 || kv <= 0 || h % kv != 0 || d <= 0 || lo < 0 || hi <= lo)
     throw std::invalid_argument("decode_attention: need B >= 0, H a multiple of KV > 0, D > 0 and 0 <= lo < hi");
   py::gil_scoped_release release;
-  pllava::decode_attention(reinterpret_cast<const float*>(q), q_sb, q_sh, reinterpret_cast<const float*>(k),
-                           reinterpret_cast<const float*>(v), kv_sb, kv_sh, kv_ss, reinterpret_cast<float*>(o), o_sb,
-                           o_sh, b, h, kv, d, lo, hi, scale, num_threads, generic);
+  const auto* qp = reinterpret_cast<const float*>(q);
+  auto* op = reinterpret_cast<float*>(o);
+  if (kv_bf16)
+    pllava::decode_attention_bf16(qp, q_sb, q_sh, reinterpret_cast<const uint16_t*>(k),
+                                  reinterpret_cast<const uint16_t*>(v), kv_sb, kv_sh, kv_ss, op, o_sb, o_sh, b, h, kv,
+                                  d, lo, hi, scale, num_threads, generic);
+  else
+    pllava::decode_attention(qp, q_sb, q_sh, reinterpret_cast<const float*>(k), reinterpret_cast<const float*>(v),
+                             kv_sb, kv_sh, kv_ss, op, o_sb, o_sh, b, h, kv, d, lo, hi, scale, num_threads, generic);
 }
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "pllava native preprocessing (PIL-exact bicubic resize + center crop + normalize), int8 and bf16 GEMV, fp32 decode attention";
+  m.doc() = "pllava native preprocessing (PIL-exact bicubic resize + center crop + normalize), int8 and bf16 GEMV, decode attention over an fp32 or bf16 cache";
   m.def("preprocess", &preprocess_frames, py::arg("data"), py::arg("shape"), py::arg("strides"), py::arg("cfg"),
         py::arg("out"), py::arg("dtype"), py::arg("num_threads") = 0);
   m.def("output_size", &output_size);
@@ -93,6 +99,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("decode_attention", &decode_attention, py::arg("q"), py::arg("q_sb"), py::arg("q_sh"), py::arg("k"),
         py::arg("v"), py::arg("kv_sb"), py::arg("kv_sh"), py::arg("kv_ss"), py::arg("o"), py::arg("o_sb"),
         py::arg("o_sh"), py::arg("b"), py::arg("h"), py::arg("kv"), py::arg("d"), py::arg("lo"), py::arg("hi"),
-        py::arg("scale"), py::arg("num_threads") = 0, py::arg("generic") = false);
-  m.attr("ABI") = 4;
+        py::arg("scale"), py::arg("num_threads") = 0, py::arg("generic") = false, py::arg("kv_bf16") = false);
+  m.attr("ABI") = 5;
 }

@@ -1,4 +1,5 @@
-// Decode attention over an fp32 KV cache, for the CPU's single-sequence decode steps.
+// Decode attention over an fp32 or bf16 KV cache, for the CPU's decode steps (q, the scores, the softmax and the
+// sums in fp32; a bf16 cache widened exactly in registers).
 //
 // Why: torch's CPU SDPA (its flash kernel) read the small preset's 8 layers of fp32 K and V at 2330 positions
 // (114 MB a step, from DRAM) at 13.6-18.3 GB/s on 2 Zen4 cores, 6.3-8.5 ms a step; two plain passes over the
@@ -6,6 +7,9 @@
 // A (b, kv head) pair is one work item with all its g query heads, so GQA reads each K and V row once, not g
 // times. Pass 1 keeps the g scores of every position (g * (hi - lo) floats a thread), pass 2 exponentiates them
 // against each head's maximum, so no running rescale is needed.
+// A bf16 cache halves what a step streams: a bf16 engine's prefill rows produce bf16 K and V anyway (bf16 GEMMs), so
+// only its decode rows' K and V are rounded; batched decode at PLLaVA's prompt lengths is bound by this read (8 rows
+// at 2000 positions: 629 MB of fp32 K and V a step against 81 MB of int8 weights, small preset).
 #include "decode_attention.h"
 
 #include <immintrin.h>
@@ -13,6 +17,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 namespace pllava {
@@ -25,11 +30,25 @@ bool has_avx512() {
   return yes;
 }
 
+inline float widen(float x) { return x; }
+inline float widen(uint16_t b) {  // bf16 bits -> fp32, exact
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+__attribute__((target("avx512f"))) inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+__attribute__((target("avx512f"))) inline __m512 load16(const uint16_t* p) {
+  const __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+}
+
+template <typename T>
 struct Item {  // one (b, kv head): its g query heads' rows of q and o, its K and V rows from position lo
   const float* q;
   int64_t q_sh;
-  const float* k;
-  const float* v;
+  const T* k;
+  const T* v;
   int64_t kv_ss;
   float* o;
   int64_t o_sh;
@@ -38,62 +57,66 @@ struct Item {  // one (b, kv head): its g query heads' rows of q and o, its K an
 };
 
 // scores[s * g + j] = scale * q_j . k_s; returns nothing, the caller takes the maxima
-__attribute__((target("avx512f"))) void scores_avx512(const Item& it, float* sc) {
+template <typename T>
+__attribute__((target("avx512f"))) void scores_avx512(const Item<T>& it, float* sc) {
   const int nv = static_cast<int>(it.D / 16);
   for (int64_t s = 0; s < it.S; ++s) {
-    const float* kr = it.k + s * it.kv_ss;
+    const T* kr = it.k + s * it.kv_ss;
     for (int64_t j = 0; j < it.g; ++j) {
       const float* qr = it.q + j * it.q_sh;
       __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();  // two chains: D = 64 is 4 FMAs
       int i = 0;
       for (; i + 2 <= nv; i += 2) {
-        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qr + 16 * i), _mm512_loadu_ps(kr + 16 * i), a0);
-        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(qr + 16 * i + 16), _mm512_loadu_ps(kr + 16 * i + 16), a1);
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qr + 16 * i), load16(kr + 16 * i), a0);
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(qr + 16 * i + 16), load16(kr + 16 * i + 16), a1);
       }
-      if (i < nv) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qr + 16 * i), _mm512_loadu_ps(kr + 16 * i), a0);
+      if (i < nv) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qr + 16 * i), load16(kr + 16 * i), a0);
       sc[s * it.g + j] = it.scale * _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
     }
   }
 }
 
 // acc[j * D + d] += p[s * g + j] * v_s[d] over s
-__attribute__((target("avx512f"))) void weighted_sum_avx512(const Item& it, const float* p, float* acc) {
+template <typename T>
+__attribute__((target("avx512f"))) void weighted_sum_avx512(const Item<T>& it, const float* p, float* acc) {
   const int nv = static_cast<int>(it.D / 16);
   for (int64_t s = 0; s < it.S; ++s) {
-    const float* vr = it.v + s * it.kv_ss;
+    const T* vr = it.v + s * it.kv_ss;
     for (int64_t j = 0; j < it.g; ++j) {
       const __m512 pv = _mm512_set1_ps(p[s * it.g + j]);
       float* a = acc + j * it.D;
       for (int i = 0; i < nv; ++i)
-        _mm512_storeu_ps(a + 16 * i, _mm512_fmadd_ps(pv, _mm512_loadu_ps(vr + 16 * i), _mm512_loadu_ps(a + 16 * i)));
+        _mm512_storeu_ps(a + 16 * i, _mm512_fmadd_ps(pv, load16(vr + 16 * i), _mm512_loadu_ps(a + 16 * i)));
     }
   }
 }
 
-void scores_generic(const Item& it, float* sc) {
+template <typename T>
+void scores_generic(const Item<T>& it, float* sc) {
   for (int64_t s = 0; s < it.S; ++s) {
-    const float* kr = it.k + s * it.kv_ss;
+    const T* kr = it.k + s * it.kv_ss;
     for (int64_t j = 0; j < it.g; ++j) {
       const float* qr = it.q + j * it.q_sh;
       float lane[16] = {};  // 16 partial sums, as the AVX-512 path's lanes
       int64_t d = 0;
       for (; d + 16 <= it.D; d += 16)
-        for (int l = 0; l < 16; ++l) lane[l] += qr[d + l] * kr[d + l];
+        for (int l = 0; l < 16; ++l) lane[l] += qr[d + l] * widen(kr[d + l]);
       float t = 0.f;
       for (int l = 0; l < 16; ++l) t += lane[l];
-      for (; d < it.D; ++d) t += qr[d] * kr[d];
+      for (; d < it.D; ++d) t += qr[d] * widen(kr[d]);
       sc[s * it.g + j] = it.scale * t;
     }
   }
 }
 
-void weighted_sum_generic(const Item& it, const float* p, float* acc) {
+template <typename T>
+void weighted_sum_generic(const Item<T>& it, const float* p, float* acc) {
   for (int64_t s = 0; s < it.S; ++s) {
-    const float* vr = it.v + s * it.kv_ss;
+    const T* vr = it.v + s * it.kv_ss;
     for (int64_t j = 0; j < it.g; ++j) {
       const float w = p[s * it.g + j];
       float* a = acc + j * it.D;
-      for (int64_t d = 0; d < it.D; ++d) a[d] += w * vr[d];
+      for (int64_t d = 0; d < it.D; ++d) a[d] += w * widen(vr[d]);
     }
   }
 }
@@ -102,7 +125,8 @@ struct Scratch {  // a thread's buffers, sized once per call and reused across i
   std::vector<float> sc, acc, part, mx, sum, chunk;
 };
 
-void run_item(const Item& it, bool avx512, Scratch& w) {
+template <typename T>
+void run_item(const Item<T>& it, bool avx512, Scratch& w) {
   std::vector<float>&sc = w.sc, &acc = w.acc, &part = w.part, &mx = w.mx, &sum = w.sum, &chunk = w.chunk;
   sc.resize(static_cast<size_t>(it.S * it.g));
   acc.assign(static_cast<size_t>(it.g * it.D), 0.f);
@@ -129,7 +153,7 @@ void run_item(const Item& it, bool avx512, Scratch& w) {
   // the weighted sum in chunks of kChunk positions, each added into acc: a running sum over every position lost
   // 2x torch's fp32 error at 257 positions (tests/test_decode_attention.py); two levels keep it near fp32's
   for (int64_t c = 0; c < it.S; c += kChunk) {
-    Item sub = it;
+    Item<T> sub = it;
     sub.v = it.v + c * it.kv_ss;
     sub.S = std::min<int64_t>(kChunk, it.S - c);
     std::fill(part.begin(), part.end(), 0.f);
@@ -145,11 +169,10 @@ void run_item(const Item& it, bool avx512, Scratch& w) {
   }
 }
 
-}  // namespace
-
-void decode_attention(const float* q, int64_t q_sb, int64_t q_sh, const float* k, const float* v, int64_t kv_sb,
-                      int64_t kv_sh, int64_t kv_ss, float* o, int64_t o_sb, int64_t o_sh, int64_t B, int64_t H,
-                      int64_t KV, int64_t D, int64_t lo, int64_t hi, float scale, int num_threads, bool generic) {
+template <typename T>
+void run(const float* q, int64_t q_sb, int64_t q_sh, const T* k, const T* v, int64_t kv_sb, int64_t kv_sh,
+         int64_t kv_ss, float* o, int64_t o_sb, int64_t o_sh, int64_t B, int64_t H, int64_t KV, int64_t D, int64_t lo,
+         int64_t hi, float scale, int num_threads, bool generic) {
   const int64_t g = H / KV, items = B * KV;
   const bool avx512 = has_avx512() && !generic && D % 16 == 0;
   const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(
@@ -160,12 +183,27 @@ void decode_attention(const float* q, int64_t q_sb, int64_t q_sh, const float* k
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < items; ++i) {
       const int64_t b = i / KV, kh = i % KV;
-      const Item it{q + b * q_sb + kh * g * q_sh, q_sh, k + b * kv_sb + kh * kv_sh + lo * kv_ss,
-                    v + b * kv_sb + kh * kv_sh + lo * kv_ss, kv_ss, o + b * o_sb + kh * g * o_sh, o_sh,
-                    g, D, hi - lo, scale};
+      const Item<T> it{q + b * q_sb + kh * g * q_sh, q_sh, k + b * kv_sb + kh * kv_sh + lo * kv_ss,
+                       v + b * kv_sb + kh * kv_sh + lo * kv_ss, kv_ss, o + b * o_sb + kh * g * o_sh, o_sh,
+                       g, D, hi - lo, scale};
       run_item(it, avx512, scratch);
     }
   }
+}
+
+}  // namespace
+
+void decode_attention(const float* q, int64_t q_sb, int64_t q_sh, const float* k, const float* v, int64_t kv_sb,
+                      int64_t kv_sh, int64_t kv_ss, float* o, int64_t o_sb, int64_t o_sh, int64_t B, int64_t H,
+                      int64_t KV, int64_t D, int64_t lo, int64_t hi, float scale, int num_threads, bool generic) {
+  run(q, q_sb, q_sh, k, v, kv_sb, kv_sh, kv_ss, o, o_sb, o_sh, B, H, KV, D, lo, hi, scale, num_threads, generic);
+}
+
+void decode_attention_bf16(const float* q, int64_t q_sb, int64_t q_sh, const uint16_t* k, const uint16_t* v,
+                           int64_t kv_sb, int64_t kv_sh, int64_t kv_ss, float* o, int64_t o_sb, int64_t o_sh,
+                           int64_t B, int64_t H, int64_t KV, int64_t D, int64_t lo, int64_t hi, float scale,
+                           int num_threads, bool generic) {
+  run(q, q_sb, q_sh, k, v, kv_sb, kv_sh, kv_ss, o, o_sb, o_sh, B, H, KV, D, lo, hi, scale, num_threads, generic);
 }
 
 }  // namespace pllava

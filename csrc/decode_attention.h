@@ -1,4 +1,4 @@
-// Decode attention over an fp32 KV cache on the CPU (see decode_attention.cpp).
+// Decode attention over an fp32 or bf16 KV cache on the CPU (see decode_attention.cpp).
 #pragma once
 #include <cstdint>
 
@@ -13,5 +13,11 @@ void decode_attention(const float* q, int64_t q_sb, int64_t q_sh, const float* k
                       int64_t kv_sh, int64_t kv_ss, float* o, int64_t o_sb, int64_t o_sh, int64_t B, int64_t H,
                       int64_t KV, int64_t D, int64_t lo, int64_t hi, float scale, int num_threads,
                       bool generic = false);
+
+// The same over a bf16 cache (k, v: bf16 bits), widened exactly; q, o and every sum stay fp32.
+void decode_attention_bf16(const float* q, int64_t q_sb, int64_t q_sh, const uint16_t* k, const uint16_t* v,
+                           int64_t kv_sb, int64_t kv_sh, int64_t kv_ss, float* o, int64_t o_sb, int64_t o_sh,
+                           int64_t B, int64_t H, int64_t KV, int64_t D, int64_t lo, int64_t hi, float scale,
+                           int num_threads, bool generic = false);
 
 }  // namespace pllava

@@ -153,24 +153,30 @@ def native_decode_attention():
     return native_extension("decode_attention")
 
 
+CPU_KV_DTYPES = (torch.float32, torch.bfloat16)  # the caches pllava._C's decode attention reads
+
+
 def cpu_decode_attention(C, q, k, v, lo: int, hi: int):
     """One decode step's attention on the CPU by pllava._C: q (B, H, 1, hd) fp32 attends positions [lo, hi) of
-    k / v (B, KV, S, hd) fp32 (the static cache, hd contiguous) -> (B, H, 1, hd) fp32. What the masked SDPA gives
-    for a mask that is true on [lo, hi) only (tests/test_decode_attention.py), without reading the rest."""
+    k / v (B, KV, S, hd), fp32 or bf16 (the static cache, hd contiguous; bf16 widened exactly, every sum in fp32)
+    -> (B, H, 1, hd) fp32. What the masked SDPA over the cache's values in fp32 gives for a mask that is true on
+    [lo, hi) only (tests/test_decode_attention.py), without reading the rest."""
     bsz, h, _, d = q.shape
-    if k.stride() != v.stride() or k.stride(-1) != 1 or q.stride(-1) != 1 or k.dtype != torch.float32:
-        raise ValueError(f"cpu_decode_attention: k and v must be fp32 with one layout and hd contiguous, got "
-                         f"{k.dtype} strides {k.stride()} / {v.stride()}")
+    if (k.stride() != v.stride() or k.stride(-1) != 1 or q.stride(-1) != 1 or k.dtype not in CPU_KV_DTYPES
+            or v.dtype != k.dtype):
+        raise ValueError(f"cpu_decode_attention: k and v must be fp32 or bf16 with one dtype and layout and hd "
+                         f"contiguous, got {k.dtype} / {v.dtype} strides {k.stride()} / {v.stride()}")
     if q.dtype != torch.float32 or q.shape[2] != 1 or k.shape[0] != bsz or k.shape[3] != d or v.shape != k.shape:
         raise ValueError(f"cpu_decode_attention: q must be fp32 (B, H, 1, {k.shape[3]}) for a cache of "
                          f"{tuple(k.shape)}, got {q.dtype} {tuple(q.shape)} (v {tuple(v.shape)})")
     if hi > k.shape[2]:  # the kernel would read past the cache
         raise ValueError(f"cpu_decode_attention: positions [{lo}, {hi}) past the cache's {k.shape[2]}")
     o = torch.empty(bsz, h, 1, d, dtype=torch.float32)
-    log_once("decode attention: pllava._C's fp32 kernel over the used positions")
+    bf16 = k.dtype == torch.bfloat16
+    log_once(f"decode attention: pllava._C's kernel over the used positions ({'bf16' if bf16 else 'fp32'} cache)")
     C.decode_attention(q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1),
                        k.stride(2), o.data_ptr(), o.stride(0), o.stride(1), bsz, h, k.shape[1], d, lo, hi, d ** -0.5,
-                       torch.get_num_threads())
+                       torch.get_num_threads(), False, bf16)
     return o
 
 
@@ -203,10 +209,10 @@ def _decode_attention_op(q, k, v, input_pos, window: int):
     return cpu_decode_attention(C, q, k, v, lo, pos + 1)
 
 
-# The compiled CPU decode step's attention (one sequence, fp32 static cache): q (B, H, 1, hd) fp32 attends the
-# positions [lo, pos] of k / v (B, KV, S, hd), pos = input_pos[0] read in the op (a CPU tensor: no device sync),
-# lo = pos + 1 - window under a sliding window (window 0: none). What the masked SDPA over the whole static cache
-# gives, reading the used positions only.
+# The compiled CPU decode step's attention (one sequence, an fp32 or bf16 static cache): q (B, H, 1, hd) fp32
+# attends the positions [lo, pos] of k / v (B, KV, S, hd), pos = input_pos[0] read in the op (a CPU tensor: no
+# device sync), lo = pos + 1 - window under a sliding window (window 0: none). What the masked SDPA over the whole
+# static cache gives, reading the used positions only.
 define_cpu_op("decode_attention_cpu(Tensor q, Tensor k, Tensor v, Tensor input_pos, int window) -> Tensor",
               _decode_attention_op, lambda q, k, v, input_pos, window: q.new_empty(q.shape, dtype=torch.float32))
 
@@ -222,8 +228,8 @@ def slot_attention(q, kc, vc, slots: list[int], starts: list[int], window: int |
     """
     gqa = kc.shape[1] != q.shape[1]
     n = q.shape[2]
-    native = (native_decode_attention() if n == 1 and q.device.type == "cpu" and kc.dtype == q.dtype == torch.float32
-              and not torch.compiler.is_compiling() else None)  # the CPU's batched decode: generate()'s kernel
+    native = (native_decode_attention() if n == 1 and q.device.type == "cpu" and q.dtype == torch.float32
+              and kc.dtype in CPU_KV_DTYPES and not torch.compiler.is_compiling() else None)  # generate()'s kernel
     outs = []
     for b, (s, a) in enumerate(zip(slots, starts)):
         end = a + n
@@ -239,6 +245,6 @@ def slot_attention(q, kc, vc, slots: list[int], starts: list[int], window: int |
             mask = kpos <= qpos
             if window is not None:
                 mask = mask & (kpos > qpos - window)
-        outs.append(torch.nn.functional.scaled_dot_product_attention(q[b:b + 1], k, v, attn_mask=mask,
-                                                                     enable_gqa=gqa))
+        outs.append(torch.nn.functional.scaled_dot_product_attention(q[b:b + 1], k.to(q.dtype), v.to(q.dtype),
+                                                                     attn_mask=mask, enable_gqa=gqa))
     return outs[0] if len(outs) == 1 else torch.cat(outs)

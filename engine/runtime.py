@@ -74,11 +74,18 @@ class Engine:
         self.prefix_cache = True  # reuse the video part of the KV cache for the next question on the same clip
         # decode steps as one CUDA graph replay; opt-in until measured on a GPU (PLLAVA_CUDA_GRAPHS=1)
         self.cuda_graphs = device.type == "cuda" and os.environ.get("PLLAVA_CUDA_GRAPHS", "0") == "1"
-        # generate()'s KV cache: fp32 on the CPU under bf16/fp16 weights (the CPU's bf16 attention is 7x slower in
-        # decode; the cache is host memory there); the weights' dtype elsewhere
-        self.kv_dtype = torch.float32 if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) else dtype
+        # generate()'s and the scheduler's KV cache: the weights' dtype, but on the CPU under half weights. There a
+        # bf16 engine's cache is bf16 where pllava._C's decode attention reads it (widened exactly, every sum in
+        # fp32): prefill rows write bf16 K / V anyway (bf16 GEMMs), and batched decode at PLLaVA's prompt lengths is
+        # bound by this read (README, "fast CPU mode"); else fp32, as the CPU's own bf16 attention is 7x slower in
+        # decode than its fp32 one
+        half_cpu = device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
+        native_bf16 = dtype == torch.bfloat16 and ops.native_decode_attention() is not None
+        self.kv_dtype = (torch.bfloat16 if native_bf16 else torch.float32) if half_cpu else dtype
+        if half_cpu:
+            log.info("pllava KV cache: %s on the CPU under %s weights", self.kv_dtype, dtype)
         # and, there too, the LLM's residual stream in fp32 (GEMM inputs stay in the weights' dtype; see LlamaLM)
-        model.language_model.residual_dtype = torch.float32 if self.kv_dtype != dtype else None
+        model.language_model.residual_dtype = torch.float32 if half_cpu else None
         # torch.compile'd decode step (opt-in: PLLAVA_COMPILE=1 or engine.compile_decode = True); see README
         self.compile_decode = os.environ.get("PLLAVA_COMPILE", "0") == "1"
         self._step = None

@@ -315,16 +315,23 @@ def test_bad_values_are_typed_errors_in_both_paths(engine, pxs, field, value, ma
 
 
 @pytest.mark.parametrize("quantize", [None, "int8"])
-def test_bf16_on_the_cpu_batches_with_generates_fp32_cache(ckpts, pxs, quantize):
-    """Under bf16 weights on the CPU, generate() keeps its KV cache and decode attention in fp32; the scheduler's
-    slot cache is fp32 too, so the batched tokens equal one-at-a-time generate()'s (with a bf16 slot cache the
-    rounding of K and V differed between the two)."""
-    eng = pllava.Engine.from_pretrained(ckpts["pllava"], dtype=torch.bfloat16, quantize=quantize)
-    assert eng.kv_dtype == torch.float32 and eng.model.language_model.residual_dtype == torch.float32
-    reqs = [dict(video=p, prompt=f"Question {i}: what happens?", max_new_tokens=12) for i, p in enumerate(pxs[:3])]
-    want = [o.token_ids for o in one_at_a_time(eng, reqs)]
-    got = eng.generate_many(reqs, max_batch_size=3)
-    assert [o.token_ids for o in got] == want
+def test_bf16_on_the_cpu_batches_with_generates_cache(ckpts, pxs, monkeypatch, quantize):
+    """Under bf16 weights on the CPU, generate()'s KV cache is bf16 where pllava._C's decode attention reads it
+    (fp32 sums), else fp32 (the CPU's bf16 SDPA is 7x slower); the residual stream is fp32 either way. The
+    scheduler's slot cache has generate()'s dtype, so the batched tokens equal one-at-a-time generate()'s (with the
+    two caches in different dtypes the rounding of K and V differed)."""
+    from pllava import ops
     from pllava.scheduler import Scheduler
 
-    assert Scheduler(eng, max_num_seqs=2).cache.k[0].dtype == torch.float32
+    native = ops.native_decode_attention() is not None
+    for built in (native, False) if native else (False,):
+        if not built:
+            monkeypatch.setattr(ops, "native_decode_attention", lambda: None)
+        eng = pllava.Engine.from_pretrained(ckpts["pllava"], dtype=torch.bfloat16, quantize=quantize)
+        assert eng.kv_dtype == (torch.bfloat16 if built else torch.float32)
+        assert eng.model.language_model.residual_dtype == torch.float32
+        reqs = [dict(video=p, prompt=f"Question {i}: what happens?", max_new_tokens=12) for i, p in enumerate(pxs[:3])]
+        want = [o.token_ids for o in one_at_a_time(eng, reqs)]
+        got = eng.generate_many(reqs, max_batch_size=3)
+        assert [o.token_ids for o in got] == want, built
+        assert Scheduler(eng, max_num_seqs=2).cache.k[0].dtype == eng.kv_dtype

@@ -39,23 +39,27 @@ def _oracle(q, k, v, lo, hi):
 
 
 @native
+@pytest.mark.parametrize("cache", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("generic", [False, True])
 @pytest.mark.parametrize("case", CASES)
-def test_decode_attention_is_the_masked_softmax_to_fp32s_error(case, generic):
+def test_decode_attention_is_the_masked_softmax_to_fp32s_error(case, generic, cache):
+    """A bf16 cache: the softmax over its values (widened exactly) in fp64 is the oracle, torch's SDPA over the
+    same values in fp32 the error to stay within twice of."""
     b, h, kv, d, s, lo, hi = case
     q, k, v = _case(*case, seed=sum(case))
+    k, v = k.to(cache), v.to(cache)
     want = _oracle(q, k, v, lo, hi)
     mask = torch.zeros(1, s, dtype=torch.bool)
     mask[:, lo:hi] = True
-    e_torch = float((F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=kv != h).double()
-                     - want).abs().max())
+    e_torch = float((F.scaled_dot_product_attention(q, k.float(), v.float(), attn_mask=mask,
+                                                    enable_gqa=kv != h).double() - want).abs().max())
     k[:, :, :lo], k[:, :, hi:], v[:, :, :lo], v[:, :, hi:] = (float("nan"),) * 4  # never to be read
     o = torch.full((b, h, 1, d), float("nan"))
     C.decode_attention(q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1),
                        k.stride(2), o.data_ptr(), o.stride(0), o.stride(1), b, h, kv, d, lo, hi, d ** -0.5, 2,
-                       generic)
+                       generic, cache == torch.bfloat16)
     e = float((o.double() - want).abs().max())
-    print(f"\n{case} generic={generic}: {e:.2e} against torch SDPA fp32's {e_torch:.2e}")
+    print(f"\n{case} generic={generic} {cache}: {e:.2e} against torch SDPA fp32's {e_torch:.2e}")
     assert e <= 2 * e_torch + 2 ** -23, (e, e_torch)
 
 
@@ -67,7 +71,13 @@ def test_the_wrapper_matches_sdpa_and_refuses_bad_arguments():
     got = ops.cpu_decode_attention(C, q, k, v, 3, 31)
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     assert got.shape == want.shape and float((got - want).abs().max()) < 1e-5
-    with pytest.raises(ValueError, match="one layout"):
+    got16 = ops.cpu_decode_attention(C, q, k.bfloat16(), v.bfloat16(), 3, 31)  # the bf16 cache, by its dtype
+    want16 = F.scaled_dot_product_attention(q, k.bfloat16().float(), v.bfloat16().float(), attn_mask=mask,
+                                            enable_gqa=True)
+    assert float((got16 - want16).abs().max()) < 1e-5 < float((got16 - want).abs().max())
+    with pytest.raises(ValueError, match="one dtype and layout"):
+        ops.cpu_decode_attention(C, q, k, v.bfloat16(), 0, 31)
+    with pytest.raises(ValueError, match="one dtype and layout"):
         ops.cpu_decode_attention(C, q, k, v.contiguous().transpose(2, 3).contiguous().transpose(2, 3), 0, 31)
     with pytest.raises(ValueError, match="0 <= lo < hi"):
         ops.cpu_decode_attention(C, q, k, v, 5, 5)
@@ -126,7 +136,7 @@ def test_engine_decode_steps_with_the_kernel_are_sdpas(ckpts, monkeypatch, caplo
     monkeypatch.setattr(ops, "_logged", set())
     with caplog.at_level("INFO", logger="pllava"):
         got = steps()
-    assert "decode attention: pllava._C's fp32 kernel" in caplog.text
+    assert "decode attention: pllava._C's kernel over the used positions" in caplog.text
     monkeypatch.setattr(ops, "native_decode_attention", lambda: None)
     want = steps()
     # fp32: the two kernels' own rounding (3.5e-7 measured). bf16: the attention output is rounded to bf16 before the

@@ -200,3 +200,16 @@ def test_decode_reads_only_used_cache_positions(engine, px):
     finally:
         engine.prefix_cache = True
     assert got.token_ids == ref.token_ids
+
+
+def test_the_static_cache_is_rebuilt_for_another_dtype(ckpts):
+    """setup_cache reuses a big-enough cache only in the dtype asked for (Engine.kv_dtype is bf16 or fp32 on the
+    CPU by whether pllava._C reads bf16): a bf16 request must not write into an fp32 cache left by another, and the
+    kept prefix comes across converted."""
+    lm = pllava.Engine.from_pretrained(ckpts["pllava"]).model.language_model  # its own: the fixture's prefix stays
+    assert lm.setup_cache(1, 300, torch.float32, "cpu")
+    lm.layers[0].self_attn.kv_cache.k_cache[:, :, :5] = 1.5
+    assert not lm.setup_cache(1, 200, torch.float32, "cpu")  # fits: reused
+    assert lm.setup_cache(1, 200, torch.bfloat16, "cpu", keep=5)  # another dtype: rebuilt
+    k = lm.layers[0].self_attn.kv_cache.k_cache
+    assert k.dtype == torch.bfloat16 and bool((k[:, :, :5] == 1.5).all())

@@ -157,23 +157,24 @@ class Attention(nn.Module):
             # slot is NaN); with a sliding window (Mistral) only (pos - window, pos]
             slot = torch.zeros(1, dtype=torch.long, device=q.device)
             o = ops.slot_decode_attention(q, k_all, v_all, slot, input_pos, self.window, self.attn_backend)
-        elif (n == 1 and kv_len is not None and k_all.dtype == torch.float32 and q.device.type == "cpu"
+        elif (n == 1 and kv_len is not None and k_all.dtype in ops.CPU_KV_DTYPES and q.device.type == "cpu"
               and (C := ops.native_decode_attention()) is not None and not torch.compiler.is_compiling()):
-            # an eager CPU decode step over an fp32 cache: pllava._C's kernel reads exactly the positions the mask
-            # below admits, [lo, pos], at twice SDPA's bandwidth (csrc/decode_attention.cpp)
+            # an eager CPU decode step (an fp32 or bf16 cache): pllava._C's kernel reads exactly the positions the
+            # mask below admits, [lo, pos], at twice SDPA's bandwidth (csrc/decode_attention.cpp)
             pos = int(input_pos[0])
             lo = max(0, pos + 1 - self.window) if self.window is not None else 0
             o = ops.cpu_decode_attention(C, q.float(), k_all, v_all, lo, min(pos + 1, kv_len)).to(q.dtype)
-        elif (n == 1 and bsz == 1 and kv_len is None and k_all.dtype == torch.float32 and q.device.type == "cpu"
+        elif (n == 1 and bsz == 1 and kv_len is None and k_all.dtype in ops.CPU_KV_DTYPES and q.device.type == "cpu"
               and ops.native_decode_attention() is not None):
             # the compiled CPU step (static shapes, no host length): the same kernel as a custom op that reads the
             # position from input_pos, so the graph attends [lo, pos] only, not the whole static cache under a mask
             o = torch.ops.pllava.decode_attention_cpu(q.float(), k_all, v_all, input_pos,
                                                       self.window or 0).to(q.dtype)
-        else:  # decode / continued prefill: the whole static cache, future slots masked out. A cache in another
-            # dtype than q (fp32 under bf16 weights on the CPU, where bf16 decode attention is 7x slower: 1.67 ms
-            # against 0.23 ms a layer at 2400 keys, 12 heads) is attended in the cache's dtype
-            o = F.scaled_dot_product_attention(q.to(k_all.dtype), k_all, v_all, attn_mask=mask,
+        else:  # decode / continued prefill: the whole static cache, future slots masked out. On the CPU in fp32
+            # whatever the cache holds (bf16 decode attention is 7x slower there: 1.67 ms against 0.23 ms a layer at
+            # 2400 keys, 12 heads); elsewhere in the cache's dtype
+            dt = torch.float32 if q.device.type == "cpu" else k_all.dtype
+            o = F.scaled_dot_product_attention(q.to(dt), k_all.to(dt), v_all.to(dt), attn_mask=mask,
                                                enable_gqa=gqa).to(q.dtype)
         return self.o_proj(o.transpose(1, 2).reshape(bsz, n, -1))
 
@@ -202,8 +203,9 @@ class Attention(nn.Module):
             vc[rows.slot_t, :, rows.pos_t[:, 0]] = vw[:, :, 0]
         if bsz == 1 and rows.starts[0] == 0 and not (window is not None and n > window):
             o = ops.causal_attention(q, k, v, self.attn_backend)  # a whole prompt: generate()'s path
-        else:  # what reads the cache attends in its dtype, as generate()'s masked path does
-            o = ops.slot_attention(q.to(kc.dtype), kc, vc, rows.slots, rows.starts, window).to(q.dtype)
+        else:  # what reads the cache attends as generate()'s path does: in fp32 on the CPU, else in its dtype
+            dt = torch.float32 if q.device.type == "cpu" else kc.dtype
+            o = ops.slot_attention(q.to(dt), kc, vc, rows.slots, rows.starts, window).to(q.dtype)
         return self.o_proj(o.transpose(1, 2).reshape(bsz, n, -1))
 
 
@@ -311,11 +313,11 @@ class LlamaLM(nn.Module):
         """Make sure the cache holds max_len positions; returns True when it was (re)allocated. The first `keep`
         positions survive a reallocation (a cached video prefix)."""
         old = self.layers[0].self_attn.kv_cache
-        if self.max_len >= max_len and old is not None and old.k_cache.shape[0] == batch:
+        if self.max_len >= max_len and old is not None and old.k_cache.shape[0] == batch and old.k_cache.dtype == dtype:
             return False  # reuse: every slot past the write position is masked out
         c = self.config
         size = min(-(-max_len // self.CACHE_BUCKET) * self.CACHE_BUCKET, max(max_len, c.max_position_embeddings))
-        keep = keep if old is not None and old.k_cache.shape[0] == batch else 0
+        keep = keep if old is not None and old.k_cache.shape[0] == batch else 0  # (a dtype change keeps it, converted)
         for layer in self.layers:
             prev = layer.self_attn.kv_cache
             new = KVCache(batch, c.num_key_value_heads, size, c.head_dim, dtype, device)

@@ -1,9 +1,12 @@
-// Runs the fp32 decode attention under AddressSanitizer/UBSan (built and run by tests/test_decode_attention.py):
-// MHA and GQA, head sizes on and off the 16-wide vector, one position and a window's lower bound, both ISAs. Each of
+// Runs the decode attention (fp32 and bf16 caches) under AddressSanitizer/UBSan (built and run by
+// tests/test_decode_attention.py): MHA and GQA, head sizes on and off the 16-wide vector, one position and a window's
+// lower bound, both ISAs. Each of
 // q, k, v and o is its own exact-size heap block (k and v end at position hi), so one element past is caught; the
 // result must be a convex mix of V's values (every V row holds one constant per (b, kv head)).
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <vector>
 
 #include "../../csrc/decode_attention.h"
@@ -23,18 +26,32 @@ int main() {
       for (int h = 0; h < KV; ++h)
         for (int s = 0; s < S * D; ++s)
           v[(static_cast<size_t>(b) * KV + h) * S * D + s] = static_cast<float>(b * KV + h);
-    for (int generic = 0; generic < 2; ++generic) {
+    std::vector<uint16_t> kb(k.size()), vb(v.size());  // bf16: the high half of each fp32 (V's integers are exact)
+    for (size_t i = 0; i < k.size(); ++i) {
+      uint32_t u;
+      std::memcpy(&u, &k[i], 4);
+      kb[i] = static_cast<uint16_t>(u >> 16);
+      std::memcpy(&u, &v[i], 4);
+      vb[i] = static_cast<uint16_t>(u >> 16);
+    }
+    for (int run = 0; run < 4; ++run) {
+      const bool generic = run % 2 != 0, bf16 = run >= 2;
       std::vector<float> o(static_cast<size_t>(B) * H * D, NAN);
-      pllava::decode_attention(q.data(), H * D, D, k.data(), v.data(), KV * S * D, S * D, D, o.data(), H * D, D, B, H,
-                               KV, D, lo, hi, 1.0f / std::sqrt(static_cast<float>(D)), 2, generic != 0);
+      const float sc = 1.0f / std::sqrt(static_cast<float>(D));
+      if (bf16)
+        pllava::decode_attention_bf16(q.data(), H * D, D, kb.data(), vb.data(), KV * S * D, S * D, D, o.data(), H * D,
+                                      D, B, H, KV, D, lo, hi, sc, 2, generic);
+      else
+        pllava::decode_attention(q.data(), H * D, D, k.data(), v.data(), KV * S * D, S * D, D, o.data(), H * D, D, B,
+                                 H, KV, D, lo, hi, sc, 2, generic);
       for (int b = 0; b < B; ++b)
         for (int h = 0; h < H; ++h)
           for (int d = 0; d < D; ++d) {
             const float want = static_cast<float>(b * KV + h / (H / KV));
             const float got = o[(static_cast<size_t>(b) * H + h) * D + d];
             if (!(std::fabs(got - want) <= 1e-5f * (1.0f + want))) {
-              std::printf("mismatch B=%d H=%d KV=%d D=%d lo=%d hi=%d generic=%d at (%d, %d, %d): %g\n", B, H, KV, D, lo,
-                          hi, generic, b, h, d, got);
+              std::printf("mismatch B=%d H=%d KV=%d D=%d lo=%d hi=%d generic=%d bf16=%d at (%d, %d, %d): %g\n", B, H,
+                          KV, D, lo, hi, generic, bf16, b, h, d, got);
               return 1;
             }
           }
