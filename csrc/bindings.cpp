@@ -4,6 +4,7 @@
 #include <pybind11/stl.h>
 
 #include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "decode_attention.h"
@@ -83,6 +84,27 @@ static void decode_attention(uintptr_t q, int64_t q_sb, int64_t q_sh, uintptr_t 
                              kv_sb, kv_sh, kv_ss, op, o_sb, o_sh, b, h, kv, d, lo, hi, scale, num_threads, generic);
 }
 
+static void decode_attention_rows(uintptr_t q, int64_t q_sb, int64_t q_sh, uintptr_t k, uintptr_t v, bool kv_bf16,
+                                  int64_t kv_sb, int64_t kv_sh, int64_t kv_ss, uintptr_t o, int64_t o_sb, int64_t o_sh,
+                                  int64_t h, int64_t kv, int64_t d, int64_t num_slots, int64_t slot_len,
+                                  std::vector<int64_t> slot, std::vector<int64_t> lo, std::vector<int64_t> hi,
+                                  float scale, int num_threads, bool generic) {
+  const size_t b = slot.size();
+  if (lo.size() != b || hi.size() != b || kv <= 0 || h % kv != 0 || d <= 0)
+    throw std::invalid_argument("decode_attention_rows: slot, lo and hi need one entry a row; H a multiple of KV > 0");
+  for (size_t i = 0; i < b; ++i)
+    if (slot[i] < 0 || slot[i] >= num_slots || lo[i] < 0 || hi[i] <= lo[i] || hi[i] > slot_len)
+      throw std::invalid_argument("decode_attention_rows: row " + std::to_string(i) + " wants slot " +
+                                  std::to_string(slot[i]) + " positions [" + std::to_string(lo[i]) + ", " +
+                                  std::to_string(hi[i]) + ") of " + std::to_string(num_slots) + " slots of " +
+                                  std::to_string(slot_len));
+  py::gil_scoped_release release;
+  pllava::decode_attention_rows(reinterpret_cast<const float*>(q), q_sb, q_sh, reinterpret_cast<const void*>(k),
+                                reinterpret_cast<const void*>(v), kv_bf16, kv_sb, kv_sh, kv_ss,
+                                reinterpret_cast<float*>(o), o_sb, o_sh, static_cast<int64_t>(b), h, kv, d,
+                                slot.data(), lo.data(), hi.data(), scale, num_threads, generic);
+}
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "pllava native preprocessing (PIL-exact bicubic resize + center crop + normalize), int8 and bf16 GEMV, decode attention over an fp32 or bf16 cache";
   m.def("preprocess", &preprocess_frames, py::arg("data"), py::arg("shape"), py::arg("strides"), py::arg("cfg"),
@@ -100,5 +122,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("v"), py::arg("kv_sb"), py::arg("kv_sh"), py::arg("kv_ss"), py::arg("o"), py::arg("o_sb"),
         py::arg("o_sh"), py::arg("b"), py::arg("h"), py::arg("kv"), py::arg("d"), py::arg("lo"), py::arg("hi"),
         py::arg("scale"), py::arg("num_threads") = 0, py::arg("generic") = false, py::arg("kv_bf16") = false);
-  m.attr("ABI") = 5;
+  m.def("decode_attention_rows", &decode_attention_rows, py::arg("q"), py::arg("q_sb"), py::arg("q_sh"),
+        py::arg("k"), py::arg("v"), py::arg("kv_bf16"), py::arg("kv_sb"), py::arg("kv_sh"), py::arg("kv_ss"),
+        py::arg("o"), py::arg("o_sb"), py::arg("o_sh"), py::arg("h"), py::arg("kv"), py::arg("d"),
+        py::arg("num_slots"), py::arg("slot_len"), py::arg("slot"), py::arg("lo"), py::arg("hi"), py::arg("scale"),
+        py::arg("num_threads") = 0, py::arg("generic") = false);
+  m.attr("ABI") = 6;
 }

@@ -169,10 +169,17 @@ void run_item(const Item<T>& it, bool avx512, Scratch& w) {
   }
 }
 
+// Row b of q attends [lo, hi) of cache row slot[b] (b where slot is null), or [lo_b[b], hi_b[b]) where given.
+struct Rows {
+  const int64_t* slot;
+  const int64_t* lo;
+  const int64_t* hi;
+};
+
 template <typename T>
 void run(const float* q, int64_t q_sb, int64_t q_sh, const T* k, const T* v, int64_t kv_sb, int64_t kv_sh,
          int64_t kv_ss, float* o, int64_t o_sb, int64_t o_sh, int64_t B, int64_t H, int64_t KV, int64_t D, int64_t lo,
-         int64_t hi, float scale, int num_threads, bool generic) {
+         int64_t hi, float scale, int num_threads, bool generic, Rows rows = {nullptr, nullptr, nullptr}) {
   const int64_t g = H / KV, items = B * KV;
   const bool avx512 = has_avx512() && !generic && D % 16 == 0;
   const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(
@@ -183,9 +190,10 @@ void run(const float* q, int64_t q_sb, int64_t q_sh, const T* k, const T* v, int
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < items; ++i) {
       const int64_t b = i / KV, kh = i % KV;
-      const Item<T> it{q + b * q_sb + kh * g * q_sh, q_sh, k + b * kv_sb + kh * kv_sh + lo * kv_ss,
-                       v + b * kv_sb + kh * kv_sh + lo * kv_ss, kv_ss, o + b * o_sb + kh * g * o_sh, o_sh,
-                       g, D, hi - lo, scale};
+      const int64_t s = rows.slot ? rows.slot[b] : b, l = rows.lo ? rows.lo[b] : lo, h = rows.hi ? rows.hi[b] : hi;
+      const Item<T> it{q + b * q_sb + kh * g * q_sh, q_sh, k + s * kv_sb + kh * kv_sh + l * kv_ss,
+                       v + s * kv_sb + kh * kv_sh + l * kv_ss, kv_ss, o + b * o_sb + kh * g * o_sh, o_sh,
+                       g, D, h - l, scale};
       run_item(it, avx512, scratch);
     }
   }
@@ -204,6 +212,19 @@ void decode_attention_bf16(const float* q, int64_t q_sb, int64_t q_sh, const uin
                            int64_t B, int64_t H, int64_t KV, int64_t D, int64_t lo, int64_t hi, float scale,
                            int num_threads, bool generic) {
   run(q, q_sb, q_sh, k, v, kv_sb, kv_sh, kv_ss, o, o_sb, o_sh, B, H, KV, D, lo, hi, scale, num_threads, generic);
+}
+
+void decode_attention_rows(const float* q, int64_t q_sb, int64_t q_sh, const void* k, const void* v, bool kv_bf16,
+                           int64_t kv_sb, int64_t kv_sh, int64_t kv_ss, float* o, int64_t o_sb, int64_t o_sh,
+                           int64_t B, int64_t H, int64_t KV, int64_t D, const int64_t* slot, const int64_t* lo,
+                           const int64_t* hi, float scale, int num_threads, bool generic) {
+  const Rows rows{slot, lo, hi};
+  if (kv_bf16)
+    run(q, q_sb, q_sh, static_cast<const uint16_t*>(k), static_cast<const uint16_t*>(v), kv_sb, kv_sh, kv_ss, o,
+        o_sb, o_sh, B, H, KV, D, 0, 1, scale, num_threads, generic, rows);
+  else
+    run(q, q_sb, q_sh, static_cast<const float*>(k), static_cast<const float*>(v), kv_sb, kv_sh, kv_ss, o, o_sb,
+        o_sh, B, H, KV, D, 0, 1, scale, num_threads, generic, rows);
 }
 
 }  // namespace pllava

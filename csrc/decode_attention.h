@@ -20,4 +20,11 @@ void decode_attention_bf16(const float* q, int64_t q_sb, int64_t q_sh, const uin
                            int64_t B, int64_t H, int64_t KV, int64_t D, int64_t lo, int64_t hi, float scale,
                            int num_threads, bool generic = false);
 
+// Rows in different cache slots, each over its own range (the batched scheduler's decode, one call a layer): row b
+// of q attends [lo[b], hi[b]) of k / v's row slot[b] (kv_sb: a slot's stride). The caller checks the ranges.
+void decode_attention_rows(const float* q, int64_t q_sb, int64_t q_sh, const void* k, const void* v, bool kv_bf16,
+                           int64_t kv_sb, int64_t kv_sh, int64_t kv_ss, float* o, int64_t o_sb, int64_t o_sh,
+                           int64_t B, int64_t H, int64_t KV, int64_t D, const int64_t* slot, const int64_t* lo,
+                           const int64_t* hi, float scale, int num_threads, bool generic = false);
+
 }  // namespace pllava

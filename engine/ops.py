@@ -156,19 +156,28 @@ def native_decode_attention():
 CPU_KV_DTYPES = (torch.float32, torch.bfloat16)  # the caches pllava._C's decode attention reads
 
 
+def _check_cpu_attention(q, k, v, where: str):
+    """What the kernels need: q (B, H, 1, hd) fp32, K and V of one dtype (CPU_KV_DTYPES) and one layout, hd
+    contiguous, H a multiple of KV (checked by the binding)."""
+    if (k.stride() != v.stride() or k.stride(-1) != 1 or q.stride(-1) != 1 or k.dtype not in CPU_KV_DTYPES
+            or v.dtype != k.dtype):
+        raise ValueError(f"{where}: k and v must be fp32 or bf16 with one dtype and layout and hd contiguous, got "
+                         f"{k.dtype} / {v.dtype} strides {k.stride()} / {v.stride()}")
+    if q.dtype != torch.float32 or q.dim() != 4 or q.shape[2] != 1 or q.shape[3] != k.shape[3] or v.shape != k.shape:
+        raise ValueError(f"{where}: q must be fp32 (B, H, 1, {k.shape[3]}) for a cache of {tuple(k.shape)}, got "
+                         f"{q.dtype} {tuple(q.shape)} (v {tuple(v.shape)})")
+
+
 def cpu_decode_attention(C, q, k, v, lo: int, hi: int):
     """One decode step's attention on the CPU by pllava._C: q (B, H, 1, hd) fp32 attends positions [lo, hi) of
     k / v (B, KV, S, hd), fp32 or bf16 (the static cache, hd contiguous; bf16 widened exactly, every sum in fp32)
     -> (B, H, 1, hd) fp32. What the masked SDPA over the cache's values in fp32 gives for a mask that is true on
     [lo, hi) only (tests/test_decode_attention.py), without reading the rest."""
     bsz, h, _, d = q.shape
-    if (k.stride() != v.stride() or k.stride(-1) != 1 or q.stride(-1) != 1 or k.dtype not in CPU_KV_DTYPES
-            or v.dtype != k.dtype):
-        raise ValueError(f"cpu_decode_attention: k and v must be fp32 or bf16 with one dtype and layout and hd "
-                         f"contiguous, got {k.dtype} / {v.dtype} strides {k.stride()} / {v.stride()}")
-    if q.dtype != torch.float32 or q.shape[2] != 1 or k.shape[0] != bsz or k.shape[3] != d or v.shape != k.shape:
+    _check_cpu_attention(q, k, v, "cpu_decode_attention")
+    if k.shape[0] != bsz:
         raise ValueError(f"cpu_decode_attention: q must be fp32 (B, H, 1, {k.shape[3]}) for a cache of "
-                         f"{tuple(k.shape)}, got {q.dtype} {tuple(q.shape)} (v {tuple(v.shape)})")
+                         f"{tuple(k.shape)}, got {q.dtype} {tuple(q.shape)}")
     if hi > k.shape[2]:  # the kernel would read past the cache
         raise ValueError(f"cpu_decode_attention: positions [{lo}, {hi}) past the cache's {k.shape[2]}")
     o = torch.empty(bsz, h, 1, d, dtype=torch.float32)
@@ -209,6 +218,20 @@ def _decode_attention_op(q, k, v, input_pos, window: int):
     return cpu_decode_attention(C, q, k, v, lo, pos + 1)
 
 
+def cpu_decode_attention_rows(C, q, kc, vc, slots: list[int], lo: list[int], hi: list[int]):
+    """The batched scheduler's decode attention in one call a layer: row b of q (B, H, 1, hd) fp32 attends
+    positions [lo[b], hi[b]) of slot slots[b] of kc / vc (num_slots, KV, S, hd), fp32 or bf16 -> (B, H, 1, hd)
+    fp32; the binding refuses a slot or a range outside the cache, naming the row."""
+    bsz, h, _, d = q.shape
+    _check_cpu_attention(q, kc, vc, "cpu_decode_attention_rows")
+    o = torch.empty(bsz, h, 1, d, dtype=torch.float32)
+    C.decode_attention_rows(q.data_ptr(), q.stride(0), q.stride(1), kc.data_ptr(), vc.data_ptr(),
+                            kc.dtype == torch.bfloat16, kc.stride(0), kc.stride(1), kc.stride(2), o.data_ptr(),
+                            o.stride(0), o.stride(1), h, kc.shape[1], d, kc.shape[0], kc.shape[2], slots, lo, hi,
+                            d ** -0.5, torch.get_num_threads())
+    return o
+
+
 # The compiled CPU decode step's attention (one sequence, an fp32 or bf16 static cache): q (B, H, 1, hd) fp32
 # attends the positions [lo, pos] of k / v (B, KV, S, hd), pos = input_pos[0] read in the op (a CPU tensor: no
 # device sync), lo = pos + 1 - window under a sliding window (window 0: none). What the masked SDPA over the whole
@@ -228,15 +251,19 @@ def slot_attention(q, kc, vc, slots: list[int], starts: list[int], window: int |
     """
     gqa = kc.shape[1] != q.shape[1]
     n = q.shape[2]
-    native = (native_decode_attention() if n == 1 and q.device.type == "cpu" and q.dtype == torch.float32
-              and kc.dtype in CPU_KV_DTYPES and not torch.compiler.is_compiling() else None)  # generate()'s kernel
+    # the CPU's batched decode: generate()'s kernel, every row in one call a layer (8 rows: 0.5-4.8 ms a step less
+    # than a call a row, scratch timer, 100-2000 positions)
+    native = (native_extension("decode_attention_rows") if n == 1 and q.device.type == "cpu"
+              and q.dtype == torch.float32 and kc.dtype in CPU_KV_DTYPES and not torch.compiler.is_compiling()
+              else None)
+    if native is not None:
+        lo = [max(0, a - window + 1) if window is not None else 0 for a in starts]
+        log_once("decode attention: pllava._C's kernel over each row's own slot and positions")
+        return cpu_decode_attention_rows(native, q, kc, vc, list(slots), lo, [a + 1 for a in starts])
     outs = []
     for b, (s, a) in enumerate(zip(slots, starts)):
         end = a + n
         lo = max(0, a - window + 1) if window is not None else 0
-        if native is not None:
-            outs.append(cpu_decode_attention(native, q[b:b + 1], kc[s:s + 1], vc[s:s + 1], lo, end))
-            continue
         k, v = kc[s:s + 1, :, lo:end], vc[s:s + 1, :, lo:end]
         mask = None
         if n > 1:  # a prefill chunk: causal among its own tokens (one decode token sees all of [lo, end))

@@ -151,24 +151,30 @@ def test_decode_attention_under_address_sanitizer(tmp_path):
 
 
 @native
+@pytest.mark.parametrize("cache", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("window", [None, 6])
-def test_batched_slot_decode_uses_the_kernel_and_gives_sdpas_rows(monkeypatch, window):
+def test_batched_slot_decode_uses_the_kernel_and_gives_sdpas_rows(monkeypatch, window, cache):
     """The scheduler's CPU decode (ops.slot_attention, one token a row, each row in its own slot at its own length):
-    through the kernel each row is the per-row SDPA's within fp32 error, and stale positions past a row's length
-    (NaN here) are never read."""
+    one kernel call a layer for every row, each row the per-row SDPA's over the cache's values within fp32 error,
+    and stale positions past a row's length (NaN here) are never read. A slot or range outside the cache is
+    refused, naming the row."""
     g = torch.Generator().manual_seed(12)
-    kc, vc = torch.randn(4, 2, 30, 32, generator=g), torch.randn(4, 2, 30, 32, generator=g)
+    kc, vc = torch.randn(4, 2, 30, 32, generator=g).to(cache), torch.randn(4, 2, 30, 32, generator=g).to(cache)
     slots, starts = [2, 0, 3], [9, 0, 20]  # the new token's position in each slot
     for s, a in zip(slots, starts):
         kc[s, :, a + 1:], vc[s, :, a + 1:] = float("nan"), float("nan")
     kc[1], vc[1] = float("nan"), float("nan")  # a slot no row owns
     q = torch.randn(3, 4, 1, 32, generator=g)
     calls = []
-    real = ops.cpu_decode_attention
-    monkeypatch.setattr(ops, "cpu_decode_attention", lambda *a: calls.append(a[-2:]) or real(*a))
+    real, C_rows = ops.cpu_decode_attention_rows, ops.native_extension("decode_attention_rows")
+    monkeypatch.setattr(ops, "cpu_decode_attention_rows", lambda *a: calls.append(a[-3:]) or real(*a))
     got = ops.slot_attention(q, kc, vc, slots, starts, window)
     lo = [max(0, a - window + 1) if window else 0 for a in starts]
-    assert calls == [(lo_, a + 1) for lo_, a in zip(lo, starts)]
-    monkeypatch.setattr(ops, "native_decode_attention", lambda: None)
+    assert calls == [(slots, lo, [a + 1 for a in starts])]
+    monkeypatch.setattr(ops, "native_extension", lambda entry: None)  # the per-row SDPA
     want = ops.slot_attention(q, kc, vc, slots, starts, window)
     assert torch.isfinite(got).all() and float((got - want).abs().max()) < 1e-5
+    with pytest.raises(ValueError, match=r"row 1 wants slot 4 positions \[0, 3\) of 4 slots of 30"):
+        real(C_rows, q, kc, vc, [0, 4, 1], [0, 0, 0], [1, 3, 1])
+    with pytest.raises(ValueError, match=r"row 0 wants slot 0 positions \[0, 31\)"):
+        real(C_rows, q, kc, vc, [0, 1, 2], [0, 0, 0], [31, 1, 1])

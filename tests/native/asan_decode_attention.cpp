@@ -1,6 +1,6 @@
 // Runs the decode attention (fp32 and bf16 caches) under AddressSanitizer/UBSan (built and run by
 // tests/test_decode_attention.py): MHA and GQA, head sizes on and off the 16-wide vector, one position and a window's
-// lower bound, both ISAs. Each of
+// lower bound, both ISAs, and the per-row form (slots reversed). Each of
 // q, k, v and o is its own exact-size heap block (k and v end at position hi), so one element past is caught; the
 // result must be a convex mix of V's values (every V row holds one constant per (b, kv head)).
 #include <cmath>
@@ -34,11 +34,18 @@ int main() {
       std::memcpy(&u, &v[i], 4);
       vb[i] = static_cast<uint16_t>(u >> 16);
     }
-    for (int run = 0; run < 4; ++run) {
-      const bool generic = run % 2 != 0, bf16 = run >= 2;
+    std::vector<int64_t> slot(B), lo_b(B, lo), hi_b(B, hi);  // decode_attention_rows: the slots reversed
+    for (int b = 0; b < B; ++b) slot[b] = B - 1 - b;
+    for (int run = 0; run < 8; ++run) {
+      const bool generic = run % 2 != 0, bf16 = run % 4 >= 2, rows = run >= 4;
       std::vector<float> o(static_cast<size_t>(B) * H * D, NAN);
       const float sc = 1.0f / std::sqrt(static_cast<float>(D));
-      if (bf16)
+      if (rows)
+        pllava::decode_attention_rows(q.data(), H * D, D, bf16 ? static_cast<const void*>(kb.data()) : k.data(),
+                                      bf16 ? static_cast<const void*>(vb.data()) : v.data(), bf16, KV * S * D, S * D, D,
+                                      o.data(), H * D, D, B, H, KV, D, slot.data(), lo_b.data(), hi_b.data(), sc, 2,
+                                      generic);
+      else if (bf16)
         pllava::decode_attention_bf16(q.data(), H * D, D, kb.data(), vb.data(), KV * S * D, S * D, D, o.data(), H * D,
                                       D, B, H, KV, D, lo, hi, sc, 2, generic);
       else
@@ -47,11 +54,11 @@ int main() {
       for (int b = 0; b < B; ++b)
         for (int h = 0; h < H; ++h)
           for (int d = 0; d < D; ++d) {
-            const float want = static_cast<float>(b * KV + h / (H / KV));
+            const float want = static_cast<float>((rows ? B - 1 - b : b) * KV + h / (H / KV));
             const float got = o[(static_cast<size_t>(b) * H + h) * D + d];
             if (!(std::fabs(got - want) <= 1e-5f * (1.0f + want))) {
-              std::printf("mismatch B=%d H=%d KV=%d D=%d lo=%d hi=%d generic=%d bf16=%d at (%d, %d, %d): %g\n", B, H,
-                          KV, D, lo, hi, generic, bf16, b, h, d, got);
+              std::printf("mismatch B=%d H=%d KV=%d D=%d lo=%d hi=%d generic=%d bf16=%d rows=%d at (%d, %d, %d): %g\n",
+                          B, H, KV, D, lo, hi, generic, bf16, rows, b, h, d, got);
               return 1;
             }
           }
