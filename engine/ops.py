@@ -224,6 +224,9 @@ def cpu_decode_attention_rows(C, q, kc, vc, slots: list[int], lo: list[int], hi:
     fp32; the binding refuses a slot or a range outside the cache, naming the row."""
     bsz, h, _, d = q.shape
     _check_cpu_attention(q, kc, vc, "cpu_decode_attention_rows")
+    if not len(slots) == len(lo) == len(hi) == bsz:  # the kernel writes one row of o a slot
+        raise ValueError(f"cpu_decode_attention_rows: {bsz} rows of q need {bsz} slots and ranges, got "
+                         f"{len(slots)} / {len(lo)} / {len(hi)}")
     o = torch.empty(bsz, h, 1, d, dtype=torch.float32)
     C.decode_attention_rows(q.data_ptr(), q.stride(0), q.stride(1), kc.data_ptr(), vc.data_ptr(),
                             kc.dtype == torch.bfloat16, kc.stride(0), kc.stride(1), kc.stride(2), o.data_ptr(),

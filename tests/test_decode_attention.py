@@ -178,3 +178,5 @@ def test_batched_slot_decode_uses_the_kernel_and_gives_sdpas_rows(monkeypatch, w
         real(C_rows, q, kc, vc, [0, 4, 1], [0, 0, 0], [1, 3, 1])
     with pytest.raises(ValueError, match=r"row 0 wants slot 0 positions \[0, 31\)"):
         real(C_rows, q, kc, vc, [0, 1, 2], [0, 0, 0], [31, 1, 1])
+    with pytest.raises(ValueError, match="3 rows of q need 3 slots and ranges, got 2 / 2 / 2"):
+        real(C_rows, q, kc, vc, [0, 1], [0, 0], [1, 1])
