@@ -149,8 +149,10 @@ def native_extension(entry: str):
 
 
 def native_decode_attention():
-    """pllava._C when it is built with the fp32 decode-attention kernel (csrc/decode_attention.cpp), else None."""
-    return native_extension("decode_attention")
+    """pllava._C when it is built with the decode-attention kernels (csrc/decode_attention.cpp: one sequence, and
+    rows in their own slots), else None: the one rule for generate()'s steps, the scheduler's and the engine's
+    choice of a bf16 cache (an older build without the per-row entry counts as none)."""
+    return native_extension("decode_attention_rows")
 
 
 CPU_KV_DTYPES = (torch.float32, torch.bfloat16)  # the caches pllava._C's decode attention reads
@@ -203,7 +205,9 @@ def define_cpu_op(schema: str, impl, fake):
     torch.library.register_fake(f"pllava::{name}", fake, lib=_LIB)
 
 
-def _decode_attention_op(q, k, v, input_pos, window: int):
+def decode_attention_at(q, k, v, input_pos, window: int):
+    """One sequence's CPU decode attention at position input_pos[0] (window 0: none): pllava::decode_attention_cpu's
+    body, which eager steps call directly."""
     C = native_decode_attention()
     if C is None:
         raise RuntimeError("pllava::decode_attention_cpu: pllava._C is not built with decode_attention "
@@ -240,7 +244,7 @@ def cpu_decode_attention_rows(C, q, kc, vc, slots: list[int], lo: list[int], hi:
 # device sync), lo = pos + 1 - window under a sliding window (window 0: none). What the masked SDPA over the whole
 # static cache gives, reading the used positions only.
 define_cpu_op("decode_attention_cpu(Tensor q, Tensor k, Tensor v, Tensor input_pos, int window) -> Tensor",
-              _decode_attention_op, lambda q, k, v, input_pos, window: q.new_empty(q.shape, dtype=torch.float32))
+              decode_attention_at, lambda q, k, v, input_pos, window: q.new_empty(q.shape, dtype=torch.float32))
 
 
 def slot_attention(q, kc, vc, slots: list[int], starts: list[int], window: int | None = None):
@@ -256,7 +260,7 @@ def slot_attention(q, kc, vc, slots: list[int], starts: list[int], window: int |
     n = q.shape[2]
     # the CPU's batched decode: generate()'s kernel, every row in one call a layer (8 rows: 0.5-4.8 ms a step less
     # than a call a row, scratch timer, 100-2000 positions)
-    native = (native_extension("decode_attention_rows") if n == 1 and q.device.type == "cpu"
+    native = (native_decode_attention() if n == 1 and q.device.type == "cpu"
               and q.dtype == torch.float32 and kc.dtype in CPU_KV_DTYPES and not torch.compiler.is_compiling()
               else None)
     if native is not None:

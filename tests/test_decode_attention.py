@@ -166,12 +166,12 @@ def test_batched_slot_decode_uses_the_kernel_and_gives_sdpas_rows(monkeypatch, w
     kc[1], vc[1] = float("nan"), float("nan")  # a slot no row owns
     q = torch.randn(3, 4, 1, 32, generator=g)
     calls = []
-    real, C_rows = ops.cpu_decode_attention_rows, ops.native_extension("decode_attention_rows")
+    real, C_rows = ops.cpu_decode_attention_rows, ops.native_decode_attention()
     monkeypatch.setattr(ops, "cpu_decode_attention_rows", lambda *a: calls.append(a[-3:]) or real(*a))
     got = ops.slot_attention(q, kc, vc, slots, starts, window)
     lo = [max(0, a - window + 1) if window else 0 for a in starts]
     assert calls == [(slots, lo, [a + 1 for a in starts])]
-    monkeypatch.setattr(ops, "native_extension", lambda entry: None)  # the per-row SDPA
+    monkeypatch.setattr(ops, "native_decode_attention", lambda: None)  # the per-row SDPA
     want = ops.slot_attention(q, kc, vc, slots, starts, window)
     assert torch.isfinite(got).all() and float((got - want).abs().max()) < 1e-5
     with pytest.raises(ValueError, match=r"row 1 wants slot 4 positions \[0, 3\) of 4 slots of 30"):

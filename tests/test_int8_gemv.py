@@ -125,8 +125,9 @@ def test_the_op_with_bias_and_lora_is_the_fp64_product(lora_dtype):
         want = x.double() @ deq.T + bias.double() + delta
         got = torch.ops.pllava.int8_gemv_cpu(x, q, s, bias, a_, b_, sc)
         err = float((got.double() - want).abs().max() / delta.abs().max())
-        # fp32 throughout: fp32's error (1e-7 measured); a bf16 path rounds x, each product and the delta (2^-9 each)
-        bound = 1e-5 if fast else 4 * 2 ** -9
+        # fp32 throughout: fp32's error (0.9-1.1e-7 of the delta measured, every case); a bf16 path rounds x, each
+        # product and the delta (2^-9 each), which only a build without AVX-512 takes for bf16 factors
+        bound = 1e-6 if fast else 4 * 2 ** -9
         assert got.dtype == torch.float32 and err < bound, (sc, err)
         torch.library.opcheck(torch.ops.pllava.int8_gemv_cpu, (x, q, s, bias, a_, b_, sc))
     with pytest.raises(ValueError, match="lora_a, lora_b and lora_scale together"):

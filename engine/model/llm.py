@@ -157,19 +157,14 @@ class Attention(nn.Module):
             # slot is NaN); with a sliding window (Mistral) only (pos - window, pos]
             slot = torch.zeros(1, dtype=torch.long, device=q.device)
             o = ops.slot_decode_attention(q, k_all, v_all, slot, input_pos, self.window, self.attn_backend)
-        elif (n == 1 and kv_len is not None and k_all.dtype in ops.CPU_KV_DTYPES and q.device.type == "cpu"
-              and (C := ops.native_decode_attention()) is not None and not torch.compiler.is_compiling()):
-            # an eager CPU decode step (an fp32 or bf16 cache): pllava._C's kernel reads exactly the positions the
-            # mask below admits, [lo, pos], at twice SDPA's bandwidth (csrc/decode_attention.cpp)
-            pos = int(input_pos[0])
-            lo = max(0, pos + 1 - self.window) if self.window is not None else 0
-            o = ops.cpu_decode_attention(C, q.float(), k_all, v_all, lo, min(pos + 1, kv_len)).to(q.dtype)
-        elif (n == 1 and bsz == 1 and kv_len is None and k_all.dtype in ops.CPU_KV_DTYPES and q.device.type == "cpu"
+        elif (n == 1 and bsz == 1 and k_all.dtype in ops.CPU_KV_DTYPES and q.device.type == "cpu"
               and ops.native_decode_attention() is not None):
-            # the compiled CPU step (static shapes, no host length): the same kernel as a custom op that reads the
-            # position from input_pos, so the graph attends [lo, pos] only, not the whole static cache under a mask
-            o = torch.ops.pllava.decode_attention_cpu(q.float(), k_all, v_all, input_pos,
-                                                      self.window or 0).to(q.dtype)
+            # a CPU decode step (an fp32 or bf16 cache), eager or compiled: pllava._C's kernel reads exactly the
+            # positions the mask below admits, [lo, pos], at twice SDPA's bandwidth (csrc/decode_attention.cpp). The
+            # position comes from input_pos, so the compiled step's one static graph serves every length; eager
+            # steps call the op's body directly (its dispatch: 7-12 us a layer)
+            attend = torch.ops.pllava.decode_attention_cpu if torch.compiler.is_compiling() else ops.decode_attention_at
+            o = attend(q.float(), k_all, v_all, input_pos, self.window or 0).to(q.dtype)
         else:  # decode / continued prefill: the whole static cache, future slots masked out. On the CPU in fp32
             # whatever the cache holds (bf16 decode attention is 7x slower there: 1.67 ms against 0.23 ms a layer at
             # 2400 keys, 12 heads); elsewhere in the cache's dtype
