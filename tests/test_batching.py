@@ -315,11 +315,13 @@ def test_bad_values_are_typed_errors_in_both_paths(engine, pxs, field, value, ma
 
 
 @pytest.mark.parametrize("quantize", [None, "int8"])
-def test_bf16_on_the_cpu_batches_with_generates_cache(ckpts, pxs, monkeypatch, quantize):
+def test_bf16_on_the_cpu_batches_with_generates_cache(ckpts, pxs, video_path, monkeypatch, quantize):
     """Under bf16 weights on the CPU, generate()'s KV cache is bf16 where pllava._C's decode attention reads it
     (fp32 sums), else fp32 (the CPU's bf16 SDPA is 7x slower); the residual stream is fp32 either way. The
     scheduler's slot cache has generate()'s dtype, so the batched tokens equal one-at-a-time generate()'s (with the
-    two caches in different dtypes the rounding of K and V differed)."""
+    two caches in different dtypes the rounding of K and V differed). A file goes through the vision tower frame
+    by frame in generate() (overlapped with decoding) and all at once in the scheduler: the features must be the
+    same bits (the strided CLS-dropped features once made torch's bf16 linear_1 round differently, 0.047 apart)."""
     from pllava import ops
     from pllava.scheduler import Scheduler
 
@@ -331,7 +333,23 @@ def test_bf16_on_the_cpu_batches_with_generates_cache(ckpts, pxs, monkeypatch, q
         assert eng.kv_dtype == (torch.bfloat16 if built else torch.float32)
         assert eng.model.language_model.residual_dtype == torch.float32
         reqs = [dict(video=p, prompt=f"Question {i}: what happens?", max_new_tokens=12) for i, p in enumerate(pxs[:3])]
+        reqs.append(dict(video=video_path, prompt="What is happening in the video?", max_new_tokens=12))
+        assert torch.equal(eng.encode(video_path), eng.encode(video_path, overlap=False))
         want = [o.token_ids for o in one_at_a_time(eng, reqs)]
         got = eng.generate_many(reqs, max_batch_size=3)
         assert [o.token_ids for o in got] == want, built
         assert Scheduler(eng, max_num_seqs=2).cache.k[0].dtype == eng.kv_dtype
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_bf16_mixed_batch_equals_sequential(ckpts, pxs, video_path, quantize):
+    """The mixed batch (files among tensors, alphas 0-20, chat turns, staggered lengths) plus a seeded sampled
+    request, under bf16 weights on the CPU, without prefill chunks: every token as one-at-a-time generate()'s.
+    (A chunk attends over the cache in fp32 where a whole prompt attends in bf16, so chunked bf16 is not exact.)"""
+    eng = pllava.Engine.from_pretrained(ckpts["pllava"], dtype=torch.bfloat16, quantize=quantize)
+    reqs = mixed(pxs, video_path) + [dict(video=video_path, prompt="hello", max_new_tokens=14, temperature=0.8,
+                                          top_p=0.9, seed=7, lora_alpha=20)]
+    seq = one_at_a_time(eng, reqs)
+    got = eng.generate_many(reqs, max_batch_size=3)
+    assert_same(seq, got)
+    assert len({len(o.token_ids) for o in got}) > 2

@@ -86,4 +86,8 @@ class CLIPVisionTower(nn.Module):
         x = self.pre_layrnorm(self.embeddings(pixels))  # hidden_states[0]
         for layer in self.encoder.layers:
             x = layer(x)
-        return x[:, 1:]  # (T, g*g, D): CLS dropped ("default" strategy)
+        # (T, g*g, D): CLS dropped ("default" strategy). Contiguous, so that the projector's linear_1 runs one addmm
+        # whatever T is: on a strided 3-D input torch's bf16 linear rounds the matmul before adding the bias (up to
+        # 0.125 apart at T = 4), so a clip encoded frame by frame (T = 1 views are contiguous) and the same clip
+        # encoded at once would give other features.
+        return x[:, 1:].contiguous()
