@@ -76,9 +76,14 @@ def _has_surrogate(s: str) -> bool:
 
 
 @torch.no_grad()
-def prefill(lm, embeds: torch.Tensor, start: int = 0) -> torch.Tensor:
+def prefill(lm, embeds: torch.Tensor, start: int = 0, split: int | None = None) -> torch.Tensor:
     """embeds (1, L, D) at positions start.. -> logits (1, 1, V) of the last position; fills the KV cache.
-    start > 0 continues after a cached prefix (the video part of an earlier request)."""
+    start > 0 continues after a cached prefix (the video part of an earlier request). `split` (a position inside
+    (start, start + L)): prefill [start, split) first, then continue from split (prompt.prefix_split: the same
+    bits whether the prefix was just computed or cached)."""
+    if split is not None and start < split < start + embeds.shape[1]:
+        prefill(lm, embeds[:, :split - start], start)
+        embeds, start = embeds[:, split - start:], split
     pos = torch.arange(start, start + embeds.shape[1], device=embeds.device)
     return lm(embeds, pos, start=start, kv_len=start + embeds.shape[1] if start else None)
 
@@ -283,15 +288,15 @@ class SequenceState:
 
 def generate_tokens(lm, embeds: torch.Tensor, params: SamplingParams, tokenizer, eos_ids: set[int],
                     prompt_ids: torch.Tensor | None, timings: dict, clock, cancel=None,
-                    start: int = 0, step: DecodeStep | None = None) -> Iterator[StepEvent]:
-    """Prefill then decode one token a step; yields each token with its text. Sets timings['prefill'] and
+                    start: int = 0, step: DecodeStep | None = None, split: int | None = None) -> Iterator[StepEvent]:
+    """Prefill (split as `prefill` says) then decode one token a step; yields each token with its text. Sets timings['prefill'] and
     timings['decode'], and leaves the finish reason in timings['_finish'] ('stop', 'length' or 'cancelled' when
     the `cancel` event - e.g. a disconnected client - is set)."""
     device = embeds.device
     step = step if step is not None else DecodeStep(lm, use_graph=False)
     seq = SequenceState(params, tokenizer, eos_ids, prompt_ids, device, cancel)
     t0 = clock()
-    logits = prefill(lm, embeds, start)
+    logits = prefill(lm, embeds, start, split)
     pos = start + embeds.shape[1]
     tok = seq.sample(logits[0, -1])
     timings["prefill"] = clock() - t0

@@ -19,7 +19,7 @@ from .model import PllavaModel
 from .model.head import HEAD_RESCORE, HalfHead, RescoredHead
 from .preprocess import clip_defaults, load_processor_config, preprocess
 from .prompt import (CAPTION_QUESTION, build_chat_prompt, build_prompt, check_image_token, default_conv_mode,
-                     default_question, splice, text_ids, tokenize)
+                     default_question, prefix_split, splice, text_ids, tokenize)
 from .video import DEFAULT_LIMITS, is_source, read_frames, stream_frames
 
 log = logging.getLogger("pllava")
@@ -443,11 +443,9 @@ class Engine:
                         ctx - n_prompt, ctx)
             params = replace(params, max_new_tokens=ctx - n_prompt)
         lm = self.model.language_model
-        if img_pos is None:  # no video: the LLM alone answers the text (no prefix to reuse)
-            key, n_pre = None, 0
-        else:
-            key = self._prefix_key(video, ids[:img_pos], video_key) if img_pos + 1 < ids.numel() else None
-            n_pre = img_pos + self.config.num_visual_tokens
+        # 0: no video (the LLM alone answers the text), or nothing after it: no prefix to split at or reuse
+        n_pre = prefix_split(ids, img_pos, self.config.num_visual_tokens) or 0
+        key = self._prefix_key(video, ids[:img_pos], video_key) if n_pre else None
         hit = key is not None and self._prefix == (key, n_pre)
         lm.setup_cache(1, n_prompt + params.max_new_tokens, self.kv_dtype, self.device, keep=n_pre if hit else 0)
         if hit:
@@ -474,7 +472,7 @@ class Engine:
                      "torch.compile'd step" if self.compile_decode else "eager steps")
         try:
             for ev in generate_tokens(lm, embeds, params, self.tokenizer, self.eos_ids, prompt_text_ids, timings,
-                                      self._clock, cancel, start, self._step):
+                                      self._clock, cancel, start, self._step, n_pre or None):
                 if first and key is not None:
                     self._prefix = (key, n_pre)  # the prefill has written the prefix
                 if first:

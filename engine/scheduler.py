@@ -31,7 +31,7 @@ from .errors import InputError, MemoryBudgetError, NumericalError, PllavaError, 
 from .generate import GenerationOutput, SamplingParams, SequenceState, StepEvent
 from .batch_graphs import BatchDecodeGraphs
 from .model.llm import SlotKVCache, SlotRows
-from .prompt import splice, text_ids
+from .prompt import prefix_split, splice, text_ids
 
 log = logging.getLogger("pllava")
 
@@ -127,7 +127,7 @@ class Sequence:
         self.index, self.req, self.params = index, req, params
         self.ids, self.img_pos, self.n_prompt = ids, img_pos, n_prompt
         self.scale, self.key = scale, key  # LoRA alpha/r of this request; its video-prefix key (or None)
-        self.n_pre = n_pre  # positions of the video prefix: the prompt head + the visual tokens
+        self.n_pre = n_pre  # positions of the video prefix (the prompt head + the visual tokens), where prefill splits
         self.on_event: Callable[["Sequence", StepEvent], None] | None = on_event
         self.on_done: Callable[["Sequence"], None] | None = on_done
         self.future: Future | None = None  # pixels, decoded and preprocessed by a media worker
@@ -166,10 +166,10 @@ def prepare_sequence(engine, req: Request, index=None, on_event=None, on_done=No
     except ValueError as err:
         raise InputError(f"{where}: {err}") from err
     key = None
-    if img_pos is not None and img_pos + 1 < ids.numel():
+    n_pre = prefix_split(ids, img_pos, e.config.num_visual_tokens) or 0  # 0: text only, or nothing after the clip
+    if n_pre:
         base = e._prefix_key(req.video, ids[:img_pos], req.video_key)
         key = None if base is None else (base, alpha)  # v_proj's LoRA shaped the cached values
-    n_pre = 0 if img_pos is None else img_pos + e.config.num_visual_tokens  # text-only (video None): no prefix
     return Sequence(index, req, params, ids, img_pos, n_prompt, n_pre, e.config.lora.scale_for(alpha), key,
                     on_event, on_done)
 
@@ -417,19 +417,27 @@ class Scheduler:
         self.owner[slot], self.last_used[slot], s.slot = s, self.tick, slot
 
     def _prefill_chunk(self):
+        """The admitted request's next `prefill_chunk` tokens (or all the rest), never across the end of its video
+        prefix: like generate(), a fresh prompt prefills [0, n_pre) and then the rest (prompt.prefix_split), so a
+        follow-up question that reuses the prefix gets the same bits; without a chunk size both go in this step."""
         e, s = self.engine, self.prefilling
         lm = e.model.language_model
         t0 = e._clock()
         total = s.embeds.shape[1]
-        a = s.prefilled
-        b = total if self.prefill_chunk is None else min(total, a + self.prefill_chunk)
-        p0 = s.start + a
-        rows = SlotRows([s.slot], [p0], torch.arange(p0, s.start + b, device=e.device)[None],
-                        torch.tensor([s.slot], device=e.device),
-                        torch.tensor(s.scale, dtype=torch.float32, device=e.device))
-        with torch.no_grad():
-            logits = lm.forward_slots(s.embeds[:, a:b], rows, self.cache)
-        s.prefilled = b
+        cut = s.n_pre - s.start  # the prefix's end in s.embeds: <= 0 when it is cached or there is none
+        while True:
+            a = s.prefilled
+            b = total if self.prefill_chunk is None else min(total, a + self.prefill_chunk)
+            b = cut if a < cut < b else b
+            p0 = s.start + a
+            rows = SlotRows([s.slot], [p0], torch.arange(p0, s.start + b, device=e.device)[None],
+                            torch.tensor([s.slot], device=e.device),
+                            torch.tensor(s.scale, dtype=torch.float32, device=e.device))
+            with torch.no_grad():
+                logits = lm.forward_slots(s.embeds[:, a:b], rows, self.cache)
+            s.prefilled = b
+            if b == total or self.prefill_chunk is not None:
+                break
         if b < total:
             s.timings["prefill"] += e._clock() - t0
             return

@@ -153,6 +153,42 @@ def test_prefix_cache_reuses_the_video_for_the_next_question(ckpts, video_path):
     assert again.token_ids == cold.generate(data, "And then?", max_new_tokens=10).token_ids
 
 
+@pytest.mark.parametrize("dtype,quantize", [(torch.float32, None), (torch.bfloat16, None),
+                                            (torch.bfloat16, "int8")])
+def test_a_prefix_hit_gives_a_fresh_prompts_bits(ckpts, video_path, monkeypatch, dtype, quantize):
+    """Asking about a clip again must not change the answer: a follow-up that reuses the cached video prefix gets,
+    at every step, the logits (bit for bit) of the same prompt on an engine without a prefix cache, in generate()
+    and in the scheduler. Each prefills the prefix, then the question (prompt.prefix_split); with one causal pass
+    over the whole prompt, bf16's logits were 0.037 apart from the continuation's."""
+    from pllava import generate as gen
+
+    seen = []
+    sample = gen.SequenceState.sample
+    monkeypatch.setattr(gen.SequenceState, "sample", lambda self, logits: (seen.append(logits.float().clone()),
+                                                                           sample(self, logits))[1])
+
+    def logits_of(run):
+        seen.clear()
+        out = run()
+        return out, list(seen)
+
+    eng = pllava.Engine.from_pretrained(ckpts["pllava"], dtype=dtype, quantize=quantize)
+    cold = pllava.Engine.from_pretrained(ckpts["pllava"], dtype=dtype, quantize=quantize)
+    cold.prefix_cache = False
+    q1, q2 = "What is happening?", [("user", "Who is there?"), ("assistant", "A man."), ("user", "What now?")]
+    eng.generate(video_path, q1, max_new_tokens=3)
+    hit, got = logits_of(lambda: eng.generate(video_path, q2, max_new_tokens=6))
+    _, want = logits_of(lambda: cold.generate(video_path, q2, max_new_tokens=6))
+    assert hit.timings.get("prefix_cache_hit") == 1 and len(got) == len(want) == 6
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert torch.equal(a, b), f"step {i}: {(a - b).abs().max():.3g} apart"
+    _, want1 = logits_of(lambda: cold.generate(video_path, q1, max_new_tokens=6))
+    reqs = [dict(video=video_path, prompt=q1, max_new_tokens=6), dict(video=video_path, prompt=q2, max_new_tokens=6)]
+    outs, batched = logits_of(lambda: eng.generate_many(reqs, max_batch_size=1))  # one slot: the second reuses it
+    assert outs[1].timings.get("prefix_cache_hit") == 1
+    assert all(torch.equal(a, b) for a, b in zip(batched, want1 + want)) and len(batched) == 12
+
+
 def test_static_buffer_decode_step_keeps_the_prefix(ckpts, video_path):
     """The DecodeStep protocol (static buffers; warm-up writes the cache's last slot) changes nothing: same
     tokens as plain decode steps, and a cached video prefix survives a re-setup of the step."""
