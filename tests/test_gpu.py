@@ -63,3 +63,25 @@ def test_batched_cuda_graphs_match_eager(ckpts, px):
     graphs = [o.token_ids for o in eng.generate_many(reqs, max_batch_size=5)]  # buckets 1, 2, 4, 8 replayed
     assert graphs == eager
     assert set(eng._sched.graphs.graphs) >= {4, 8}
+
+
+def test_prefix_hit_on_cuda_is_bit_equal_to_cold(ckpts, px, monkeypatch):
+    """bf16 on CUDA: a follow-up that reuses the cached video prefix gets a cold engine's logits bit for bit at
+    every step (both prefill the prefix, then the question: prompt.prefix_split)."""
+    from pllava import generate as gen
+
+    seen = []
+    sample = gen.SequenceState.sample
+    monkeypatch.setattr(gen.SequenceState, "sample", lambda self, logits: (seen.append(logits.float().cpu()),
+                                                                           sample(self, logits))[1])
+    eng = pllava.Engine.from_pretrained(ckpts["pllava"], device="cuda", dtype=torch.bfloat16)
+    cold = pllava.Engine.from_pretrained(ckpts["pllava"], device="cuda", dtype=torch.bfloat16)
+    cold.prefix_cache = False
+    eng.generate(px, "what is this?", max_new_tokens=3, video_key="clip")
+    seen.clear()
+    hit = eng.generate(px, "hello there", max_new_tokens=8, video_key="clip")
+    got = list(seen)
+    seen.clear()
+    cold.generate(px, "hello there", max_new_tokens=8, video_key="clip")
+    assert hit.timings.get("prefix_cache_hit") == 1 and len(got) == len(seen) == 8
+    assert all(torch.equal(a, b) for a, b in zip(got, seen))
