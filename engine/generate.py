@@ -288,10 +288,11 @@ class SequenceState:
 
 def generate_tokens(lm, embeds: torch.Tensor, params: SamplingParams, tokenizer, eos_ids: set[int],
                     prompt_ids: torch.Tensor | None, timings: dict, clock, cancel=None,
-                    start: int = 0, step: DecodeStep | None = None, split: int | None = None) -> Iterator[StepEvent]:
-    """Prefill (split as `prefill` says) then decode one token a step; yields each token with its text. Sets timings['prefill'] and
-    timings['decode'], and leaves the finish reason in timings['_finish'] ('stop', 'length' or 'cancelled' when
-    the `cancel` event - e.g. a disconnected client - is set)."""
+                    start: int = 0, step: DecodeStep | None = None,
+                    split: int | None = None) -> Iterator[StepEvent]:
+    """Prefill (split at `split` as `prefill` says) then decode one token a step; yields each token with its text.
+    Sets timings['prefill'] and timings['decode'], and leaves the finish reason in timings['_finish'] ('stop',
+    'length' or 'cancelled' when the `cancel` event - e.g. a disconnected client - is set)."""
     device = embeds.device
     step = step if step is not None else DecodeStep(lm, use_graph=False)
     seq = SequenceState(params, tokenizer, eos_ids, prompt_ids, device, cancel)

@@ -292,8 +292,8 @@ class PyAVBackend(DecoderBackend):
             c.close()
 
     def frames(self, src, what, info, wanted, size, stop):
-        c, st, errors = _open_decoder(self, src, what, threads="AUTO")
-        threaded = True  # frame threads, until a packet fails to decode
+        c, st, damage = _open_decoder(self, src, what, threads="AUTO")
+        threaded = True  # frame threads, until the first sign of damage
         try:
             i_want = 0
             pos_key = None  # keyframe pts the decoder last started from
@@ -302,10 +302,10 @@ class PyAVBackend(DecoderBackend):
             while i_want < len(wanted):
                 if stop.is_set():
                     return
-                if threaded and errors:  # damage under frame threads: see _open_decoder
-                    log.info("%s: %s; decoding on without frame threads", what, errors[0])
+                if threaded and damage:  # damage under frame threads: see _open_decoder
+                    log.info("%s: %s; decoding on without frame threads", what, damage[0])
                     c.close()
-                    c, st, errors = _open_decoder(self, src, what, threads="SLICE")
+                    c, st, damage = _open_decoder(self, src, what, threads="SLICE")
                     threaded, it = False, None
                 idx = wanted[i_want]
                 target = info.pts[idx]
@@ -315,12 +315,12 @@ class PyAVBackend(DecoderBackend):
                 ahead = last is not None and info.pts[last[0]] >= key and last[0] <= idx
                 if it is None or (key > pos_key and not ahead) or (last is not None and last[0] > idx):
                     c.seek(key, backward=True, any_frame=False, stream=st)
-                    it = _decode_iter(c, st, what, errors)
+                    it = _decode_iter(c, st, what, damage)
                     pos_key, last = key, None
                 got = None
                 for fr in it:
-                    if threaded and errors:
-                        break  # nothing decoded after the failure is used: this target is decoded again
+                    if threaded and damage:
+                        break  # nothing decoded after the damage is used: this target is decoded again
                     if fr.pts is None:
                         continue
                     if fr.pts > target:
@@ -335,7 +335,7 @@ class PyAVBackend(DecoderBackend):
                 else:
                     got = last
                     it = None
-                if threaded and errors:
+                if threaded and damage:
                     continue
                 if got is None:
                     raise VideoError(f"{what}: frame {idx} (pts {target}) could not be decoded")
@@ -561,12 +561,12 @@ def decode_all(source, limits: DecodeLimits = DEFAULT_LIMITS) -> list[np.ndarray
     src, what = _as_input(source, limits)
     be = PyAVBackend()
     for threads in ("AUTO", "SLICE"):  # damage under frame threads: once more without them (_open_decoder)
-        c, st, errors = _open_decoder(be, src, what, threads)
+        c, st, damage = _open_decoder(be, src, what, threads)
         try:
-            frames = [upright(f.to_ndarray(format="rgb24"), f) for f in _decode_iter(c, st, what, errors)]
+            frames = [upright(f.to_ndarray(format="rgb24"), f) for f in _decode_iter(c, st, what, damage)]
         finally:
             c.close()
-        if not errors:
+        if not damage:
             break
     return frames
 
