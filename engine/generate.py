@@ -76,12 +76,12 @@ def _has_surrogate(s: str) -> bool:
 
 
 @torch.no_grad()
-def prefill(lm, embeds: torch.Tensor, start: int = 0, split: int | None = None) -> torch.Tensor:
+def prefill(lm, embeds: torch.Tensor, start: int = 0, split: int = 0) -> torch.Tensor:
     """embeds (1, L, D) at positions start.. -> logits (1, 1, V) of the last position; fills the KV cache.
-    start > 0 continues after a cached prefix (the video part of an earlier request). `split` (a position inside
-    (start, start + L)): prefill [start, split) first, then continue from split (prompt.prefix_split: the same
-    bits whether the prefix was just computed or cached)."""
-    if split is not None and start < split < start + embeds.shape[1]:
+    start > 0 continues after a cached prefix (the video part of an earlier request). `split` (prompt.prefix_split),
+    when inside (start, start + L): prefill [start, split) first, then continue from split, so the bits are the
+    same whether the prefix was just computed or cached."""
+    if start < split < start + embeds.shape[1]:
         prefill(lm, embeds[:, :split - start], start)
         embeds, start = embeds[:, split - start:], split
     pos = torch.arange(start, start + embeds.shape[1], device=embeds.device)
@@ -289,7 +289,7 @@ class SequenceState:
 def generate_tokens(lm, embeds: torch.Tensor, params: SamplingParams, tokenizer, eos_ids: set[int],
                     prompt_ids: torch.Tensor | None, timings: dict, clock, cancel=None,
                     start: int = 0, step: DecodeStep | None = None,
-                    split: int | None = None) -> Iterator[StepEvent]:
+                    split: int = 0) -> Iterator[StepEvent]:
     """Prefill (split at `split` as `prefill` says) then decode one token a step; yields each token with its text.
     Sets timings['prefill'] and timings['decode'], and leaves the finish reason in timings['_finish'] ('stop',
     'length' or 'cancelled' when the `cancel` event - e.g. a disconnected client - is set)."""

@@ -178,8 +178,7 @@ def cpu_decode_attention(C, q, k, v, lo: int, hi: int):
     bsz, h, _, d = q.shape
     _check_cpu_attention(q, k, v, "cpu_decode_attention")
     if k.shape[0] != bsz:
-        raise ValueError(f"cpu_decode_attention: q must be fp32 (B, H, 1, {k.shape[3]}) for a cache of "
-                         f"{tuple(k.shape)}, got {q.dtype} {tuple(q.shape)}")
+        raise ValueError(f"cpu_decode_attention: q has {bsz} rows but the cache {tuple(k.shape)} has {k.shape[0]}")
     if hi > k.shape[2]:  # the kernel would read past the cache
         raise ValueError(f"cpu_decode_attention: positions [{lo}, {hi}) past the cache's {k.shape[2]}")
     o = torch.empty(bsz, h, 1, d, dtype=torch.float32)

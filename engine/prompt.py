@@ -333,15 +333,15 @@ def text_ids(ids: torch.Tensor, image_pos: int | None) -> torch.Tensor:
     return ids if image_pos is None else torch.cat([ids[:image_pos], ids[image_pos + 1:]])
 
 
-def prefix_split(ids: torch.Tensor, image_pos: int | None, num_visual: int) -> int | None:
-    """Where a prompt's prefill splits: after its video prefix (the head, then the visual tokens), when text follows
-    the <image>; else None (a text-only prompt, or one that ends with the clip). generate() and the scheduler
-    prefill [0, split) and [split, L) as two calls whether or not a cached prefix lets them skip the first, so a
-    follow-up question gets the same bits as a fresh one: a whole prompt attends in one causal pass (in bf16 under
-    bf16 weights), a continuation over the cache (in fp32 on the CPU), and under bf16 the two differed by up to
-    0.037 in the logits on the tests' checkpoint, enough to swap near-tied tokens."""
+def prefix_split(ids: torch.Tensor, image_pos: int | None, num_visual: int) -> int:
+    """Where a prompt's prefill splits: the length of its video prefix (the head, then the visual tokens) when text
+    follows the <image>, else 0 (a text-only prompt, or one that ends with the clip: nothing to split or reuse).
+    generate() and the scheduler prefill [0, split) and [split, L) as two calls whether or not a cached prefix lets
+    them skip the first, so a follow-up question gets the same bits as a fresh one: a whole prompt attends in one
+    causal pass (in bf16 under bf16 weights), a continuation over the cache (in fp32 on the CPU), and under bf16 the
+    two differed by up to 0.037 in the logits on the tests' checkpoint, enough to swap near-tied tokens."""
     if image_pos is None or image_pos + 1 >= ids.numel():
-        return None
+        return 0
     return image_pos + num_visual
 
 

@@ -444,7 +444,7 @@ class Engine:
             params = replace(params, max_new_tokens=ctx - n_prompt)
         lm = self.model.language_model
         # 0: no video (the LLM alone answers the text), or nothing after it: no prefix to split at or reuse
-        n_pre = prefix_split(ids, img_pos, self.config.num_visual_tokens) or 0
+        n_pre = prefix_split(ids, img_pos, self.config.num_visual_tokens)
         key = self._prefix_key(video, ids[:img_pos], video_key) if n_pre else None
         hit = key is not None and self._prefix == (key, n_pre)
         lm.setup_cache(1, n_prompt + params.max_new_tokens, self.kv_dtype, self.device, keep=n_pre if hit else 0)
@@ -472,7 +472,7 @@ class Engine:
                      "torch.compile'd step" if self.compile_decode else "eager steps")
         try:
             for ev in generate_tokens(lm, embeds, params, self.tokenizer, self.eos_ids, prompt_text_ids, timings,
-                                      self._clock, cancel, start, self._step, n_pre or None):
+                                      self._clock, cancel, start, self._step, n_pre):
                 if first and key is not None:
                     self._prefix = (key, n_pre)  # the prefill has written the prefix
                 if first:

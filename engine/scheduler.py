@@ -166,7 +166,7 @@ def prepare_sequence(engine, req: Request, index=None, on_event=None, on_done=No
     except ValueError as err:
         raise InputError(f"{where}: {err}") from err
     key = None
-    n_pre = prefix_split(ids, img_pos, e.config.num_visual_tokens) or 0  # 0: text only, or nothing after the clip
+    n_pre = prefix_split(ids, img_pos, e.config.num_visual_tokens)  # 0: text only, or nothing after the clip
     if n_pre:
         base = e._prefix_key(req.video, ids[:img_pos], req.video_key)
         key = None if base is None else (base, alpha)  # v_proj's LoRA shaped the cached values

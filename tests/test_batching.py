@@ -340,16 +340,3 @@ def test_bf16_on_the_cpu_batches_with_generates_cache(ckpts, pxs, video_path, mo
         assert [o.token_ids for o in got] == want, built
         assert Scheduler(eng, max_num_seqs=2).cache.k[0].dtype == eng.kv_dtype
 
-
-@pytest.mark.parametrize("quantize", [None, "int8"])
-def test_bf16_mixed_batch_equals_sequential(ckpts, pxs, video_path, quantize):
-    """The mixed batch (files among tensors, alphas 0-20, chat turns, staggered lengths) plus a seeded sampled
-    request, under bf16 weights on the CPU, without prefill chunks: every token as one-at-a-time generate()'s.
-    (A chunk attends over the cache in fp32 where a whole prompt attends in bf16, so chunked bf16 is not exact.)"""
-    eng = pllava.Engine.from_pretrained(ckpts["pllava"], dtype=torch.bfloat16, quantize=quantize)
-    reqs = mixed(pxs, video_path) + [dict(video=video_path, prompt="hello", max_new_tokens=14, temperature=0.8,
-                                          top_p=0.9, seed=7, lora_alpha=20)]
-    seq = one_at_a_time(eng, reqs)
-    got = eng.generate_many(reqs, max_batch_size=3)
-    assert_same(seq, got)
-    assert len({len(o.token_ids) for o in got}) > 2

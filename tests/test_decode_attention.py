@@ -87,6 +87,8 @@ def test_the_wrapper_matches_sdpa_and_refuses_bad_arguments():
         ops.cpu_decode_attention(C, q, k, v, 0, 51)
     with pytest.raises(ValueError, match="q must be fp32"):
         ops.cpu_decode_attention(C, q.double(), k, v, 0, 4)
+    with pytest.raises(ValueError, match=r"q has 2 rows but the cache .* has 1"):
+        ops.cpu_decode_attention(C, torch.cat([q, q]), k, v, 0, 4)
 
 
 @native
