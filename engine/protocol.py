@@ -85,10 +85,12 @@ def _number(body, name, lo, hi, default, integer=False):
     v = body.get(name)
     if v is None:
         return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not float(v).is_integer()):
-        raise bad(f"'{name}' must be {'an integer' if integer else 'a number'}, got {v!r}", name)
+    # an int is compared as it is: float() of one past 1e308 raises OverflowError (a 500 before this was checked)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (
+            integer and isinstance(v, float) and not v.is_integer()):
+        raise bad(f"'{name}' must be {'an integer' if integer else 'a number'}, got {v!r:.40}", name)
     if not (lo <= v <= hi):
-        raise bad(f"'{name}' must be in [{lo}, {hi}], got {v}", name)
+        raise bad(f"'{name}' must be in [{lo}, {hi}], got {v!r:.40}", name)
     return int(v) if integer else float(v)
 
 
@@ -118,6 +120,8 @@ def parse_json(raw: bytes):
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise bad(f"invalid JSON: {e}") from None
+    except ValueError as e:  # an integer literal past Python's 4300-digit limit for int(str)
+        raise bad(f"invalid JSON: {str(e)[:120]}") from None
     except RecursionError:
         raise bad("invalid JSON: nested too deeply") from None
 
@@ -210,4 +214,14 @@ def parse_chat(body: dict, cfg: ServerConfig) -> Job:
                max_tokens=max_tokens, temperature=_number(body, "temperature", 0.0, 2.0, 0.0),
                top_p=_number(body, "top_p", 1e-6, 1.0, 1.0), stop=stop, seed=seed,
                lora_alpha=_number(body, "lora_alpha", -1e4, 1e4, cfg.lora_alpha),
-               return_frames=bool(body.get("return_frames", False)))
+               return_frames=_flag(body, "return_frames"))
+
+
+def _flag(body: dict, name: str) -> bool:
+    """A true/false field: a string such as "false" is refused, never read as true."""
+    v = body.get(name, False)
+    if v is None:
+        return False
+    if not isinstance(v, bool):
+        raise bad(f"'{name}' must be true or false, got {v!r:.40}", name)
+    return v

@@ -163,6 +163,11 @@ def create_app(engine, cfg: ServerConfig, on_ready=None) -> FastAPI:
         metrics.request(request.url.path, e.status)
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, e: Exception):
+        """A bug in a route: logged with its traceback (to_api), answered as a 500 in the same error shape."""
+        return await _api_error(request, to_api(e))
+
     def auth(request: Request):
         if cfg.api_key and request.headers.get("authorization", "") != f"Bearer {cfg.api_key}":
             raise APIError(401, "missing or wrong API key (Authorization: Bearer ...)", "AuthenticationError", None,
@@ -403,13 +408,18 @@ def create_app(engine, cfg: ServerConfig, on_ready=None) -> FastAPI:
                       if form.get(k) is not None}
             body = {}
             for k, v in fields.items():
+                if not isinstance(v, str):  # a file part where a plain field belongs
+                    raise bad(f"multipart field '{k}' must be a plain form field, not a file", k)
                 try:
                     body[k] = v if k == "prompt" else (float(v) if k == "lora_alpha" else int(v))
                 except ValueError:
-                    raise bad(f"'{k}' must be a number, got {v!r}", k) from None
+                    raise bad(f"'{k}' must be {'a number' if k == 'lora_alpha' else 'an integer'}, got {v!r:.40}",
+                              k) from None
             url = None
         else:
             body = await body_json(request)
+            if not isinstance(body, dict):
+                raise bad("the request body must be a JSON object (or a multipart upload with field 'file')")
             url = body.get("url")
             if not isinstance(url, str) or not url:
                 raise bad("'url' is required (or upload the video as multipart field 'file')", "url")

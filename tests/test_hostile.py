@@ -192,7 +192,8 @@ def server_cases(url):
         ("data url text mime", msg([{"type": "video_url", "video_url": {"url": _data_url(b"hi", "text/plain")}}])),
         ("data url garbage video", msg([{"type": "video_url", "video_url": {"url": _data_url(bytes(range(256)) * 9)}}])),
     ]
-    for field, values in (("max_tokens", [0, -1, 2.5, "5", True, 10 ** 9]), ("temperature", [-1, 5, "x", [1]]),
+    for field, values in (("max_tokens", [0, -1, 2.5, "5", True, 10 ** 9, 10 ** 400]),
+                          ("temperature", [-1, 5, "x", [1], 10 ** 400]), ("return_frames", ["false", 1]),
                           ("top_p", [0, 2, "x"]), ("num_frames", [0, -3, 10 ** 6, 1.5, "4"]),
                           ("lora_alpha", ["4", True, 1e9, [4]]), ("seed", [1.5, -1, 2 ** 70, "1", True]),
                           ("stop", [5, [""], [1], ["a"] * 9, {"a": 1}]), ("stream", ["yes", 1]),
@@ -200,7 +201,32 @@ def server_cases(url):
                           ("n", [0, -1, 1.5, "2", True, 10 ** 6])):
         for v in values:
             cases.append((f"{field}={v!r:.20}", dict(good, **{field: v})))
+    # raw bodies (bytes, sent as they are): json.dumps cannot write these
+    cases.append(("an integer of 5000 digits", b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": '
+                  + b"9" * 5000 + b"}"))
     return cases
+
+
+def caption_cases(raw):
+    """/v1/captions: (name, httpx.post keyword arguments)."""
+    js = lambda b: dict(content=b if isinstance(b, bytes) else json.dumps(b),  # noqa: E731
+                        headers={"content-type": "application/json"})
+    up = {"file": ("c.mp4", raw, "video/mp4")}
+    return [
+        ("json body a list", js([1])), ("json body a string", js(b'"x"')), ("json body null", js(b"null")),
+        ("json no url", js({"max_tokens": 2})), ("json url a number", js({"url": 5})),
+        ("json prompt a number", js({"url": "data:video/mp4;base64,AAAA", "prompt": 5})),
+        ("json max_tokens 400 digits", js({"url": "data:video/mp4;base64,AAAA", "max_tokens": 10 ** 400})),
+        ("multipart no file", dict(data={"max_tokens": "2"}, files={"other": ("a", b"b")})),
+        ("multipart file a plain field", dict(data={"file": "abc"}, files={"other": ("a", b"b")})),
+        ("multipart max_tokens a file", dict(files={**up, "max_tokens": ("m", b"3")})),
+        ("multipart prompt a file", dict(files={**up, "prompt": ("p", b"hi")})),
+        ("multipart max_tokens 1e3", dict(files=up, data={"max_tokens": "1e3"})),
+        ("multipart max_tokens 5000 digits", dict(files=up, data={"max_tokens": "9" * 5000})),
+        ("multipart lora_alpha nan", dict(files=up, data={"lora_alpha": "nan"})),
+        ("multipart num_frames -1", dict(files=up, data={"num_frames": "-1"})),
+        ("multipart garbage video", dict(files={"file": ("c.mp4", bytes(range(256)) * 9, "video/mp4")})),
+    ]
 
 
 def test_server_battery(ckpts, tmp_path):
@@ -225,11 +251,22 @@ def test_server_battery(ckpts, tmp_path):
     bad_cases = []
     cfg = ServerConfig(model_name="tiny-pllava", max_num_seqs=2, max_new_tokens_limit=64, max_frames=32)
     with LiveServer(engine, cfg) as s:
-        post = lambda b: httpx.post(s.url + "/v1/chat/completions", content=json.dumps(b), timeout=CASE_TIMEOUT_S,  # noqa
-                                    headers={"content-type": "application/json"})
-        for name, b in server_cases(url):
+        def post(b, path="/v1/chat/completions"):
+            kw = b if path == "/v1/captions" else dict(content=b if isinstance(b, bytes) else json.dumps(b),
+                                                       headers={"content-type": "application/json"})
+            return httpx.post(s.url + path, timeout=CASE_TIMEOUT_S, **kw)
+
+        def caption_follow_up():
+            r = post(dict(files={"file": ("c.mp4", raw, "video/mp4")}, data={"max_tokens": "8"}), "/v1/captions")
+            return r.status_code, r.json().get("caption")
+
+        want_caption = caption_follow_up()
+        assert want_caption[0] == 200, want_caption
+        cases = [(n, b, "/v1/chat/completions") for n, b in server_cases(url)]
+        cases += [(n, kw, "/v1/captions") for n, kw in caption_cases(raw)]
+        for name, b, path in cases:
             counts["cases"] += 1
-            kind, r = run_with_timeout(lambda: post(b), CASE_TIMEOUT_S + 5)
+            kind, r = run_with_timeout(lambda: post(b, path), CASE_TIMEOUT_S + 5)
             if kind != "ok":
                 counts["hangs" if kind == "hang" else "500"] += 1
                 bad_cases.append((name, kind, r))
@@ -248,9 +285,38 @@ def test_server_battery(ckpts, tmp_path):
             if f.status_code != 200 or f.json()["choices"][0]["message"]["content"] != want:
                 counts["lost"] += 1
                 bad_cases.append((name, "lost", f.text[:200]))
+            if path == "/v1/captions" and caption_follow_up() != want_caption:
+                counts["lost"] += 1
+                bad_cases.append((name, "lost caption", caption_follow_up()))
     print(f"\nhostile-input battery (server): {counts['cases']} cases, {counts['4xx']} typed 4xx, {counts['hangs']} "
           f"hangs, {counts['silent']} silently accepted, {counts['500']} 500s, {counts['lost']} lost follow-ups")
     assert not bad_cases, bad_cases
+
+
+def test_a_bug_in_a_route_is_a_logged_500_in_the_error_shape(ckpts, monkeypatch, caplog):
+    """An exception no route maps (a bug) is answered in vLLM's error shape with its type named, and logged with
+    its traceback; the server keeps serving."""
+    pytest.importorskip("fastapi")
+    import httpx
+
+    import pllava.server
+    from pllava.server import ServerConfig
+    from server_util import LiveServer
+
+    def broken(body, cfg):
+        raise ZeroDivisionError("a planted bug")
+
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    with LiveServer(pllava.Engine.from_pretrained(ckpts["pllava"]), ServerConfig(model_name="t")) as s:
+        with monkeypatch.context() as m:
+            m.setattr(pllava.server, "parse_chat", broken)
+            with caplog.at_level("ERROR", logger="pllava.server"):
+                r = httpx.post(s.url + "/v1/chat/completions", json=body, timeout=30)
+        assert r.status_code == 500
+        e = r.json()["error"]
+        assert e["code"] == "internal" and "ZeroDivisionError: a planted bug" in e["message"], e
+        assert any(rec.exc_info and rec.exc_info[0] is ZeroDivisionError for rec in caplog.records)
+        assert httpx.post(s.url + "/v1/chat/completions", json=body, timeout=30).status_code == 200
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
