@@ -187,7 +187,7 @@ class CaptionSettings:
         return dict(video=video, prompt=self.prompt, max_new_tokens=self.max_new_tokens, lora_alpha=self.lora_alpha)
 
 
-def make_record(item: Item, out, settings: CaptionSettings, engine) -> dict:
+def make_record(item: Item, out, settings: CaptionSettings, engine, warned: set | None = None) -> dict:
     shaped = dict(model=settings.model, prompt=settings.prompt, num_frames=engine.config.num_frames,
                   lora_alpha=engine.lora_alpha if settings.lora_alpha is None else settings.lora_alpha,
                   max_new_tokens=settings.max_new_tokens)
@@ -198,8 +198,28 @@ def make_record(item: Item, out, settings: CaptionSettings, engine) -> dict:
                "num_new_tokens": len(out.token_ids), "finish_reason": out.finish_reason,
                "timings": {k: round(v, 4) for k, v in out.timings.items() if isinstance(v, (int, float))}}
     rec.update(shaped)
-    for k, v in item.extra.items():
-        rec.setdefault(k, v)
+    return carry(rec, item.extra, warned)
+
+
+# every key a record of this module may hold, in either form (text or error)
+RECORD_KEYS = frozenset({"video", "text", "error", "num_prompt_tokens", "num_new_tokens", "finish_reason", "timings",
+                         "model", "prompt", "num_frames", "lora_alpha", "max_new_tokens"})
+
+
+def carry(rec: dict, extra: dict, warned: set | None = None) -> dict:
+    """Copy a list's other fields into `rec`. One whose name a record uses is kept as `input_<name>`: a dataset's
+    own `text` column copied as `text` would sit beside a failed clip's `error` (and --resume would take it for
+    a caption, skipping the clip for good), or be lost under a new caption. Each renamed field is logged once
+    per `warned` set (a run's)."""
+    for k, v in extra.items():
+        name = k
+        while name in RECORD_KEYS or (name != k and name in extra):
+            name = "input_" + name
+        if name != k and (warned is None or k not in warned):
+            if warned is not None:
+                warned.add(k)
+            log.warning("the list's field %r is carried as %r: records have their own %r", k, name, k)
+        rec.setdefault(name, v)
     return rec
 
 
@@ -258,11 +278,12 @@ def caption_to_jsonl(engine, inputs, output: str, settings: CaptionSettings, *, 
 
         bar = tqdm(total=len(todo), unit="clip", desc="caption", dynamic_ncols=True)
     stats: dict = {}
+    warned: set = set()
     t0 = time.perf_counter()
     try:
         for i, out in engine.generate_iter((settings.request(it.video) for it in todo), batch_size,
                                            media_workers=decode_workers, stats=stats):
-            rec = make_record(todo[i], out, settings, engine)
+            rec = make_record(todo[i], out, settings, engine, warned)
             writer.write(rec)
             summary.count(rec)
             if bar is not None:

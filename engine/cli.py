@@ -98,14 +98,16 @@ def cmd_caption(a) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    warned: set = set()
     for i, it in enumerate(items):  # stdout keeps the input order
         out = results[i]
-        if out.finish_reason == "error":
-            failed += 1
-            print(json.dumps(make_record(it, out, settings, eng)) if a.json else f"{it.video}: ERROR {out.error}",
-                  file=sys.stdout if a.json else sys.stderr, flush=True)
+        failed += out.finish_reason == "error"
+        if a.json:  # the record --output would write, carried list fields included
+            print(json.dumps(make_record(it, out, settings, eng, warned), ensure_ascii=False), flush=True)
+        elif out.finish_reason == "error":
+            print(f"{it.video}: ERROR {out.error}", file=sys.stderr, flush=True)
         else:
-            _report(it.video, out, a.json)
+            _report(it.video, out, False)
     return 1 if failed else 0
 
 

@@ -14,7 +14,7 @@ import logging
 import os
 import time
 
-from .captioning import CaptionSettings, Item, JsonlWriter, Summary, make_record, plan_output
+from .captioning import CaptionSettings, Item, JsonlWriter, Summary, carry, make_record, plan_output
 from .errors import PllavaError
 
 log = logging.getLogger("pllava")
@@ -75,6 +75,7 @@ def caption_dataset(inputs, output: str, model: str, *, prompt: str | None = Non
         ray.init(address=ray_address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
                  logging_level=logging.WARNING)
     writer = JsonlWriter(output)
+    warned: set = set()
     t0 = time.perf_counter()
     try:
         res = ray.cluster_resources()
@@ -98,9 +99,7 @@ def caption_dataset(inputs, output: str, model: str, *, prompt: str | None = Non
                  num_replicas, gpus, cpus, per_task)
         try:
             for row in ds.iter_rows():
-                rec = json.loads(row["record"])
-                for k, v in todo[int(row["i"])].extra.items():
-                    rec.setdefault(k, v)
+                rec = carry(json.loads(row["record"]), todo[int(row["i"])].extra, warned)
                 writer.write(rec)
                 summary.count(rec)
         except KeyboardInterrupt:

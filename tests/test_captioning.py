@@ -109,6 +109,31 @@ def test_folder_to_jsonl_with_a_bad_clip_then_resume(engine, data, tmp_path):
     assert s3.captioned == 3 and len(records(out)) == 4
 
 
+def test_a_lists_own_text_and_error_fields_are_kept_apart(engine, data, tmp_path, caplog):
+    """Recaptioning a dataset whose list has its own `text` (and `error`) column: those are carried as
+    `input_text` / `input_error`, so a failed clip's record holds no caption, and --resume tries it again."""
+    d, clips, bad = data
+    lst = tmp_path / "list.jsonl"
+    lst.write_text("".join(json.dumps({"video": v, "text": f"old caption {i}", "error": "", "input_text": "x",
+                                       "id": i}) + "\n" for i, v in enumerate([clips[0], bad])))
+    out = str(tmp_path / "caps.jsonl")
+    st = CaptionSettings("Describe the video in details.", max_new_tokens=6, model="tiny")
+    with caplog.at_level("WARNING", logger="pllava"):
+        s = caption_to_jsonl(engine, [str(lst)], out, st, batch_size=2, progress=False)
+    assert (s.captioned, s.failed) == (1, 1)
+    ok, failed = records(out) if records(out)[0]["video"] == clips[0] else records(out)[::-1]
+    want = engine.generate(clips[0], "Describe the video in details.", max_new_tokens=6).text
+    # a field that does not collide keeps its name; the renamed one steps past it
+    assert (ok["text"], ok["input_input_text"], ok["input_text"], ok["input_error"], ok["id"]) == (
+        want, "old caption 0", "x", "", 0) and "error" not in ok
+    assert "text" not in failed and failed["error"].startswith("VideoError: ")
+    assert (failed["input_input_text"], failed["input_error"], failed["id"]) == ("old caption 1", "", 1)
+    assert read_done(out) == {clips[0]}  # the failed clip is not taken for done
+    again = caption_to_jsonl(engine, [str(lst)], out, st, resume=True, progress=False)
+    assert (again.skipped, again.failed) == (1, 1)
+    assert "carried as 'input_input_text'" in caplog.text and "carried as 'input_error'" in caplog.text
+
+
 def test_a_torn_tail_is_cut_on_resume(tmp_path):
     p = tmp_path / "o.jsonl"
     w = JsonlWriter(str(p))
@@ -204,7 +229,8 @@ def test_ray_path_gives_the_single_process_records(ckpts, data, tmp_path, engine
 
     d, clips, bad = data
     lst = tmp_path / "list.jsonl"
-    lst.write_text("".join(json.dumps({"video": v, "id": i}) + "\n" for i, v in enumerate(clips + [bad])))
+    lst.write_text("".join(json.dumps({"video": v, "id": i, "text": f"old {i}"}) + "\n"
+                           for i, v in enumerate(clips + [bad])))
     single, dist = str(tmp_path / "single.jsonl"), str(tmp_path / "ray.jsonl")
     st = CaptionSettings("Describe the video in details.", max_new_tokens=10, model=os.path.basename(ckpts["pllava"]))
     caption_to_jsonl(engine, [str(lst)], single, st, batch_size=2, progress=False)
@@ -217,7 +243,8 @@ def test_ray_path_gives_the_single_process_records(ckpts, data, tmp_path, engine
 
     a = sorted((key(r) for r in records(single)), key=lambda r: r["video"])
     b = sorted((key(r) for r in records(dist)), key=lambda r: r["video"])
-    assert a == b and all("id" in r for r in b)
+    assert a == b and all("id" in r and r["input_text"].startswith("old ") for r in b)
+    assert sum("text" in r for r in b) == 3  # the broken clip's record holds no caption
     again = caption_dataset([str(lst)], dist, ckpts["pllava"], max_new_tokens=10, resume=True, num_replicas=2)
     assert (again.skipped, again.captioned) == (3, 0)  # only the broken clip was tried again
     assert len(records(dist)) == 5

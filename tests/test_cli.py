@@ -25,6 +25,9 @@ def test_caption_json_over_several_files_with_one_bad(ckpts, video_path, tmp_pat
     assert [("error" in x) for x in rows] == [False, True, False]
     assert rows[0]["num_new_tokens"] == 6 and rows[0]["text"] == rows[2]["text"]
     assert "bad.mp4" in rows[1]["error"]
+    # the records --output writes: the settings that shaped each, for a failed clip too
+    for x in rows:
+        assert (x["max_new_tokens"], x["lora_alpha"], x["num_frames"]) == (6, 4.0, 4), x
 
 
 def test_caption_matches_engine_api(ckpts, video_path):
