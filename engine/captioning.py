@@ -31,6 +31,7 @@ URL_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 class Item:
     video: str  # path or URL, as the record names it
     extra: dict = field(default_factory=dict)  # fields a .jsonl / .csv list carried along
+    listed_in: str | None = None  # the list file that named it
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -48,7 +49,7 @@ def _from_list(path: str) -> list[Item]:
                 for line in f:
                     line = line.strip()
                     if line and not line.startswith("#"):
-                        out.append(Item(resolve(line)))
+                        out.append(Item(resolve(line), listed_in=path))
             elif ext == ".jsonl":
                 for n, line in enumerate(f, 1):
                     if not line.strip():
@@ -59,7 +60,7 @@ def _from_list(path: str) -> list[Item]:
                         raise InputError(f"{path}:{n}: not JSON ({e.msg})") from None
                     if not isinstance(rec, dict) or not isinstance(rec.get("video"), str) or not rec["video"]:
                         raise InputError(f"{path}:{n}: each line must be an object with a 'video' string")
-                    out.append(Item(resolve(rec["video"]), {k: v for k, v in rec.items() if k != "video"}))
+                    out.append(Item(resolve(rec["video"]), {k: v for k, v in rec.items() if k != "video"}, path))
             else:
                 rows = csv.DictReader(f)
                 if rows.fieldnames is None or "video" not in rows.fieldnames:
@@ -68,7 +69,7 @@ def _from_list(path: str) -> list[Item]:
                     v = (row.get("video") or "").strip()
                     if not v:
                         raise InputError(f"{path}:{n}: empty 'video' field")
-                    out.append(Item(resolve(v), {k: x for k, x in row.items() if k != "video" and k is not None}))
+                    out.append(Item(resolve(v), {k: x for k, x in row.items() if k != "video" and k is not None}, path))
     except UnicodeDecodeError:
         raise InputError(f"{path}: a list file must be UTF-8 text") from None
     except OSError as e:
@@ -253,6 +254,11 @@ def plan_output(inputs, output: str, resume: bool, overwrite: bool) -> tuple[lis
     """-> (items still to caption, how many the output already has). Refuses to append to a non-empty output
     unless resuming (no duplicate records) or told to overwrite it."""
     items = inputs if isinstance(inputs, list) and all(isinstance(x, Item) for x in inputs) else expand_inputs(inputs)
+    if os.path.exists(output):  # --overwrite would empty it; --resume would append records to a list or a clip
+        for it in items:
+            for src in (it.video, it.listed_in):
+                if src and not URL_RE.match(src) and os.path.exists(src) and os.path.samefile(src, output):
+                    raise InputError(f"{output}: the output is one of the inputs ({src}); name another output file")
     exists = os.path.exists(output) and os.path.getsize(output) > 0
     if exists and not (resume or overwrite):
         raise InputError(f"{output} already holds records: pass --resume to skip the clips it has, or "

@@ -134,6 +134,21 @@ def test_a_lists_own_text_and_error_fields_are_kept_apart(engine, data, tmp_path
     assert "carried as 'input_input_text'" in caplog.text and "carried as 'input_error'" in caplog.text
 
 
+def test_the_output_may_not_be_an_input(engine, data, tmp_path):
+    """`caption list.jsonl -o list.jsonl --overwrite` would empty the list (and --resume append to it)."""
+    d, clips, _ = data
+    lst = tmp_path / "list.jsonl"
+    lst.write_text(json.dumps({"video": clips[0]}) + "\n")
+    st = CaptionSettings("Describe.", max_new_tokens=2)
+    for kw in (dict(overwrite=True), dict(resume=True)):
+        with pytest.raises(InputError, match="the output is one of the inputs"):
+            caption_to_jsonl(engine, [str(lst)], str(lst), st, progress=False, **kw)
+        assert lst.read_text() == json.dumps({"video": clips[0]}) + "\n"
+    with pytest.raises(InputError, match="the output is one of the inputs"):
+        caption_to_jsonl(engine, [clips[0]], clips[0], st, overwrite=True, progress=False)
+    assert os.path.getsize(clips[0]) > 0
+
+
 def test_a_torn_tail_is_cut_on_resume(tmp_path):
     p = tmp_path / "o.jsonl"
     w = JsonlWriter(str(p))
