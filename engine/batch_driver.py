@@ -3,10 +3,13 @@ keeping its video prefixes) and the loop of Engine.generate_iter over any iterab
 from __future__ import annotations
 
 import collections
+import logging
 
 from .errors import PllavaError, error_line
 from .generate import GenerationOutput
 from .scheduler import Request, Scheduler, prepare_sequence, slot_len_for
+
+log = logging.getLogger("pllava")
 
 
 def engine_scheduler(engine, want: int, slot_len: int, prefill_chunk=None, kv_cache_bytes=None,
@@ -57,16 +60,19 @@ def iter_outputs(engine, requests, max_batch_size: int = 16, *, max_seq_len=None
             return None
 
     prepared = [s for s in (prepare(i, r) for i, r in first) if s is not None]
-    slot_len = max_seq_len or (slot_len_for(engine, prepared) if prepared
-                               else engine.config.text.max_position_embeddings)
+    ctx = engine.config.text.max_position_embeddings
+    slot_len = max_seq_len or (slot_len_for(engine, prepared) if prepared else ctx)
     sched = engine_scheduler(engine, max_batch_size, slot_len, prefill_chunk, kv_cache_bytes, media_workers)
     sched.limit = max_batch_size
     pending = 0
     queued = iter(prepared)
+    held = None  # a later request longer than the slots sized from the first ones: it waits for the batch to drain
+    totals = dict.fromkeys(_COUNTERS, 0)  # this call's counters (a kept scheduler's own run on across calls)
+    start = _counters(sched)
 
     def feed():
-        nonlocal pending
-        while len(sched.waiting) < lookahead:
+        nonlocal pending, held
+        while held is None and len(sched.waiting) < lookahead:
             seq = next(queued, None)
             if seq is None:
                 nxt = next(it, None)
@@ -75,6 +81,9 @@ def iter_outputs(engine, requests, max_batch_size: int = 16, *, max_seq_len=None
                 seq = prepare(*nxt)
                 if seq is None:
                     continue
+            if max_seq_len is None and sched.plan.slot_len < min(ctx, seq.n_prompt + seq.params.max_new_tokens):
+                held = seq  # no more requests join until it runs: the drain it waits for is bounded
+                return
             try:
                 sched.add(sched.fit(seq))
             except PllavaError as err:
@@ -82,12 +91,34 @@ def iter_outputs(engine, requests, max_batch_size: int = 16, *, max_seq_len=None
                 continue
             pending += 1
 
+    def grow():
+        """The batch has drained: a scheduler with slots long enough for `held` (engine_scheduler keeps the video
+        prefixes), and `held` queued on it."""
+        nonlocal sched, start, held, pending
+        for k, v in _counters(sched).items():
+            totals[k] += v - start[k]
+        old_len, need = sched.plan.slot_len, held.n_prompt + held.params.max_new_tokens
+        sched = engine_scheduler(engine, max_batch_size, slot_len_for(engine, [held]), prefill_chunk,
+                                 kv_cache_bytes, media_workers)
+        sched.limit = max_batch_size
+        start = _counters(sched)
+        log.info("generate_iter: requests[%d] needs %d positions; KV slots grown from %d to %d (%d slots)",
+                 held.index, need, old_len, sched.plan.slot_len, sched.plan.num_slots)
+        seq, held = held, None
+        try:
+            sched.add(sched.fit(seq))
+            pending += 1
+        except PllavaError as err:
+            ready.append((seq.index, _error_output(err)))
+
     try:
         feed()
-        while pending or ready:
+        while pending or ready or held is not None:
             while ready:
                 yield ready.popleft()
             if not pending:
+                if held is not None:
+                    grow()
                 feed()
                 continue
             sched.step()
@@ -101,5 +132,13 @@ def iter_outputs(engine, requests, max_batch_size: int = 16, *, max_seq_len=None
         raise
     finally:
         if stats is not None:
-            stats.update(model_wait_s=sched.model_wait_s, decode_steps=sched.decode_steps,
-                         decode_rows=sched.decode_rows, tokens=sched.tokens_out, slots=sched.plan.num_slots)
+            stats.update({k: totals[k] + v - start[k] for k, v in _counters(sched).items()},
+                         slots=sched.plan.num_slots, slot_len=sched.plan.slot_len)
+
+
+_COUNTERS = ("model_wait_s", "decode_steps", "decode_rows", "tokens")
+
+
+def _counters(sched) -> dict:
+    return dict(model_wait_s=sched.model_wait_s, decode_steps=sched.decode_steps, decode_rows=sched.decode_rows,
+                tokens=sched.tokens_out)

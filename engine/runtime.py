@@ -575,8 +575,10 @@ class Engine:
         each request finishes, pulling new requests in as slots free up (a bounded look-ahead, so clips are
         decoded ahead by `media_workers` threads but never all at once). A request that fails (validation or
         its clip) yields an output with finish_reason 'error'. `max_seq_len`: positions of a KV slot (default:
-        sized from the first requests). `stats` (a dict) receives the scheduler's counters at the end, among them
-        `model_wait_s`, the time the model waited for a clip to be decoded."""
+        sized from the requests in the look-ahead; a later request that needs more waits for the batch to drain,
+        then runs on longer slots, prefixes kept). `stats` (a dict) receives this call's counters at the end,
+        among them `model_wait_s`, the time the model waited for a clip to be decoded, and the slots' number and
+        length."""
         from .batch_driver import iter_outputs
 
         _check_batch_size(max_batch_size)

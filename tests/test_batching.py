@@ -340,3 +340,28 @@ def test_bf16_on_the_cpu_batches_with_generates_cache(ckpts, pxs, video_path, mo
         assert [o.token_ids for o in got] == want, built
         assert Scheduler(eng, max_num_seqs=2).cache.k[0].dtype == eng.kv_dtype
 
+
+
+def test_generate_iter_grows_its_slots_for_a_later_longer_request(ckpts, pxs, caplog):
+    """generate_iter sizes its KV slots from the requests in its look-ahead; a later one needing more positions
+    waits for the batch to drain, runs on longer slots and gets generate()'s answer, as do those after it (it
+    failed with a MemoryBudgetError naming max_seq_len, which the caller never set)."""
+    engine = pllava.Engine.from_pretrained(ckpts["pllava"])  # no kept scheduler with long slots from another test
+    reqs = [dict(video=pxs[i % 4], prompt="hi", max_new_tokens=3 + i % 4) for i in range(12)]
+    reqs.insert(10, dict(video=pxs[1], prompt="Describe the video in details.", max_new_tokens=300))
+    stats = {}
+    with caplog.at_level("INFO", logger="pllava"):
+        got = dict(engine.generate_iter(reqs, 2, stats=stats))
+    assert_same(one_at_a_time(engine, reqs), [got[i] for i in range(len(reqs))])
+    assert "requests[10] needs" in caplog.text and "KV slots grown from 256" in caplog.text
+    assert stats["slot_len"] >= got[10].num_prompt_tokens + 300
+
+
+def test_generate_iter_stats_are_the_calls_own(engine, pxs):
+    """The engine keeps its scheduler between calls; each call's stats count that call's work only."""
+    reqs = [dict(video=pxs[i], prompt="hi", max_new_tokens=4 + i) for i in range(3)]
+    for _ in range(2):
+        stats = {}
+        outs = dict(engine.generate_iter(reqs, 2, stats=stats))
+        assert stats["tokens"] == sum(len(o.token_ids) for o in outs.values()) > 0
+        assert stats["decode_rows"] <= stats["tokens"] and stats["decode_steps"] <= stats["decode_rows"]
