@@ -257,6 +257,8 @@ class PyAVBackend(DecoderBackend):
         try:
             st = c.streams.video[0]
             cc = st.codec_context
+            if cc is None:  # a stream header FFmpeg could not set a decoder up from (a fuzzed clip did this)
+                raise VideoError(f"{what}: the video stream's codec could not be read (corrupt header)")
             w, h = int(cc.width or 0), int(cc.height or 0)
             if w * h > limits.max_pixels:
                 raise VideoError(f"{what}: {w}x{h} frames exceed max_pixels={limits.max_pixels}")
@@ -487,18 +489,24 @@ def _check_args(num_frames, sampler, fps, limits):
 
 
 def _iter_frames(source, num_frames, sampler, fps, start, end, short_side, limits, backend, stop):
+    import av
+
     src, what = _as_input(source, limits)
     be = BACKENDS[backend]
-    info = be.probe(src, what, limits)
-    idx = select_indices(info, num_frames, sampler, fps, start, end)
-    size = _scaled_size(info.width, info.height, short_side)
-    distinct = sorted(set(idx))
-    pos = {i: [] for i in distinct}
-    for k, i in enumerate(idx):
-        pos[i].append(k)
-    for i, arr in be.frames(src, what, info, distinct, size, stop):
-        for _ in pos[i]:
-            yield i, info.seconds(i), arr
+    try:
+        info = be.probe(src, what, limits)
+        idx = select_indices(info, num_frames, sampler, fps, start, end)
+        size = _scaled_size(info.width, info.height, short_side)
+        distinct = sorted(set(idx))
+        pos = {i: [] for i in distinct}
+        for k, i in enumerate(idx):
+            pos[i].append(k)
+        for i, arr in be.frames(src, what, info, distinct, size, stop):
+            for _ in pos[i]:
+                yield i, info.seconds(i), arr
+    except av.FFmpegError as e:  # one the backend did not map (a damaged clip's seek gave EPERM): typed, named
+        raise VideoError(f"{what}: not decodable (corrupt or truncated): {type(e).__name__}: "
+                         f"{getattr(e, 'strerror', None) or e}") from e
 
 
 def stream_frames(source, num_frames: int = 16, *, sampler: str = "uniform", fps=None, start=None, end=None,

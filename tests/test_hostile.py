@@ -157,6 +157,53 @@ def test_engine_generate_many(engine, reference, name, kw):
         assert outs[1].finish_reason == "error" and outs[1].error.split(":")[0].endswith("Error")
 
 
+def _mutate(rng, data: bytes, donors: list) -> bytes:
+    """One damaged copy of a clip: bytes overwritten, then a cut, a zeroed run, a splice or a repeated run."""
+    d = bytearray(data)
+    for _ in range(rng.randint(1, 20)):
+        d[rng.randrange(len(d))] = rng.randrange(256)
+    kind, p = rng.choice(["flip", "cut", "zero", "splice", "repeat"]), rng.randrange(len(d))
+    if kind == "cut":
+        d = d[:p]
+    elif kind == "zero":
+        d[p:p + 400] = bytes(len(d[p:p + 400]))
+    elif kind == "splice":
+        o = rng.choice(donors)
+        q = rng.randrange(len(o))
+        d = d[:p] + o[q:q + rng.randint(10, 2000)] + d[p:]
+    elif kind == "repeat":
+        d = d[:p] + d[p:p + 500] * rng.randint(2, 8) + d[p:]
+    return bytes(d)
+
+
+def test_damaged_clips_give_frames_or_a_video_error(tmp_path):
+    """200 seeded damaged copies of 5 small clips (MP4, MKV, MPEG-TS, WebM, AVI): each read ends within the
+    timeout in frames or a typed error. A scratch fuzzer of this kind found an untyped AttributeError (a stream
+    with no codec context) and an untyped av.error.PermissionError (a seek)."""
+    import random
+
+    from pllava.testing import make_video
+    from pllava.video import read_frames
+
+    seeds = [open(make_video(str(tmp_path / f"s{i}{ext}"), num_frames=20, size=(64, 48), codec=codec), "rb").read()
+             for i, (ext, codec) in enumerate([(".mp4", "mpeg4"), (".mkv", "libx264"), (".ts", "libx264"),
+                                               (".webm", "libvpx-vp9"), (".avi", "mpeg4")])]
+    rng = random.Random(7)
+    bad, counts = [], {"frames": 0, "typed": 0}
+    for t in range(200):
+        data = _mutate(rng, seeds[t % len(seeds)], seeds)
+        kind, val = run_with_timeout(lambda: read_frames(data, 8))
+        if kind == "ok" and val.shape[0] == 8 and val.dtype == torch.uint8:
+            counts["frames"] += 1
+        elif kind == "error" and isinstance(val, PllavaError):
+            counts["typed"] += 1
+        else:
+            bad.append((t, kind, type(val).__name__, str(val)[:120]))
+    print(f"\ndamaged clips: 200 reads, {counts['frames']} gave frames, {counts['typed']} typed errors, "
+          f"{len(bad)} other")
+    assert not bad, bad
+
+
 # ------------------------------------------------------------------------------------------ the server
 def _data_url(raw, mime="video/mp4"):
     return f"data:{mime};base64," + base64.b64encode(raw).decode()

@@ -258,6 +258,47 @@ def test_unsupported_codec(clips, monkeypatch):
         read_frames(clips["h264_bframes.mp4"])
 
 
+def test_a_stream_without_a_codec_context_is_a_video_error(clips, monkeypatch):
+    """A fuzzed MP4 header gave a video stream with no codec context (AttributeError before)."""
+    from types import SimpleNamespace
+
+    import pllava.video as V
+
+    fake = SimpleNamespace(streams=SimpleNamespace(video=[SimpleNamespace(codec_context=None)]), close=lambda: None)
+    monkeypatch.setattr(V.PyAVBackend, "_open", lambda self, src, what: fake)
+    with pytest.raises(VideoError, match=r"h264_nob\.mp4: the video stream's codec could not be read"):
+        read_frames(clips["h264_nob.mp4"])
+
+
+def test_an_ffmpeg_error_of_a_seek_is_a_video_error(clips, monkeypatch):
+    """A fuzzed AVI made FFmpeg's seek fail with EPERM (av.error.PermissionError escaped untyped before)."""
+    import av
+
+    import pllava.video as V
+
+    real = V._open_decoder
+
+    class Container:  # the real container, but its seek fails as the fuzzed clip's did
+        def __init__(self, c):
+            self.c = c
+
+        def __getattr__(self, name):
+            return getattr(self.c, name)
+
+        def seek(self, *a, **kw):
+            raise av.error.PermissionError(1, "Operation not permitted")
+
+    def opened(*a, **kw):
+        c, st, damage = real(*a, **kw)
+        return Container(c), st, damage
+
+    monkeypatch.setattr(V, "_open_decoder", opened)
+    path = clips["h264_nob.mp4"]
+    with pytest.raises(VideoError, match="not decodable .*PermissionError: Operation not permitted") as e:
+        read_frames(path, 4)
+    assert path in str(e.value)
+
+
 def test_limits_refuse_before_decoding(clips):
     with pytest.raises(VideoError, match="max_pixels=1000"):
         read_frames(clips["h264_bframes.mp4"], limits=DecodeLimits(max_pixels=1000))
