@@ -174,6 +174,14 @@ def prepare_sequence(engine, req: Request, index=None, on_event=None, on_done=No
                     on_event, on_done)
 
 
+class _MediaFailure(Exception):
+    """Carries an untyped error of one request's media worker out of Scheduler._pixels (see there)."""
+
+    def __init__(self, err: Exception):
+        super().__init__(str(err))
+        self.err = err
+
+
 def slot_len_for(engine, seqs: list[Sequence]) -> int:
     """Positions a slot needs for these requests: the longest prompt + max_new_tokens, rounded up to 256 (not the
     whole context: less memory, more slots)."""
@@ -391,16 +399,14 @@ class Scheduler:
                     self.prefix[slot] = None  # overwritten from position 0
                     if s.future is None:
                         s.future = self.pool.submit(e.pixels, s.req.video, s.pixel_timings)
-                    tw = time.perf_counter()
-                    px = s.future.result()  # the model waits here only when decoding is slower than it
-                    self.model_wait_s += time.perf_counter() - tw
+                    px = self._pixels(s)
                     s.timings.update(s.pixel_timings)
                     vis = e.encode(px, s.timings, overlap=False)
                     s.start = 0
                     s.embeds = splice(lm.embed(s.ids.to(e.device)), s.img_pos, vis).unsqueeze(0)
-            except (PllavaError, OSError) as err:  # this request's media failed: it alone ends, typed
+            except (PllavaError, OSError, _MediaFailure) as err:  # this request's media failed: it alone ends
                 s.future = None
-                self._fail(s, err)
+                self._fail(s, err.err if isinstance(err, _MediaFailure) else err)
                 continue
             except BaseException as err:  # a bug (or Ctrl-C) mid-admission: this request ends too, then re-raise
                 self._fail(s, err)
@@ -411,6 +417,24 @@ class Scheduler:
             s.prefilled = 0
             s.timings["prefill"] = 0.0
             self.prefilling = s
+
+    def _pixels(self, s: Sequence):
+        """The request's pixels from its media worker (the model waits here only when decoding is slower than it).
+        Whatever that raised is the request's own: a worker touches nothing another request uses, so an untyped
+        error (a bug in decoding or preprocessing this clip) ends this request alone, logged with its traceback,
+        as a typed one does, rather than the whole batch."""
+        tw = time.perf_counter()
+        try:
+            return s.future.result()
+        except (PllavaError, OSError):
+            raise
+        except Exception as err:  # noqa: BLE001 - re-raised as this request's own failure, logged
+            where = f"requests[{s.index}]" if s.index is not None else "a request"
+            log.error("%s: its clip failed with an untyped %s (a bug): %s", where, type(err).__name__, err,
+                      exc_info=err)
+            raise _MediaFailure(err) from err
+        finally:
+            self.model_wait_s += time.perf_counter() - tw
 
     def _take(self, s: Sequence, slot: int):
         self.tick += 1

@@ -365,3 +365,25 @@ def test_generate_iter_stats_are_the_calls_own(engine, pxs):
         outs = dict(engine.generate_iter(reqs, 2, stats=stats))
         assert stats["tokens"] == sum(len(o.token_ids) for o in outs.values()) > 0
         assert stats["decode_rows"] <= stats["tokens"] and stats["decode_steps"] <= stats["decode_rows"]
+
+
+def test_an_untyped_error_of_one_clip_fails_that_request_alone(ckpts, pxs, video_path, monkeypatch, caplog):
+    """A bug in decoding or preprocessing one request's clip (it runs in a media worker, touching nothing
+    shared) ends that request, logged with its traceback; the batch goes on (it failed every request before)."""
+    engine = pllava.Engine.from_pretrained(ckpts["pllava"])
+    real = engine.pixels
+
+    def pixels(video, timings=None):
+        if isinstance(video, str) and video.endswith("poison.mp4"):
+            raise ZeroDivisionError("a planted bug")
+        return real(video, timings)
+
+    monkeypatch.setattr(engine, "pixels", pixels)
+    reqs = [dict(video=pxs[0], prompt="hi", max_new_tokens=9), dict(video="/x/poison.mp4", prompt="hi"),
+            dict(video=video_path, prompt="What is it?", max_new_tokens=7), dict(video=pxs[2], prompt="a")]
+    with caplog.at_level("ERROR", logger="pllava"):
+        outs = engine.generate_many(reqs, 2, return_errors=True)
+    assert outs[1].finish_reason == "error" and outs[1].error == "ZeroDivisionError: a planted bug"
+    assert "requests[1]: its clip failed with an untyped ZeroDivisionError" in caplog.text
+    good = [r for i, r in enumerate(reqs) if i != 1]
+    assert_same(one_at_a_time(engine, good), [o for i, o in enumerate(outs) if i != 1])
