@@ -128,7 +128,9 @@ def cmd_live(a) -> int:
     eng = _load(a)
     eng.limits = DecodeLimits(timeout_s=a.timeout)
     src = sys.stdin.buffer if a.source == "-" else a.source
-    for t, out in eng.live(src, a.prompt or "Describe the video in details.", window_s=a.window, every_s=a.every,
+    from .prompt import default_question
+
+    for t, out in eng.live(src, a.prompt or default_question(eng.conv_mode), window_s=a.window, every_s=a.every,
                            growing=a.growing, max_new_tokens=a.max_new_tokens):
         if a.json:
             print(json.dumps({"t": round(t, 3), "text": out.text, "timings": out.timings}), flush=True)

@@ -25,6 +25,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Str
 from starlette.formparsers import MultiPartException
 
 from .media import load_media_timed, thumbnails
+from .prompt import default_question
 from .protocol import (APIError, Job, ServerConfig, bad, check_model, finish_reason, model_not_found, parse_chat,
                        parse_json, parse_stream_flags, to_api)
 from .scheduler import Request as GenRequest
@@ -424,7 +425,7 @@ def create_app(engine, cfg: ServerConfig, on_ready=None) -> FastAPI:
             if not isinstance(url, str) or not url:
                 raise bad("'url' is required (or upload the video as multipart field 'file')", "url")
             data = None
-        prompt = body.get("prompt") or "Describe the video in details."
+        prompt = body.get("prompt") or default_question(engine.conv_mode)  # a recipe's own query (recaption)
         chat_body = {"messages": [{"role": "user", "content": [{"type": "text", "text": prompt},
                                                                {"type": "video_url", "video_url": {"url": url or "-"}}]}],
                      **{k: body[k] for k in ("max_tokens", "num_frames", "lora_alpha") if k in body}}

@@ -154,6 +154,22 @@ def test_captions_upload_and_url(server, media):
     assert r2.status_code == 200 and r2.json()["caption"] == r.json()["caption"]
 
 
+def test_captions_without_a_prompt_ask_the_recipes_own_query(tmp_path, media):
+    """A server whose --conv-mode is a recipe with its own query (recaption) captions with that query, as
+    engine.caption() does (it sent "Describe the video in details." instead)."""
+    from pllava.testing import make_tiny_checkpoint
+
+    _, clip, raw = media  # the recaption query is ~900 tokens here: a checkpoint with a 2048-token context
+    ck = make_tiny_checkpoint(str(tmp_path / "m"), "pllava", shards=1, seed=1, text={"max_position_embeddings": 2048})
+    eng = pllava.Engine.from_pretrained(ck, conv_mode="recaption")
+    want = eng.caption(clip, max_new_tokens=12)
+    assert want != eng.generate(clip, "Describe the video in details.", max_new_tokens=12).text  # or it proves nothing
+    with LiveServer(eng, ServerConfig(model_name="t")) as s:
+        r = httpx.post(s.url + "/v1/captions", files={"file": ("clip.mp4", raw, "video/mp4")},
+                       data={"max_tokens": "12"}, timeout=60)
+    assert r.status_code == 200 and r.json()["caption"] == want, r.text
+
+
 def test_image_url_and_multi_turn(server, media, engine):
     from PIL import Image
     import io
