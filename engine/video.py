@@ -296,6 +296,7 @@ class PyAVBackend(DecoderBackend):
     def frames(self, src, what, info, wanted, size, stop):
         c, st, damage = _open_decoder(self, src, what, threads="AUTO")
         threaded = True  # frame threads, until the first sign of damage
+        one_size = _OneSize(what)
         try:
             i_want = 0
             pos_key = None  # keyframe pts the decoder last started from
@@ -341,7 +342,7 @@ class PyAVBackend(DecoderBackend):
                     continue
                 if got is None:
                     raise VideoError(f"{what}: frame {idx} (pts {target}) could not be decoded")
-                arr = _to_rgb(got[1], size)
+                arr = one_size.rgb(got[1], size)
                 while i_want < len(wanted) and wanted[i_want] <= idx:
                     yield wanted[i_want], arr
                     i_want += 1
@@ -413,6 +414,28 @@ def _decode_iter(c, st, what, damage: list | None = None):
                 damage.append(str(e))
             if bad == 1:
                 log.warning("%s: skipping undecodable packet(s): %s", what, e)
+
+
+class _OneSize:
+    """Every frame of one read at one size: a stream whose resolution changes part-way (spliced recordings, or
+    damage: a fuzzed MPEG-2 clip did this) gave frames that do not stack (an untyped ValueError). The first
+    frame's output size holds; a later frame of another size is scaled to it by FFmpeg's scaler, logged once."""
+
+    def __init__(self, what: str):
+        self.what, self.first = what, None
+
+    def rgb(self, frame, size) -> np.ndarray:
+        """`size`: what the caller scales this frame to (None: as stored)."""
+        natural = size or (frame.width, frame.height)
+        if self.first is None:
+            self.first = natural
+        elif natural != self.first:
+            if self.what is not None:
+                log.warning("%s: frames change size part-way (%dx%d after %dx%d); scaled to the first frames' size",
+                            self.what, natural[0], natural[1], *self.first)
+                self.what = None
+            size = self.first
+        return _to_rgb(frame, size)
 
 
 def _to_rgb(frame, size) -> np.ndarray:
@@ -662,6 +685,7 @@ def live_windows(source, num_frames: int = 16, *, window_s: float = 8.0, every_s
             st = c.streams.video[0]
             tb = float(st.time_base) if st.time_base else 1.0
             buf: list[tuple[float, np.ndarray]] = []
+            one_size = _OneSize(what)  # a window's frames stack
             t0 = None
             next_emit = None
             got_any = False
@@ -673,8 +697,7 @@ def live_windows(source, num_frames: int = 16, *, window_s: float = 8.0, every_s
                 t = fr.pts * tb
                 t0 = t if t0 is None else t0
                 t -= t0
-                size = _scaled_size(fr.width, fr.height, short_side)
-                buf.append((t, _to_rgb(fr, size)))
+                buf.append((t, one_size.rgb(fr, _scaled_size(fr.width, fr.height, short_side))))
                 while buf and buf[0][0] < t - window_s:
                     buf.pop(0)
                 next_emit = window_s if next_emit is None else next_emit

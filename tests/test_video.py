@@ -236,6 +236,29 @@ def test_a_damaged_clip_gives_the_same_frames_every_time(tmp_path, monkeypatch, 
     assert len(decode_all(bad)) == len(there) and opened == ["AUTO", "SLICE"]
 
 
+def test_a_stream_that_changes_size_part_way_gives_frames_of_one_size(tmp_path, caplog):
+    """Two MPEG-TS recordings of different sizes back to back (TS concatenates; the second part's SPS changes the
+    size): the frames did not stack (an untyped ValueError from read_frames and from a live window). Every frame
+    now comes out at the first frame's size, those of that size exactly as decoded, and the change is logged."""
+    a = open(make_video(str(tmp_path / "a.ts"), num_frames=12, size=(64, 48), codec="libx264"), "rb").read()
+    b = open(make_video(str(tmp_path / "b.ts"), num_frames=12, size=(96, 64), codec="libx264"), "rb").read()
+    path = str(tmp_path / "ab.ts")
+    with open(path, "wb") as f:
+        f.write(a + b)
+    plain = plain_decode(path)
+    assert {x.shape for x in plain} == {(48, 64, 3), (64, 96, 3)}  # the clip does change size
+    with caplog.at_level("WARNING", logger="pllava"):
+        got = read_frames(path, 16)
+    assert got.shape == (16, 48, 64, 3)
+    first = [x for x in plain if x.shape == (48, 64, 3)]
+    same = [g for g in got.numpy() if any(np.array_equal(g, x) for x in first)]
+    assert 0 < len(same) < 16  # frames of both parts were sampled; those of the first size are exact
+    assert "frames change size part-way (96x64 after 64x48)" in caplog.text
+    with open(path, "rb") as f:
+        wins = list(live_windows(f, 4, window_s=0.5, every_s=0.5, limits=DecodeLimits(timeout_s=0.5)))
+    assert wins and all(w.frames.shape[1:] == (48, 64, 3) for w in wins)
+
+
 def test_audio_only(tmp_path):
     import av
 
