@@ -243,7 +243,7 @@ class Engine:
     def merge_lora(self):
         """Fold the LoRA into q/v at the current alpha (W + s·B·A): zero LoRA cost for a fixed-alpha deployment.
         set_lora_alpha then fails until unmerge_lora()."""
-        from pllava.kernels import merge
+        from pllava.kernels import merge, unmerge
 
         if any(m.qweight is not None for m in self.model.lora_linears()):
             raise InputError("merge_lora is not available with quantize='int8' (the base weight is int8; the LoRA "
@@ -252,18 +252,27 @@ class Engine:
         self._forget_prefixes()
         for m in self.model.lora_linears():
             if not m.merged:
-                m.weight.data = merge(m.weight.data, m.lora_A.data, m.lora_B.data, s)
+                w = m.weight.data
+                merged = merge(w, m.lora_A.data, m.lora_B.data, s)
+                m.unmerge_fix = _unmerge_fix(w, unmerge(merged, m.lora_A.data, m.lora_B.data, s))
+                m.weight.data = merged
                 m.merged = True
         self._merged_scale = s
 
     def unmerge_lora(self):
-        """Undo merge_lora (exact to rounding in fp32; within one rounding of the weight in bf16/fp16)."""
+        """Undo merge_lora exactly: the weights are bit-for-bit those before it, so a later alpha gives what a
+        freshly loaded engine gives (W + s·B·A - s·B·A is W only to rounding: in bf16 one weight in ~20 of a
+        q/v layer came back different; merge_lora keeps those few originals, see _unmerge_fix)."""
         from pllava.kernels import unmerge
 
         self._forget_prefixes()
         for m in self.model.lora_linears():
             if m.merged:
-                m.weight.data = unmerge(m.weight.data, m.lora_A.data, m.lora_B.data, self._merged_scale)
+                w = unmerge(m.weight.data, m.lora_A.data, m.lora_B.data, self._merged_scale)
+                idx, vals = m.unmerge_fix
+                w.view(-1)[idx] = vals
+                m.weight.data = w
+                m.unmerge_fix = None
                 m.merged = False
 
     def _forget_prefixes(self):
@@ -607,6 +616,15 @@ class Engine:
         from .chat import Chat
 
         return Chat(self, video, conv_mode, system, history, **generate_kw)
+
+
+def _unmerge_fix(w: torch.Tensor, back: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(flat indices, original values) where unmerge(merge(w)) = `back` is not w: what unmerge_lora writes back.
+    Sparse: in bf16 about 5 % of a layer's weights (a random LoRA at scale 0.25; fewer at PLLaVA's 4/128), so
+    ~0.3 bytes a weight against 2 for a copy. unmerge is deterministic (the same kernels on the same inputs), so
+    the same elements come back different when unmerge_lora runs it again."""
+    idx = (back != w).view(-1).nonzero().view(-1)
+    return idx, w.view(-1)[idx].clone()
 
 
 def _check_batch_size(n):
