@@ -328,10 +328,10 @@ class PyAVBackend(DecoderBackend):
                         continue
                     if fr.pts > target:
                         # the wanted frame was lost (corrupt packet): the nearest earlier one stands in, else this
-                        cur = (bisect.bisect_left(info.pts, fr.pts), fr)
+                        cur = (_index_at(info, fr.pts), fr)
                         got, last = (last or cur), cur
                         break
-                    last = (bisect.bisect_left(info.pts, fr.pts), fr)
+                    last = (_index_at(info, fr.pts), fr)
                     if fr.pts == target:
                         got = last
                         break
@@ -348,6 +348,12 @@ class PyAVBackend(DecoderBackend):
                     i_want += 1
         finally:
             c.close()
+
+
+def _index_at(info: VideoInfo, pts: int) -> int:
+    """The index of the first indexed frame at or after `pts`. A damaged clip can decode a frame whose pts lies
+    past every indexed one (a fuzzed MKV did: an IndexError before); it counts as the last."""
+    return min(bisect.bisect_left(info.pts, pts), len(info.pts) - 1)
 
 
 def _index_timestamps(c, st) -> tuple[list[int], list[int]]:

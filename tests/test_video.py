@@ -322,6 +322,32 @@ def test_an_ffmpeg_error_of_a_seek_is_a_video_error(clips, monkeypatch):
     assert path in str(e.value)
 
 
+def test_a_decoded_frame_past_the_index_is_not_an_index_error(tmp_path, monkeypatch):
+    """A fuzzed MKV decoded a frame whose pts lay past every indexed one (an IndexError before). Here the index is
+    cut after 10 of 20 frames and ends in four timestamps no frame has: every wanted frame still comes out, the
+    indexed ones exactly as decoded."""
+    import pllava.video as V
+
+    clip = make_video(str(tmp_path / "c.mp4"), num_frames=20, size=(64, 48), codec="mpeg4", gop=30)
+    real = V.PyAVBackend.probe
+
+    def probe(self, src, what, limits):
+        info = real(self, src, what, limits)
+        p = info.pts
+        fake = [p[9] + (p[10] - p[9]) * j // 5 for j in range(1, 5)]
+        assert p[9] < fake[0] < fake[-1] < p[10]
+        info.pts = p[:10] + fake
+        info.keyframe_pts = [k for k in info.keyframe_pts if k <= fake[-1]]
+        return info
+
+    monkeypatch.setattr(V.PyAVBackend, "probe", probe)
+    got = list(stream_frames(clip, 14))  # (index, t, frame): PLLaVA's sampling of the 14 indexed frames
+    plain = plain_decode(clip)
+    assert len(got) == 14 and {i for i, _, _ in got} >= {10, 11}
+    assert all(np.array_equal(f, plain[i]) for i, _, f in got if i < 10)
+    assert all(any(np.array_equal(f, x) for x in plain) for i, _, f in got if i >= 10)
+
+
 def test_limits_refuse_before_decoding(clips):
     with pytest.raises(VideoError, match="max_pixels=1000"):
         read_frames(clips["h264_bframes.mp4"], limits=DecodeLimits(max_pixels=1000))
