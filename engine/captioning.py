@@ -44,7 +44,8 @@ def _from_list(path: str) -> list[Item]:
 
     out = []
     try:
-        with open(path, encoding="utf-8", newline="") as f:
+        # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8", Notepad) is not part of the first field or path
+        with open(path, encoding="utf-8-sig", newline="") as f:
             if ext == ".txt":
                 for line in f:
                     line = line.strip()

@@ -62,6 +62,21 @@ def test_inputs_of_every_kind(data, tmp_path):
     assert [i.video for i in expand_inputs([a, a], dedupe=False)] == [a, a]
 
 
+def test_list_files_with_a_byte_order_mark(data, tmp_path):
+    """Excel's "CSV UTF-8" and Notepad start a file with a BOM: it was read as part of the header ('a CSV list
+    needs a video column'), of the first JSON line (not JSON) and of the first path (a path that is not there)."""
+    _, (a, b, _), _ = data
+    for name, text in (("l.csv", f"video,id\r\n{a},1\r\n{b},2\r\n"),
+                       ("l.jsonl", json.dumps({"video": a, "id": "1"}) + "\n" + json.dumps({"video": b, "id": "2"})),
+                       ("l.txt", f"{a}\n{b}\n")):
+        p = tmp_path / name
+        p.write_text(text, encoding="utf-8-sig")
+        assert p.read_bytes()[:3] == b"\xef\xbb\xbf"
+        items = expand_inputs([str(p)])
+        assert [i.video for i in items] == [a, b], name
+        assert [i.extra.get("id") for i in items] == ([None, None] if name == "l.txt" else ["1", "2"]), name
+
+
 def test_bad_inputs_name_what_is_wrong(data, tmp_path):
     d, _, _ = data
     with pytest.raises(InputError, match=r"nope\.mp4: no such file or directory"):
