@@ -256,10 +256,13 @@ def plan_output(inputs, output: str, resume: bool, overwrite: bool) -> tuple[lis
     unless resuming (no duplicate records) or told to overwrite it."""
     items = inputs if isinstance(inputs, list) and all(isinstance(x, Item) for x in inputs) else expand_inputs(inputs)
     if os.path.exists(output):  # --overwrite would empty it; --resume would append records to a list or a clip
-        for it in items:
-            for src in (it.video, it.listed_in):
-                if src and not URL_RE.match(src) and os.path.exists(src) and os.path.samefile(src, output):
-                    raise InputError(f"{output}: the output is one of the inputs ({src}); name another output file")
+        # list files by identity (a few stats); clips by path only: a million stats would cost minutes on a
+        # network file system
+        out = {os.path.abspath(output), os.path.realpath(output)}
+        lists = {it.listed_in for it in items if it.listed_in}
+        for src in sorted(lists) + [it.video for it in items if not URL_RE.match(it.video)]:
+            if (os.path.samefile(src, output) if src in lists else os.path.abspath(src) in out):
+                raise InputError(f"{output}: the output is one of the inputs ({src}); name another output file")
     exists = os.path.exists(output) and os.path.getsize(output) > 0
     if exists and not (resume or overwrite):
         raise InputError(f"{output} already holds records: pass --resume to skip the clips it has, or "
