@@ -189,6 +189,9 @@ def cmd_serve(a) -> int:
 
     eng = Engine.from_pretrained(a.model, device=a.device, dtype=a.dtype, num_frames=a.num_frames,
                                  lora_alpha=a.lora_alpha, conv_mode=a.conv_mode, quantize=a.quantize)
+    if a.max_frames < eng.config.num_frames:  # every request that does not ask fewer would be refused
+        raise PllavaError(f"--max-frames {a.max_frames} is under the model's num_frames {eng.config.num_frames}: "
+                          "raise it, or lower --num-frames")
     cfg = ServerConfig(model_name=a.served_model_name or os.path.basename(os.path.normpath(a.model)),
                        api_key=a.api_key, max_concurrency=a.max_concurrency, max_queue=a.max_queue,
                        max_num_seqs=a.max_num_seqs, max_model_len=a.max_model_len, prefill_chunk=a.prefill_chunk,
@@ -229,6 +232,23 @@ def _positive_int(s: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {s!r}") from None
     if v < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {v}")
+    return v
+
+
+def _nonnegative_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
+    return v
+
+
+def _port(s: str) -> int:
+    v = _positive_int(s)
+    if v > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port in [1, 65535], got {v}")
     return v
 
 
@@ -290,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="OpenAI-compatible server (chat completions with video_url, captions, a page)")
     sv.add_argument("--model", required=True, help="model directory or hub repo id")
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    sv.add_argument("--port", type=int, default=8000, help="port to listen on")
+    sv.add_argument("--port", type=_port, default=8000, help="port to listen on")
     sv.add_argument("--api-key", default=os.environ.get("PLLAVA_API_KEY"),
                     help="require 'Authorization: Bearer KEY' (default: $PLLAVA_API_KEY, else none)")
     sv.add_argument("--served-model-name", default=None,
@@ -304,11 +324,14 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: a whole prompt in one step)")
     sv.add_argument("--max-concurrency", type=_positive_int, default=None,
                     help="requests past admission (media fetch + batch); default: --max-num-seqs")
-    sv.add_argument("--max-queue", type=int, default=16, help="requests waiting for admission before 503s")
+    sv.add_argument("--max-queue", type=_nonnegative_int, default=16,
+                    help="requests waiting for admission before 503s (0: none wait)")
     sv.add_argument("--allowed-local-media-path", default=None,
                     help="a folder file:// and plain-path media may come from (default: none may)")
-    sv.add_argument("--max-video-bytes", type=int, default=200 << 20, help="largest media a request may send or fetch")
-    sv.add_argument("--max-frames", type=int, default=64, help="most frames a request may ask for (num_frames)")
+    sv.add_argument("--max-video-bytes", type=_positive_int, default=200 << 20,
+                    help="largest media a request may send or fetch")
+    sv.add_argument("--max-frames", type=_positive_int, default=64,
+                    help="most frames a request may ask for (num_frames; at least the model's own)")
     sv.add_argument("--max-new-tokens-limit", type=_positive_int, default=1024, help="most max_tokens a request may ask")
     sv.add_argument("--allow-fetch-host", action="append",
                     help="host:port an operator trusts for internal media, repeatable (default: none)")
