@@ -91,6 +91,7 @@ class Engine:
         self._step = None
         self._prefix = None  # (key, positions) of the prefix the KV cache holds
         self._sched = None  # the batch scheduler generate_many drives (kept: its slots keep their video prefixes)
+        self._token_chars = None  # the tokenizer's longest token, in characters (_longest_token)
 
     # ------------------------------------------------------------------------------------------ loading
     @classmethod
@@ -418,14 +419,27 @@ class Engine:
         except UnicodeEncodeError as e:
             raise PromptError(f"the prompt holds a character that is not valid UTF-8 (a lone surrogate at "
                               f"position {e.start})") from None
+        ctx = self.config.text.max_position_embeddings
+        bound = 4 * ctx * self._longest_token()
+        if len(text) > bound:  # tokenizing 20 MB of text took 60 s (a server's event loop stalled with it)
+            raise PromptError(f"the prompt is {len(text)} characters: over {bound}, 4 x the context ({ctx} tokens) x "
+                              f"this tokenizer's longest token ({self._longest_token()} characters), so it cannot "
+                              "fit; refused before tokenizing")
         ids, img_pos = tokenize(self.tokenizer, text, self.config.image_token_index, video)
         n = ids.numel() - 1 + self.config.num_visual_tokens if video else ids.numel()
-        ctx = self.config.text.max_position_embeddings
         if n >= ctx:
             raise PromptError(f"the prompt is {n} tokens ({self.config.num_visual_tokens if video else 0} visual) "
                               "but the model's "
                               f"context (max_position_embeddings) is {ctx}")
         return ids, img_pos, n
+
+    def _longest_token(self) -> int:
+        """Characters of the tokenizer's longest vocabulary string: no token stands for more characters of text
+        (a byte token's string, '<0x41>', is longer than the byte), so a text of over ctx x this many characters
+        cannot fit; the 4 x margin covers normalizers that merge characters (NFKC's combining marks)."""
+        if self._token_chars is None:
+            self._token_chars = max([1] + [len(t) for t in self.tokenizer.get_vocab()])
+        return self._token_chars
 
     @torch.no_grad()
     def prompt_logits(self, video, prompt: str, conv_mode: str | None = None, system: str | None = None):

@@ -199,8 +199,10 @@ def create_app(engine, cfg: ServerConfig, on_ready=None) -> FastAPI:
         req = GenRequest(video=frames, prompt=job.turns, system=job.system, max_new_tokens=job.max_tokens,
                          temperature=job.temperature, top_p=job.top_p, stop=job.stop, seed=seed,
                          video_key=job.video_key, lora_alpha=job.lora_alpha, cancel=cancel)
-        seq = state["batch"].submit(
-            req, on_event=lambda _s, ev: ev.text and loop.call_soon_threadsafe(q.put_nowait, ev.text),
+        # in a thread: submit tokenizes the prompt, which must not hold the event loop (every other client's)
+        seq = await asyncio.to_thread(
+            state["batch"].submit, req,
+            on_event=lambda _s, ev: ev.text and loop.call_soon_threadsafe(q.put_nowait, ev.text),
             on_done=lambda _s: loop.call_soon_threadsafe(q.put_nowait, _DONE))
         try:
             while (item := await q.get()) is not _DONE:

@@ -58,6 +58,7 @@ ENGINE_CASES = [
     ("video zero-size frames", dict(video=torch.zeros(2, 0, 10, 3, dtype=torch.uint8))),
     ("prompt None", dict(prompt=None)), ("prompt int", dict(prompt=5)), ("prompt bytes", dict(prompt=b"hi")),
     ("prompt lone surrogate", dict(prompt="hi \ud800")), ("prompt too long", dict(prompt="word " * 3000)),
+    ("prompt of 20 MB", dict(prompt="word " * 4_000_000)),  # tokenizing it took 60 s before the length bound
     ("raw prompt without image", dict(prompt="hello", conv_mode="raw")),
     ("raw prompt with two images", dict(prompt="<image> and <image>", conv_mode="raw")),
     ("chat turn of one item", dict(prompt=[("user",)])), ("chat unknown role", dict(prompt=[("robot", "hi")])),
@@ -224,6 +225,7 @@ def server_cases(url):
         ("video_url a number", msg([{"type": "video_url", "video_url": 5}])),
         ("two videos", msg(ok_content + [{"type": "video_url", "video_url": {"url": url}}])),
         ("no video, text holds <image>", msg([{"type": "text", "text": "look: <image>"}])),
+        ("20 MB of text", msg("word " * 4_000_000)),  # it held the event loop for 60 s while it was tokenized
         ("model unknown", dict(good, model="gpt-9")), ("model a number", dict(good, model=5)),
         ("media in assistant turn", {"messages": [{"role": "assistant", "content": ok_content},
                                                   {"role": "user", "content": "hi"}]}),
