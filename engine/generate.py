@@ -57,6 +57,9 @@ class SamplingParams:
             bad("stop", "must be non-empty strings")
         if any(_has_surrogate(s) for s in self.stop):
             bad("stop", "holds a lone surrogate (not encodable as UTF-8)")
+        longest = max((len(s) for s in self.stop), default=0)
+        if longest > MAX_STOP_CHARS:
+            raise InputError(f"stop: a stop string of {longest} characters is over the limit of {MAX_STOP_CHARS}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
                                       or not 0 <= self.seed < 2 ** 63):
             bad("seed", "must be an integer in [0, 2**63)")
@@ -65,6 +68,11 @@ class SamplingParams:
             bad("stop_token_ids", "must be a list of token ids (integers >= 0)")
         if not math.isfinite(self.temperature) or not math.isfinite(self.repetition_penalty):
             bad("temperature" if not math.isfinite(self.temperature) else "repetition_penalty", "must be finite")
+
+
+# A stop string longer than this is refused: no answer of a few thousand tokens could end with it, and each one
+# costs its length in setup (TextStreamer's matchers) for every request that sends it.
+MAX_STOP_CHARS = 4096
 
 
 def _has_surrogate(s: str) -> bool:
@@ -179,6 +187,39 @@ def sample(logits: torch.Tensor, p: SamplingParams, seen: torch.Tensor | None, g
     return int(torch.multinomial(probs, 1, generator=gen))
 
 
+class _StopMatcher:
+    """Knuth-Morris-Pratt over text that only grows: `matched` is the longest prefix of `s` the text ends with,
+    updated in amortised O(1) a character. (Recomputing that from the whole text each token cost O(len(s)^2): a
+    1 MB stop string held the scheduler thread, every request with it, for minutes.)"""
+
+    def __init__(self, s: str):
+        self.s, self.matched = s, 0
+        fail = [0] * len(s)  # fail[i]: the longest proper prefix of s[:i + 1] that is also its suffix
+        k = 0
+        for i in range(1, len(s)):
+            while k and s[i] != s[k]:
+                k = fail[k - 1]
+            if s[i] == s[k]:
+                k += 1
+            fail[i] = k
+        self.fail = fail
+
+    def feed(self, text: str, start: int) -> int | None:
+        """Advance over text[start:]; -> where the first occurrence completed there begins, or None."""
+        s, fail, k = self.s, self.fail, self.matched
+        for i in range(start, len(text)):
+            c = text[i]
+            while k and c != s[k]:
+                k = fail[k - 1]
+            if c == s[k]:
+                k += 1
+            if k == len(s):
+                self.matched = k
+                return i + 1 - k
+        self.matched = k
+        return None
+
+
 class TextStreamer:
     """Incremental detokenization (prefix/read offsets, so multi-token characters come out whole) with stop
     strings. Text that could still be the start of a stop string is held back until it cannot."""
@@ -186,6 +227,7 @@ class TextStreamer:
     def __init__(self, tokenizer, stop: list[str]):
         self.tok = tokenizer
         self.stop = stop
+        self.matchers = [_StopMatcher(s) for s in stop]
         self.ids: list[int] = []
         self.prefix_offset = 0
         self.read_offset = 0
@@ -201,19 +243,19 @@ class TextStreamer:
         self.ids.append(token_id)
         prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
         full = self._decode(self.ids[self.prefix_offset:])
+        old = len(self.text)
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
             self.text += full[len(prefix):]
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        if self.stop:
-            longest = max(len(s) for s in self.stop)
-            window_start = max(0, self.emitted - longest)
-            hits = [i for i in (self.text.find(s, window_start) for s in self.stop) if i >= 0]
+        if self.matchers:
+            # a stop string completes only in the new text (one completed before would have stopped us); of
+            # those that complete in it, the earliest-starting one cuts
+            hits = [i for i in (m.feed(self.text, old) for m in self.matchers) if i is not None]
             if hits:
                 self.text = self.text[:min(hits)]
                 self.stopped = True
                 return self._flush()
-            hold = max((k for s in self.stop for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
-            return self._take(len(self.text) - hold)
+            return self._take(len(self.text) - max(m.matched for m in self.matchers))
         return self._take(len(self.text))
 
     def _take(self, upto: int) -> str:

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import pllava
+from pllava.errors import InputError
 from pllava.generate import SamplingParams, TextStreamer, sample
 
 
@@ -100,6 +101,53 @@ def test_streamer_holds_back_partial_stop_string():
     assert "".join(out2) == "ENXy" and not s.stopped
     assert s.add(ord("E")) == "" and s.add(ord("N")) == "" and s.add(ord("D")) == ""
     assert s.stopped and s.text == "abcENXy"
+
+
+def test_streamer_stop_strings_equal_a_from_scratch_search():
+    """The stop matchers (KMP, fed each token's new text) against the plainest rule, recomputed from the whole
+    text after every token: cut at the earliest-starting stop string if one occurs, else emit all but the
+    longest tail that begins a stop string. 400 random token streams over a 3-letter alphabet (overlaps
+    everywhere), multi-character tokens, up to 4 stops each."""
+    import random
+
+    pieces = ["a", "b", "c", "ab", "ba", "abc", "cab", "aa", "bb", "ca"]
+
+    class Tok:  # token id i is pieces[i]
+        def decode(self, ids, **kw):
+            return "".join(pieces[i] for i in ids)
+
+    def oracle(tokens, stops):
+        text, emitted = "", []
+        for t in tokens:
+            text += pieces[t]
+            hits = [i for i in (text.find(x) for x in stops) if i >= 0]
+            if hits:
+                emitted.append(text[:min(hits)])
+                return emitted, True
+            hold = max((k for x in stops for k in range(1, len(x)) if text.endswith(x[:k])), default=0)
+            emitted.append(text[:len(text) - hold])
+        return emitted, False
+
+    rng = random.Random(0)
+    for trial in range(400):
+        stops = ["".join(rng.choice("abc") for _ in range(rng.randint(1, 6))) for _ in range(rng.randint(1, 4))]
+        tokens = [rng.randrange(len(pieces)) for _ in range(rng.randint(1, 30))]
+        want, want_stopped = oracle(tokens, stops)
+        st, got, shown = TextStreamer(Tok(), stops), [], ""
+        for t in tokens:
+            shown += st.add(t)
+            got.append(shown)
+            if st.stopped:
+                break
+        assert (got, st.stopped) == (want, want_stopped), (trial, stops, tokens)
+
+
+def test_a_stop_string_over_the_limit_is_refused():
+    from pllava.generate import MAX_STOP_CHARS
+
+    SamplingParams(stop=["x" * MAX_STOP_CHARS]).validate()
+    with pytest.raises(InputError, match=f"stop string of {MAX_STOP_CHARS + 1} characters is over the limit"):
+        SamplingParams(stop=["ok", "x" * (MAX_STOP_CHARS + 1)]).validate()
 
 
 def test_kv_cache_decode_equals_full_recompute(engine, px):

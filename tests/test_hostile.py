@@ -82,6 +82,7 @@ ENGINE_CASES = [
     ("seed str", dict(seed="1")), ("seed bool", dict(seed=True)),
     ("stop int", dict(stop=5)), ("stop empty string", dict(stop=[""])), ("stop list of ints", dict(stop=[1])),
     ("stop surrogate", dict(stop=["\ud800"])), ("stop dict", dict(stop={"a": 1})),
+    ("stop of 1 MB", dict(stop=["ab" * 500_000])),  # its matching held the thread for minutes before the limit
     ("stop_token_ids strings", dict(stop_token_ids=["a"])), ("stop_token_ids negative", dict(stop_token_ids=[-1])),
     ("stop_token_ids huge", dict(stop_token_ids=[10 ** 9])), ("stop_token_ids float", dict(stop_token_ids=[1.5])),
     ("stop_token_ids int", dict(stop_token_ids=5)), ("stop_token_ids bool", dict(stop_token_ids=[True])),
@@ -245,7 +246,7 @@ def server_cases(url):
                           ("temperature", [-1, 5, "x", [1], 10 ** 400]), ("return_frames", ["false", 1]),
                           ("top_p", [0, 2, "x"]), ("num_frames", [0, -3, 10 ** 6, 1.5, "4"]),
                           ("lora_alpha", ["4", True, 1e9, [4]]), ("seed", [1.5, -1, 2 ** 70, "1", True]),
-                          ("stop", [5, [""], [1], ["a"] * 9, {"a": 1}]), ("stream", ["yes", 1]),
+                          ("stop", [5, [""], [1], ["a"] * 9, {"a": 1}, ["ab" * 500_000]]), ("stream", ["yes", 1]),
                           ("stream_options", [[1], "x", {"include_usage": "yes"}]),
                           ("n", [0, -1, 1.5, "2", True, 10 ** 6])):
         for v in values:
