@@ -35,7 +35,7 @@ class SamplingParams:
 
     def validate(self):
         def bad(name, why):
-            raise InputError(f"{name}: {why}, got {getattr(self, name)!r}")
+            raise InputError(f"{name}: {why}, got {getattr(self, name)!r:.200}")
 
         for name in ("temperature", "top_p", "repetition_penalty"):
             v = getattr(self, name)
