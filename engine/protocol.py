@@ -51,7 +51,7 @@ def bad(message: str, param: str | None = None, code: str = "invalid_request") -
 
 def model_not_found(name) -> APIError:
     """vLLM's answer to a model it does not serve (and OpenAI's wording)."""
-    return APIError(404, f"The model `{name}` does not exist.", "NotFoundError", "model", "model_not_found")
+    return APIError(404, f"The model `{name!s:.200}` does not exist.", "NotFoundError", "model", "model_not_found")
 
 
 def check_model(body: dict, served: str):
@@ -178,7 +178,7 @@ def parse_chat(body: dict, cfg: ServerConfig) -> Job:
                         raise bad("media must be in a user message", p)
                     media = (t, url, p)
                 else:
-                    raise bad(f"{p}.type must be text, video_url or image_url, got {t!r}", p)
+                    raise bad(f"{p}.type must be text, video_url or image_url, got {t!r:.60}", p)
         elif content is not None:
             raise bad(f"messages[{i}].content must be a string or a list of parts", f"messages[{i}].content")
         text = "\n".join(texts)
