@@ -6,13 +6,13 @@ in host memory, and torch (CPU or GPU) for everything else and for configs the n
 """
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .config import read_json_object
 from .errors import ConfigError, InputError
 from .ops import log_once, native_extension
 
@@ -43,11 +43,7 @@ def load_processor_config(cfg) -> dict:
         path = os.path.join(path, "preprocessor_config.json")
     if not os.path.isfile(path):
         raise ConfigError(f"{path}: not found")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: cannot read JSON: {e}") from e
+    return read_json_object(path)  # not UTF-8, not JSON or not an object (a list, null): a ConfigError naming it
 
 
 def _size(cfg: dict, key: str, sub: str) -> tuple[int, int] | int:

@@ -13,7 +13,7 @@ import torch
 from . import ops
 from .checkpoint import LAYOUT_NAMES, attach_adapter_config, load_weights, plan_adapter, plan_checkpoint
 from .config import DEFAULT_LORA_ALPHA, PllavaConfig, check_lora_alpha, load_config, read_json_object
-from .errors import CheckpointError, ConfigError, InputError, NumericalError, PromptError
+from .errors import CheckpointError, ConfigError, InputError, NumericalError, PllavaError, PromptError
 from .generate import DecodeStep, GenerationOutput, SamplingParams, generate_tokens
 from .model import PllavaModel
 from .model.head import HEAD_RESCORE, HalfHead, RescoredHead
@@ -150,10 +150,16 @@ class Engine:
 
         tok_dir = model_dir if os.path.isfile(os.path.join(model_dir, "tokenizer_config.json")) or adapter is None \
             else os.fspath(adapter)
+        for name in ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json"):
+            if os.path.isfile(os.path.join(tok_dir, name)):  # a list or null there raised AttributeError inside
+                read_json_object(os.path.join(tok_dir, name))
         try:
             tokenizer = AutoTokenizer.from_pretrained(tok_dir)
         except (OSError, ValueError) as e:
             raise ConfigError(f"{tok_dir}: cannot load the tokenizer: {e}") from e
+        except Exception as e:  # noqa: BLE001 - the tokenizers library raises a plain Exception on a corrupt
+            # tokenizer.json ("data did not match any variant of untagged enum ..."): typed, naming the folder
+            raise ConfigError(f"{tok_dir}: cannot load the tokenizer ({type(e).__name__}): {str(e)[:300]}") from e
         check_image_token(tokenizer, cfg.image_token_index, tok_dir)
         if len(tokenizer) > cfg.text.vocab_size:
             raise ConfigError(f"{tok_dir}: the tokenizer has {len(tokenizer)} tokens but text_config.vocab_size is "
@@ -212,6 +218,13 @@ class Engine:
         pp = os.path.join(model_dir, "preprocessor_config.json")
         if os.path.isfile(pp):
             proc = load_processor_config(pp)
+            try:  # one 2 x 2 frame through it now: a field it cannot use fails at load, not at the first clip
+                shape = tuple(preprocess(np.zeros((1, 2, 2, 3), np.uint8), proc).shape[1:])
+            except PllavaError as e:
+                raise ConfigError(f"{pp}: {e}") from e
+            if shape != (3, cfg.vision.image_size, cfg.vision.image_size):
+                raise ConfigError(f"{pp}: produces {shape} frames but the vision tower takes (3, "
+                                  f"{cfg.vision.image_size}, {cfg.vision.image_size})")
         else:
             log.warning("%s: no preprocessor_config.json; using CLIP's defaults at %dpx", model_dir,
                         cfg.vision.image_size)

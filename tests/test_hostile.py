@@ -408,6 +408,28 @@ def test_config_values(ckpts, tmp_path, name, section, key, value):
 
 
 
+SIDE_FILE_CASES = [(f, kind, data) for f in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json")
+                   for kind, data in (("empty", b""), ("not UTF-8", b"\xff\xfe{"), ("a list", b"[1, 2]"),
+                                      ("null", b"null"))] + [
+    ("tokenizer.json", "fields of the wrong type", b'{"model": 5, "added_tokens": 3}'),
+    ("preprocessor_config.json", "fields of the wrong type", b'{"size": null}')]
+
+
+@pytest.mark.parametrize("name,kind,data", SIDE_FILE_CASES, ids=[f"{c[0]} {c[1]}" for c in SIDE_FILE_CASES])
+def test_tokenizer_and_processor_files(ckpts, tmp_path, name, kind, data):
+    """A damaged tokenizer or preprocessor file: a typed error naming the folder or file (a list or null in the
+    tokenizer's files raised AttributeError / TypeError from transformers, a non-UTF-8 preprocessor config
+    UnicodeDecodeError; a list there loaded and failed at the first clip)."""
+    import shutil
+
+    d = tmp_path / "m"
+    shutil.copytree(ckpts["pllava"], d)
+    (d / name).write_bytes(data)
+    kind_, val = run_with_timeout(lambda: pllava.Engine.from_pretrained(str(d)))
+    assert kind_ == "error" and isinstance(val, PllavaError), f"{name} {kind}: {kind_} {type(val).__name__}: {val}"
+    assert str(d) in str(val), val
+
+
 # ------------------------------------------------------------------------------------------ the command line
 def cli_cases(model, clip, out):
     return [
