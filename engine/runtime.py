@@ -46,6 +46,9 @@ def resolve_model_dir(model: str) -> str:
         return model
     if os.path.exists(model):
         raise ConfigError(f"{model}: not a directory (a model is a directory with config.json, or a hub repo id)")
+    if not model or os.path.isabs(model) or model.startswith(("./", "../", "~")) or model.count("/") > 1:
+        # a path (no hub id looks like this): asking the hub would only add its own complaint about the name
+        raise ConfigError(f"{model or repr(model)}: no such model directory")
     try:
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError

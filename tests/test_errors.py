@@ -162,6 +162,20 @@ def test_hub_repo_id_offline_is_a_clear_error(monkeypatch):
         pllava.Engine.from_pretrained("nobody/no-such-pllava-model")
 
 
+@pytest.mark.parametrize("path", ["/nonexistent/pllava-7b", "./no-such-model", "a/b/c", ""])
+def test_a_missing_model_path_says_so_without_asking_the_hub(monkeypatch, path):
+    """A path no hub repo id could be: the error says the directory is missing (it was the hub's complaint that
+    the name is not a repo id), and the hub is never asked."""
+    import huggingface_hub
+
+    def never(*a, **kw):
+        raise AssertionError("the hub was asked")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", never)
+    with pytest.raises(ConfigError, match="no such model directory"):
+        pllava.Engine.from_pretrained(path)
+
+
 @pytest.mark.parametrize("which,content,match", [
     ("config.json", "[1, 2]", r"config\.json: must hold a JSON object, got list"),
     ("config.json", "[" * 100_000 + "]" * 100_000, r"config\.json: cannot read JSON: nested too deeply"),
