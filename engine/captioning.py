@@ -127,6 +127,19 @@ def expand_inputs(inputs, dedupe: bool = True) -> list[Item]:
 
 
 # ---------------------------------------------------------------------------------------------- output
+def json_line(record: dict) -> str:
+    """One record as a line of JSON, non-ASCII text as it is; a record holding a lone surrogate (a file name that
+    is not UTF-8, which os.walk gives as '\udce9'; a list's "\ud800" escape) is written with ASCII escapes, the
+    same JSON value (json.loads gives the same string back, so --resume matches it). Written as it was, it
+    raised UnicodeEncodeError and ended the run."""
+    line = json.dumps(record, ensure_ascii=False)
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(record, ensure_ascii=True)
+    return line
+
+
 class JsonlWriter:
     """Appends one JSON record a line; each line goes out in one os.write on an O_APPEND descriptor (a signal
     cannot split it, and nothing sits in a Python buffer when the process dies)."""
@@ -142,7 +155,7 @@ class JsonlWriter:
         self.path = path
 
     def write(self, record: dict):
-        data = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+        data = (json_line(record) + "\n").encode("utf-8")
         n = os.write(self.fd, data)
         if n != len(data):  # a full disk: say so rather than leave half a line unexplained
             raise OSError(f"{self.path}: short write ({n} of {len(data)} bytes; disk full?)")

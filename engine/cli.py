@@ -62,7 +62,7 @@ def _report(path, out, as_json: bool):
 def cmd_caption(a) -> int:
     """Caption inputs (files, URLs, folders, globs, list files) with continuous batching; records to --output
     (JSONL, resumable) or, without it, to stdout."""
-    from .captioning import CaptionSettings, caption_to_jsonl, expand_inputs, make_record
+    from .captioning import CaptionSettings, caption_to_jsonl, expand_inputs, json_line, make_record
     from .prompt import default_question
 
     if a.resume and not a.output:
@@ -103,7 +103,7 @@ def cmd_caption(a) -> int:
         out = results[i]
         failed += out.finish_reason == "error"
         if a.json:  # the record --output would write, carried list fields included
-            print(json.dumps(make_record(it, out, settings, eng, warned), ensure_ascii=False), flush=True)
+            print(json_line(make_record(it, out, settings, eng, warned)), flush=True)
         elif out.finish_reason == "error":
             print(f"{it.video}: ERROR {out.error}", file=sys.stderr, flush=True)
         else:

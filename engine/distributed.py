@@ -14,7 +14,7 @@ import logging
 import os
 import time
 
-from .captioning import CaptionSettings, Item, JsonlWriter, Summary, carry, make_record, plan_output
+from .captioning import CaptionSettings, Item, JsonlWriter, Summary, carry, json_line, make_record, plan_output
 from .errors import PllavaError
 
 log = logging.getLogger("pllava")
@@ -50,7 +50,7 @@ class CaptionReplica:
         vids = [str(v) for v in batch["video"]]
         outs = self.engine.generate_many([self.settings.request(v) for v in vids], max_batch_size=self.batch_size,
                                          return_errors=True)
-        recs = [json.dumps(make_record(Item(v), o, self.settings, self.engine), ensure_ascii=False)
+        recs = [json_line(make_record(Item(v), o, self.settings, self.engine))  # valid UTF-8 for Arrow
                 for v, o in zip(vids, outs)]
         return {"i": np.asarray(batch["i"]), "record": np.asarray(recs, dtype=object)}
 

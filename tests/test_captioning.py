@@ -149,6 +149,32 @@ def test_a_lists_own_text_and_error_fields_are_kept_apart(engine, data, tmp_path
     assert "carried as 'input_input_text'" in caplog.text and "carried as 'input_error'" in caplog.text
 
 
+def test_names_and_fields_that_are_not_utf8_are_written_and_resumed(engine, tmp_path):
+    """A clip whose file name is not UTF-8 (os.walk gives b'caf\\xe9' as 'caf\\udce9') and a list field holding a
+    "\\ud800" escape: their records raised UnicodeEncodeError in the writer, ending the run. They are written
+    with ASCII escapes (the same JSON value), and --resume finds them done."""
+    d = tmp_path / "clips"
+    d.mkdir()
+    made = make_video(str(d / "tmp.mp4"), num_frames=6, size=(32, 24))
+    try:
+        os.rename(os.fsencode(made), os.fsencode(str(d)) + b"/caf\xe9.mp4")
+    except OSError:
+        pytest.skip("this file system refuses non-UTF-8 names")
+    clip = os.path.join(str(d), "caf\udce9.mp4")
+    lst = tmp_path / "list.jsonl"
+    lst.write_text('{"video": "%s", "note": "\\ud800 x"}\n' % make_video(str(tmp_path / "b.mp4"), num_frames=6,
+                                                                        size=(32, 24)))
+    out = str(tmp_path / "caps.jsonl")
+    st = CaptionSettings("Describe the video in details.", max_new_tokens=4, model="tiny")
+    s = caption_to_jsonl(engine, [str(d), str(lst)], out, st, progress=False)
+    assert (s.captioned, s.failed) == (2, 0)
+    recs = {r["video"]: r for r in records(out)}
+    assert clip in recs and recs[clip]["text"] == engine.generate(clip, st.prompt, max_new_tokens=4).text
+    assert [r["note"] for r in recs.values() if "note" in r] == ["\ud800 x"]
+    again = caption_to_jsonl(engine, [str(d), str(lst)], out, st, progress=False, resume=True)
+    assert (again.skipped, again.captioned) == (2, 0)
+
+
 def test_the_output_may_not_be_an_input(engine, data, tmp_path):
     """`caption list.jsonl -o list.jsonl --overwrite` would empty the list (and --resume append to it)."""
     d, clips, _ = data
