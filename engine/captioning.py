@@ -165,28 +165,36 @@ class JsonlWriter:
 
 
 def read_done(path: str) -> set[str]:
-    """Videos that already have a text record in `path`. A last line without its newline (a machine crash
-    mid-write) is cut off, so the next record starts on a line of its own."""
+    """Videos that already have a text record in `path`, read a line at a time (a million-clip output is ~600 MB;
+    it was read whole). A last line without its newline (a machine crash mid-write) is cut off, so the next record
+    starts on a line of its own."""
     done: set[str] = set()
     if not os.path.exists(path):
         return done
-    with open(path, "rb") as f:
-        data = f.read()
-    if data and not data.endswith(b"\n"):
-        cut = data.rfind(b"\n") + 1
-        log.warning("%s: a torn last line (%d bytes) is dropped", path, len(data) - cut)
-        with open(path, "r+b") as f:
+    with open(path, "r+b") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size and (f.seek(size - 1), f.read(1))[1] != b"\n":
+            cut, pos = 0, size  # just past the last newline, found from the end a block at a time
+            while pos > 0:
+                step = min(1 << 16, pos)
+                pos -= step
+                f.seek(pos)
+                i = f.read(step).rfind(b"\n")
+                if i >= 0:
+                    cut = pos + i + 1
+                    break
+            log.warning("%s: a torn last line (%d bytes) is dropped", path, size - cut)
             f.truncate(cut)
-        data = data[:cut]
-    for n, line in enumerate(data.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            raise InputError(f"{path}:{n}: not a JSON record; is this the output of pllava caption?") from None
-        if isinstance(rec, dict) and isinstance(rec.get("video"), str) and isinstance(rec.get("text"), str):
-            done.add(rec["video"])
+        f.seek(0)
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+                raise InputError(f"{path}:{n}: not a JSON record; is this the output of pllava caption?") from None
+            if isinstance(rec, dict) and isinstance(rec.get("video"), str) and isinstance(rec.get("text"), str):
+                done.add(rec["video"])
     return done
 
 

@@ -202,6 +202,15 @@ def test_a_torn_tail_is_cut_on_resume(tmp_path):
     p.write_text("garbage\n")
     with pytest.raises(InputError, match=r"o\.jsonl:1: not a JSON record"):
         read_done(str(p))
+    p.write_bytes(b'{"video": "a.mp4", "text": "x"}\n{"video": "\xff"}\n')  # not UTF-8 (it was untyped)
+    with pytest.raises(InputError, match=r"o\.jsonl:2: not a JSON record"):
+        read_done(str(p))
+    # torn tails longer than the 64 KiB block the newline is searched in, and a file that is one torn line
+    good = b"".join(b'{"video": "v%d.mp4", "text": "t"}\n' % i for i in range(3000))
+    for tail, keep in ((b'{"video": "z.mp4", "text": "' + b"y" * 70_000, good), (b'{"video": "z', b"")):
+        p.write_bytes((good if keep else b"") + tail)
+        assert read_done(str(p)) == ({f"v{i}.mp4" for i in range(3000)} if keep else set())
+        assert p.read_bytes() == keep
 
 
 def _cli(*args, **kw):
