@@ -14,6 +14,7 @@ import pllava
 from pllava.errors import PllavaError
 
 CASE_TIMEOUT_S = 30
+MAX_MESSAGE = 1000  # an error message quotes what it was sent in part: a 100 MB model name came back whole
 NAN, INF = float("nan"), float("inf")
 
 
@@ -83,6 +84,7 @@ ENGINE_CASES = [
     ("stop int", dict(stop=5)), ("stop empty string", dict(stop=[""])), ("stop list of ints", dict(stop=[1])),
     ("stop surrogate", dict(stop=["\ud800"])), ("stop dict", dict(stop={"a": 1})),
     ("stop of 1 MB", dict(stop=["ab" * 500_000])),  # its matching held the thread for minutes before the limit
+    ("stop of 10 kB with a surrogate", dict(stop=["a" * 10_000 + "\ud800"])),  # was quoted whole
     ("stop_token_ids strings", dict(stop_token_ids=["a"])), ("stop_token_ids negative", dict(stop_token_ids=[-1])),
     ("stop_token_ids huge", dict(stop_token_ids=[10 ** 9])), ("stop_token_ids float", dict(stop_token_ids=[1.5])),
     ("stop_token_ids int", dict(stop_token_ids=5)), ("stop_token_ids bool", dict(stop_token_ids=[True])),
@@ -127,6 +129,8 @@ def _check(engine, reference, outcome, name):
         pytest.fail(f"{name}: silently accepted, returned {val!r:.200}")
     if not isinstance(val, PllavaError):
         pytest.fail(f"{name}: untyped {type(val).__name__}: {val}")
+    if len(str(val)) > MAX_MESSAGE:
+        pytest.fail(f"{name}: a {len(str(val))}-character message: {str(val)[:200]}")
     COUNTS["typed"] += 1
     px, want = reference
     follow = run_with_timeout(lambda: engine.generate(px, "What is happening?", max_new_tokens=12).token_ids)
@@ -228,6 +232,7 @@ def server_cases(url):
         ("no video, text holds <image>", msg([{"type": "text", "text": "look: <image>"}])),
         ("20 MB of text", msg("word " * 4_000_000)),  # it held the event loop for 60 s while it was tokenized
         ("model unknown", dict(good, model="gpt-9")), ("model a number", dict(good, model=5)),
+        ("model name of 1 MB", dict(good, model="m" * 1_000_000)),
         ("media in assistant turn", {"messages": [{"role": "assistant", "content": ok_content},
                                                   {"role": "user", "content": "hi"}]}),
         ("last message assistant", {"messages": [{"role": "user", "content": ok_content},
@@ -329,7 +334,8 @@ def test_server_battery(ckpts, tmp_path):
                 bad_cases.append((name, r.status_code, r.text[:200]))
             else:
                 e = r.json().get("error", {})
-                assert set(e) == {"message", "type", "param", "code"}, (name, r.text)
+                assert set(e) == {"message", "type", "param", "code"}, (name, r.text[:300])
+                assert len(e["message"]) <= MAX_MESSAGE, (name, len(e["message"]), e["message"][:200])
                 counts["4xx"] += 1
             f = post(good)
             if f.status_code != 200 or f.json()["choices"][0]["message"]["content"] != want:
