@@ -554,3 +554,29 @@ def test_a_chunked_body_is_cut_at_the_limit_as_it_arrives(server):
         sock.close()
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
     assert sent <= 8, f"the answer came only after {sent} MiB"
+
+
+def test_a_request_body_is_parsed_off_the_event_loop(server, monkeypatch):
+    """While one body's JSON is being parsed (0.67 s for a 200 MB data URL, here held until released), the server
+    answers others: parsing ran on the event loop, so every client waited for it."""
+    import pllava.server as S
+
+    started, release, real = threading.Event(), threading.Event(), S.parse_json
+
+    def slow(raw):
+        started.set()
+        release.wait(20)
+        return real(raw)
+
+    monkeypatch.setattr(S, "parse_json", slow)
+    box = {}
+    t = threading.Thread(target=lambda: box.update(r=post(server, {"messages": [{"role": "user", "content": "hi"}],
+                                                                   "max_tokens": 2})))
+    t.start()
+    try:
+        assert started.wait(20)
+        assert httpx.get(server.url + "/health", timeout=5).status_code == 200  # timed out with parsing on the loop
+    finally:
+        release.set()
+        t.join(30)
+    assert box["r"].status_code == 200, box["r"].text
