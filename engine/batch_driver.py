@@ -67,8 +67,8 @@ def iter_outputs(engine, requests, max_batch_size: int = 16, *, max_seq_len=None
     pending = 0
     queued = iter(prepared)
     held = None  # a later request longer than the slots sized from the first ones: it waits for the batch to drain
-    totals = dict.fromkeys(_COUNTERS, 0)  # this call's counters (a kept scheduler's own run on across calls)
     start = _counters(sched)
+    totals = dict.fromkeys(start, 0)  # this call's counters (a kept scheduler's own run on across calls)
 
     def feed():
         nonlocal pending, held
@@ -134,9 +134,6 @@ def iter_outputs(engine, requests, max_batch_size: int = 16, *, max_seq_len=None
         if stats is not None:
             stats.update({k: totals[k] + v - start[k] for k, v in _counters(sched).items()},
                          slots=sched.plan.num_slots, slot_len=sched.plan.slot_len)
-
-
-_COUNTERS = ("model_wait_s", "decode_steps", "decode_rows", "tokens")
 
 
 def _counters(sched) -> dict:

@@ -123,13 +123,12 @@ def cmd_chat(a) -> int:
 
 
 def cmd_live(a) -> int:
+    from .prompt import default_question
     from .video import DecodeLimits
 
     eng = _load(a)
     eng.limits = DecodeLimits(timeout_s=a.timeout)
     src = sys.stdin.buffer if a.source == "-" else a.source
-    from .prompt import default_question
-
     for t, out in eng.live(src, a.prompt or default_question(eng.conv_mode), window_s=a.window, every_s=a.every,
                            growing=a.growing, max_new_tokens=a.max_new_tokens):
         if a.json:

@@ -226,7 +226,6 @@ class TextStreamer:
 
     def __init__(self, tokenizer, stop: list[str]):
         self.tok = tokenizer
-        self.stop = stop
         self.matchers = [_StopMatcher(s) for s in stop]
         self.ids: list[int] = []
         self.prefix_offset = 0

@@ -153,15 +153,13 @@ class Engine:
 
         tok_dir = model_dir if os.path.isfile(os.path.join(model_dir, "tokenizer_config.json")) or adapter is None \
             else os.fspath(adapter)
-        for name in ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json"):
-            if os.path.isfile(os.path.join(tok_dir, name)):  # a list or null there raised AttributeError inside
-                read_json_object(os.path.join(tok_dir, name))
         try:
             tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"{tok_dir}: cannot load the tokenizer: {e}") from e
-        except Exception as e:  # noqa: BLE001 - the tokenizers library raises a plain Exception on a corrupt
-            # tokenizer.json ("data did not match any variant of untagged enum ..."): typed, naming the folder
+        except Exception as e:  # noqa: BLE001 - typed here: a list or null in its JSON raised AttributeError /
+            # TypeError inside transformers, a corrupt tokenizer.json a plain Exception from the tokenizers library
+            for name in ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json"):
+                if os.path.isfile(os.path.join(tok_dir, name)):  # the file at fault, named, where one is not an object
+                    read_json_object(os.path.join(tok_dir, name))
             raise ConfigError(f"{tok_dir}: cannot load the tokenizer ({type(e).__name__}): {str(e)[:300]}") from e
         check_image_token(tokenizer, cfg.image_token_index, tok_dir)
         if len(tokenizer) > cfg.text.vocab_size:

@@ -428,7 +428,7 @@ class _OneSize:
     frame's output size holds; a later frame of another size is scaled to it by FFmpeg's scaler, logged once."""
 
     def __init__(self, what: str):
-        self.what, self.first = what, None
+        self.what, self.first, self.warned = what, None, False
 
     def rgb(self, frame, size) -> np.ndarray:
         """`size`: what the caller scales this frame to (None: as stored)."""
@@ -436,10 +436,10 @@ class _OneSize:
         if self.first is None:
             self.first = natural
         elif natural != self.first:
-            if self.what is not None:
+            if not self.warned:
                 log.warning("%s: frames change size part-way (%dx%d after %dx%d); scaled to the first frames' size",
                             self.what, natural[0], natural[1], *self.first)
-                self.what = None
+                self.warned = True
             size = self.first
         return _to_rgb(frame, size)
 
