@@ -20,6 +20,21 @@ class GenerationOutput:
     timings: dict = field(default_factory=dict)  # seconds per stage
     finish_reason: str = "length"  # 'stop' (EOS, stop token or stop string), 'length', 'cancelled' or 'error'
     error: str | None = None  # generate_many(return_errors=True): why this request failed ("VideoError: ...")
+    logprobs: list | None = None  # with logprobs=k: a TokenLogprob per token of token_ids
+
+
+@dataclass
+class TokenLogprob:
+    """A generated token's log-probability under the model's own distribution (log_softmax of its fp32 logits,
+    before logit_bias, penalties, temperature, top-k / top-p: vLLM's default "raw" logprobs), and the `top`
+    k most likely tokens of that distribution, most likely first."""
+    token_id: int
+    logprob: float
+    top: list  # [(token_id, logprob)]
+
+
+# OpenAI's and vLLM's bound on top_logprobs: each costs a topk over the vocabulary a token
+MAX_LOGPROBS = 20
 
 
 @dataclass
@@ -32,15 +47,21 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
+    frequency_penalty: float = 0.0  # OpenAI's: a logit minus this x the times its token is in the output so far
+    presence_penalty: float = 0.0  # OpenAI's: minus this once its token is in the output
+    logit_bias: dict | None = None  # {token id: added to its logit}, before every other processor
+    logprobs: int | None = None  # None: off; k in [0, 20]: each token's logprob and the k most likely (TokenLogprob)
 
     def validate(self):
         def bad(name, why):
             raise InputError(f"{name}: {why}, got {getattr(self, name)!r:.200}")
 
-        for name in ("temperature", "top_p", "repetition_penalty"):
+        for name in ("temperature", "top_p", "repetition_penalty", "frequency_penalty", "presence_penalty"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 bad(name, "must be a number")
+            if isinstance(v, int) and abs(v) > 1e308 or not math.isfinite(v):  # an int past a float's range
+                bad(name, "must be finite")
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             bad("max_new_tokens", "must be an integer >= 1")
         if not (self.temperature >= 0):
@@ -66,8 +87,17 @@ class SamplingParams:
         if not isinstance(self.stop_token_ids, (list, tuple)) or any(
                 isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             bad("stop_token_ids", "must be a list of token ids (integers >= 0)")
-        if not math.isfinite(self.temperature) or not math.isfinite(self.repetition_penalty):
-            bad("temperature" if not math.isfinite(self.temperature) else "repetition_penalty", "must be finite")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                bad("logit_bias", "must be a dict {token id: bias}")
+            for t, b in self.logit_bias.items():
+                if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+                    raise InputError(f"logit_bias: keys must be token ids (integers >= 0), got {t!r:.60}")
+                if isinstance(b, bool) or not isinstance(b, (int, float)) or abs(b) > 1e308 or not math.isfinite(b):
+                    raise InputError(f"logit_bias[{t}]: must be a finite number, got {b!r:.60}")
+        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
+                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            bad("logprobs", f"must be None or an integer in [0, {MAX_LOGPROBS}]")
 
 
 # A stop string longer than this is refused: no answer of a few thousand tokens could end with it, and each one
@@ -157,20 +187,29 @@ class DecodeStep:
         return decode_one_token(self.lm, self.tok, self.pos, kv_len=pos + 1)
 
 
-def sample(logits: torch.Tensor, p: SamplingParams, seen: torch.Tensor | None, gen: torch.Generator | None) -> int:
-    """logits (V,) -> next token id, with transformers' processor order: repetition penalty, temperature,
-    top-k, top-p."""
+def sample(logits: torch.Tensor, p: SamplingParams, seen: torch.Tensor | None, gen: torch.Generator | None,
+           bias: tuple | None = None, counts: torch.Tensor | None = None) -> int:
+    """logits (V,) -> next token id, with vLLM's processor order: logit_bias (`bias`: ids, values), then the
+    penalties (repetition over prompt + output `seen`, as transformers'; frequency and presence over the output's
+    token `counts` (V,), as OpenAI's), then temperature, top-k, top-p."""
     logits = logits.float()
     top = int(logits.argmax())  # NaN and +inf win the argmax: one reduction (the greedy one) finds garbage
     if not math.isfinite(float(logits[top])):  # never sample from a NaN / inf the model produced
         n_bad = int((~torch.isfinite(logits)).sum())
         raise NumericalError(f"the model produced {n_bad} non-finite logits (NaN or inf) of {logits.numel()}")
-    penalised = p.repetition_penalty != 1.0 and seen is not None and seen.numel()
-    if penalised:
+    changed = False
+    if bias is not None:
+        logits = logits.index_add(0, bias[0], bias[1])
+        changed = True
+    if p.repetition_penalty != 1.0 and seen is not None and seen.numel():
         s = logits.gather(0, seen)
         logits = logits.scatter(0, seen, torch.where(s < 0, s * p.repetition_penalty, s / p.repetition_penalty))
+        changed = True
+    if counts is not None and (p.frequency_penalty or p.presence_penalty):
+        logits = logits - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).float()
+        changed = True
     if p.temperature == 0:
-        return int(logits.argmax()) if penalised else top
+        return int(logits.argmax()) if changed else top
     # shifted by the maximum first: softmax((l - max) / T) = softmax(l / T), and a temperature as small as 1e-30
     # can no longer overflow to inf - inf = NaN (the top token gets 0, the others large negatives or -inf)
     logits = (logits - logits.max()) / p.temperature
@@ -280,6 +319,7 @@ class TextStreamer:
 class StepEvent:
     token_id: int
     text: str  # text newly safe to emit (may be "")
+    logprob: TokenLogprob | None = None  # with SamplingParams.logprobs
 
 
 class SequenceState:
@@ -296,29 +336,52 @@ class SequenceState:
         self.streamer = TextStreamer(tokenizer, params.stop)
         self.stop_ids = set(eos_ids) | set(params.stop_token_ids)
         self.seen = prompt_ids.to(device) if (prompt_ids is not None and params.repetition_penalty != 1.0) else None
+        self.bias = None
+        if params.logit_bias:
+            ids = sorted(params.logit_bias)
+            self.bias = (torch.tensor(ids, device=device),
+                         torch.tensor([float(params.logit_bias[t]) for t in ids], device=device))
+        self.counts = None  # (V,) times each token was generated, for the frequency / presence penalties
+        self.penalise_output = bool(params.frequency_penalty or params.presence_penalty)
+        self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
+        self._logprob: TokenLogprob | None = None
         self.n = 0
         self.finish: str | None = None  # set when the sequence is done: 'stop', 'length' or 'cancelled'
 
     def sample(self, logits: torch.Tensor) -> int:
         """logits (V,) of this sequence's last position -> its next token."""
-        return sample(logits, self.params, self.seen, self.gen)
+        if self.penalise_output and self.counts is None:
+            self.counts = torch.zeros(logits.shape[-1], dtype=torch.float32, device=logits.device)
+        tok = sample(logits, self.params, self.seen, self.gen, self.bias, self.counts)
+        if self.logprobs is not None:  # after sample(), which refused non-finite logits
+            lp = torch.log_softmax(logits.float(), -1)
+            k = self.params.logprobs
+            top = torch.topk(lp, k) if k else None
+            self._logprob = TokenLogprob(tok, float(lp[tok]), [] if top is None else
+                                         list(zip(top.indices.tolist(), top.values.tolist())))
+        return tok
 
     def accept(self, tok: int) -> StepEvent:
         """Take a sampled token: the event to emit; afterwards `finish` says whether the sequence has ended."""
         self.n += 1
+        lp, self._logprob = self._logprob, None
+        if self.logprobs is not None:
+            self.logprobs.append(lp)
+        if self.counts is not None:
+            self.counts[tok] += 1
         text = self.streamer.add(tok)
         if tok in self.stop_ids:
             self.finish = "stop"
-            return StepEvent(tok, text + self.streamer.finish())
+            return StepEvent(tok, text + self.streamer.finish(), lp)
         if self.streamer.stopped:
             self.finish = "stop"
-            return StepEvent(tok, text)
+            return StepEvent(tok, text, lp)
         if self.n >= self.params.max_new_tokens:
             self.finish = "length"
-            return StepEvent(tok, text + self.streamer.finish())
+            return StepEvent(tok, text + self.streamer.finish(), lp)
         if self.seen is not None:
             self.seen = torch.cat([self.seen, torch.tensor([tok], device=self.device)])
-        return StepEvent(tok, text)
+        return StepEvent(tok, text, lp)
 
     def cancelled(self) -> bool:
         """Checked after each emitted token: a set `cancel` event ends the sequence before the next step."""
@@ -354,3 +417,4 @@ def generate_tokens(lm, embeds: torch.Tensor, params: SamplingParams, tokenizer,
     timings["decode_tokens"] = seq.n
     timings["_finish"] = seq.finish
     timings["_text"] = seq.streamer.text
+    timings["_logprobs"] = seq.logprobs

@@ -17,6 +17,7 @@ image token in a user message of its own; MM_INTERLEAF prefixes it to the query 
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -348,3 +349,44 @@ def prefix_split(ids: torch.Tensor, image_pos: int | None, num_visual: int) -> i
 def splice(text_embeds: torch.Tensor, image_pos: int, visual: torch.Tensor) -> torch.Tensor:
     """Replace the one <image> embedding at image_pos by all visual embeddings: (L, d) -> (L - 1 + N, d)."""
     return torch.cat([text_embeds[:image_pos], visual.to(text_embeds.dtype), text_embeds[image_pos + 1:]], dim=0)
+
+
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet, inverted: the printable character that stands for each byte -> the byte."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    chars, n = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + n)] = b
+            n += 1
+    return chars
+
+
+def token_bytes_table(tokenizer) -> list[bytes]:
+    """The bytes of the text each token id stands for, exactly (OpenAI's logprobs `bytes`): a byte-fallback token
+    '<0xE6>' is that one byte (one third of a character, which no decode of the token alone can give), a
+    SentencePiece piece '▁the' is b' the' (Llama's decode of it alone drops the space), a byte-level BPE token is
+    its bytes through GPT-2's alphabet, and a special / added token is its string."""
+    vocab = tokenizer.get_vocab()
+    n = max(vocab.values()) + 1
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    byte_level = backend is not None and "ByteLevel" in repr(backend.decoder)
+    alphabet = _byte_level_alphabet() if byte_level else {}
+    added = set(getattr(tokenizer, "get_added_vocab", dict)())
+    table = [b""] * n
+    for tok, i in vocab.items():
+        m = _BYTE_TOKEN.fullmatch(tok)
+        if m:  # before the added tokens: some vocabularies register their byte tokens as special
+            table[i] = bytes([int(m.group(1), 16)])
+        elif tok in added:
+            table[i] = tok.encode("utf-8", "surrogatepass")
+        elif byte_level and all(c in alphabet for c in tok):
+            table[i] = bytes(alphabet[c] for c in tok)
+        else:
+            table[i] = tok.replace("\u2581", " ").encode("utf-8", "surrogatepass")
+    return table

@@ -79,6 +79,82 @@ class Job:
     return_frames: bool = False
     video_key: str | None = None
     n: int = 1  # choices (OpenAI's `n`): n sequences in the batch over one fetched clip
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: dict | None = None  # {token id: bias}
+    logprobs: int | None = None  # None: off; k: each token's logprob and its k most likely alternatives
+
+    def sampling(self) -> dict:
+        """The engine Request's sampling keywords of this job (all but the seed, which differs per choice)."""
+        return dict(max_new_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
+                    top_k=self.top_k, repetition_penalty=self.repetition_penalty, stop=self.stop,
+                    frequency_penalty=self.frequency_penalty, presence_penalty=self.presence_penalty,
+                    logit_bias=self.logit_bias, logprobs=self.logprobs)
+
+
+# The chat request's fields this server reads: OpenAI's, vLLM's extensions top_k / repetition_penalty, and its own
+# num_frames / lora_alpha / return_frames (the page's sampled frames)
+CHAT_FIELDS = frozenset({
+    "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "stream",
+    "stream_options", "stop", "seed", "logprobs", "top_logprobs", "frequency_penalty", "presence_penalty",
+    "logit_bias", "top_k", "repetition_penalty", "num_frames", "lora_alpha", "return_frames"})
+CAPTION_FIELDS = frozenset({"model", "url", "prompt", "max_tokens", "num_frames", "lora_alpha"})  # /v1/captions
+# OpenAI's fields that do not change an answer (bookkeeping, caching hints): accepted and not used
+INERT_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key",
+                          "prompt_cache_retention", "parallel_tool_calls"})
+# OpenAI's fields this server does not implement, with the values that ask for nothing (accepted); any other value
+# is a 400 naming the field, never a silently different answer
+UNIMPLEMENTED_FIELDS = {"tools": ([],), "tool_choice": ("none",), "functions": ([],), "function_call": ("none",),
+                        "response_format": ({"type": "text"},), "modalities": (["text"],), "audio": (),
+                        "prediction": (), "reasoning_effort": (), "web_search_options": (), "verbosity": ()}
+MAX_LOGIT_BIAS = 1024  # entries of logit_bias (each is one scatter element a token; OpenAI documents no bound)
+
+
+def check_fields(body: dict, known=CHAT_FIELDS):
+    """A field the server does not read is a 400 naming it (OpenAI's 'Unrecognized request argument'), not an
+    answer that silently ignores what was asked; INERT_FIELDS pass."""
+    for k, v in body.items():
+        if k in known or k in INERT_FIELDS:
+            continue
+        if k in UNIMPLEMENTED_FIELDS:
+            if v is None or v in UNIMPLEMENTED_FIELDS[k]:
+                continue
+            raise bad(f"'{k}' is not supported by this server (got {json.dumps(v)[:60]})", k, "unsupported_parameter")
+        raise bad(f"unrecognized request argument supplied: {k!r:.60}; this server reads "
+                  f"{', '.join(sorted(known))}", str(k)[:60], "unrecognized_argument")
+
+
+def _logit_bias(body) -> dict | None:
+    lb = body.get("logit_bias")
+    if lb is None:
+        return None
+    if not isinstance(lb, dict):
+        raise bad(f"'logit_bias' must be an object {{token id: bias}}, got {type(lb).__name__}", "logit_bias")
+    if len(lb) > MAX_LOGIT_BIAS:
+        raise bad(f"'logit_bias' has {len(lb)} entries, over the limit of {MAX_LOGIT_BIAS}", "logit_bias")
+    out = {}
+    for k, v in lb.items():
+        if not (isinstance(k, str) and k.isascii() and k.isdigit() and len(k) <= 9):
+            raise bad(f"'logit_bias' keys must be token ids (decimal strings), got {k!r:.40}", "logit_bias")
+        out[int(k)] = _bias(v, k)
+    return out
+
+
+def _bias(v, k) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not -100 <= v <= 100:
+        raise bad(f"'logit_bias[{k}]' must be a number in [-100, 100], got {v!r:.40}", "logit_bias")
+    return float(v)
+
+
+def _logprobs(body) -> int | None:
+    """OpenAI's logprobs (true/false) and top_logprobs (0-20, only with logprobs) -> None or k."""
+    want = _flag(body, "logprobs")
+    k = _number(body, "top_logprobs", 0, 20, None, True)
+    if k is not None and not want:
+        raise bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    return (k or 0) if want else None
 
 
 def _number(body, name, lo, hi, default, integer=False):
@@ -92,6 +168,16 @@ def _number(body, name, lo, hi, default, integer=False):
     if not (lo <= v <= hi):
         raise bad(f"'{name}' must be in [{lo}, {hi}], got {v!r:.40}", name)
     return int(v) if integer else float(v)
+
+
+def logprob_content(lps, token_bytes) -> list[dict]:
+    """TokenLogprobs -> OpenAI's logprobs.content entries: token (its text; a partial UTF-8 character shows as
+    U+FFFD), logprob, bytes (exact: the byte of a byte-fallback token) and top_logprobs in the same shape."""
+    def entry(tid, lp):
+        b = token_bytes(tid)
+        return {"token": b.decode("utf-8", "replace"), "logprob": lp, "bytes": list(b)}
+
+    return [{**entry(x.token_id, x.logprob), "top_logprobs": [entry(t, v) for t, v in x.top]} for x in lps]
 
 
 def finish_reason(f: str) -> str:
@@ -148,6 +234,7 @@ def parse_stream_flags(body) -> tuple[bool, bool]:
 def parse_chat(body: dict, cfg: ServerConfig) -> Job:
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object")
+    check_fields(body)
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
         raise bad("'messages' must be a non-empty list", "messages")
@@ -214,7 +301,17 @@ def parse_chat(body: dict, cfg: ServerConfig) -> Job:
                max_tokens=max_tokens, temperature=_number(body, "temperature", 0.0, 2.0, 0.0),
                top_p=_number(body, "top_p", 1e-6, 1.0, 1.0), stop=stop, seed=seed,
                lora_alpha=_number(body, "lora_alpha", -1e4, 1e4, cfg.lora_alpha),
-               return_frames=_flag(body, "return_frames"))
+               return_frames=_flag(body, "return_frames"),
+               top_k=_top_k(body), repetition_penalty=_number(body, "repetition_penalty", 1e-6, 10.0, 1.0),
+               frequency_penalty=_number(body, "frequency_penalty", -2.0, 2.0, 0.0),
+               presence_penalty=_number(body, "presence_penalty", -2.0, 2.0, 0.0),
+               logit_bias=_logit_bias(body), logprobs=_logprobs(body))
+
+
+def _top_k(body) -> int:
+    """vLLM's top_k: -1 or 0 is off."""
+    k = _number(body, "top_k", -1, 1 << 31, 0, True)
+    return max(k, 0)
 
 
 def _flag(body: dict, name: str) -> bool:

@@ -19,7 +19,7 @@ from .model import PllavaModel
 from .model.head import HEAD_RESCORE, HalfHead, RescoredHead
 from .preprocess import clip_defaults, load_processor_config, preprocess
 from .prompt import (CAPTION_QUESTION, build_chat_prompt, build_prompt, check_image_token, default_conv_mode,
-                     default_question, prefix_split, splice, text_ids, tokenize)
+                     default_question, prefix_split, splice, text_ids, token_bytes_table, tokenize)
 from .video import DEFAULT_LIMITS, is_source, read_frames, stream_frames
 
 log = logging.getLogger("pllava")
@@ -95,6 +95,7 @@ class Engine:
         self._prefix = None  # (key, positions) of the prefix the KV cache holds
         self._sched = None  # the batch scheduler generate_many drives (kept: its slots keep their video prefixes)
         self._token_chars = None  # the tokenizer's longest token, in characters (_longest_token)
+        self._token_bytes: list[bytes] | None = None  # each token id's bytes (token_bytes), built at its first call
 
     # ------------------------------------------------------------------------------------------ loading
     @classmethod
@@ -455,6 +456,13 @@ class Engine:
             self._token_chars = max([1] + [len(t) for t in self.tokenizer.get_vocab()])
         return self._token_chars
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes of the text a token id stands for (a byte-fallback token is its one byte): what the server's
+        logprobs report (prompt.token_bytes_table, built once)."""
+        if self._token_bytes is None:
+            self._token_bytes = token_bytes_table(self.tokenizer)
+        return self._token_bytes[token_id] if 0 <= token_id < len(self._token_bytes) else b""
+
     @torch.no_grad()
     def prompt_logits(self, video, prompt: str, conv_mode: str | None = None, system: str | None = None):
         """Logits (L, V) of every position of the spliced prompt (for scoring options, and parity tests)."""
@@ -472,6 +480,8 @@ class Engine:
         v = self.config.text.vocab_size
         if any(t >= v for t in params.stop_token_ids):
             raise InputError(f"stop_token_ids: {max(params.stop_token_ids)} is not a token id (vocabulary of {v})")
+        if params.logit_bias and max(params.logit_bias) >= v:
+            raise InputError(f"logit_bias: {max(params.logit_bias)} is not a token id (vocabulary of {v})")
 
     def _run(self, video, prompt, params: SamplingParams, conv_mode, system, timings, cancel=None, video_key=None):
         self.check_params(params)
@@ -530,28 +540,31 @@ class Engine:
 
     def generate(self, video, prompt, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
                  stop=None, *, top_k: int = 0, repetition_penalty: float = 1.0, seed: int | None = None,
-                 stop_token_ids=None, conv_mode: str | None = None, system: str | None = None,
-                 cancel=None, video_key=None) -> GenerationOutput:
+                 stop_token_ids=None, frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
+                 logit_bias: dict | None = None, logprobs: int | None = None, conv_mode: str | None = None,
+                 system: str | None = None, cancel=None, video_key=None) -> GenerationOutput:
         """`prompt`: a question (rendered with conv_mode's template), a full prompt with conv_mode='raw', or chat
         turns [(role, text)]. `cancel`: a threading.Event that stops generation at the next token. `video_key`:
         an identity for frames the caller decoded (e.g. a content hash) so a follow-up question reuses the video's
-        KV cache."""
-        params = SamplingParams(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed,
-                                stop or [], stop_token_ids or [])
+        KV cache. `logprobs=k` (0-20): out.logprobs holds each new token's TokenLogprob (its log-probability under
+        the model's distribution and the k most likely tokens)."""
+        params = SamplingParams(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, stop or [],
+                                stop_token_ids or [], frequency_penalty, presence_penalty, logit_bias, logprobs)
         timings: dict = {}
         toks = [ev.token_id for ev in self._run(video, prompt, params, conv_mode, system, timings, cancel, video_key)]
         n_prompt = timings.pop("num_prompt_tokens")
-        finish, text = timings.pop("_finish"), timings.pop("_text")
-        return GenerationOutput(text, toks, n_prompt, timings, finish)
+        finish, text, lps = timings.pop("_finish"), timings.pop("_text"), timings.pop("_logprobs")
+        return GenerationOutput(text, toks, n_prompt, timings, finish, logprobs=lps)
 
     def stream(self, video, prompt, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
                stop=None, *, top_k: int = 0, repetition_penalty: float = 1.0, seed: int | None = None,
-               stop_token_ids=None, conv_mode: str | None = None, system: str | None = None, cancel=None,
+               stop_token_ids=None, frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
+               logit_bias: dict | None = None, conv_mode: str | None = None, system: str | None = None, cancel=None,
                video_key=None, timings: dict | None = None) -> Iterator[str]:
         """Yield text pieces as they are generated (''.join(pieces) == generate(...).text); the arguments are
         generate's, and `timings` (a dict) is filled with its stage times."""
-        params = SamplingParams(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed,
-                                stop or [], stop_token_ids or [])
+        params = SamplingParams(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, stop or [],
+                                stop_token_ids or [], frequency_penalty, presence_penalty, logit_bias)
         timings = {} if timings is None else timings
         for ev in self._run(video, prompt, params, conv_mode, system, timings, cancel, video_key):
             if ev.text:

@@ -49,6 +49,10 @@ class Request:
     seed: int | None = None
     stop: Any = None
     stop_token_ids: Any = None
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: Any = None
+    logprobs: int | None = None
     conv_mode: str | None = None
     system: str | None = None
     video_key: Any = None
@@ -154,7 +158,8 @@ def prepare_sequence(engine, req: Request, index=None, on_event=None, on_done=No
     where = f"requests[{index}]" if index is not None else "request"
     try:
         params = SamplingParams(req.max_new_tokens, req.temperature, req.top_p, req.top_k, req.repetition_penalty,
-                                req.seed, req.stop or [], req.stop_token_ids or [])
+                                req.seed, req.stop or [], req.stop_token_ids or [], req.frequency_penalty,
+                                req.presence_penalty, req.logit_bias, req.logprobs)
         e.check_params(params)
         alpha = e.lora_alpha if req.lora_alpha is None else check_lora_alpha(req.lora_alpha, InputError)
         if e.lora_merged and alpha != e.lora_alpha:
@@ -554,7 +559,8 @@ class Scheduler:
         s.timings["decode_tokens"] = len(s.tokens)
         text = s.state.streamer.text if s.state is not None else ""
         s.output = GenerationOutput(text, list(s.tokens), s.n_prompt, s.timings, reason,
-                                    error=None if s.error is None else error_line(s.error))
+                                    error=None if s.error is None else error_line(s.error),
+                                    logprobs=None if s.state is None else s.state.logprobs)
         s.done.set()
         if s.on_done is not None:
             s.on_done(s)

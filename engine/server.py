@@ -24,10 +24,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.formparsers import MultiPartException
 
+from .generate import StepEvent
 from .media import load_media_timed, thumbnails
 from .prompt import default_question
-from .protocol import (APIError, Job, ServerConfig, bad, check_model, finish_reason, model_not_found, parse_chat,
-                       parse_json, parse_stream_flags, to_api)
+from .protocol import (CAPTION_FIELDS, APIError, Job, ServerConfig, bad, check_fields, check_model, finish_reason,
+                       logprob_content, model_not_found, parse_chat, parse_json, parse_stream_flags, to_api)
 from .scheduler import Request as GenRequest
 
 __all__ = ["ServerConfig", "create_app", "serve"]
@@ -191,19 +192,20 @@ def create_app(engine, cfg: ServerConfig, on_ready=None) -> FastAPI:
         return await asyncio.to_thread(parse_json, b"".join(chunks))
 
     async def model_stream(job: Job, frames, cancel: threading.Event, choice: int = 0):
-        """Submit to the batch scheduler; yield text pieces as they are generated, then the GenerationOutput.
+        """Submit to the batch scheduler; yield its StepEvents as they are generated (those with text; all of them
+        when the job wants logprobs), then the GenerationOutput.
         Closing this generator early (the client went away) cancels this request alone. `choice` i of n gets
         seed + i (a seeded request's n choices are reproducible and differ when sampled)."""
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         seed = None if job.seed is None else (job.seed + choice) % (2 ** 63)
-        req = GenRequest(video=frames, prompt=job.turns, system=job.system, max_new_tokens=job.max_tokens,
-                         temperature=job.temperature, top_p=job.top_p, stop=job.stop, seed=seed,
-                         video_key=job.video_key, lora_alpha=job.lora_alpha, cancel=cancel)
+        req = GenRequest(video=frames, prompt=job.turns, system=job.system, seed=seed, video_key=job.video_key,
+                         lora_alpha=job.lora_alpha, cancel=cancel, **job.sampling())
+        lps = job.logprobs is not None  # then every token's event goes out (its logprob), text or not
         # in a thread: submit tokenizes the prompt, which must not hold the event loop (every other client's)
         seq = await asyncio.to_thread(
             state["batch"].submit, req,
-            on_event=lambda _s, ev: ev.text and loop.call_soon_threadsafe(q.put_nowait, ev.text),
+            on_event=lambda _s, ev: (ev.text or lps) and loop.call_soon_threadsafe(q.put_nowait, ev),
             on_done=lambda _s: loop.call_soon_threadsafe(q.put_nowait, _DONE))
         try:
             while (item := await q.get()) is not _DONE:
@@ -236,13 +238,13 @@ def create_app(engine, cfg: ServerConfig, on_ready=None) -> FastAPI:
     async def run_blocking(request: Request, job: Job):
         """Admit, wait for a slot, fetch + decode the media in a thread (once), generate its job.n choices in the
         batch; a client that disconnects meanwhile cancels them. -> [(text, n_tokens, n_prompt, finish, timings)]
-        one per choice."""
+        one per choice, with its TokenLogprobs (None unless asked)."""
         sched().admit()
         cancel = threading.Event()
 
         async def collect(i):
             async for item in model_stream(job, frames, cancel, i):
-                if not isinstance(item, str):
+                if not isinstance(item, StepEvent):
                     return item
             raise RuntimeError("the scheduler ended a request without an output")
 
@@ -253,8 +255,8 @@ def create_app(engine, cfg: ServerConfig, on_ready=None) -> FastAPI:
                 async with sched().sem:
                     outs = await until_disconnect(request, cancel,
                                                   asyncio.gather(*(collect(i) for i in range(job.n))))
-                return [(o.text, len(o.token_ids), o.num_prompt_tokens, o.finish_reason, dict(o.timings, media=t_media))
-                        for o in outs]
+                return [(o.text, len(o.token_ids), o.num_prompt_tokens, o.finish_reason, dict(o.timings, media=t_media),
+                         o.logprobs) for o in outs]
             finally:
                 sched().running -= 1
         except Exception as e:  # noqa: BLE001 - mapped to a typed API error (500 only for real bugs)
@@ -310,15 +312,19 @@ def create_app(engine, cfg: ServerConfig, on_ready=None) -> FastAPI:
             n_prompt, n_tok = outs[0][2], sum(o[1] for o in outs)
             return {"id": rid, "object": "chat.completion", "created": created, "model": model,
                     "choices": [{"index": i, "message": {"role": "assistant", "content": text},
-                                 "finish_reason": finish_reason(fin)} for i, (text, _, _, fin, _) in enumerate(outs)],
+                                 "logprobs": None if lps is None else {"content": logprob_content(lps, engine.token_bytes)},
+                                 "finish_reason": finish_reason(fin)} for i, (text, _, _, fin, _, lps) in enumerate(outs)],
                     "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_tok, "total_tokens": n_prompt + n_tok},
                     "pllava": {"timings": outs[0][4]} if len(outs) == 1 else
                     {"timings": outs[0][4], "choices_timings": [o[4] for o in outs]}}
 
-        def chunk(delta: dict, fin=None, usage=None, extra=None) -> str:
+        def chunk(delta: dict, fin=None, usage=None, extra=None, lps=None) -> str:
             c = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
                  "choices": [] if usage is not None and delta is None else
                  [{"index": 0, "delta": delta, "finish_reason": fin}]}
+            if job.logprobs is not None and c["choices"]:
+                c["choices"][0]["logprobs"] = None if lps is None else {
+                    "content": logprob_content(lps, engine.token_bytes)}
             if usage is not None:
                 c["usage"] = usage
             if extra:
@@ -340,10 +346,15 @@ def create_app(engine, cfg: ServerConfig, on_ready=None) -> FastAPI:
                     yield chunk({"role": "assistant", "content": ""})
                     async with sched().sem:
                         gen = model_stream(job, frames, cancel)
+                        pending = []  # logprobs of tokens whose text is not out yet (held back, or none)
                         try:
                             async for item in gen:
-                                if isinstance(item, str):
-                                    yield chunk({"content": item})
+                                if isinstance(item, StepEvent):
+                                    if item.logprob is not None:
+                                        pending.append(item.logprob)
+                                    if item.text:
+                                        yield chunk({"content": item.text}, lps=pending)
+                                        pending = []
                                 else:
                                     res = item
                         except (asyncio.CancelledError, GeneratorExit):  # the client went away: stop this request
@@ -363,7 +374,7 @@ def create_app(engine, cfg: ServerConfig, on_ready=None) -> FastAPI:
                 if res is not None:
                     timings = dict(res.timings, media=t_media)
                     n_tok, n_prompt = len(res.token_ids), res.num_prompt_tokens
-                    yield chunk({}, finish_reason(res.finish_reason))
+                    yield chunk({}, finish_reason(res.finish_reason), lps=pending)
                     if include_usage:
                         yield chunk(None, usage={"prompt_tokens": n_prompt, "completion_tokens": n_tok,
                                                  "total_tokens": n_prompt + n_tok}, extra={"pllava": {"timings": timings}})
@@ -408,6 +419,7 @@ def create_app(engine, cfg: ServerConfig, on_ready=None) -> FastAPI:
             if len(data) > cfg.max_video_bytes:
                 raise APIError(413, f"upload exceeds the {cfg.max_video_bytes}-byte limit", "RequestTooLarge", "file",
                                "too_large")
+            check_fields({k: form.get(k) for k in form.keys() if k != "file"}, CAPTION_FIELDS)
             fields = {k: form.get(k) for k in ("prompt", "max_tokens", "num_frames", "lora_alpha")
                       if form.get(k) is not None}
             body = {}
@@ -424,6 +436,8 @@ def create_app(engine, cfg: ServerConfig, on_ready=None) -> FastAPI:
             body = await body_json(request)
             if not isinstance(body, dict):
                 raise bad("the request body must be a JSON object (or a multipart upload with field 'file')")
+            check_fields(body, CAPTION_FIELDS)
+            check_model(body, cfg.model_name)
             url = body.get("url")
             if not isinstance(url, str) or not url:
                 raise bad("'url' is required (or upload the video as multipart field 'file')", "url")
@@ -434,7 +448,7 @@ def create_app(engine, cfg: ServerConfig, on_ready=None) -> FastAPI:
                      **{k: body[k] for k in ("max_tokens", "num_frames", "lora_alpha") if k in body}}
         job = parse_chat(chat_body, cfg)
         job.media_bytes = data
-        text, n_tok, _, _, timings = (await run_blocking(request, job))[0]
+        text, n_tok, _, _, timings, _ = (await run_blocking(request, job))[0]
         metrics.request("/v1/captions", 200)
         return {"caption": text, "num_tokens": n_tok, "timings": timings}
 

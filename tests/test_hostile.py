@@ -88,6 +88,15 @@ ENGINE_CASES = [
     ("stop_token_ids strings", dict(stop_token_ids=["a"])), ("stop_token_ids negative", dict(stop_token_ids=[-1])),
     ("stop_token_ids huge", dict(stop_token_ids=[10 ** 9])), ("stop_token_ids float", dict(stop_token_ids=[1.5])),
     ("stop_token_ids int", dict(stop_token_ids=5)), ("stop_token_ids bool", dict(stop_token_ids=[True])),
+    ("logit_bias str key", dict(logit_bias={"7": 1.0})), ("logit_bias id past the vocabulary", dict(logit_bias={10 ** 9: 1.0})),
+    ("logit_bias negative id", dict(logit_bias={-1: 1.0})), ("logit_bias bool key", dict(logit_bias={True: 1.0})),
+    ("logit_bias NaN", dict(logit_bias={3: NAN})), ("logit_bias inf", dict(logit_bias={3: -INF})),
+    ("logit_bias str value", dict(logit_bias={3: "1"})), ("logit_bias list", dict(logit_bias=[1, 2])),
+    ("logprobs 21", dict(logprobs=21)), ("logprobs -1", dict(logprobs=-1)), ("logprobs str", dict(logprobs="5")),
+    ("logprobs bool", dict(logprobs=True)), ("logprobs 1.5", dict(logprobs=1.5)),
+    ("frequency_penalty NaN", dict(frequency_penalty=NAN)), ("frequency_penalty str", dict(frequency_penalty="1")),
+    ("presence_penalty inf", dict(presence_penalty=INF)), ("presence_penalty None", dict(presence_penalty=None)),
+    ("temperature 10**400", dict(temperature=10 ** 400)), ("logit_bias 10**400", dict(logit_bias={3: 10 ** 400})),
 ]
 BATCH_ONLY_CASES = [("lora_alpha NaN", dict(lora_alpha=NAN)), ("lora_alpha inf", dict(lora_alpha=-INF)),
                     ("lora_alpha str", dict(lora_alpha="4")), ("lora_alpha bool", dict(lora_alpha=True)),
@@ -253,7 +262,14 @@ def server_cases(url):
                           ("lora_alpha", ["4", True, 1e9, [4]]), ("seed", [1.5, -1, 2 ** 70, "1", True]),
                           ("stop", [5, [""], [1], ["a"] * 9, {"a": 1}, ["ab" * 500_000]]), ("stream", ["yes", 1]),
                           ("stream_options", [[1], "x", {"include_usage": "yes"}]),
-                          ("n", [0, -1, 1.5, "2", True, 10 ** 6])):
+                          ("n", [0, -1, 1.5, "2", True, 10 ** 6]), ("logprobs", ["yes", 1]),
+                          ("top_logprobs", [2, -1, 21, 1.5, "2"]), ("top_k", [-2, 1.5, "5", 2 ** 40]),
+                          ("logit_bias", [[1], "x", {"x": 1}, {"3": 101}, {"3": "1"}, {"99999": 1}, {"\u00b2": 1},
+                                          {"\u0663": 1}, {"1" * 40: 1}]),
+                          ("frequency_penalty", [3, "x", float("nan")]), ("presence_penalty", [-3, [1]]),
+                          ("repetition_penalty", [0, 11, "x"]), ("tools", [[{"type": "function"}]]),
+                          ("response_format", [{"type": "json_object"}, "text"]), ("audio", [{"voice": "x"}]),
+                          ("temprature", [0.5]), ("bogus_field", [1])):
         for v in values:
             cases.append((f"{field}={v!r:.20}", dict(good, **{field: v})))
     # raw bodies (bytes, sent as they are): json.dumps cannot write these
