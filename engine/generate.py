@@ -226,6 +226,15 @@ def sample(logits: torch.Tensor, p: SamplingParams, seen: torch.Tensor | None, g
     return int(torch.multinomial(probs, 1, generator=gen))
 
 
+def greedy_rows(logits: torch.Tensor) -> list[int | None]:
+    """logits (B, V) -> each row's argmax, as sample() of a plain greedy row gives it, with one device sync for
+    all rows (sample() syncs twice a row); None for a row whose best logit is not finite (sample() says why)."""
+    logits = logits.float()
+    top = logits.argmax(-1)  # (B,): sample()'s own reduction, a row at a time; NaN and +inf win it
+    best = logits.gather(-1, top[:, None])[:, 0]
+    return [t if math.isfinite(v) else None for t, v in zip(top.tolist(), best.tolist())]
+
+
 class _StopMatcher:
     """Knuth-Morris-Pratt over text that only grows: `matched` is the longest prefix of `s` the text ends with,
     updated in amortised O(1) a character. (Recomputing that from the whole text each token cost O(len(s)^2): a
@@ -347,6 +356,14 @@ class SequenceState:
         self._logprob: TokenLogprob | None = None
         self.n = 0
         self.finish: str | None = None  # set when the sequence is done: 'stop', 'length' or 'cancelled'
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with no processor and no logprobs: the token is the argmax, which the batch scheduler takes for
+        all such rows of a step at once (greedy_rows)."""
+        p = self.params
+        return (p.temperature == 0 and self.seen is None and self.bias is None and not self.penalise_output
+                and self.logprobs is None)
 
     def sample(self, logits: torch.Tensor) -> int:
         """logits (V,) of this sequence's last position -> its next token."""

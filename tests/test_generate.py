@@ -304,3 +304,26 @@ def test_the_static_cache_is_rebuilt_for_another_dtype(ckpts):
     assert lm.setup_cache(1, 200, torch.bfloat16, "cpu", keep=5)  # another dtype: rebuilt
     k = lm.layers[0].self_attn.kv_cache.k_cache
     assert k.dtype == torch.bfloat16 and bool((k[:, :, :5] == 1.5).all())
+
+
+def test_greedy_rows_equal_sample_a_row_at_a_time():
+    """The scheduler's one-sync argmax of plain greedy rows gives sample()'s token for every row (ties: the first
+    maximal index; fp16 / bf16 logits too) and None where sample() refuses non-finite logits."""
+    from pllava.generate import greedy_rows
+
+    g = torch.Generator().manual_seed(0)
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        lg = torch.randn(9, 300, generator=g).to(dt)
+        lg[1, [5, 17, 200]] = 9.0  # a three-way tie
+        lg[2] = 0.0  # all tied
+        lg[3, 7] = float("nan")
+        lg[4, 9] = float("inf")
+        lg[5, 11] = float("-inf")  # finite best: fine
+        want = []
+        for row in lg:
+            try:
+                want.append(sample(row, SamplingParams(), None, None))
+            except pllava.NumericalError:
+                want.append(None)
+        assert greedy_rows(lg) == want
+        assert want[1] == 5 and want[2] == 0 and want[3] is None and want[4] is None and want[5] is not None
