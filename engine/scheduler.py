@@ -517,18 +517,13 @@ class Scheduler:
         """logits (B, 1, V) -> each row's next token. The plain greedy rows (the captioning job's) take one argmax
         over all of them and one sync, not two syncs and ~5 ops a row; the others sample a row at a time."""
         greedy = [b for b, s in enumerate(rows_seqs) if s.state.plain_greedy]
-        nxt: list[int | None] = [None] * len(rows_seqs)
-        if len(greedy) > 1:
-            sel = logits[:, -1] if len(greedy) == len(rows_seqs) else logits[greedy, -1]
-            for b, tok in zip(greedy, greedy_rows(sel)):
-                nxt[b] = tok if tok is not None else self._sample(rows_seqs[b], logits[b, -1])  # says why
-            greedy = set(greedy)
-        else:
-            greedy = set()
-        for b, s in enumerate(rows_seqs):
-            if b not in greedy:
-                nxt[b] = self._sample(s, logits[b, -1])
-        return nxt
+        if len(greedy) < 2:
+            greedy = []
+        sel = logits[:, -1] if len(greedy) == len(rows_seqs) else logits[greedy, -1]  # all rows: no copy
+        toks = dict(zip(greedy, greedy_rows(sel))) if greedy else {}
+        # a row not greedy, or whose best logit is not finite (None): sample() takes it, and says why
+        return [toks.get(b) if toks.get(b) is not None else self._sample(s, logits[b, -1])
+                for b, s in enumerate(rows_seqs)]
 
     @staticmethod
     def _sample(s: Sequence, logits) -> int | None:
