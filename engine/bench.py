@@ -444,8 +444,32 @@ def bench_setup(preset, device, dtype, video, out_dir, quantize=None):
     return device, dt, base, adapter, video, engine
 
 
+# the CPU features a CPU number depends on: the GEMV's AVX-512, bf16 GEMMs (avx512_bf16; AMX tiles in oneDNN)
+_CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
+def cpu_name(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """'<model name>, N cores, <flags of _CPU_FLAGS it has>': sessions land on different CPUs (a Zen4 without
+    AMX, a Xeon with it), and a CPU figure means little without saying which."""
+    model, flags = "", set()
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, val = line.partition(":")
+                if key.strip() == "model name" and not model:
+                    model = val.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = set(val.split())
+    except OSError:  # no /proc (macOS): the platform's own name
+        import platform
+
+        model = platform.processor()
+    have = [f for f in _CPU_FLAGS if f in flags]
+    return f"CPU {model or 'unknown'}, {os.cpu_count()} cores" + (f", {' '.join(have)}" if have else "")
+
+
 def device_name(device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
 
 
 def run_bench(preset: str = "small", frames=(1, 4, 8, 16, 32, 64), new_tokens: int = 64, runs: int = 3,

@@ -251,7 +251,7 @@ def _port(s: str) -> int:
 def _parse_dtype(s):
     if s is None:
         return None
-    from .runtime import resolve_dtype
+    from .loading import resolve_dtype
 
     import torch
 

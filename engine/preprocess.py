@@ -10,7 +10,6 @@ import os
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .config import read_json_object
 from .errors import ConfigError, InputError

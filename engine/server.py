@@ -191,9 +191,9 @@ def create_app(engine, cfg: ServerConfig, on_ready=None) -> FastAPI:
         # in a thread: a body near the limit (a 200 MB data URL) took 0.67 s to parse, every other client waiting
         return await asyncio.to_thread(parse_json, b"".join(chunks))
 
-    async def model_stream(job: Job, frames, cancel: threading.Event, choice: int = 0):
+    async def model_stream(job: Job, frames, cancel: threading.Event, choice: int = 0, events: bool = True):
         """Submit to the batch scheduler; yield its StepEvents as they are generated (those with text; all of them
-        when the job wants logprobs), then the GenerationOutput.
+        when the job wants logprobs; none with events=False, for an answer sent whole), then the GenerationOutput.
         Closing this generator early (the client went away) cancels this request alone. `choice` i of n gets
         seed + i (a seeded request's n choices are reproducible and differ when sampled)."""
         loop = asyncio.get_running_loop()
@@ -202,10 +202,13 @@ def create_app(engine, cfg: ServerConfig, on_ready=None) -> FastAPI:
         req = GenRequest(video=frames, prompt=job.turns, system=job.system, seed=seed, video_key=job.video_key,
                          lora_alpha=job.lora_alpha, cancel=cancel, **job.sampling())
         lps = job.logprobs is not None  # then every token's event goes out (its logprob), text or not
+        # a whole answer reads the output alone: no event crosses to the loop (one call_soon_threadsafe a token)
+        on_event = None if not events else lambda _s, ev: (ev.text or lps) and loop.call_soon_threadsafe(
+            q.put_nowait, ev)
         # in a thread: submit tokenizes the prompt, which must not hold the event loop (every other client's)
         seq = await asyncio.to_thread(
             state["batch"].submit, req,
-            on_event=lambda _s, ev: (ev.text or lps) and loop.call_soon_threadsafe(q.put_nowait, ev),
+            on_event=on_event,
             on_done=lambda _s: loop.call_soon_threadsafe(q.put_nowait, _DONE))
         try:
             while (item := await q.get()) is not _DONE:
@@ -243,7 +246,7 @@ def create_app(engine, cfg: ServerConfig, on_ready=None) -> FastAPI:
         cancel = threading.Event()
 
         async def collect(i):
-            async for item in model_stream(job, frames, cancel, i):
+            async for item in model_stream(job, frames, cancel, i, events=False):
                 if not isinstance(item, StepEvent):
                     return item
             raise RuntimeError("the scheduler ended a request without an output")

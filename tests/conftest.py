@@ -43,3 +43,12 @@ def video_path(tmp_path_factory):
     from pllava.testing import make_video
 
     return make_video(str(tmp_path_factory.mktemp("vid") / "clip.mp4"), num_frames=30, size=(80, 60))
+
+
+@pytest.fixture(scope="module")
+def engine(ckpts):
+    """The tiny PLLaVA checkpoint as an fp32 CPU engine, one per test module (a module may set its alpha, limits
+    or flags without reaching another); a module that needs another engine defines its own `engine`."""
+    import pllava
+
+    return pllava.Engine.from_pretrained(ckpts["pllava"])

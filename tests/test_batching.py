@@ -14,10 +14,6 @@ from pllava.scheduler import Request, plan_slots
 from triton_util import needs_triton
 
 
-@pytest.fixture(scope="module")
-def engine(ckpts):
-    return pllava.Engine.from_pretrained(ckpts["pllava"])
-
 
 @pytest.fixture(scope="module")
 def pxs(engine):

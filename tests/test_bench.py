@@ -49,3 +49,20 @@ def test_bench_quality_counts_both_kinds_of_position(tmp_path):
             assert 0 <= st["agree"] <= n and st["agree"] == hf["agree"] - st["only_hf"] + st["only_mode"], name
         assert by_mode["pllava-engine bf16 + int8 (lm_head: Int8Head)"]["agree"] > 0.8 * n  # scored, not garbage
     assert json.load(open(tmp_path / "quality.json"))["positions"] == res["positions"]
+
+
+def test_cpu_name_says_which_cpu_and_its_features(tmp_path):
+    """Sessions land on different CPUs (a Zen4 without AMX, a Xeon with it): a bench title names the model and the
+    features its figures depend on, read from /proc/cpuinfo (here a file written by the test)."""
+    from pllava.bench import cpu_name
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: AMD EPYC 9R14 96-Core Processor\n"
+                    "flags\t\t: fpu sse2 avx avx2 avx512f avx512bw avx512_bf16 avx512_vnni\n\n"
+                    "processor\t: 1\nmodel name\t: AMD EPYC 9R14 96-Core Processor\nflags\t\t: fpu\n")
+    name = cpu_name(str(info))
+    assert name.startswith("CPU AMD EPYC 9R14 96-Core Processor, ")
+    assert name.endswith(", avx2 avx512f avx512_bf16") and "amx" not in name
+    info.write_text("model name\t: Intel(R) Xeon(R) Processor\nflags\t\t: avx2 amx_int8 avx512f amx_bf16\n")
+    assert cpu_name(str(info)).endswith(", avx2 avx512f amx_bf16 amx_int8")  # in _CPU_FLAGS' order
+    assert cpu_name(str(tmp_path / "absent")).startswith("CPU ")  # no /proc: the platform's name, no error

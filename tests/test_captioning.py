@@ -9,7 +9,6 @@ import time
 
 import pytest
 
-import pllava
 from pllava.captioning import CaptionSettings, JsonlWriter, caption_to_jsonl, expand_inputs, read_done
 from pllava.errors import InputError, PllavaError
 from pllava.testing import make_video
@@ -28,10 +27,6 @@ def data(tmp_path_factory):
     bad.write_bytes(b"\x00\x00\x00\x18ftypmp42" + os.urandom(500))
     return d, clips, str(bad)
 
-
-@pytest.fixture(scope="module")
-def engine(ckpts):
-    return pllava.Engine.from_pretrained(ckpts["pllava"])
 
 
 def records(path):

@@ -19,10 +19,6 @@ def _fixture(kind, conv_mode, n_turns=None):
     raise KeyError(conv_mode)
 
 
-@pytest.fixture(scope="module")
-def engine(ckpts):
-    return pllava.Engine.from_pretrained(ckpts["pllava"])
-
 
 def _n_prompt(engine, literal):
     ids = engine.tokenizer(literal)["input_ids"]

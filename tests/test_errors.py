@@ -102,10 +102,6 @@ def test_config_field_errors(ckpts, tmp_path):
         pllava.Engine.from_pretrained(str(d))
 
 
-@pytest.fixture(scope="module")
-def engine(ckpts):
-    return pllava.Engine.from_pretrained(ckpts["pllava"])
-
 
 def _px(engine):
     s = engine.config.vision.image_size

@@ -7,10 +7,6 @@ from pllava.errors import InputError
 from pllava.generate import SamplingParams, TextStreamer, sample
 
 
-@pytest.fixture(scope="module")
-def engine(ckpts):
-    return pllava.Engine.from_pretrained(ckpts["pllava"])
-
 
 @pytest.fixture(scope="module")
 def px(engine):

@@ -104,10 +104,6 @@ BATCH_ONLY_CASES = [("lora_alpha NaN", dict(lora_alpha=NAN)), ("lora_alpha inf",
                     ("request not a dict", "clip.mp4")]
 
 
-@pytest.fixture(scope="module")
-def engine(ckpts):
-    return pllava.Engine.from_pretrained(ckpts["pllava"])
-
 
 @pytest.fixture(scope="module")
 def reference(engine):

