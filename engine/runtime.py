@@ -1,6 +1,7 @@
 """Engine: ties decode -> preprocess -> vision -> projector -> prompt -> generation together, with timings."""
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
@@ -225,24 +226,34 @@ class Engine:
         return vis
 
     def _encode_streaming(self, video, timings: dict) -> torch.Tensor:
-        """Frame k goes through preprocess + vision tower while frame k+1 decodes; a repeated frame (a clip
-        shorter than num_frames) is encoded once."""
+        """Frames go through preprocess + vision tower while the next ones decode, in groups of the tower's
+        frame_chunk (4 on the CPU, where a frame at a time ran the tower at 1/1.3 of its speed in groups: 16
+        frames of a 720p clip, small preset, bf16, 2-core Xeon: ~500 ms to encode one by one while decoding, ~390
+        decoding first, then 4 at a time); one at a time on a GPU. A repeated frame (a clip shorter than
+        num_frames) is encoded once."""
         wait = prep = vis = 0.0
-        by_index: dict[int, torch.Tensor] = {}
+        by_index: dict[int, torch.Tensor] = {}  # frame index -> (1, g*g, D)
         order: list[int] = []
+        group = self.model.vision_tower.frame_chunk or 1
+        pending: list[tuple[int, torch.Tensor]] = []  # preprocessed frames not yet through the tower
         it = stream_frames(video, self.config.num_frames, limits=self.limits)
         t = self._clock()
-        for idx, _ts, frame in it:
+        for item in itertools.chain(it, [None]):  # None: the end (encode what is pending)
             t1 = self._clock()
             wait += t1 - t
-            order.append(idx)
-            if idx not in by_index:
-                px = self._check_pixels(preprocess(frame, self.processor_config, dtype=self.dtype,
-                                                   device=self.device))
-                t2 = self._clock()
-                by_index[idx] = self.model.vision_tower(px)
-                t3 = self._clock()
-                prep, vis = prep + t2 - t1, vis + t3 - t2
+            if item is not None:
+                idx, _ts, frame = item
+                order.append(idx)
+                if idx not in by_index and all(idx != i for i, _ in pending):
+                    pending.append((idx, self._check_pixels(preprocess(frame, self.processor_config,
+                                                                       dtype=self.dtype, device=self.device))))
+            t2 = self._clock()
+            prep += t2 - t1
+            if pending and (item is None or len(pending) == group):
+                feats = self.model.vision_tower(torch.cat([px for _, px in pending]))  # (n, g*g, D)
+                by_index.update((i, f) for (i, _), f in zip(pending, feats.split(1)))
+                pending = []
+                vis += self._clock() - t2
             t = self._clock()
         timings.update(video_decode=wait, preprocess=prep, vision=vis)
         return torch.cat([by_index[i] for i in order])

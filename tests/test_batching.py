@@ -315,8 +315,8 @@ def test_bf16_on_the_cpu_batches_with_generates_cache(ckpts, pxs, video_path, mo
     """Under bf16 weights on the CPU, generate()'s KV cache is bf16 where pllava._C's decode attention reads it
     (fp32 sums), else fp32 (the CPU's bf16 SDPA is 7x slower); the residual stream is fp32 either way. The
     scheduler's slot cache has generate()'s dtype, so the batched tokens equal one-at-a-time generate()'s (with the
-    two caches in different dtypes the rounding of K and V differed). A file goes through the vision tower frame
-    by frame in generate() (overlapped with decoding) and all at once in the scheduler: the features must be the
+    two caches in different dtypes the rounding of K and V differed). A file goes through the vision tower in
+    groups of frames in generate() (overlapped with decoding) and all at once in the scheduler: the features must be the
     same bits (the strided CLS-dropped features once made torch's bf16 linear_1 round differently, 0.047 apart)."""
     from pllava import ops
     from pllava.scheduler import Scheduler

@@ -123,3 +123,27 @@ def test_video_file_end_to_end_matches_oracle(ckpts, oracles, video_path):
     assert out.token_ids == oracle_greedy(ref, emb, 16, eos=eos)
     for k in ("video_decode", "preprocess", "vision", "projector", "prefill", "decode", "total", "ttft"):
         assert out.timings[k] >= 0
+
+
+def test_cpu_vision_tower_in_frame_chunks_matches_oracle(ckpts, oracles):
+    """On the CPU the tower encodes a clip 4 frames at a time (model/vision.py): 9 frames (chunks of 4, 4, 1) give
+    transformers' CLIP features (hidden_states[-2], CLS dropped), and the same bits as one 9-frame batch, in fp32
+    and in bf16."""
+    from pllava.model.vision import CPU_FRAME_CHUNK
+
+    eng = pllava.Engine.from_pretrained(ckpts["pllava"])
+    vt = eng.model.vision_tower
+    assert vt.frame_chunk == CPU_FRAME_CHUNK == 4
+    s = eng.config.vision.image_size
+    px = torch.randn(9, 3, s, s, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        got = vt(px)
+        want = oracles("pllava", 4.0).model.vision_tower(px, output_hidden_states=True).hidden_states[-2][:, 1:]
+        assert got.shape == want.shape and _rel(got, want) <= 1e-5
+        for dtype in (torch.float32, torch.bfloat16):
+            vt.to(dtype)
+            chunked = vt(px.to(dtype))
+            vt.frame_chunk = None
+            whole = vt(px.to(dtype))
+            vt.frame_chunk = CPU_FRAME_CHUNK
+            assert torch.equal(chunked, whole), dtype

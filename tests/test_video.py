@@ -485,6 +485,22 @@ def test_engine_overlapped_decode_gives_the_same_answer(ckpts, clips):
     assert {"video_decode", "preprocess", "vision", "projector", "prefill", "decode", "ttft"} <= set(out.timings)
 
 
+@pytest.mark.parametrize("name", ["h264_bframes.mp4", "one_frame.mp4"])
+def test_streamed_frame_groups_give_the_batch_features(ckpts, clips, name):
+    """generate() encodes a file's frames in groups of the tower's frame_chunk (4 on the CPU) while the next ones
+    decode: 10 frames (groups of 4, 4, 2) and a 1-frame clip sampled 10 times (one frame, encoded once) give
+    the same bits as decoding everything first and encoding all 10 frames in one batch, and as a frame at a time."""
+    eng = pllava.Engine.from_pretrained(ckpts["pllava"], num_frames=10, pooling_shape=(10, 3, 3))
+    assert eng.model.vision_tower.frame_chunk == 4
+    p = clips[name]
+    grouped = eng.encode(p, overlap=True)
+    whole = eng.encode(p, overlap=False)
+    eng.model.vision_tower.frame_chunk = None  # streamed a frame at a time, the batch in one forward
+    one_by_one, unchunked = eng.encode(p, overlap=True), eng.encode(p, overlap=False)
+    assert grouped.shape == (10 * 9, eng.config.text.hidden_size)
+    assert torch.equal(grouped, whole) and torch.equal(grouped, one_by_one) and torch.equal(grouped, unchunked)
+
+
 def test_engine_captions_a_live_pipe(ckpts, tmp_path):
     eng = pllava.Engine.from_pretrained(ckpts["pllava"])
     eng.limits = DecodeLimits(timeout_s=3)
