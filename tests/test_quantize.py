@@ -29,6 +29,29 @@ def test_int8_linear_is_the_dequantized_product():
     assert float((got - want).abs().max() / want.abs().max()) < 1e-2  # bf16 output rounding only
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_prefill_rows_widen_into_a_reused_buffer_with_the_same_bits(dtype):
+    """Prefill rows (M > 16) widen q into a per-thread buffer that is reused, and grows, across weights: each
+    product equals the one over a freshly widened weight (bf16: the GEMM on q, then the scale; fp16 / fp32: the
+    dequantized weight) bit for bit, whatever weight the buffer held before (small, large, small again)."""
+    from pllava.model import quant
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(40, 96, generator=g).to(dtype)
+    outs = []
+    for n in (24, 200, 24, 136):  # the buffer grows at 200, then serves smaller weights from its start
+        q, s = quantize_weight(torch.randn(n, 96, generator=g), dtype)
+        got = int8_linear(x, q, s, None)
+        if dtype == torch.bfloat16:
+            want = torch.nn.functional.linear(x, q.to(dtype)).mul_(s)
+        else:
+            want = torch.nn.functional.linear(x, q.to(dtype) * s.to(dtype)[:, None])
+        assert got.dtype == dtype and torch.equal(got, want), n
+        outs.append((got, want))
+    assert quant._SCRATCH.buf.numel() >= 200 * 96 and quant._SCRATCH.buf.dtype == dtype
+    assert all(torch.equal(got, want) for got, want in outs)  # no output is a view of the reused buffer
+
+
 def _round_trip(w, step_dtype=torch.bfloat16):
     """The test's own per-row symmetric int8 round trip (shares nothing with quant.py), in the format's terms: the
     step max|w_row| / 127 stored in the activation dtype, the int8 values fitted to that stored step."""
