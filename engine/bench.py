@@ -468,6 +468,28 @@ def cpu_name(cpuinfo: str = "/proc/cpuinfo") -> str:
     return f"CPU {model or 'unknown'}, {os.cpu_count()} cores" + (f", {' '.join(have)}" if have else "")
 
 
+def provenance() -> dict:
+    """What a recorded figure was measured with: versions, and the source's commit where the package runs from a
+    git checkout (an editable install), '+dirty' when it has uncommitted changes."""
+    import subprocess
+
+    import transformers
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    commit = None
+    try:
+        head = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              timeout=10)
+        if head.returncode == 0:
+            dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                                   capture_output=True, text=True, timeout=10)
+            commit = head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):  # no git here: the versions alone
+        pass
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "commit": commit,
+            "threads": torch.get_num_threads()}
+
+
 def device_name(device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
 
@@ -503,7 +525,7 @@ def run_bench(preset: str = "small", frames=(1, 4, 8, 16, 32, 64), new_tokens: i
     tbl = table(rows)
     js = os.path.join(out_dir, f"bench_{preset}.json")
     with open(js, "w") as f:
-        json.dump({"preset": preset, "device": name, "dtype": str(dt), "quantize": quantize,
+        json.dump({"preset": preset, "device": name, **provenance(), "dtype": str(dt), "quantize": quantize,
                    "baseline_dtype": str(bdt), "new_tokens": new_tokens, "runs": runs,
                    "rows": [asdict(r) for r in rows]}, f, indent=1)
     pngs = plots(rows, out_dir, title)

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from .bench import PROMPT, Clock, bench_setup, device_name, load_baseline, pyplot, say, warn_runs
+from .bench import PROMPT, Clock, bench_setup, device_name, load_baseline, provenance, pyplot, say, warn_runs
 
 log = logging.getLogger("pllava")
 
@@ -236,8 +236,8 @@ def run_batch_bench(preset: str = "small", batches=(1, 2, 4, 8, 16), frames=(16,
     tbl = table(rows)
     js = os.path.join(out_dir, f"bench_batch_{preset}.json")
     with open(js, "w") as fh:
-        json.dump({"preset": preset, "device": name, "dtype": str(dt), "new_tokens": new_tokens, "runs": runs,
-                   "rows": [asdict(r) for r in rows]}, fh, indent=1)
+        json.dump({"preset": preset, "device": name, **provenance(), "dtype": str(dt), "new_tokens": new_tokens,
+                   "runs": runs, "rows": [asdict(r) for r in rows]}, fh, indent=1)
     png = plot(rows, os.path.join(out_dir, f"batch_throughput_{preset}.png"), title)
     print(f"\n### {title}\n\n{tbl}\n")
     say(f"wrote {js}, {png}")

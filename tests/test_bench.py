@@ -3,6 +3,7 @@ import json
 import os
 
 import pytest
+import torch
 
 
 def test_run_bench_tiny(tmp_path, monkeypatch, video_path, capsys):
@@ -19,6 +20,8 @@ def test_run_bench_tiny(tmp_path, monkeypatch, video_path, capsys):
     assert "ratio engine / transformers" in res["table"] and "| 4 |" in res["table"]
     data = json.load(open(res["json"]))
     assert data["preset"] == "tiny" and len(data["rows"]) == 4
+    assert data["torch"] == torch.__version__ and data["threads"] == torch.get_num_threads()
+    assert data["device"].startswith("CPU ") and "commit" in data  # the commit: None outside a git checkout
     assert all(os.path.getsize(p) > 1000 for p in res["plots"])
     err = capsys.readouterr().err
     # progress while it works (the preset's weights are written first), where the files went, the noise warning
