@@ -202,11 +202,14 @@ def plot(rows: list[BatchRow], path: str, title: str) -> str:
 
 def run_batch_bench(preset: str = "small", batches=(1, 2, 4, 8, 16), frames=(16,), new_tokens: int = 64,
                     runs: int = 3, device=None, dtype=None, baseline: bool = True, video: str | None = None,
-                    out_dir: str = "benchmarks/results") -> dict:
-    """Run the sweep; print and return {'rows', 'table', 'json', 'plot'}."""
+                    out_dir: str = "benchmarks/results", quantize: str | None = None,
+                    baseline_dtype=None) -> dict:
+    """Run the sweep; print and return {'rows', 'table', 'json', 'plot'}. `quantize` and `baseline_dtype` as in
+    bench.run_bench (the fast CPU mode against transformers in fp32 by default)."""
     pyplot()  # fail before the measurements, not after them
     warn_runs(runs)
-    device, dt, base, adapter, video, engine = bench_setup(preset, device, dtype, video, out_dir)
+    device, dt, base, adapter, video, engine = bench_setup(preset, device, dtype, video, out_dir, quantize)
+    bdt = baseline_dtype or (torch.float32 if quantize else dt)
     rows: list[BatchRow] = []
     for f in frames:
         engine.set_frames(f, (f, 12, 12))
@@ -220,7 +223,8 @@ def run_batch_bench(preset: str = "small", batches=(1, 2, 4, 8, 16), frames=(16,
             log.info("engine %d frames batch %d: %s", f, b, rows[-1])
     del engine
     if baseline:
-        bl = load_baseline(base, adapter, device, dt)
+        say(f"loading the transformers baseline ({str(bdt).split('.')[-1]})")
+        bl = load_baseline(base, adapter, device, bdt)
         grid = bl[0].config.vision_config.image_size // bl[0].config.vision_config.patch_size
         bl[0].model.multi_modal_projector = _BatchedPooledProjector(bl[0].model.multi_modal_projector.proj, grid)
         for f in frames:
@@ -232,12 +236,15 @@ def run_batch_bench(preset: str = "small", batches=(1, 2, 4, 8, 16), frames=(16,
     order = {"pllava-engine batched": 0, "pllava-engine sequential": 1, "transformers batched": 2}
     rows.sort(key=lambda r: (r.frames, order[r.system], r.batch))
     name = device_name(device)
-    title = f"{preset}, {name}, {str(dt).split('.')[-1]}, {new_tokens} new tokens, batch sweep"
+    mode = str(dt).split('.')[-1] + (f"+{quantize}" if quantize else "")
+    if baseline and bdt != dt or quantize:
+        mode = f"engine {mode}, transformers {str(bdt).split('.')[-1]}"
+    title = f"{preset}, {name}, {mode}, {new_tokens} new tokens, batch sweep"
     tbl = table(rows)
     js = os.path.join(out_dir, f"bench_batch_{preset}.json")
     with open(js, "w") as fh:
-        json.dump({"preset": preset, "device": name, **provenance(), "dtype": str(dt), "new_tokens": new_tokens,
-                   "runs": runs, "rows": [asdict(r) for r in rows]}, fh, indent=1)
+        json.dump({"preset": preset, "device": name, **provenance(), "dtype": str(dt), "quantize": quantize,
+                   "baseline_dtype": str(bdt), "new_tokens": new_tokens, "runs": runs, "rows": [asdict(r) for r in rows]}, fh, indent=1)
     png = plot(rows, os.path.join(out_dir, f"batch_throughput_{preset}.png"), title)
     print(f"\n### {title}\n\n{tbl}\n")
     say(f"wrote {js}, {png}")

@@ -168,7 +168,7 @@ def cmd_bench(a) -> int:
         frames = a.frames or (16,)
         run_batch_bench(a.preset, batches=batches, frames=frames, new_tokens=a.new_tokens, runs=a.runs,
                         device=a.device, dtype=_parse_dtype(a.dtype), baseline=not a.no_baseline, video=a.video,
-                        out_dir=a.out)
+                        out_dir=a.out, quantize=a.quantize, baseline_dtype=_parse_dtype(a.baseline_dtype))
         return 0
     frames = a.frames or (1, 4, 8, 16, 32, 64)
     run_bench(a.preset, frames=frames, new_tokens=a.new_tokens, runs=a.runs, device=a.device,

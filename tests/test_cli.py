@@ -73,6 +73,22 @@ def test_bench_cli_tiny(tmp_path, video_path):
     assert (tmp_path / "out" / "bench_tiny.json").exists() and (tmp_path / "out" / "latency_breakdown.png").exists()
 
 
+def test_bench_batch_cli_runs_the_fast_cpu_mode(tmp_path, video_path):
+    """`pllava bench --batch ... --dtype bfloat16 --quantize int8` sweeps the int8 engine against transformers in
+    fp32 (the flag was once read by the frame sweep only, and the batch sweep ran the bf16 engine)."""
+    env = dict(__import__("os").environ, PLLAVA_BENCH_CACHE=str(tmp_path / "cache"))
+    r = subprocess.run([sys.executable, "-m", "pllava.cli", "bench", "--preset", "tiny", "--batch", "1,2", "--frames",
+                        "4", "--runs", "1", "--new-tokens", "3", "--dtype", "bfloat16", "--quantize", "int8",
+                        "--video", video_path, "--out", str(tmp_path / "out")],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "engine bfloat16+int8, transformers float32" in r.stdout and "loading pllava-engine (tiny, cpu, bfloat16, int8)" in r.stderr
+    data = json.load(open(tmp_path / "out" / "bench_batch_tiny.json"))
+    assert data["quantize"] == "int8" and data["baseline_dtype"] == "torch.float32"
+    assert {row["system"] for row in data["rows"]} == {"pllava-engine batched", "pllava-engine sequential",
+                                                       "transformers batched"}
+
+
 def test_misconfigured_server_does_not_start(tmp_path):
     for flags, msg in ((["--lora-alpha", "nan"], "--lora-alpha: expected a finite number"),
                        (["--max-concurrency", "0"], "--max-concurrency: expected an integer >= 1"),
