@@ -48,6 +48,29 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scale, path: str = "torch"):
 _logged: set = set()
 
 
+_GOMP: list = []  # [libgomp handle or None], looked up once
+
+
+def helper_thread_init():
+    """Initializer of the threads that decode and preprocess clips beside the model (media workers): their OpenMP
+    regions run on one thread. libgomp spins only briefly at its barriers once it manages more threads than there
+    are CPUs, and a helper's own team of torch threads tips it over: on 2 cores a decode step (small preset, bf16
+    + int8) took 15 ms instead of 9.4 while an idle media worker that had once preprocessed a clip was alive, as
+    slow as one thread (14 ms). torch's per-thread setup runs first (it would set the count back), then
+    omp_set_num_threads(1) for this thread alone (torch.set_num_threads would also set MKL's, process-wide)."""
+    torch.get_num_threads()
+    if not _GOMP:
+        import ctypes
+
+        try:  # the libgomp torch loaded (the same soname resolves to it); absent where torch uses another runtime
+            _GOMP.append(ctypes.CDLL("libgomp.so.1"))
+        except OSError:
+            _GOMP.append(None)
+            log.info("pllava: no libgomp in this process; media workers keep torch's thread count")
+    if _GOMP[0] is not None:
+        _GOMP[0].omp_set_num_threads(1)
+
+
 def log_once(msg: str, level: int = logging.INFO):
     """Log a path choice once a process (the paths that run per call: preprocessing, int8 decode rows, kernels)."""
     if msg not in _logged:

@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 import torch
 
+from . import ops
 from .config import check_lora_alpha
 from .errors import InputError, MemoryBudgetError, NumericalError, PllavaError, error_line
 from .generate import GenerationOutput, SamplingParams, SequenceState, StepEvent, greedy_rows
@@ -234,7 +235,8 @@ class Scheduler:
         self.prefilling: Sequence | None = None
         self.running: list[Sequence] = []
         self.media_workers = media_workers
-        self.pool = ThreadPoolExecutor(max(1, media_workers), thread_name_prefix="pllava-media")
+        self.pool = ThreadPoolExecutor(max(1, media_workers), thread_name_prefix="pllava-media",
+                                       initializer=ops.helper_thread_init)
         self.prefetch_depth = max(2, 2 * media_workers)
         self.lock = threading.Condition()
         self.inbox: list[Sequence] = []

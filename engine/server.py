@@ -24,6 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.formparsers import MultiPartException
 
+from . import ops
 from .generate import StepEvent
 from .media import load_media_timed, thumbnails
 from .prompt import default_question
@@ -139,7 +140,8 @@ def create_app(engine, cfg: ServerConfig, on_ready=None) -> FastAPI:
     async def lifespan(_app):
         adm = state["adm"] = Admission(cfg.max_concurrency or cfg.max_num_seqs, cfg.max_queue)
         # one media thread per admitted request: a slow fetch never waits for a thread another slow fetch holds
-        state["media_pool"] = ThreadPoolExecutor(max(1, adm.capacity), thread_name_prefix="pllava-fetch")
+        state["media_pool"] = ThreadPoolExecutor(max(1, adm.capacity), thread_name_prefix="pllava-fetch",
+                                                 initializer=ops.helper_thread_init)
         batch = engine.scheduler(max_num_seqs=cfg.max_num_seqs, max_seq_len=cfg.max_model_len,
                                  prefill_chunk=cfg.prefill_chunk)
         batch.start()

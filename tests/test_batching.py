@@ -383,3 +383,22 @@ def test_an_untyped_error_of_one_clip_fails_that_request_alone(ckpts, pxs, video
     assert "requests[1]: its clip failed with an untyped ZeroDivisionError" in caplog.text
     good = [r for i, r in enumerate(reqs) if i != 1]
     assert_same(one_at_a_time(engine, good), [o for i, o in enumerate(outs) if i != 1])
+
+
+def test_media_workers_run_one_openmp_thread_and_leave_the_models(engine):
+    """The scheduler's media workers set their own OpenMP thread count to 1 (libgomp's barriers stop spinning once
+    a helper's team puts it over the CPU count: README, "fast CPU mode"); the calling thread's count, which the
+    model's kernels read, is untouched, and so is a later scheduler's."""
+    from pllava.scheduler import Scheduler
+
+    before = torch.get_num_threads()
+    sched = Scheduler(engine, max_num_seqs=1)
+    try:
+        counts = [sched.pool.submit(torch.get_num_threads).result() for _ in range(3)]
+    finally:
+        sched.stop()
+    if pllava.ops._GOMP and pllava.ops._GOMP[0] is not None:
+        assert counts == [1, 1, 1]
+    else:  # torch on another OpenMP runtime: the workers keep torch's count, and the log says so
+        assert counts == [before] * 3
+    assert torch.get_num_threads() == before
