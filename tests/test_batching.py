@@ -402,3 +402,26 @@ def test_media_workers_run_one_openmp_thread_and_leave_the_models(engine):
     else:  # torch on another OpenMP runtime: the workers keep torch's count, and the log says so
         assert counts == [before] * 3
     assert torch.get_num_threads() == before
+
+
+def test_in_fresh_thread_returns_or_raises_from_a_thread_that_ends():
+    """ops.in_fresh_thread (pllava serve loads the engine and builds the scheduler's slot cache with it): the
+    call's value, or its own exception (type and message) re-raised in the caller, from a thread that has ended
+    by the time it returns, so no OpenMP team of its outlives it."""
+    from pllava.errors import ConfigError
+    from pllava.ops import in_fresh_thread
+
+    seen = []
+
+    def work(a, b=0):
+        seen.append(threading.current_thread())
+        return torch.ones(1 << 16).add_(a).sum().item() + b  # a parallel op, on that thread
+
+    assert in_fresh_thread(work, 1, b=2) == 2 * (1 << 16) + 2
+    assert seen[0] is not threading.current_thread() and not seen[0].is_alive()
+
+    def fail():
+        raise ConfigError("model/config.json: no 'text_config'")
+
+    with pytest.raises(ConfigError, match="no 'text_config'"):
+        in_fresh_thread(fail)
