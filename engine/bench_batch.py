@@ -237,14 +237,15 @@ def run_batch_bench(preset: str = "small", batches=(1, 2, 4, 8, 16), frames=(16,
     rows.sort(key=lambda r: (r.frames, order[r.system], r.batch))
     name = device_name(device)
     mode = str(dt).split('.')[-1] + (f"+{quantize}" if quantize else "")
-    if baseline and bdt != dt or quantize:
+    if baseline and (quantize or bdt != dt):
         mode = f"engine {mode}, transformers {str(bdt).split('.')[-1]}"
     title = f"{preset}, {name}, {mode}, {new_tokens} new tokens, batch sweep"
     tbl = table(rows)
     js = os.path.join(out_dir, f"bench_batch_{preset}.json")
     with open(js, "w") as fh:
         json.dump({"preset": preset, "device": name, **provenance(), "dtype": str(dt), "quantize": quantize,
-                   "baseline_dtype": str(bdt), "new_tokens": new_tokens, "runs": runs, "rows": [asdict(r) for r in rows]}, fh, indent=1)
+                   "baseline_dtype": str(bdt), "new_tokens": new_tokens, "runs": runs,
+                   "rows": [asdict(r) for r in rows]}, fh, indent=1)
     png = plot(rows, os.path.join(out_dir, f"batch_throughput_{preset}.png"), title)
     print(f"\n### {title}\n\n{tbl}\n")
     say(f"wrote {js}, {png}")

@@ -56,6 +56,7 @@ def resolve_model_dir(model: str) -> str:
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as e:
         raise ConfigError(f"{model}: not a local directory, and the hub repo could not be fetched: {e}") from e
 
+
 class Loaded(NamedTuple):
     """What Engine.__init__ takes, in its order."""
     model: PllavaModel
