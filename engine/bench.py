@@ -490,6 +490,15 @@ def provenance() -> dict:
             "threads": torch.get_num_threads()}
 
 
+def run_mode(dt, quantize, bdt, baseline: bool) -> str:
+    """A sweep's mode for its title: 'bfloat16+int8', or 'engine bfloat16+int8, transformers float32' where a
+    baseline ran in another dtype."""
+    mode = str(dt).split('.')[-1] + (f"+{quantize}" if quantize else "")
+    if baseline and (quantize or bdt != dt):
+        mode = f"engine {mode}, transformers {str(bdt).split('.')[-1]}"
+    return mode
+
+
 def device_name(device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
 
@@ -519,9 +528,7 @@ def run_bench(preset: str = "small", frames=(1, 4, 8, 16, 32, 64), new_tokens: i
             log.info("baseline %d frames: %s", f, rows[-1].stages)
         del bl
     name = device_name(device)
-    mode = str(dt).split('.')[-1] + (f"+{quantize}" if quantize else "")
-    title = (f"{preset}, {name}, engine {mode}, transformers {str(bdt).split('.')[-1]}, {new_tokens} new tokens"
-             if baseline and (quantize or bdt != dt) else f"{preset}, {name}, {mode}, {new_tokens} new tokens")
+    title = f"{preset}, {name}, {run_mode(dt, quantize, bdt, baseline)}, {new_tokens} new tokens"
     tbl = table(rows)
     js = os.path.join(out_dir, f"bench_{preset}.json")
     with open(js, "w") as f:

@@ -22,7 +22,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from .bench import PROMPT, Clock, bench_setup, device_name, load_baseline, provenance, pyplot, say, warn_runs
+from .bench import (PROMPT, Clock, bench_setup, device_name, load_baseline, provenance, pyplot, run_mode, say,
+                    warn_runs)
 
 log = logging.getLogger("pllava")
 
@@ -236,10 +237,7 @@ def run_batch_bench(preset: str = "small", batches=(1, 2, 4, 8, 16), frames=(16,
     order = {"pllava-engine batched": 0, "pllava-engine sequential": 1, "transformers batched": 2}
     rows.sort(key=lambda r: (r.frames, order[r.system], r.batch))
     name = device_name(device)
-    mode = str(dt).split('.')[-1] + (f"+{quantize}" if quantize else "")
-    if baseline and (quantize or bdt != dt):
-        mode = f"engine {mode}, transformers {str(bdt).split('.')[-1]}"
-    title = f"{preset}, {name}, {mode}, {new_tokens} new tokens, batch sweep"
+    title = f"{preset}, {name}, {run_mode(dt, quantize, bdt, baseline)}, {new_tokens} new tokens, batch sweep"
     tbl = table(rows)
     js = os.path.join(out_dir, f"bench_batch_{preset}.json")
     with open(js, "w") as fh:

@@ -6,6 +6,7 @@ A forced path that cannot run is an error, never a silent fallback.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
@@ -48,7 +49,17 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scale, path: str = "torch"):
 _logged: set = set()
 
 
-_GOMP: list = []  # [libgomp handle or None], looked up once
+@functools.cache
+def _libgomp():
+    """The libgomp torch loaded (dlopen of the same soname resolves to it), or None where torch runs another
+    OpenMP runtime (then media workers keep torch's thread count, and the log says so)."""
+    import ctypes
+
+    try:
+        return ctypes.CDLL("libgomp.so.1")
+    except OSError:
+        log.info("pllava: no libgomp in this process; media workers keep torch's thread count")
+        return None
 
 
 def helper_thread_init():
@@ -59,16 +70,8 @@ def helper_thread_init():
     slow as one thread (14 ms). torch's per-thread setup runs first (it would set the count back), then
     omp_set_num_threads(1) for this thread alone (torch.set_num_threads would also set MKL's, process-wide)."""
     torch.get_num_threads()
-    if not _GOMP:
-        import ctypes
-
-        try:  # the libgomp torch loaded (the same soname resolves to it); absent where torch uses another runtime
-            _GOMP.append(ctypes.CDLL("libgomp.so.1"))
-        except OSError:
-            _GOMP.append(None)
-            log.info("pllava: no libgomp in this process; media workers keep torch's thread count")
-    if _GOMP[0] is not None:
-        _GOMP[0].omp_set_num_threads(1)
+    if _libgomp() is not None:
+        _libgomp().omp_set_num_threads(1)
 
 
 def in_fresh_thread(fn, *args, **kwargs):

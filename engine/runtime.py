@@ -80,8 +80,9 @@ class Engine:
         'flash_attn' / 'xformers' for the prefill when installed (CUDA, fp16/bf16). quantize: None, or 'int8'
         (weight-only int8 LLM linears, LoRA unmerged at the live alpha; with dtype=torch.bfloat16 on the CPU).
         """
-        return cls(*load(model, device, dtype, num_frames, pooling_shape, lora_alpha, conv_mode, adapter,
-                         attn_backend, quantize))
+        return cls(*load(model, device=device, dtype=dtype, num_frames=num_frames, pooling_shape=pooling_shape,
+                         lora_alpha=lora_alpha, conv_mode=conv_mode, adapter=adapter, attn_backend=attn_backend,
+                         quantize=quantize))
 
     # ------------------------------------------------------------------------------------------ LoRA
     def set_lora_alpha(self, alpha: float):
