@@ -178,7 +178,6 @@ def cmd_bench(a) -> int:
 
 
 def cmd_serve(a) -> int:
-    from .ops import in_fresh_thread
     from .runtime import Engine
 
     try:
@@ -187,10 +186,10 @@ def cmd_serve(a) -> int:
         raise PllavaError(f"pllava serve needs {e.name}, which is not installed (it comes with pllava-engine): "
                           "pip install fastapi starlette uvicorn python-multipart") from None
 
-    # loaded on a thread that ends: the main thread runs the event loop, and the model runs on the scheduler's
-    # thread, which on a CPU should be the only live one to have run parallel ops (ops.in_fresh_thread)
-    eng = in_fresh_thread(Engine.from_pretrained, a.model, device=a.device, dtype=a.dtype, num_frames=a.num_frames,
-                          lora_alpha=a.lora_alpha, conv_mode=a.conv_mode, quantize=a.quantize)
+    # on a CPU from_pretrained loads on a thread that ends: the model runs on the scheduler's thread, which should
+    # be the only live one to have run parallel ops (ops.in_fresh_thread)
+    eng = Engine.from_pretrained(a.model, device=a.device, dtype=a.dtype, num_frames=a.num_frames,
+                                 lora_alpha=a.lora_alpha, conv_mode=a.conv_mode, quantize=a.quantize)
     if a.max_frames < eng.config.num_frames:  # every request that does not ask fewer would be refused
         raise PllavaError(f"--max-frames {a.max_frames} is under the model's num_frames {eng.config.num_frames}: "
                           "raise it, or lower --num-frames")

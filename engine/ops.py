@@ -76,10 +76,10 @@ def helper_thread_init():
 
 def in_fresh_thread(fn, *args, **kwargs):
     """fn(*args, **kwargs) on a thread that ends when it returns (its result, or its exception re-raised here).
-    For a CPU engine's one-off parallel work (the load, a scheduler's slot cache) off the calling thread: a live
-    thread that has run a parallel op keeps an OpenMP team, and with two such threads libgomp's barriers stop
-    spinning (helper_thread_init), so the thread that decodes should be the only one; an ended thread gives its
-    team back (a decode step in a second thread after the loading thread ended: 10.0 ms, 15.5 while it lived)."""
+    For a CPU engine's one-off parallel work off the calling thread (Engine.from_pretrained's load, a Scheduler's
+    slot cache: both use it on the CPU): a live thread that has run a parallel op keeps an OpenMP team, and with
+    two such threads libgomp's barriers stop spinning (helper_thread_init), so the thread that decodes should be
+    the only one; an ended thread gives its team back (a decode step in a second thread after the loading thread ended: 10.0 ms, 15.5 while it lived)."""
     import threading
 
     box: dict = {}
@@ -96,6 +96,17 @@ def in_fresh_thread(fn, *args, **kwargs):
     if "error" in box:
         raise box["error"]
     return box["value"]
+
+
+def loads_on_cpu(device) -> bool:
+    """Whether Engine.from_pretrained(device=device) puts the model on the CPU (None: CUDA when available). A
+    device torch cannot parse answers False: the load itself then raises its typed error, on the caller's thread."""
+    if device is None:
+        return not torch.cuda.is_available()
+    try:
+        return torch.device(device).type == "cpu"
+    except (RuntimeError, TypeError, ValueError):
+        return False
 
 
 def log_once(msg: str, level: int = logging.INFO):

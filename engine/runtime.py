@@ -80,9 +80,15 @@ class Engine:
         'flash_attn' / 'xformers' for the prefill when installed (CUDA, fp16/bf16). quantize: None, or 'int8'
         (weight-only int8 LLM linears, LoRA unmerged at the live alpha; with dtype=torch.bfloat16 on the CPU).
         """
-        return cls(*load(model, device=device, dtype=dtype, num_frames=num_frames, pooling_shape=pooling_shape,
-                         lora_alpha=lora_alpha, conv_mode=conv_mode, adapter=adapter, attn_backend=attn_backend,
-                         quantize=quantize))
+        kw = dict(device=device, dtype=dtype, num_frames=num_frames, pooling_shape=pooling_shape,
+                  lora_alpha=lora_alpha, conv_mode=conv_mode, adapter=adapter, attn_backend=attn_backend,
+                  quantize=quantize)
+        # on the CPU the load's parallel ops (casts, int8 packing) run on a thread that ends: a live thread that
+        # has run one keeps an OpenMP team, and a second live team slows every decode step of the thread that
+        # decodes (ops.in_fresh_thread), so loading here leaves the caller free to decode or to start a scheduler
+        if ops.loads_on_cpu(device):
+            return cls(*ops.in_fresh_thread(load, model, **kw))
+        return cls(*load(model, **kw))
 
     # ------------------------------------------------------------------------------------------ LoRA
     def set_lora_alpha(self, alpha: float):
@@ -404,8 +410,10 @@ class Engine:
         an identity for frames the caller decoded (e.g. a content hash) so a follow-up question reuses the video's
         KV cache. `logprobs=k` (0-20): out.logprobs holds each new token's TokenLogprob (its log-probability under
         the model's distribution and the k most likely tokens)."""
-        params = SamplingParams(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, stop or [],
-                                stop_token_ids or [], frequency_penalty, presence_penalty, logit_bias, logprobs)
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                repetition_penalty=repetition_penalty, seed=seed, stop=stop or [],
+                                stop_token_ids=stop_token_ids or [], frequency_penalty=frequency_penalty,
+                                presence_penalty=presence_penalty, logit_bias=logit_bias, logprobs=logprobs)
         timings: dict = {}
         toks = [ev.token_id for ev in self._run(video, prompt, params, conv_mode, system, timings, cancel, video_key)]
         n_prompt = timings.pop("num_prompt_tokens")
@@ -419,8 +427,10 @@ class Engine:
                video_key=None, timings: dict | None = None) -> Iterator[str]:
         """Yield text pieces as they are generated (''.join(pieces) == generate(...).text); the arguments are
         generate's, and `timings` (a dict) is filled with its stage times."""
-        params = SamplingParams(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, stop or [],
-                                stop_token_ids or [], frequency_penalty, presence_penalty, logit_bias)
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                repetition_penalty=repetition_penalty, seed=seed, stop=stop or [],
+                                stop_token_ids=stop_token_ids or [], frequency_penalty=frequency_penalty,
+                                presence_penalty=presence_penalty, logit_bias=logit_bias)
         timings = {} if timings is None else timings
         for ev in self._run(video, prompt, params, conv_mode, system, timings, cancel, video_key):
             if ev.text:

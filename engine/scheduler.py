@@ -158,9 +158,9 @@ def prepare_sequence(engine, req: Request, index=None, on_event=None, on_done=No
     e = engine
     where = f"requests[{index}]" if index is not None else "request"
     try:
-        params = SamplingParams(req.max_new_tokens, req.temperature, req.top_p, req.top_k, req.repetition_penalty,
-                                req.seed, req.stop or [], req.stop_token_ids or [], req.frequency_penalty,
-                                req.presence_penalty, req.logit_bias, req.logprobs)
+        # by name: Request holds SamplingParams' fields under the same names (stop lists may be None there)
+        params = SamplingParams(**{f.name: getattr(req, f.name) for f in fields(SamplingParams)})
+        params = replace(params, stop=req.stop or [], stop_token_ids=req.stop_token_ids or [])
         e.check_params(params)
         alpha = e.lora_alpha if req.lora_alpha is None else check_lora_alpha(req.lora_alpha, InputError)
         if e.lora_merged and alpha != e.lora_alpha:
@@ -215,7 +215,11 @@ class Scheduler:
         # attend there and without rounding K and V; the plan counts its bytes
         self.plan = plan_slots(engine.config.text, engine.kv_dtype, engine.device, max_num_seqs, slot_len,
                                kv_cache_bytes)
-        self.cache = SlotKVCache(engine.config.text, self.plan.num_slots, slot_len, engine.kv_dtype, engine.device)
+        # the slots are zeroed by parallel ops: on the CPU on a thread that ends, not on the caller's, which may
+        # not be the one that decodes (start() runs the loop on its own thread; ops.in_fresh_thread)
+        alloc = ops.in_fresh_thread if engine.device.type == "cpu" else (lambda f, *a: f(*a))
+        self.cache = alloc(SlotKVCache, engine.config.text, self.plan.num_slots, slot_len, engine.kv_dtype,
+                           engine.device)
         self.prefill_chunk = prefill_chunk
         attn_path = lm.layers[0].self_attn.kernel_path
         self.graphs = None

@@ -143,12 +143,12 @@ def create_app(engine, cfg: ServerConfig, on_ready=None) -> FastAPI:
         state["media_pool"] = ThreadPoolExecutor(max(1, adm.capacity), thread_name_prefix="pllava-fetch",
                                                  initializer=ops.helper_thread_init)
         # on the CPU the scheduler's thread should be the only live one to have run a parallel op (ops.
-        # in_fresh_thread): its slot cache is allocated on a thread that ends, and the event loop's helper threads
-        # (tokenizing in submit) keep to one OpenMP thread
+        # in_fresh_thread; the scheduler zeroes its slot cache on a thread that ends): the event loop's helper
+        # threads (tokenizing in submit) keep to one OpenMP thread
         asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(thread_name_prefix="pllava-loop",
                                                                             initializer=ops.helper_thread_init))
-        batch = ops.in_fresh_thread(engine.scheduler, max_num_seqs=cfg.max_num_seqs, max_seq_len=cfg.max_model_len,
-                                    prefill_chunk=cfg.prefill_chunk)
+        batch = engine.scheduler(max_num_seqs=cfg.max_num_seqs, max_seq_len=cfg.max_model_len,
+                                 prefill_chunk=cfg.prefill_chunk)
         batch.start()
         state["batch"] = batch
         await asyncio.to_thread(_warmup, engine, batch)

@@ -3,6 +3,7 @@
 The oracle is the single-request path: its own static cache, masked attention over the whole cache, the shared
 0-dim LoRA scale and its own decode loop. The batched path has slots, per-row lengths and per-row scales.
 """
+import os
 import threading
 
 import pytest
@@ -405,7 +406,7 @@ def test_media_workers_run_one_openmp_thread_and_leave_the_models(engine):
 
 
 def test_in_fresh_thread_returns_or_raises_from_a_thread_that_ends():
-    """ops.in_fresh_thread (pllava serve loads the engine and builds the scheduler's slot cache with it): the
+    """ops.in_fresh_thread (a CPU engine loads and a scheduler zeroes its slot cache with it): the
     call's value, or its own exception (type and message) re-raised in the caller, from a thread that has ended
     by the time it returns, so no OpenMP team of its outlives it."""
     from pllava.errors import ConfigError
@@ -425,3 +426,43 @@ def test_in_fresh_thread_returns_or_raises_from_a_thread_that_ends():
 
     with pytest.raises(ConfigError, match="no 'text_config'"):
         in_fresh_thread(fail)
+
+
+_THREADS_AFTER = """
+import os, sys, time
+import torch
+from pllava.loading import load
+from pllava.runtime import Engine
+from pllava.scheduler import Scheduler
+n = lambda: len(os.listdir("/proc/self/task"))
+before = n()
+if sys.argv[2] == "direct":
+    load(sys.argv[1], device="cpu")
+else:
+    Scheduler(Engine.from_pretrained(sys.argv[1], device="cpu"), max_num_seqs=2)
+time.sleep(0.3)  # an ended thread's OpenMP workers leave as it exits
+print(before, n(), torch.get_num_threads())
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc")
+def test_from_pretrained_and_a_scheduler_leave_the_caller_no_openmp_team(ckpts):
+    """On the CPU, Engine.from_pretrained loads and a Scheduler zeroes its slots on threads that end: the caller's
+    thread (which may never decode: Scheduler.start() decodes on its own) gains no OpenMP team, whose live workers
+    would slow every decode step of the thread that does (README, "fast CPU mode"). Counted in a fresh process
+    against the control: the same load on the calling thread leaves one worker per extra OpenMP thread alive."""
+    import subprocess
+    import sys
+
+    def threads(how):
+        r = subprocess.run([sys.executable, "-c", _THREADS_AFTER, ckpts["pllava"], how], capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return [int(x) for x in r.stdout.split()[-3:]]
+
+    before, after, omp = threads("direct")
+    if omp < 2 or pllava.ops._libgomp() is None:
+        pytest.skip(f"torch runs {omp} OpenMP thread(s) here{'' if omp < 2 else ' (not libgomp)'}: no team to see")
+    assert after == before + omp - 1, "the control: a load on the calling thread leaves its team's workers"
+    before, after, _ = threads("engine")
+    assert after == before
