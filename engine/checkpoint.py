@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from . import ops
 from .config import LoraConfig, PllavaConfig, read_json_object
 from .errors import CheckpointError, ConfigError
 
@@ -272,6 +273,8 @@ def load_weights(model: nn.Module, tensors: dict[str, TensorRef], layout: str, d
     for path, items in by_file.items():
         with _open(path) as f:
             for can, ref in items:
+                if ops.abandoned():  # loading on a thread that ends (CPU engines) and its caller gave up
+                    raise InterruptedError(f"{where}: the load was abandoned by its caller")
                 # LoRA factors stay in the compute dtype too: PEFT keeps them in the base layer's dtype.
                 t = f.get_tensor(ref.name)
                 t = t.to(device=device, dtype=dtype) if convert is None else convert(can, t)

@@ -91,11 +91,26 @@ def in_fresh_thread(fn, *args, **kwargs):
             box["error"] = e
 
     t = threading.Thread(target=run, name="pllava-oneoff", daemon=True)
+    t.pllava_abandon = threading.Event()
     t.start()
-    t.join()
+    try:
+        t.join()
+    except BaseException:  # the caller stopped waiting (Ctrl-C): the work stops at its next abandoned() check
+        t.pllava_abandon.set()
+        raise
     if "error" in box:
         raise box["error"]
     return box["value"]
+
+
+def abandoned() -> bool:
+    """Whether the caller of the in_fresh_thread running this code has stopped waiting for it (Ctrl-C while a CPU
+    engine loads): long one-off work checks between steps and stops, rather than finish a 15 GB load nobody takes
+    while the caller, say, starts it again."""
+    import threading
+
+    ev = getattr(threading.current_thread(), "pllava_abandon", None)
+    return ev is not None and ev.is_set()
 
 
 def loads_on_cpu(device) -> bool:

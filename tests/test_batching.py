@@ -428,6 +428,51 @@ def test_in_fresh_thread_returns_or_raises_from_a_thread_that_ends():
         in_fresh_thread(fail)
 
 
+def test_in_fresh_thread_stops_the_work_its_caller_gave_up_on():
+    """Ctrl-C while a CPU engine loads on its thread that ends (ops.in_fresh_thread): the caller gets its
+    KeyboardInterrupt at once and the work stops at its next ops.abandoned() check, instead of finishing a load
+    nobody takes (a real SIGINT to this thread, as a terminal sends it, while it waits)."""
+    import signal
+    import time
+
+    from pllava import ops
+
+    steps, ended = [], threading.Event()
+
+    def work():
+        try:
+            for i in range(500):  # 5 s if never stopped
+                if ops.abandoned():
+                    return
+                steps.append(i)
+                time.sleep(0.01)
+        finally:
+            ended.set()
+
+    assert not ops.abandoned()  # outside in_fresh_thread: never
+    timer = threading.Timer(0.3, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
+    timer.start()
+    t0 = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        ops.in_fresh_thread(work)
+    assert time.perf_counter() - t0 < 3
+    assert ended.wait(5) and 0 < len(steps) < 500
+
+
+def test_an_abandoned_load_stops_between_tensors(ckpts, monkeypatch):
+    """The checkpoint loader checks ops.abandoned() before each tensor: an abandoned load ends (typed, naming the
+    checkpoint) rather than reading the rest."""
+    from pllava import checkpoint, ops
+    from pllava.loading import load
+
+    read = []
+    real = checkpoint._set_tensor
+    monkeypatch.setattr(checkpoint, "_set_tensor", lambda m, n, t: (read.append(n), real(m, n, t)))
+    monkeypatch.setattr(ops, "abandoned", lambda: len(read) >= 3)
+    with pytest.raises(InterruptedError, match="the load was abandoned by its caller"):
+        load(ckpts["pllava"], device="cpu")
+    assert len(read) == 3
+
 _THREADS_AFTER = """
 import os, sys, time
 import torch
