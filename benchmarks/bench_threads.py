@@ -13,6 +13,11 @@ default 6, one at a time, after a warm-up):
   scheduler-thread                Engine.from_pretrained, then Scheduler.start(), requests submitted from here
   scheduler-here                  Engine.from_pretrained, then the scheduler driven on this thread (generate_many)
   generate                        Engine.generate on this thread
+  generate, 2 pool threads, on each
+                                  generation run on each of a pool of 2 threads in turn (a web framework's
+                                  workers: Gradio runs a handler on one of up to 40), as generate() ran before
+                                  CPU engines had a model thread (Engine._run consumed on the caller)
+  generate, 2 pool threads        Engine.generate called from those 2 threads in turn (on the model thread)
 
 Prints median ms a decode step and context switches a step per case; asserts nothing.
 """
@@ -21,7 +26,8 @@ import statistics
 import subprocess
 import sys
 
-CASES = ("scheduler-thread, loaded-here", "scheduler-thread", "scheduler-here", "generate")
+CASES = ("scheduler-thread, loaded-here", "scheduler-thread", "scheduler-here", "generate",
+         "generate, 2 pool threads, on each", "generate, 2 pool threads")
 
 
 def switches() -> int:
@@ -34,6 +40,19 @@ def switches() -> int:
         except OSError:  # a thread that ended meanwhile
             pass
     return total
+
+
+def _on_caller(engine):
+    """generate() as it ran before the model thread: Engine._run consumed on the calling thread."""
+    from pllava.generate import GenerationOutput, SamplingParams
+
+    def generate(video, prompt, max_new_tokens, logit_bias):
+        timings: dict = {}
+        params = SamplingParams(max_new_tokens=max_new_tokens, logit_bias=logit_bias)
+        toks = [ev.token_id for ev in engine._run(video, prompt, params, None, None, timings)]
+        return GenerationOutput("", toks, timings.pop("num_prompt_tokens"), timings)
+
+    return generate
 
 
 def run_case(case: str, reqs: int):
@@ -51,10 +70,16 @@ def run_case(case: str, reqs: int):
     engine.prefix_cache = False
     ask = dict(video=video, prompt="Describe the video.", max_new_tokens=64, logit_bias={2: -100.0})  # no early EOS
     ms, csw = [], []
-    if case == "generate":
+    if case.startswith("generate"):
+        from concurrent.futures import ThreadPoolExecutor
+
+        pools = [ThreadPoolExecutor(1) for _ in range(2)]
         for i in range(reqs + 1):
             c0 = switches()
-            out = engine.generate(ask["video"], ask["prompt"], max_new_tokens=64, logit_bias=ask["logit_bias"])
+            call = (lambda f, *a, **k: f(*a, **k)) if case == "generate" else pools[i % 2].submit
+            gen = engine.generate if not case.endswith("on each") else _on_caller(engine)
+            out = call(gen, ask["video"], ask["prompt"], max_new_tokens=64, logit_bias=ask["logit_bias"])
+            out = out if case == "generate" else out.result()
             steps = len(out.token_ids) - 1
             if i:  # the first is the warm-up
                 ms.append(out.timings["decode"] / steps * 1e3)

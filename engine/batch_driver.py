@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import logging
 
+from . import ops
 from .errors import PllavaError, error_line
 from .generate import GenerationOutput
 from .scheduler import Request, Scheduler, prepare_sequence, slot_len_for
@@ -121,6 +122,8 @@ def iter_outputs(engine, requests, max_batch_size: int = 16, *, max_seq_len=None
                     grow()
                 feed()
                 continue
+            if ops.abandoned():  # on a CPU engine's model thread, and its consumer stopped waiting
+                raise ops.Abandoned("generate_iter: its consumer stopped waiting")
             sched.step()
             while finished:
                 s = finished.popleft()

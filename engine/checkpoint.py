@@ -274,7 +274,7 @@ def load_weights(model: nn.Module, tensors: dict[str, TensorRef], layout: str, d
         with _open(path) as f:
             for can, ref in items:
                 if ops.abandoned():  # loading on a thread that ends (CPU engines) and its caller gave up
-                    raise InterruptedError(f"{where}: the load was abandoned by its caller")
+                    raise ops.Abandoned(f"{where}: the load was abandoned by its caller")
                 # LoRA factors stay in the compute dtype too: PEFT keeps them in the base layer's dtype.
                 t = f.get_tensor(ref.name)
                 t = t.to(device=device, dtype=dtype) if convert is None else convert(can, t)

@@ -90,7 +90,7 @@ def in_fresh_thread(fn, *args, **kwargs):
         except BaseException as e:  # noqa: BLE001 - handed to the calling thread, re-raised there
             box["error"] = e
 
-    t = threading.Thread(target=run, name="pllava-oneoff", daemon=True)
+    t = threading.Thread(target=run, name="pllava-oneoff", daemon=False)  # not a daemon: see ModelThread._ensure
     t.pllava_abandon = threading.Event()
     t.start()
     try:
@@ -101,6 +101,148 @@ def in_fresh_thread(fn, *args, **kwargs):
     if "error" in box:
         raise box["error"]
     return box["value"]
+
+
+class Abandoned(RuntimeError):
+    """Raised on a worker thread (in_fresh_thread, ModelThread) in work whose caller has stopped waiting for it."""
+
+
+class ModelThread:
+    """The one thread on which a CPU engine runs its model work (generate, stream, generate_many, generate_iter),
+    whichever threads call them: each live thread that has run parallel torch ops keeps an OpenMP team, and a
+    second team slows every decode step (helper_thread_init), so an application that calls the engine from a
+    pool of threads (a web framework's workers) would otherwise decode beside one team a worker (2 pool threads
+    in turn, small preset bf16 + int8: 229 voluntary context switches a decode step against 0.6 on one thread;
+    benchmarks/bench_threads.py). Calls run one at a time, in order; a call from the model thread itself runs
+    inline. A caller that stops waiting (Ctrl-C) gets its exception at once and the work sees abandoned() at its
+    next check (a token, a scheduler step, a tensor of a load). Before each job the thread takes torch's current
+    thread count (torch.set_num_threads after the thread started would not reach it otherwise)."""
+
+    def __init__(self, name: str = "pllava-model"):
+        import queue
+        import threading
+
+        self._name, self._jobs, self._lock = name, queue.SimpleQueue(), threading.Lock()
+        self._thread = None
+
+    def _ensure(self):
+        import threading
+
+        with self._lock:
+            if self._thread is None:
+                # not a daemon: at exit the interpreter waits for a job in flight (abandoned after Ctrl-C, it stops
+                # at its next check) instead of finalizing under running torch code (the C++ runtime aborts, -6)
+                self._thread = threading.Thread(target=self._loop, name=self._name, daemon=False)
+                self._thread.pllava_abandon = None
+                self._thread.start()
+
+    def _loop(self):
+        import queue
+        import threading
+
+        me = self._thread
+        while True:
+            try:
+                job = self._jobs.get(timeout=0.25)
+            except queue.Empty:
+                if not threading.main_thread().is_alive():  # the interpreter is exiting
+                    return
+                continue
+            if job is None:
+                return
+            fn, args, kwargs, fut, abandon = job
+            del job
+            n = torch.get_num_threads()  # torch's count now (also its per-thread setup, the first time)
+            if _libgomp() is not None:
+                _libgomp().omp_set_num_threads(n)
+            me.pllava_abandon = abandon
+            try:
+                if fut.set_running_or_notify_cancel():
+                    try:
+                        fut.set_result(fn(*args, **kwargs))
+                    except BaseException as e:  # noqa: BLE001 - handed to the caller, re-raised there
+                        fut.set_exception(e)
+            finally:
+                me.pllava_abandon = None
+                del fn, args, kwargs, fut, abandon  # nothing of a job outlives it on this thread
+
+    def on_thread(self) -> bool:
+        import threading
+
+        return self._thread is not None and threading.current_thread() is self._thread
+
+    def submit(self, fn, *args, **kwargs):
+        """-> (Future, abandon Event) of fn(*args, **kwargs) queued on the model thread."""
+        import threading
+        from concurrent.futures import Future
+
+        self._ensure()
+        fut, abandon = Future(), threading.Event()
+        self._jobs.put((fn, args, kwargs, fut, abandon))
+        return fut, abandon
+
+    def call(self, fn, *args, **kwargs):
+        """fn(*args, **kwargs) on the model thread: its value, or its exception re-raised here."""
+        from concurrent.futures import wait
+
+        if self.on_thread():
+            return fn(*args, **kwargs)
+        fut, abandon = self.submit(fn, *args, **kwargs)
+        try:
+            wait([fut])
+        except BaseException:  # the caller stopped waiting (Ctrl-C): the job stops at its next check
+            abandon.set()
+            raise
+        return fut.result()
+
+    def iterate(self, gen_fn, *args, **kwargs):
+        """Yield what gen_fn(*args, **kwargs) yields, the generator run on the model thread (it runs ahead of
+        the consumer). Closing this early (or Ctrl-C while waiting) abandons it: it is closed at its next item;
+        a close waits for that, so the generator's own clean-up has run when close() returns."""
+        import queue
+
+        if self.on_thread():
+            yield from gen_fn(*args, **kwargs)
+            return
+        out: queue.Queue = queue.Queue()
+
+        def pump():
+            gen = gen_fn(*args, **kwargs)
+            try:
+                for item in gen:
+                    out.put((0, item))
+                    if abandoned():
+                        return
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer, re-raised there
+                out.put((1, e))
+            finally:
+                gen.close()
+                out.put((2, None))
+
+        fut, abandon = self.submit(pump)
+        interrupted = False
+        try:
+            while True:
+                kind, item = out.get()
+                if kind == 2:
+                    return
+                if kind == 1:
+                    raise item
+                yield item
+        except KeyboardInterrupt:
+            interrupted = True
+            raise
+        finally:
+            if not fut.done():
+                abandon.set()
+                if not interrupted:
+                    wait_done = fut.exception  # the generator's clean-up has run once the job is done
+                    wait_done()
+
+    def close(self):
+        """Let the thread end once its queued jobs have run (the engine is gone)."""
+        if self._thread is not None:
+            self._jobs.put(None)
 
 
 def abandoned() -> bool:

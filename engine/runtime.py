@@ -5,6 +5,7 @@ import itertools
 import logging
 import os
 import time
+import weakref
 from dataclasses import replace
 from typing import Iterator
 
@@ -65,6 +66,11 @@ class Engine:
         self._sched = None  # the batch scheduler generate_many drives (kept: its slots keep their video prefixes)
         self._token_chars = None  # the tokenizer's longest token, in characters (_longest_token)
         self._token_bytes: list[bytes] | None = None  # each token id's bytes (token_bytes), built at its first call
+        # on the CPU every generate / stream / generate_many / generate_iter runs on one thread whichever thread
+        # calls (ops.ModelThread: one OpenMP team, not one a calling thread); it ends with the engine
+        self._model_thread = ops.ModelThread() if device.type == "cpu" else None
+        if self._model_thread is not None:
+            weakref.finalize(self, self._model_thread.close)
 
     # ------------------------------------------------------------------------------------------ loading
     @classmethod
@@ -415,7 +421,8 @@ class Engine:
                                 stop_token_ids=stop_token_ids or [], frequency_penalty=frequency_penalty,
                                 presence_penalty=presence_penalty, logit_bias=logit_bias, logprobs=logprobs)
         timings: dict = {}
-        toks = [ev.token_id for ev in self._run(video, prompt, params, conv_mode, system, timings, cancel, video_key)]
+        toks = self._on_model(lambda: [ev.token_id for ev in self._run(video, prompt, params, conv_mode, system,
+                                                                        timings, _Cancel(cancel), video_key)])
         n_prompt = timings.pop("num_prompt_tokens")
         finish, text, lps = timings.pop("_finish"), timings.pop("_text"), timings.pop("_logprobs")
         return GenerationOutput(text, toks, n_prompt, timings, finish, logprobs=lps)
@@ -432,9 +439,20 @@ class Engine:
                                 stop_token_ids=stop_token_ids or [], frequency_penalty=frequency_penalty,
                                 presence_penalty=presence_penalty, logit_bias=logit_bias)
         timings = {} if timings is None else timings
-        for ev in self._run(video, prompt, params, conv_mode, system, timings, cancel, video_key):
+        for ev in self._model_iter(self._run, video, prompt, params, conv_mode, system, timings, _Cancel(cancel),
+                                   video_key):
             if ev.text:
                 yield ev.text
+
+    def _on_model(self, fn, *args, **kwargs):
+        """fn(*args, **kwargs) on the engine's model thread (CPU), else here."""
+        mt = self._model_thread
+        return fn(*args, **kwargs) if mt is None else mt.call(fn, *args, **kwargs)
+
+    def _model_iter(self, gen_fn, *args, **kwargs):
+        """What gen_fn(*args, **kwargs) yields, the generator run on the engine's model thread (CPU), else here."""
+        mt = self._model_thread
+        return gen_fn(*args, **kwargs) if mt is None else mt.iterate(gen_fn, *args, **kwargs)
 
     # ------------------------------------------------------------------------------------------ batching
     def scheduler(self, max_num_seqs: int = 8, max_seq_len: int | None = None, kv_cache_bytes: int | None = None,
@@ -458,6 +476,10 @@ class Engine:
         the others are done, or, with return_errors=True, comes back with finish_reason 'error' and `error`.
         `prefill_chunk`: prefill long prompts in chunks of this many tokens between decode steps.
         """
+        return self._on_model(self._generate_many, requests, max_batch_size, progress, return_errors, prefill_chunk,
+                              kv_cache_bytes)
+
+    def _generate_many(self, requests, max_batch_size, progress, return_errors, prefill_chunk, kv_cache_bytes):
         from .batch_driver import engine_scheduler
         from .scheduler import Request, prepare_sequence, slot_len_for
 
@@ -501,8 +523,9 @@ class Engine:
         from .batch_driver import iter_outputs
 
         _check_batch_size(max_batch_size)
-        yield from iter_outputs(self, requests, max_batch_size, max_seq_len=max_seq_len, prefill_chunk=prefill_chunk,
-                                kv_cache_bytes=kv_cache_bytes, media_workers=media_workers, stats=stats)
+        yield from self._model_iter(iter_outputs, self, requests, max_batch_size, max_seq_len=max_seq_len,
+                                    prefill_chunk=prefill_chunk, kv_cache_bytes=kv_cache_bytes,
+                                    media_workers=media_workers, stats=stats)
 
     def live(self, source, prompt: str = CAPTION_PROMPT, *, window_s: float = 8.0, every_s: float = 2.0,
              growing: bool = False, **gen_kw) -> Iterator[tuple[float, GenerationOutput]]:
@@ -539,6 +562,17 @@ def _unmerge_fix(w: torch.Tensor, back: torch.Tensor) -> tuple[torch.Tensor | No
         return None, w.clone()
     idx = idx.to(torch.int32)
     return idx, w.view(-1)[idx].clone()
+
+
+class _Cancel:
+    """A request's `cancel` event as generation reads it (is_set), also set once the caller of its model-thread job
+    has stopped waiting (ops.abandoned: Ctrl-C in generate(), a stream closed early)."""
+
+    def __init__(self, cancel):
+        self.cancel = cancel
+
+    def is_set(self) -> bool:
+        return ops.abandoned() or (self.cancel is not None and self.cancel.is_set())
 
 
 def _check_batch_size(n):

@@ -340,6 +340,8 @@ class Scheduler:
             self.add(s)
         try:
             while any(not s.done.is_set() for s in seqs):
+                if ops.abandoned():  # on a CPU engine's model thread, and its caller stopped waiting (Ctrl-C)
+                    raise ops.Abandoned("generate_many: its caller stopped waiting")
                 before = sum(s.done.is_set() for s in seqs)
                 self.step()
                 if progress is not None:
