@@ -69,6 +69,19 @@ class Loaded(NamedTuple):
     eos_ids: set
 
 
+def resolve_device(device) -> torch.device:
+    """The device an engine runs on (None: CUDA when available, else the CPU); a typed error where it cannot."""
+    try:
+        dev = torch.device(device) if device is not None else torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu")
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"device {device!r}: not a torch device ({e})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {str(dev)!r}: CUDA is not available here (torch {torch.__version__}, "
+                          f"built {'with' if torch.backends.cuda.is_built() else 'without'} CUDA)")
+    return dev
+
+
 def load(model: str, device=None, dtype=None, num_frames=None, pooling_shape=None, lora_alpha=None, conv_mode=None,
          adapter: str | None = None, attn_backend: str = "sdpa", quantize: str | None = None) -> Loaded:
     """Engine.from_pretrained's work (its docstring says what each argument does)."""
@@ -82,14 +95,7 @@ def load(model: str, device=None, dtype=None, num_frames=None, pooling_shape=Non
                 raise ConfigError(f"{model_dir}/adapter_config.json: no config.json beside it and no "
                                   "'base_model_name_or_path' to find the base model")
             model_dir = resolve_model_dir(base)
-    try:
-        device = torch.device(device) if device is not None else torch.device(
-            "cuda" if torch.cuda.is_available() else "cpu")
-    except (RuntimeError, TypeError) as e:
-        raise ConfigError(f"device {device!r}: not a torch device ({e})") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {str(device)!r}: CUDA is not available here (torch {torch.__version__}, "
-                          f"built {'with' if torch.backends.cuda.is_built() else 'without'} CUDA)")
+    device = resolve_device(device)
     if quantize not in (None, "int8"):
         raise ConfigError(f"quantize must be None or 'int8', got {quantize!r}")
     cfg = load_config(model_dir).with_overrides(num_frames=num_frames, pooling_shape=pooling_shape,

@@ -79,7 +79,8 @@ def in_fresh_thread(fn, *args, **kwargs):
     For a CPU engine's one-off parallel work off the calling thread (Engine.from_pretrained's load, a Scheduler's
     slot cache: both use it on the CPU): a live thread that has run a parallel op keeps an OpenMP team, and with
     two such threads libgomp's barriers stop spinning (helper_thread_init), so the thread that decodes should be
-    the only one; an ended thread gives its team back (a decode step in a second thread after the loading thread ended: 10.0 ms, 15.5 while it lived)."""
+    the only one; an ended thread gives its team back (a decode step in a second thread after the loading thread
+    ended: 10.0 ms, 15.5 while it lived)."""
     import threading
 
     box: dict = {}
@@ -236,8 +237,7 @@ class ModelThread:
             if not fut.done():
                 abandon.set()
                 if not interrupted:
-                    wait_done = fut.exception  # the generator's clean-up has run once the job is done
-                    wait_done()
+                    fut.exception()  # waits for the job: the generator's clean-up has run once it is done
 
     def close(self):
         """Let the thread end once its queued jobs have run (the engine is gone)."""
@@ -253,17 +253,6 @@ def abandoned() -> bool:
 
     ev = getattr(threading.current_thread(), "pllava_abandon", None)
     return ev is not None and ev.is_set()
-
-
-def loads_on_cpu(device) -> bool:
-    """Whether Engine.from_pretrained(device=device) puts the model on the CPU (None: CUDA when available). A
-    device torch cannot parse answers False: the load itself then raises its typed error, on the caller's thread."""
-    if device is None:
-        return not torch.cuda.is_available()
-    try:
-        return torch.device(device).type == "cpu"
-    except (RuntimeError, TypeError, ValueError):
-        return False
 
 
 def log_once(msg: str, level: int = logging.INFO):

@@ -16,7 +16,7 @@ from . import ops
 from .config import PllavaConfig, check_lora_alpha
 from .errors import ConfigError, InputError, NumericalError, PromptError
 from .generate import DecodeStep, GenerationOutput, SamplingParams, generate_tokens
-from .loading import load
+from .loading import load, resolve_device
 from .model import PllavaModel
 from .preprocess import preprocess
 from .prompt import (CAPTION_QUESTION, build_chat_prompt, build_prompt, default_question, prefix_split, splice,
@@ -86,13 +86,14 @@ class Engine:
         'flash_attn' / 'xformers' for the prefill when installed (CUDA, fp16/bf16). quantize: None, or 'int8'
         (weight-only int8 LLM linears, LoRA unmerged at the live alpha; with dtype=torch.bfloat16 on the CPU).
         """
+        device = resolve_device(device)
         kw = dict(device=device, dtype=dtype, num_frames=num_frames, pooling_shape=pooling_shape,
                   lora_alpha=lora_alpha, conv_mode=conv_mode, adapter=adapter, attn_backend=attn_backend,
                   quantize=quantize)
         # on the CPU the load's parallel ops (casts, int8 packing) run on a thread that ends: a live thread that
         # has run one keeps an OpenMP team, and a second live team slows every decode step of the thread that
         # decodes (ops.in_fresh_thread), so loading here leaves the caller free to decode or to start a scheduler
-        if ops.loads_on_cpu(device):
+        if device.type == "cpu":
             return cls(*ops.in_fresh_thread(load, model, **kw))
         return cls(*load(model, **kw))
 
