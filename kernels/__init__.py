@@ -3,10 +3,35 @@ arguments, a plain-torch reference (the tests' oracle and the CPU path) and a to
 
 Triton is imported lazily: this package imports on machines without triton (macOS, CPU-only CI images).
 """
-from .int8_linear import int8_linear, int8_linear_reference
-from .lora_linear import lora_linear, lora_linear_reference, merge, unmerge
-from .pool_projector import pool_projector, pool_projector_reference, pool_projector_torch
-from .slot_attention import slot_decode_attention, slot_decode_attention_reference
+import sys
+
+if __name__ == "kernels":
+    # Imported as the top-level `kernels`, not as pllava.kernels: Python runs from the repository root (python -m
+    # and -c put the current directory first on sys.path) and something asked for HF's `kernels` package, which
+    # transformers >= 5.25 requires and imports whenever it builds a model config. Without this hand-over every
+    # Engine.from_pretrained run from the root failed with "cannot import name 'CUDAProperties' from 'kernels'".
+    import importlib.machinery
+    import importlib.util
+    import os
+
+    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    _spec = importlib.machinery.PathFinder.find_spec(
+        "kernels", [p for p in sys.path if os.path.abspath(p or os.curdir) != _root])
+    if _spec is None:
+        raise ModuleNotFoundError("No module named 'kernels' (the repository's kernels/ is pllava.kernels)",
+                                  name="kernels")
+    _real = importlib.util.module_from_spec(_spec)
+    sys.modules["kernels"] = _real  # what `import kernels` returns once this body ends
+    try:
+        _spec.loader.exec_module(_real)
+    except BaseException:
+        del sys.modules["kernels"]
+        raise
+else:
+    from .int8_linear import int8_linear, int8_linear_reference
+    from .lora_linear import lora_linear, lora_linear_reference, merge, unmerge
+    from .pool_projector import pool_projector, pool_projector_reference, pool_projector_torch
+    from .slot_attention import slot_decode_attention, slot_decode_attention_reference
 
 __all__ = ["int8_linear", "int8_linear_reference", "lora_linear", "lora_linear_reference", "merge", "unmerge", "pool_projector", "pool_projector_reference",
            "pool_projector_torch", "slot_decode_attention", "slot_decode_attention_reference", "triton_available"]

@@ -1,0 +1,58 @@
+"""The repository's kernels/ (pllava.kernels) must not stand in for HF's `kernels` package when Python runs from
+the repository root (python -m / -c put the current directory first on sys.path): transformers >= 5.25 requires
+that package and imports it whenever it builds a model config, so the shadowing broke every load from the root."""
+import importlib.machinery
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run_in_root(code: str, *flags: str):
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONSAFEPATH", "PYTHONPATH")}
+    return subprocess.run([sys.executable, *flags, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def _installed_kernels_origin():
+    """Where HF's `kernels` is installed, found on sys.path without the repository root (None: not installed)."""
+    spec = importlib.machinery.PathFinder.find_spec(
+        "kernels", [p for p in sys.path if os.path.abspath(p or os.curdir) != ROOT])
+    return None if spec is None else spec.origin
+
+
+def test_the_root_is_first_on_sys_path_in_these_runs():
+    # the control: what the other tests rely on, that -c from the root finds the repository's kernels/ first
+    r = _run_in_root("import importlib.util; print(importlib.util.find_spec('kernels').origin)")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == os.path.join(ROOT, "kernels", "__init__.py")
+
+
+def test_top_level_kernels_from_the_root_is_the_installed_package():
+    origin = _installed_kernels_origin()
+    r = _run_in_root("import kernels; print(kernels.__file__)")
+    if origin is None:
+        assert r.returncode != 0 and "ModuleNotFoundError" in r.stderr and "pllava.kernels" in r.stderr, r.stderr
+    else:
+        assert r.returncode == 0, r.stderr
+        assert os.path.realpath(r.stdout.strip()) == os.path.realpath(origin)
+
+
+def test_without_site_packages_the_top_level_name_is_missing_not_ours():
+    # -S: no site-packages, so no HF kernels; the name must then be missing, not this repository's package
+    r = _run_in_root("import kernels", "-S")
+    assert r.returncode != 0
+    assert "ModuleNotFoundError" in r.stderr and "pllava.kernels" in r.stderr, r.stderr
+
+
+def test_transformers_config_and_pllava_kernels_load_from_the_root():
+    pytest.importorskip("transformers")
+    code = ("import pllava.kernels as k\n"
+            "from transformers import CONFIG_MAPPING\n"
+            "print(CONFIG_MAPPING['llama'].__name__, k.__name__, k.lora_linear.__name__)")
+    r = _run_in_root(code)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["LlamaConfig", "pllava.kernels", "lora_linear"]
