@@ -15,7 +15,8 @@ import torch
 from . import ops
 from .config import PllavaConfig, check_lora_alpha
 from .errors import ConfigError, InputError, NumericalError, PromptError
-from .generate import DecodeStep, GenerationOutput, SamplingParams, generate_tokens
+from .generate import (DecodeStep, GenerationOutput, SamplingParams, StopRequested, generate_tokens,
+                       stop_check)
 from .loading import load, resolve_device
 from .model import PllavaModel
 from .preprocess import preprocess
@@ -218,18 +219,19 @@ class Engine:
         return px
 
     @torch.no_grad()
-    def encode(self, video, timings: dict | None = None, overlap: bool = True) -> torch.Tensor:
+    def encode(self, video, timings: dict | None = None, overlap: bool = True, stop=None) -> torch.Tensor:
         """Visual embeddings (T'·h'·w', d) for `video`. With overlap, a file/bytes/URL source is decoded in a
         background thread while the vision tower encodes the frames already decoded (measured on 2 CPU cores,
         16 frames of 1080p, small preset: 1.59 s against 1.81 s decode-then-encode; on a GPU the tower and the
-        decoder do not even share a processor)."""
+        decoder do not even share a processor). `stop` (generate.stop_check) is called between the tower's layers
+        and between decoded frames."""
         timings = {} if timings is None else timings
         if is_source(video) and overlap:
-            feats = self._encode_streaming(video, timings)
+            feats = self._encode_streaming(video, timings, stop)
         else:
             px = self.pixels(video, timings)
             t0 = self._clock()
-            feats = self.model.vision_tower(px)
+            feats = self.model.vision_tower(px, stop)
             timings["vision"] = self._clock() - t0
         t1 = self._clock()
         n = self.config.num_frames
@@ -239,7 +241,7 @@ class Engine:
         timings["projector"] = self._clock() - t1
         return vis
 
-    def _encode_streaming(self, video, timings: dict) -> torch.Tensor:
+    def _encode_streaming(self, video, timings: dict, stop=None) -> torch.Tensor:
         """Frames go through preprocess + vision tower while the next ones decode, in groups of the tower's
         frame_chunk (4 on the CPU, where a frame at a time ran the tower at 1/1.3 of its speed in groups: 16
         frames of a 720p clip, small preset, bf16, 2-core Xeon: ~500 ms to encode one by one while decoding, ~390
@@ -252,23 +254,28 @@ class Engine:
         pending: list[tuple[int, torch.Tensor]] = []  # preprocessed frames not yet through the tower
         it = stream_frames(video, self.config.num_frames, limits=self.limits)
         t = self._clock()
-        for item in itertools.chain(it, [None]):  # None: the end (encode what is pending)
-            t1 = self._clock()
-            wait += t1 - t
-            if item is not None:
-                idx, _ts, frame = item
-                order.append(idx)
-                if idx not in by_index and all(idx != i for i, _ in pending):
-                    pending.append((idx, self._check_pixels(preprocess(frame, self.processor_config,
-                                                                       dtype=self.dtype, device=self.device))))
-            t2 = self._clock()
-            prep += t2 - t1
-            if pending and (item is None or len(pending) == group):
-                feats = self.model.vision_tower(torch.cat([px for _, px in pending]))  # (n, g*g, D)
-                by_index.update((i, f) for (i, _), f in zip(pending, feats.split(1)))
-                pending = []
-                vis += self._clock() - t2
-            t = self._clock()
+        try:
+            for item in itertools.chain(it, [None]):  # None: the end (encode what is pending)
+                t1 = self._clock()
+                wait += t1 - t
+                if stop is not None:
+                    stop()
+                if item is not None:
+                    idx, _ts, frame = item
+                    order.append(idx)
+                    if idx not in by_index and all(idx != i for i, _ in pending):
+                        pending.append((idx, self._check_pixels(preprocess(frame, self.processor_config,
+                                                                           dtype=self.dtype, device=self.device))))
+                t2 = self._clock()
+                prep += t2 - t1
+                if pending and (item is None or len(pending) == group):
+                    feats = self.model.vision_tower(torch.cat([px for _, px in pending]), stop)  # (n, g*g, D)
+                    by_index.update((i, f) for (i, _), f in zip(pending, feats.split(1)))
+                    pending = []
+                    vis += self._clock() - t2
+                t = self._clock()
+        finally:
+            it.close()  # stops its decoder thread now, also when a stop point or an error ends the loop
         timings.update(video_decode=wait, preprocess=prep, vision=vis)
         return torch.cat([by_index[i] for i in order])
 
@@ -366,22 +373,6 @@ class Engine:
         n_pre = prefix_split(ids, img_pos, self.config.num_visual_tokens)
         key = self._prefix_key(video, ids[:img_pos], video_key) if n_pre else None
         hit = key is not None and self._prefix == (key, n_pre)
-        lm.setup_cache(1, n_prompt + params.max_new_tokens, self.kv_dtype, self.device, keep=n_pre if hit else 0)
-        if hit:
-            # the same clip and prompt head as the last request: its KV for [0, n_pre) is still in the cache
-            # (later writes start at n_pre); only the question is prefilled, the video is not decoded or encoded
-            timings["prefix_cache_hit"] = 1
-            start, embeds = n_pre, lm.embed(ids[img_pos + 1:].to(self.device)).unsqueeze(0)
-        elif img_pos is None:
-            self._prefix = None
-            start, embeds = 0, lm.embed(ids.to(self.device)).unsqueeze(0)  # (1, L, D)
-        else:
-            self._prefix = None
-            vis = self.encode(video, timings)
-            start = 0
-            embeds = splice(lm.embed(ids.to(self.device)), img_pos, vis).unsqueeze(0)  # (1, L, D)
-        prompt_text_ids = text_ids(ids, img_pos)
-        first = True
         if self._step is None or (self._step.use_graph, self._step.use_compile) != (self.cuda_graphs,
                                                                                     self.compile_decode):
             if self.cuda_graphs and self.device.type != "cuda":
@@ -389,15 +380,39 @@ class Engine:
             self._step = DecodeStep(lm, self.cuda_graphs, self.compile_decode and not self.cuda_graphs)
             log.info("pllava decode: %s", "CUDA graph replay" if self.cuda_graphs else
                      "torch.compile'd step" if self.compile_decode else "eager steps")
+        stop = stop_check(cancel)
+        first = True
         try:
+            stop()  # cancelled while it waited for the model thread
+            lm.setup_cache(1, n_prompt + params.max_new_tokens, self.kv_dtype, self.device, keep=n_pre if hit else 0)
+            if hit:
+                # the same clip and prompt head as the last request: its KV for [0, n_pre) is still in the cache
+                # (later writes start at n_pre); only the question is prefilled, the video is not decoded or encoded
+                timings["prefix_cache_hit"] = 1
+                start, embeds = n_pre, lm.embed(ids[img_pos + 1:].to(self.device)).unsqueeze(0)
+            elif img_pos is None:
+                self._prefix = None
+                start, embeds = 0, lm.embed(ids.to(self.device)).unsqueeze(0)  # (1, L, D)
+            else:
+                self._prefix = None
+                vis = self.encode(video, timings, stop=stop)
+                start = 0
+                embeds = splice(lm.embed(ids.to(self.device)), img_pos, vis).unsqueeze(0)  # (1, L, D)
+            prompt_text_ids = text_ids(ids, img_pos)
             for ev in generate_tokens(lm, embeds, params, self.tokenizer, self.eos_ids, prompt_text_ids, timings,
-                                      self._clock, cancel, start, self._step, n_pre):
+                                      self._clock, cancel, start, self._step, n_pre, stop):
                 if first and key is not None:
                     self._prefix = (key, n_pre)  # the prefill has written the prefix
                 if first:
                     timings["ttft"] = self._clock() - t_start
                     first = False
                 yield ev
+        except StopRequested:
+            # cancelled before its first token, in the vision tower or between the prefill's layers: no token; a
+            # prefix this request was writing is not marked reusable (_prefix is set at the first token)
+            timings.update(_finish="cancelled", _text="", _logprobs=None if params.logprobs is None else [],
+                           decode_tokens=0)
+            log.info("generate: cancelled before its first token")
         except NumericalError:
             # the cache now holds non-finite K/V; a captured graph attends over masked slots too (0 x NaN = NaN),
             # so the next request gets a fresh cache rather than this one's leftovers
@@ -413,7 +428,9 @@ class Engine:
                  logit_bias: dict | None = None, logprobs: int | None = None, conv_mode: str | None = None,
                  system: str | None = None, cancel=None, video_key=None) -> GenerationOutput:
         """`prompt`: a question (rendered with conv_mode's template), a full prompt with conv_mode='raw', or chat
-        turns [(role, text)]. `cancel`: a threading.Event that stops generation at the next token. `video_key`:
+        turns [(role, text)]. `cancel`: a threading.Event that stops the request at its next stop point (the
+        next decoded frame or layer of the vision tower or the prefill, then the next token): finish_reason
+        'cancelled', with the tokens so far. `video_key`:
         an identity for frames the caller decoded (e.g. a content hash) so a follow-up question reuses the video's
         KV cache. `logprobs=k` (0-20): out.logprobs holds each new token's TokenLogprob (its log-probability under
         the model's distribution and the k most likely tokens)."""

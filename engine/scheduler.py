@@ -21,6 +21,7 @@ import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout  # the builtin TimeoutError from 3.11 on
 from dataclasses import dataclass, fields, replace
 from typing import Any, Callable
 
@@ -29,7 +30,8 @@ import torch
 from . import ops
 from .config import check_lora_alpha
 from .errors import InputError, MemoryBudgetError, NumericalError, PllavaError, error_line
-from .generate import GenerationOutput, SamplingParams, SequenceState, StepEvent, greedy_rows
+from .generate import (GenerationOutput, SamplingParams, SequenceState, StepEvent, StopRequested, greedy_rows,
+                       stop_check)
 from .batch_graphs import BatchDecodeGraphs
 from .model.llm import SlotKVCache, SlotRows
 from .prompt import prefix_split, splice, text_ids
@@ -150,6 +152,10 @@ class Sequence:
         self.error: Exception | None = None
         self.output = None
         self.done = threading.Event()
+        # called at the stop points of this request's vision tower and prefill (between layers) and while its
+        # clip decodes: a cancel set then ends it there, not at its first token (a 7B prefill is ~27 s on 2 CPU
+        # cores, and every other request's decode waits behind it)
+        self.stop = stop_check(req.cancel)
 
 
 def prepare_sequence(engine, req: Request, index=None, on_event=None, on_done=None) -> Sequence:
@@ -414,9 +420,15 @@ class Scheduler:
                         s.future = self.pool.submit(e.pixels, s.req.video, s.pixel_timings)
                     px = self._pixels(s)
                     s.timings.update(s.pixel_timings)
-                    vis = e.encode(px, s.timings, overlap=False)
+                    vis = e.encode(px, s.timings, overlap=False, stop=s.stop)
                     s.start = 0
                     s.embeds = splice(lm.embed(s.ids.to(e.device)), s.img_pos, vis).unsqueeze(0)
+            except StopRequested:  # cancelled while its clip decoded or went through the vision tower
+                if s.future is not None:
+                    s.future.cancel()
+                s.future = None
+                self._finish(s, "cancelled")
+                continue
             except (PllavaError, OSError, _MediaFailure) as err:  # this request's media failed: it alone ends
                 s.future = None
                 self._fail(s, err.err if isinstance(err, _MediaFailure) else err)
@@ -438,8 +450,12 @@ class Scheduler:
         as a typed one does, rather than the whole batch."""
         tw = time.perf_counter()
         try:
-            return s.future.result()
-        except (PllavaError, OSError):
+            while True:
+                try:
+                    return s.future.result(timeout=0.05)
+                except FutureTimeout:  # still decoding: a cancel (or Ctrl-C of generate_many) is seen within 50 ms
+                    s.stop()
+        except (PllavaError, OSError, StopRequested, ops.Abandoned):
             raise
         except Exception as err:  # noqa: BLE001 - re-raised as this request's own failure, logged
             where = f"requests[{s.index}]" if s.index is not None else "a request"
@@ -470,8 +486,13 @@ class Scheduler:
             rows = SlotRows([s.slot], [p0], torch.arange(p0, s.start + b, device=e.device)[None],
                             torch.tensor([s.slot], device=e.device),
                             torch.tensor(s.scale, dtype=torch.float32, device=e.device))
-            with torch.no_grad():
-                logits = lm.forward_slots(s.embeds[:, a:b], rows, self.cache)
+            try:
+                with torch.no_grad():
+                    logits = lm.forward_slots(s.embeds[:, a:b], rows, self.cache, stop=s.stop)
+            except StopRequested:  # between two layers: the slot's positions from p0 on are half written
+                s.timings["prefill"] += e._clock() - t0
+                self._finish(s, "cancelled")  # (frees the slot; its prefix is not marked reusable)
+                return
             s.prefilled = b
             if b == total or self.prefill_chunk is not None:
                 break
@@ -559,6 +580,9 @@ class Scheduler:
         for s in list(self.running):
             if s.state.cancelled():
                 self._finish(s, "cancelled")
+        s = self.prefilling
+        if s is not None and s.req.cancel is not None and s.req.cancel.is_set():
+            self._finish(s, "cancelled")  # between two prefill chunks
 
     def _release(self, s: Sequence):
         if s in self.running:

@@ -144,7 +144,7 @@ def test_cancel_stops_at_the_next_token(ckpts):
     cancel2 = threading.Event()
     cancel2.set()
     out = eng.generate(_px(), Q, max_new_tokens=200, cancel=cancel2)
-    assert out.finish_reason == "cancelled" and len(out.token_ids) <= 1
+    assert out.finish_reason == "cancelled" and out.token_ids == []  # stopped before the vision tower
 
 
 def test_stop_string_is_cut_from_text_and_kept_in_token_ids(ckpts):

@@ -331,12 +331,13 @@ class LlamaLM(nn.Module):
         self.max_len = 0
 
     def forward(self, embeds: torch.Tensor, input_pos: torch.Tensor, all_logits: bool = False,
-                start: int | None = None, kv_len: int | None = None) -> torch.Tensor:
+                start: int | None = None, kv_len: int | None = None, stop=None) -> torch.Tensor:
         """embeds (B, L, D) at positions input_pos (L,) -> logits (B, L, V) or, by default, (B, 1, V) of the last.
         `start`: the first position as a host int when the caller knows it (prefill); start == 0 takes the plain
         causal path without reading input_pos back from the device. `kv_len`: positions in use after this call
         (a host int; eager steps): attention reads only those, not the whole cache (after one long request the
-        next decoded 1.3-1.7x slower over the unused slots). A captured CUDA graph passes None."""
+        next decoded 1.3-1.7x slower over the unused slots). A captured CUDA graph passes None. `stop`: called
+        before each layer (a prefill's cancel check, generate.stop_check; it raises to stop)."""
         dt = embeds.dtype
         cos, sin = self.rope_cos[input_pos].to(dt), self.rope_sin[input_pos].to(dt)  # (L, hd)
         win = self.config.sliding_window
@@ -350,18 +351,23 @@ class LlamaLM(nn.Module):
                 mask = mask & (kpos > input_pos[:, None] - win)
         x = embeds if self.residual_dtype is None else embeds.to(self.residual_dtype)
         for layer in self.layers:
+            if stop is not None:
+                stop()
             x = layer(x, cos, sin, input_pos, mask, kv_len)
         if not all_logits:
             x = x[:, -1:]
         return self.lm_head(self.norm(x))
 
-    def forward_slots(self, embeds: torch.Tensor, rows: SlotRows, cache: SlotKVCache) -> torch.Tensor:
-        """embeds (B, L, D) of the rows described by `rows` -> logits (B, 1, V) of each row's last position."""
+    def forward_slots(self, embeds: torch.Tensor, rows: SlotRows, cache: SlotKVCache, stop=None) -> torch.Tensor:
+        """embeds (B, L, D) of the rows described by `rows` -> logits (B, 1, V) of each row's last position.
+        `stop`: called before each layer (a prefill's cancel check)."""
         dt = embeds.dtype
         cos = self.rope_cos[rows.pos_t].to(dt)[:, None]  # (B, 1, L, hd)
         sin = self.rope_sin[rows.pos_t].to(dt)[:, None]
         x = embeds if self.residual_dtype is None else embeds.to(self.residual_dtype)
         for layer, kc, vc in zip(self.layers, cache.k, cache.v):
+            if stop is not None:
+                stop()
             x = layer.forward_slots(x, cos, sin, rows, kc, vc, self.config.sliding_window)
         h = self.norm(x[:, -1:])  # (B, 1, D)
         if h.device.type == "cpu" and h.shape[0] > 1 and isinstance(self.lm_head, nn.Linear):

@@ -92,15 +92,18 @@ class CLIPVisionTower(nn.Module):
         # encodes all frames at once (its caching allocator keeps the memory)
         self.frame_chunk: int | None = None
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:  # (T, 3, S, S) -> (T, g*g, D)
+    def forward(self, pixels: torch.Tensor, stop=None) -> torch.Tensor:  # (T, 3, S, S) -> (T, g*g, D)
+        """`stop`: called before each layer (a request's cancel check; it raises to stop)."""
         c = self.frame_chunk
         if c and pixels.shape[0] > c:
-            return torch.cat([self._encode(pixels[i:i + c]) for i in range(0, pixels.shape[0], c)])
-        return self._encode(pixels)
+            return torch.cat([self._encode(pixels[i:i + c], stop) for i in range(0, pixels.shape[0], c)])
+        return self._encode(pixels, stop)
 
-    def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
+    def _encode(self, pixels: torch.Tensor, stop=None) -> torch.Tensor:
         x = self.pre_layrnorm(self.embeddings(pixels))  # hidden_states[0]
         for layer in self.encoder.layers:
+            if stop is not None:
+                stop()
             x = layer(x)
         # (T, g*g, D): CLS dropped ("default" strategy). Contiguous, so that the projector's linear_1 runs one addmm
         # whatever T is: on a strided 3-D input torch's bf16 linear rounds the matmul before adding the bias (up to
