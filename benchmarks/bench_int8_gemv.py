@@ -4,7 +4,8 @@ In a decode step every weight comes from DRAM (the step streams more than the L3
 linears are 82 MB with lm_head, its fp32 KV cache 114 MB at 2330 positions), so this streams a whole step's set of
 distinct weights in model order, one row (M = 1), on the threads torch uses, with the kernel's software prefetch
 off and at its default distance, interleaved rep by rep (one noisy machine, one run). References in the same run:
-the bandwidth of a 1 GiB read (torch.sum) and torch's _weight_int8pack_mm with bf16 activations on the same weights.
+the bandwidth of a 1 GiB read (torch.sum), the kernel's portable loop (what a CPU without AVX-512 ran before it
+had an AVX2 path) and torch's _weight_int8pack_mm with bf16 activations on the same weights.
 Then the bf16 GEMV on a step's LoRA factors against torch's bf16 GEMMs. Prints tables of median ms and GB/s;
 asserts nothing (speed lives here, not in the tests).
 """
@@ -50,8 +51,9 @@ def main(reps=15):
     g = torch.Generator().manual_seed(0)
     bw = read_bandwidth()
     print(f"\n### int8 GEMV, M = 1, {torch.get_num_threads()} threads, {isa}; 1 GiB read: {bw:.1f} GB/s\n")
-    print("| weights | MB | prefetch off | prefetch default | speedup | _weight_int8pack_mm (bf16 x) |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print(f"| weights | MB | prefetch off | prefetch default | speedup | portable loop | {isa} vs portable | "
+          "_weight_int8pack_mm (bf16 x) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, sh in SETS.items():
         ws = [(torch.randn(1, k, generator=g), torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8),
                torch.rand(n, generator=g) * 0.01) for n, k in sh]
@@ -63,6 +65,9 @@ def main(reps=15):
                                         1, y.shape[1], x.shape[1], torch.get_num_threads(), False, 0)
                             for (x, q, s), y in zip(ws, ys)],
             "default": lambda: [_gemv(C, x, q, s) for x, q, s in ws],
+            "generic": lambda: [C.int8_gemv(x.data_ptr(), x.shape[1], q.data_ptr(), s.data_ptr(), y.data_ptr(),
+                                            y.shape[1], 1, y.shape[1], x.shape[1], torch.get_num_threads(), True, -1)
+                                for (x, q, s), y in zip(ws, ys)],
             "torch": lambda: [torch._weight_int8pack_mm(x, q, s) for x, q, s in wb],
         }
         ms = interleaved_medians(runs, reps)
@@ -71,7 +76,8 @@ def main(reps=15):
             return f"{ms[k]:.2f} ms ({nbytes / ms[k] / 1e6:.1f} GB/s)"
 
         print(f"| {name} | {nbytes / 1e6:.0f} | {cell('off')} | {cell('default')} | "
-              f"{ms['off'] / ms['default']:.2f}x | {cell('torch')} |")
+              f"{ms['off'] / ms['default']:.2f}x | {cell('generic')} | {ms['generic'] / ms['default']:.2f}x | "
+              f"{cell('torch')} |")
     lora(C, g, reps)
 
 

@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu_isa.h"
 #include "decode_attention.h"
 #include "int8_gemv.h"
 #include "preprocess.h"
@@ -114,6 +115,15 @@ PYBIND11_MODULE(_C, m) {
         py::arg("ldy"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("num_threads") = 0,
         py::arg("generic") = false, py::arg("prefetch") = -1);
   m.def("int8_gemv_isa", &pllava::int8_gemv_isa);
+  m.def("cpu_isa", [] { return std::string(pllava::isa_name(pllava::cpu_isa())); },
+        "The vector ISA the CPU kernels run with now: 'avx512', 'avx2' or 'generic'.");
+  m.def("cpu_isa_supported", [] { return std::string(pllava::isa_name(pllava::cpu_isa_supported())); },
+        "The best vector ISA this CPU supports, whatever the cap.");
+  m.def("set_isa_cap", [](const std::string& name) {
+          if (!pllava::set_isa_cap(name.c_str()))
+            throw std::invalid_argument("set_isa_cap: '" + name + "' is not one of avx512, avx2, generic, best");
+        }, py::arg("name"),
+        "Cap the CPU kernels' vector ISA (tests and benchmarks run the AVX2 path on an AVX-512 CPU this way).");
   m.def("bf16_gemv", &bf16_gemv, py::arg("x"), py::arg("ldx"), py::arg("w"), py::arg("alpha"), py::arg("accumulate"),
         py::arg("y"), py::arg("ldy"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("num_threads") = 0,
         py::arg("generic") = false, py::arg("prefetch") = -1);
@@ -127,5 +137,5 @@ PYBIND11_MODULE(_C, m) {
         py::arg("o"), py::arg("o_sb"), py::arg("o_sh"), py::arg("h"), py::arg("kv"), py::arg("d"),
         py::arg("num_slots"), py::arg("slot_len"), py::arg("slot"), py::arg("lo"), py::arg("hi"), py::arg("scale"),
         py::arg("num_threads") = 0, py::arg("generic") = false);
-  m.attr("ABI") = 6;
+  m.attr("ABI") = 7;
 }

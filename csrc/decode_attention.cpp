@@ -10,7 +10,11 @@
 // A bf16 cache halves what a step streams: a bf16 engine's prefill rows produce bf16 K and V anyway (bf16 GEMMs), so
 // only its decode rows' K and V are rounded; batched decode at PLLaVA's prompt lengths is bound by this read (8 rows
 // at 2000 positions: 629 MB of fp32 K and V a step against 81 MB of int8 weights, small preset).
+// AVX2 + FMA (no AVX-512): the same passes 8 lanes at a time, scores with four chains whose lanes hold the
+// AVX-512 path's two chains' partial sums.
 #include "decode_attention.h"
+
+#include "cpu_isa.h"
 
 #include <immintrin.h>
 #include <omp.h>
@@ -24,11 +28,6 @@ namespace pllava {
 namespace {
 
 constexpr int64_t kChunk = 32;
-
-bool has_avx512() {
-  static const bool yes = __builtin_cpu_supports("avx512f");
-  return yes;
-}
 
 inline float widen(float x) { return x; }
 inline float widen(uint16_t b) {  // bf16 bits -> fp32, exact
@@ -91,6 +90,45 @@ __attribute__((target("avx512f"))) void weighted_sum_avx512(const Item<T>& it, c
   }
 }
 
+__attribute__((target("avx2,fma"))) inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+__attribute__((target("avx2,fma"))) inline __m256 load8(const uint16_t* p) {
+  const __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+}
+__attribute__((target("avx2,fma"))) inline float hsum8(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+}
+
+template <typename T>
+__attribute__((target("avx2,fma"))) void scores_avx2(const Item<T>& it, float* sc) {
+  const int nv = static_cast<int>(it.D / 8);
+  for (int64_t s = 0; s < it.S; ++s) {
+    const T* kr = it.k + s * it.kv_ss;
+    for (int64_t j = 0; j < it.g; ++j) {
+      const float* qr = it.q + j * it.q_sh;
+      __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+      for (int i = 0; i < nv; ++i) a[i & 3] = _mm256_fmadd_ps(_mm256_loadu_ps(qr + 8 * i), load8(kr + 8 * i), a[i & 3]);
+      sc[s * it.g + j] = it.scale * hsum8(_mm256_add_ps(_mm256_add_ps(a[0], a[2]), _mm256_add_ps(a[1], a[3])));
+    }
+  }
+}
+
+template <typename T>
+__attribute__((target("avx2,fma"))) void weighted_sum_avx2(const Item<T>& it, const float* p, float* acc) {
+  const int nv = static_cast<int>(it.D / 8);
+  for (int64_t s = 0; s < it.S; ++s) {
+    const T* vr = it.v + s * it.kv_ss;
+    for (int64_t j = 0; j < it.g; ++j) {
+      const __m256 pv = _mm256_set1_ps(p[s * it.g + j]);
+      float* a = acc + j * it.D;
+      for (int i = 0; i < nv; ++i)
+        _mm256_storeu_ps(a + 8 * i, _mm256_fmadd_ps(pv, load8(vr + 8 * i), _mm256_loadu_ps(a + 8 * i)));
+    }
+  }
+}
+
 template <typename T>
 void scores_generic(const Item<T>& it, float* sc) {
   for (int64_t s = 0; s < it.S; ++s) {
@@ -126,7 +164,7 @@ struct Scratch {  // a thread's buffers, sized once per call and reused across i
 };
 
 template <typename T>
-void run_item(const Item<T>& it, bool avx512, Scratch& w) {
+void run_item(const Item<T>& it, Isa isa, Scratch& w) {
   std::vector<float>&sc = w.sc, &acc = w.acc, &part = w.part, &mx = w.mx, &sum = w.sum, &chunk = w.chunk;
   sc.resize(static_cast<size_t>(it.S * it.g));
   acc.assign(static_cast<size_t>(it.g * it.D), 0.f);
@@ -134,8 +172,10 @@ void run_item(const Item<T>& it, bool avx512, Scratch& w) {
   mx.assign(static_cast<size_t>(it.g), -INFINITY);
   sum.assign(static_cast<size_t>(it.g), 0.f);
   chunk.resize(static_cast<size_t>(it.g));
-  if (avx512)
+  if (isa == Isa::kAvx512)
     scores_avx512(it, sc.data());
+  else if (isa == Isa::kAvx2)
+    scores_avx2(it, sc.data());
   else
     scores_generic(it, sc.data());
   for (int64_t s = 0; s < it.S; ++s)
@@ -157,8 +197,10 @@ void run_item(const Item<T>& it, bool avx512, Scratch& w) {
     sub.v = it.v + c * it.kv_ss;
     sub.S = std::min<int64_t>(kChunk, it.S - c);
     std::fill(part.begin(), part.end(), 0.f);
-    if (avx512)
+    if (isa == Isa::kAvx512)
       weighted_sum_avx512(sub, sc.data() + c * it.g, part.data());
+    else if (isa == Isa::kAvx2)
+      weighted_sum_avx2(sub, sc.data() + c * it.g, part.data());
     else
       weighted_sum_generic(sub, sc.data() + c * it.g, part.data());
     for (size_t i = 0; i < acc.size(); ++i) acc[i] += part[i];
@@ -181,7 +223,11 @@ void run(const float* q, int64_t q_sb, int64_t q_sh, const T* k, const T* v, int
          int64_t kv_ss, float* o, int64_t o_sb, int64_t o_sh, int64_t B, int64_t H, int64_t KV, int64_t D, int64_t lo,
          int64_t hi, float scale, int num_threads, bool generic, Rows rows = {nullptr, nullptr, nullptr}) {
   const int64_t g = H / KV, items = B * KV;
-  const bool avx512 = has_avx512() && !generic && D % 16 == 0;
+  // the vector paths need whole vectors of D (every Llama head: 64, 128); else the portable loops
+  const Isa best = generic ? Isa::kGeneric : cpu_isa();
+  const Isa isa = best == Isa::kAvx512 && D % 16 == 0 ? Isa::kAvx512
+                  : best >= Isa::kAvx2 && D % 8 == 0  ? Isa::kAvx2
+                                                      : Isa::kGeneric;
   const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(
       num_threads > 0 ? num_threads : omp_get_max_threads(), items)));
 #pragma omp parallel num_threads(threads)
@@ -194,7 +240,7 @@ void run(const float* q, int64_t q_sb, int64_t q_sh, const T* k, const T* v, int
       const Item<T> it{q + b * q_sb + kh * g * q_sh, q_sh, k + s * kv_sb + kh * kv_sh + l * kv_ss,
                        v + s * kv_sb + kh * kv_sh + l * kv_ss, kv_ss, o + b * o_sb + kh * g * o_sh, o_sh,
                        g, D, h - l, scale};
-      run_item(it, avx512, scratch);
+      run_item(it, isa, scratch);
     }
   }
 }

@@ -8,7 +8,7 @@ namespace pllava {
 //   o[b, h] = softmax_s(scale * q[b, h] . k[b, h / g, s]) . v[b, h / g, s] over s in [lo, hi), g = H / KV,
 // in fp32. q and o: (B, H, D) by element strides (sb, sh), D contiguous; k and v: (B, KV, S, D) sharing the
 // strides (kv_sb, kv_sh, kv_ss), D contiguous. Positions outside [lo, hi) are never read. Requires 0 <= lo < hi,
-// H % KV == 0. Threads split the (b, kv head) pairs. generic: the portable loops even where AVX-512 runs.
+// H % KV == 0. Threads split the (b, kv head) pairs. generic: the portable loops even where AVX-512 or AVX2 runs.
 void decode_attention(const float* q, int64_t q_sb, int64_t q_sh, const float* k, const float* v, int64_t kv_sb,
                       int64_t kv_sh, int64_t kv_ss, float* o, int64_t o_sb, int64_t o_sh, int64_t B, int64_t H,
                       int64_t KV, int64_t D, int64_t lo, int64_t hi, float scale, int num_threads,

@@ -19,7 +19,15 @@
 // bf16 weights: the LoRA's A (r, K) and B (N, r) of a decode row went through torch's bf16 GEMM, 51 us a product on
 // 2 Zen4 cores (small preset, r = 128: 1.6 ms of a 9 ms step for 32 products, 3.8 GB/s), with x rounded to bf16.
 // Here bf16 is widened exactly (its bits shifted into an fp32's high half) and x stays fp32.
+//
+// AVX2 + FMA (a CPU without AVX-512: Zen 2 / Zen 3, most laptops): 16 ymm registers, so a tile is one x row by up
+// to 4 q rows with two 8-lane accumulators each (lanes k = 0-7 and 8-15 mod 16: the AVX-512 lanes' partial sums,
+// split in two), 8 + 4 + 1 registers; more x rows go two at a time against two q rows (8 + 2 + 1). On a 2-core
+// EPYC with AVX2 only, the portable loop (compiled for baseline x86-64, so 4-wide SSE) ran the small preset's
+// decode weights at a fraction of the AVX2 tiles' rate (benchmarks/bench_int8_gemv.py; numbers in the README).
 #include "int8_gemv.h"
+
+#include "cpu_isa.h"
 
 #include <immintrin.h>
 #include <omp.h>
@@ -77,6 +85,19 @@ __attribute__((target("avx512f"))) inline __m512 load16(const uint16_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
 }
 
+__attribute__((target("avx2,fma"))) inline __m256 load8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+__attribute__((target("avx2,fma"))) inline __m256 load8(const uint16_t* p) {
+  const __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+}
+__attribute__((target("avx2,fma"))) inline float hsum8(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+}
+
 template <typename W>
 using TileFn = void (*)(const float*, int64_t, const W*, int64_t, const Out&, float*, int64_t, int64_t, Prefetch);
 
@@ -107,6 +128,65 @@ __attribute__((target("avx512f"))) void tile_avx512(const float* x, int64_t ldx,
     }
 }
 
+// The AVX2 kernel proper: MB x rows against NB q rows, two accumulators a pair (2 * MB * NB + NB + 1 <= 16).
+template <typename W, int MB, int NB>
+__attribute__((target("avx2,fma"))) void kernel_avx2(const float* x, int64_t ldx, const W* q, int64_t K,
+                                                     const Out& out, float* y, int64_t ldy, int64_t n, Prefetch pf) {
+  static_assert(2 * MB * NB + NB + 1 <= 16, "the tile must fit the 16 ymm registers");
+  __m256 lo[MB][NB], hi[MB][NB];
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) lo[i][j] = hi[i][j] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    pf.step<sizeof(W)>();
+    __m256 w[NB];
+    for (int j = 0; j < NB; ++j) w[j] = load8(q + (n + j) * K + k);
+    for (int i = 0; i < MB; ++i) {
+      const __m256 xv = _mm256_loadu_ps(x + i * ldx + k);
+      for (int j = 0; j < NB; ++j) lo[i][j] = _mm256_fmadd_ps(w[j], xv, lo[i][j]);
+    }
+    for (int j = 0; j < NB; ++j) w[j] = load8(q + (n + j) * K + k + 8);
+    for (int i = 0; i < MB; ++i) {
+      const __m256 xv = _mm256_loadu_ps(x + i * ldx + k + 8);
+      for (int j = 0; j < NB; ++j) hi[i][j] = _mm256_fmadd_ps(w[j], xv, hi[i][j]);
+    }
+  }
+  pf.finish();
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) {
+      float t = hsum8(_mm256_add_ps(lo[i][j], hi[i][j]));
+      for (int64_t kk = k; kk < K; ++kk) t += x[i * ldx + kk] * widen(q[(n + j) * K + kk]);
+      out.put(y + i * ldy + n + j, n + j, t);
+    }
+}
+
+// A table tile on AVX2: one x row against all NB q rows in one pass; more rows two by two against two q rows at a
+// time (the q rows are then read again from L1 / L2). The prefetch goes with the first pass.
+template <typename W, int MB, int NB>
+void tile_avx2(const float* x, int64_t ldx, const W* q, int64_t K, const Out& out, float* y, int64_t ldy, int64_t n,
+               Prefetch pf) {
+  if constexpr (MB == 1) {
+    kernel_avx2<W, 1, NB>(x, ldx, q, K, out, y, ldy, n, pf);
+  } else {
+    Prefetch none{pf.end, pf.end};
+    for (int i = 0; i < MB; i += 2) {
+      const float* xi = x + i * ldx;
+      float* yi = y + i * ldy;
+      if (MB - i == 1) {  // the last of an odd number of rows
+        kernel_avx2<W, 1, NB>(xi, ldx, q, K, out, yi, ldy, n, none);
+        continue;
+      }
+      for (int j = 0; j < NB; j += 2) {
+        const Prefetch p = (i == 0 && j == 0) ? pf : none;
+        if (NB - j >= 2)
+          kernel_avx2<W, 2, 2>(xi, ldx, q, K, out, yi, ldy, n + j, p);
+        else
+          kernel_avx2<W, 2, 1>(xi, ldx, q, K, out, yi, ldy, n + j, p);
+      }
+    }
+  }
+}
+
 template <typename W, int MB, int NB>
 void tile_generic(const float* x, int64_t ldx, const W* q, int64_t K, const Out& out, float* y, int64_t ldy,
                   int64_t n, Prefetch pf) {
@@ -131,20 +211,19 @@ void tile_generic(const float* x, int64_t ldx, const W* q, int64_t K, const Out&
 template <typename W>
 struct Tables {
   static constexpr TileFn<W> avx512[kTile][kTile] = PLLAVA_TABLE(tile_avx512);
+  static constexpr TileFn<W> avx2[kTile][kTile] = PLLAVA_TABLE(tile_avx2);
   static constexpr TileFn<W> generic[kTile][kTile] = PLLAVA_TABLE(tile_generic);
 };
 #undef PLLAVA_TABLE
 #undef PLLAVA_ROW
 
-bool has_avx512() {
-  static const bool yes = __builtin_cpu_supports("avx512f");
-  return yes;
-}
-
 template <typename W>
 void gemv(const float* x, int64_t ldx, const W* q, const Out& out, float* y, int64_t ldy, int64_t M, int64_t N,
           int64_t K, int num_threads, bool generic, int64_t prefetch) {
-  const TileFn<W>(*table)[kTile] = has_avx512() && !generic ? Tables<W>::avx512 : Tables<W>::generic;
+  const Isa isa = generic ? Isa::kGeneric : cpu_isa();
+  const TileFn<W>(*table)[kTile] = isa == Isa::kAvx512 ? Tables<W>::avx512
+                                   : isa == Isa::kAvx2 ? Tables<W>::avx2
+                                                       : Tables<W>::generic;
   const int64_t blocks = (N + kTile - 1) / kTile;
   const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(
       num_threads > 0 ? num_threads : omp_get_max_threads(), blocks)));
@@ -178,7 +257,7 @@ void gemv(const float* x, int64_t ldx, const W* q, const Out& out, float* y, int
 
 }  // namespace
 
-const char* int8_gemv_isa() { return has_avx512() ? "avx512" : "generic"; }
+const char* int8_gemv_isa() { return isa_name(cpu_isa()); }
 
 int64_t gemv_prefetch_distance(int64_t row_bytes) {
   return row_bytes <= 1024 ? 4096 : row_bytes <= kPrefetchMaxRow ? 8192 : 0;

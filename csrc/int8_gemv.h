@@ -7,7 +7,7 @@ namespace pllava {
 // y[m, n] = scale[n] * sum_k x[m, k] * q[n, k] for m < M, n < N, accumulated and written in fp32.
 // x: fp32 rows of K with row stride ldx (elements); q: int8 (N, K) contiguous; scale: fp32 (N,); y: fp32 rows of N
 // with row stride ldy. Threads split N (num_threads <= 0: OpenMP's default). generic: the portable loop even where
-// AVX-512 runs (tests compare the two). prefetch: how many bytes of q ahead to prefetch (0: none; < 0: the default
+// AVX-512 or AVX2 runs (tests compare them). prefetch: how many bytes of q ahead to prefetch (0: none; < 0: the default
 // for the row's bytes, gemv_prefetch_distance).
 void int8_gemv(const float* x, int64_t ldx, const int8_t* q, const float* scale, float* y, int64_t ldy, int64_t M,
                int64_t N, int64_t K, int num_threads, bool generic = false, int64_t prefetch = -1);
@@ -20,7 +20,7 @@ int64_t gemv_prefetch_distance(int64_t row_bytes);
 void bf16_gemv(const float* x, int64_t ldx, const uint16_t* w, float alpha, bool accumulate, float* y, int64_t ldy,
                int64_t M, int64_t N, int64_t K, int num_threads, bool generic = false, int64_t prefetch = -1);
 
-// The instruction set int8_gemv runs with on this CPU: "avx512" or "generic".
+// The instruction set int8_gemv runs with on this CPU: "avx512", "avx2" or "generic" (cpu_isa.h).
 const char* int8_gemv_isa();
 
 }  // namespace pllava

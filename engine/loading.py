@@ -158,7 +158,7 @@ def load(model: str, device=None, dtype=None, num_frames=None, pooling_shape=Non
                    "GEMM in the weights' dtype")
             net.language_model.set_fp32_rows(DECODE_ROWS, dt)
         elif device.type == "cpu":
-            why = "is not built" if not native_int8_available() else "runs without AVX-512 here"
+            why = "is not built" if not native_int8_available() else "has no AVX-512 or AVX2 path here"
             how = (f"torch._weight_int8pack_mm for decode rows (pllava._C {why}), prefill rows by a GEMM in the "
                    "weights' dtype")
         else:

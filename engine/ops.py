@@ -351,6 +351,17 @@ def native_extension(entry: str):
             from pllava import _C
         except ImportError:
             _C = None
+        cap = os.environ.get("PLLAVA_CPU_ISA", "")
+        if _C is not None and cap and hasattr(_C, "set_isa_cap"):
+            # a lower vector path than the CPU's best, for a comparison or a suspected miscompile: avx2, generic
+            try:
+                _C.set_isa_cap(cap)
+            except ValueError as e:
+                from .errors import ConfigError
+
+                raise ConfigError(f"PLLAVA_CPU_ISA={cap!r}: not one of avx512, avx2, generic, best") from e
+            log.info("PLLAVA_CPU_ISA=%s: pllava._C's CPU kernels run %s (this CPU's best: %s)", cap, _C.cpu_isa(),
+                     _C.cpu_isa_supported())
         _EXT.append(_C)
     return _EXT[0] if hasattr(_EXT[0], entry) else None
 

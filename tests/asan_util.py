@@ -6,10 +6,12 @@ ROOT = os.path.join(os.path.dirname(__file__), "..")
 
 
 def run_under_asan(tmp_path, source: str, driver: str, ok_line: str):
-    """g++ csrc/<source> + tests/native/<driver>, run; asserts a clean exit that printed ok_line."""
+    """g++ csrc/<source> (+ csrc/cpu_isa.cpp, the ISA choice) + tests/native/<driver>, run; asserts a clean exit
+    that printed ok_line."""
     exe = str(tmp_path / os.path.splitext(driver)[0])
     cmd = ["g++", "-std=c++17", "-O1", "-g", "-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fopenmp",
-           os.path.join(ROOT, "csrc", source), os.path.join(ROOT, "tests", "native", driver), "-o", exe]
+           os.path.join(ROOT, "csrc", source), os.path.join(ROOT, "csrc", "cpu_isa.cpp"),
+           os.path.join(ROOT, "tests", "native", driver), "-o", exe]
     subprocess.run(cmd, check=True, capture_output=True, timeout=300)
     r = subprocess.run([exe], capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, UBSAN_OPTIONS="halt_on_error=1", ASAN_OPTIONS="detect_leaks=1"))

@@ -52,3 +52,25 @@ def engine(ckpts):
     import pllava
 
     return pllava.Engine.from_pretrained(ckpts["pllava"])
+
+
+_ISAS = ("generic", "avx2", "avx512")  # pllava._C's CPU kernel paths, weakest first
+
+
+@pytest.fixture(params=["avx512", "avx2", "generic"])
+def native_isa(request):
+    """Each vector path of pllava._C's CPU kernels this CPU runs (a cap lowers the best one: the AVX2 path runs on
+    an AVX-512 CPU too); 'generic' is the portable loop, which the kernels' `generic` flag selects."""
+    try:
+        from pllava import _C
+    except ImportError:
+        pytest.skip("pllava._C is not built")
+    if _ISAS.index(request.param) > _ISAS.index(_C.cpu_isa_supported()):
+        pytest.skip(f"this CPU does not run {request.param} (best: {_C.cpu_isa_supported()})")
+    _C.set_isa_cap("best" if request.param == "generic" else request.param)
+    try:
+        if request.param != "generic":
+            assert _C.cpu_isa() == request.param
+        yield request.param
+    finally:
+        _C.set_isa_cap("best")

@@ -1,6 +1,7 @@
 """pllava._C's int8 GEMV (fp32 activations, the CPU's int8 decode rows) against references computed here: integer
 inputs whose products and sums fp32 holds exactly (so every output is exact, whatever the summation order), and
 random floats against fp64 within twice torch's own fp32 error."""
+import os
 import shutil
 
 import pytest
@@ -36,9 +37,9 @@ def _run(x, q, s, generic, ldy=None, out=None, prefetch=-1):
 
 @native
 @pytest.mark.parametrize("prefetch", [-1, 0, 64, 1 << 20])  # the default for K, none, one line, past q's end
-@pytest.mark.parametrize("generic", [False, True])
 @pytest.mark.parametrize("m,n,k", SHAPES)
-def test_int8_gemv_is_exact_on_integer_inputs(m, n, k, generic, prefetch):
+def test_int8_gemv_is_exact_on_integer_inputs(m, n, k, native_isa, prefetch):
+    generic = native_isa == "generic"
     g = torch.Generator().manual_seed(m * 1000 + n * 10 + k)
     wide = torch.randint(-8, 9, (m, k + 3), generator=g).float()
     x = wide[:, 1:k + 1]  # a row stride of k + 3: the kernel must honour ldx
@@ -52,11 +53,11 @@ def test_int8_gemv_is_exact_on_integer_inputs(m, n, k, generic, prefetch):
 
 @native
 @pytest.mark.parametrize("prefetch", [-1, 0, 1 << 20])
-@pytest.mark.parametrize("generic", [False, True])
 @pytest.mark.parametrize("m,n,k", SHAPES)
-def test_bf16_gemv_is_exact_on_integer_inputs(m, n, k, generic, prefetch):
+def test_bf16_gemv_is_exact_on_integer_inputs(m, n, k, native_isa, prefetch):
     """bf16 weights (integers to 127: exact in bf16) widened, times fp32 x, times a power-of-two alpha, written or
     added onto y: every output exact, so any lane, tail, row or accumulate slip shows."""
+    generic = native_isa == "generic"
     g = torch.Generator().manual_seed(m * 1000 + n * 10 + k + 1)
     x = torch.randint(-8, 9, (m, k + 3), generator=g).float()[:, 1:k + 1]  # row stride k + 3
     w = torch.randint(-127, 128, (n, k), generator=g).bfloat16()
@@ -75,7 +76,7 @@ def test_bf16_gemv_is_exact_on_integer_inputs(m, n, k, generic, prefetch):
 
 @native
 @pytest.mark.parametrize("m,n,k", [(1, 300, 4096), (7, 64, 1000), (16, 40, 513)])
-def test_int8_gemv_float_error_is_fp32s(m, n, k):
+def test_int8_gemv_float_error_is_fp32s(m, n, k, native_isa):
     g = torch.Generator().manual_seed(k)
     x = torch.randn(m, k, generator=g)
     q, s = quantize_weight(torch.randn(n, k, generator=g) * 0.02)
@@ -84,10 +85,9 @@ def test_int8_gemv_float_error_is_fp32s(m, n, k):
     exact = x.double() @ (q.double() * s.double()[:, None]).T
     peak = float(exact.abs().max())
     e_torch = float((torch.nn.functional.linear(x, w).double() - exact).abs().max()) / peak
-    for generic in (False, True):
-        e = float((_run(x.contiguous(), q, s, generic).double() - exact).abs().max()) / peak
-        print(f"\n{m}x{n}x{k} generic={generic}: {e:.2e} against torch fp32's {e_torch:.2e}")
-        assert e <= 2 * e_torch + 2 ** -23, (generic, e, e_torch)  # + an ulp: torch's may round to 0 on a shape
+    e = float((_run(x.contiguous(), q, s, native_isa == "generic").double() - exact).abs().max()) / peak
+    print(f"\n{m}x{n}x{k} {native_isa}: {e:.2e} against torch fp32's {e_torch:.2e}")
+    assert e <= 2 * e_torch + 2 ** -23, (native_isa, e, e_torch)  # + an ulp: torch's may round to 0 on a shape
 
 
 @native
@@ -126,7 +126,7 @@ def test_the_op_with_bias_and_lora_is_the_fp64_product(lora_dtype):
         got = torch.ops.pllava.int8_gemv_cpu(x, q, s, bias, a_, b_, sc)
         err = float((got.double() - want).abs().max() / delta.abs().max())
         # fp32 throughout: fp32's error (0.9-1.1e-7 of the delta measured, every case); a bf16 path rounds x, each
-        # product and the delta (2^-9 each), which only a build without AVX-512 takes for bf16 factors
+        # product and the delta (2^-9 each), which only a CPU without AVX-512 or AVX2 takes for bf16 factors
         bound = 1e-6 if fast else 4 * 2 ** -9
         assert got.dtype == torch.float32 and err < bound, (sc, err)
         torch.library.opcheck(torch.ops.pllava.int8_gemv_cpu, (x, q, s, bias, a_, b_, sc))
@@ -154,6 +154,9 @@ def test_decode_rows_come_back_in_fp32_with_the_lora_at_its_scale():
     want = x.double() @ deq.T + b.double() + 0.5 * (x.double() @ a_.double().T @ b_.double().T)
     assert float((y - want).abs().max() / want.abs().max()) < 1e-5
     y16 = int8_linear(x.bfloat16(), q, s.bfloat16(), b.bfloat16())
+    if not native_int8_available(torch.bfloat16):  # no vector path here: torch's bf16 GEMV keeps bf16 rows
+        assert y16.dtype == torch.bfloat16
+        return
     want16 = x.bfloat16().double() @ (q.double() * s.bfloat16().double()[:, None]).T + b.bfloat16().double()
     assert y16.dtype == torch.float32
     assert float((y16 - want16).abs().max() / want16.abs().max()) < 1e-5  # no bf16 rounding of the output
@@ -205,7 +208,7 @@ def test_without_the_extension_decode_rows_use_torchs_int8_gemv_and_say_so(ckpts
 
 
 @native
-def test_without_avx512_bf16_decode_rows_keep_torchs_bf16_gemv(monkeypatch, caplog):
+def test_without_a_vector_path_bf16_decode_rows_keep_torchs_bf16_gemv(monkeypatch, caplog):
     """The portable loop is slower than torch's bf16 GEMV: a bf16 engine keeps bf16 decode rows there, an fp32 one
     (whose alternative is torch's slow fp32 int8 GEMV) still takes the extension."""
     from pllava import ops
@@ -213,7 +216,7 @@ def test_without_avx512_bf16_decode_rows_keep_torchs_bf16_gemv(monkeypatch, capl
 
     C = quant._native()[0]
 
-    class Portable:  # the extension on a CPU without AVX-512
+    class Portable:  # the extension on a CPU without AVX-512 or AVX2
         @staticmethod
         def int8_gemv(*a):
             return C.int8_gemv(*a[:10], True)
@@ -229,9 +232,24 @@ def test_without_avx512_bf16_decode_rows_keep_torchs_bf16_gemv(monkeypatch, capl
     assert y16.dtype == torch.bfloat16 and torch.equal(y16, torch._weight_int8pack_mm(x.bfloat16(), q, s.bfloat16()))
     want = x.double() @ (q.double() * s.double()[:, None]).T
     assert y32.dtype == torch.float32 and float((y32 - want).abs().max() / want.abs().max()) < 1e-6
-    assert "pllava._C is built without AVX-512 here" in caplog.text and "int8 GEMV (generic)" in caplog.text
+    assert "pllava._C is built without AVX-512 or AVX2 here" in caplog.text and "int8 GEMV (generic)" in caplog.text
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="no C++ compiler")
 def test_int8_gemv_under_address_sanitizer(tmp_path):
     run_under_asan(tmp_path, "int8_gemv.cpp", "asan_int8_gemv.cpp", "asan int8 gemv: ok")
+
+
+@native
+def test_pllava_cpu_isa_caps_the_vector_path_and_names_a_bad_value():
+    import subprocess
+    import sys
+
+    code = ("import torch\nfrom pllava.model.quant import _native, native_int8_available\n"
+            "print(_native()[1], native_int8_available(torch.bfloat16))")
+    env = dict(os.environ, PLLAVA_CPU_ISA="generic")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.split() == ["generic", "False"], r.stderr
+    env["PLLAVA_CPU_ISA"] = "sse9"
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "ConfigError: PLLAVA_CPU_ISA='sse9'" in r.stderr, r.stderr

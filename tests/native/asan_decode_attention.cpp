@@ -1,6 +1,6 @@
 // Runs the decode attention (fp32 and bf16 caches) under AddressSanitizer/UBSan (built and run by
 // tests/test_decode_attention.py): MHA and GQA, head sizes on and off the 16-wide vector, one position and a window's
-// lower bound, both ISAs, and the per-row form (slots reversed). Each of
+// lower bound, each ISA (AVX-512 and AVX2 where the CPU runs them, the portable loops), and the per-row form (slots reversed). Each of
 // q, k, v and o is its own exact-size heap block (k and v end at position hi), so one element past is caught; the
 // result must be a convex mix of V's values (every V row holds one constant per (b, kv head)).
 #include <cmath>
@@ -9,6 +9,7 @@
 #include <cstring>
 #include <vector>
 
+#include "../../csrc/cpu_isa.h"
 #include "../../csrc/decode_attention.h"
 
 int main() {
@@ -36,8 +37,10 @@ int main() {
     }
     std::vector<int64_t> slot(B), lo_b(B, lo), hi_b(B, hi);  // decode_attention_rows: the slots reversed
     for (int b = 0; b < B; ++b) slot[b] = B - 1 - b;
-    for (int run = 0; run < 8; ++run) {
-      const bool generic = run % 2 != 0, bf16 = run % 4 >= 2, rows = run >= 4;
+    for (int run = 0; run < 12; ++run) {
+      const int mode = run % 3;  // 0: the best ISA, 1: capped at AVX2, 2: the portable loops (the flag)
+      const bool generic = mode == 2, bf16 = (run / 3) % 2 != 0, rows = run >= 6;
+      pllava::set_isa_cap(mode == 1 ? "avx2" : "best");
       std::vector<float> o(static_cast<size_t>(B) * H * D, NAN);
       const float sc = 1.0f / std::sqrt(static_cast<float>(D));
       if (rows)
@@ -57,13 +60,14 @@ int main() {
             const float want = static_cast<float>((rows ? B - 1 - b : b) * KV + h / (H / KV));
             const float got = o[(static_cast<size_t>(b) * H + h) * D + d];
             if (!(std::fabs(got - want) <= 1e-5f * (1.0f + want))) {
-              std::printf("mismatch B=%d H=%d KV=%d D=%d lo=%d hi=%d generic=%d bf16=%d rows=%d at (%d, %d, %d): %g\n",
-                          B, H, KV, D, lo, hi, generic, bf16, rows, b, h, d, got);
+              std::printf("mismatch B=%d H=%d KV=%d D=%d lo=%d hi=%d mode=%d bf16=%d rows=%d at (%d, %d, %d): %g\n",
+                          B, H, KV, D, lo, hi, mode, bf16, rows, b, h, d, got);
               return 1;
             }
           }
     }
   }
+  pllava::set_isa_cap("best");
   std::printf("asan decode attention: ok\n");
   return 0;
 }

@@ -1,5 +1,6 @@
 // Runs the int8 and bf16 GEMVs under AddressSanitizer/UBSan on awkward shapes (K tails, N off the 4-row tile, M up
-// to 16, padded row strides, prefetch off, at its default, one line and past q's end): every read must stay inside
+// to 16, padded row strides, prefetch off, at its default, one line and past q's end; each of the CPU's vector
+// paths, AVX-512 and AVX2 where it runs them, and the portable loop): every read must stay inside
 // x, q (or w) and scale, every write inside y's rows of N (built and run by tests/test_int8_gemv.py). Each buffer is
 // its own exact-size heap block, so one element past it is caught.
 #include <cmath>
@@ -7,6 +8,7 @@
 #include <cstring>
 #include <vector>
 
+#include "../../csrc/cpu_isa.h"
 #include "../../csrc/int8_gemv.h"
 
 int main() {
@@ -31,7 +33,10 @@ int main() {
         std::memcpy(&u, &f, sizeof u);
         wb[i] = static_cast<uint16_t>(u >> 16);
       }
-      for (int generic = 0; generic < 2; ++generic) for (long prefetch : {-1L, 0L, 64L, 1L << 20}) {
+      for (const char* isa : {"avx512", "avx2", "generic"}) for (long prefetch : {-1L, 0L, 64L, 1L << 20}) {
+        pllava::set_isa_cap(isa);
+        const int generic = std::strcmp(isa, "generic") == 0;  // (the flag, not the cap, for the portable loop)
+        if (generic) pllava::set_isa_cap("best");
         for (int kind = 0; kind < 2; ++kind) {  // int8 with its scales; bf16 at alpha 0.5, added onto y = 1
           std::vector<float> y(static_cast<size_t>(m - 1) * ldy + n, kind ? 1.0f : NAN);
           if (kind)
@@ -45,8 +50,9 @@ int main() {
               for (int t = 0; t < k; ++t) acc += static_cast<long long>(x[i * ldx + t]) * q[j * k + t];
               const float want = kind ? 1.0f + static_cast<float>(acc) * 0.5f : static_cast<float>(acc) * scale[j];
               if (y[i * ldy + j] != want) {
-                std::printf("mismatch %s m=%d n=%d k=%d pad=%d generic=%d prefetch=%ld at (%d, %d)\n",
-                            kind ? "bf16" : "int8", m, n, k, pad, generic, prefetch, i, j);
+                std::printf("mismatch %s m=%d n=%d k=%d pad=%d isa=%s prefetch=%ld at (%d, %d)\n",
+                            kind ? "bf16" : "int8", m, n, k, pad, generic ? "generic" : pllava::int8_gemv_isa(),
+                            prefetch, i, j);
                 return 1;
               }
             }
@@ -54,6 +60,7 @@ int main() {
       }
     }
   }
+  pllava::set_isa_cap("best");
   std::printf("asan int8 gemv: ok (%s)\n", pllava::int8_gemv_isa());
   return 0;
 }
