@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from . import ops
 from .errors import ConfigError
 
 log = logging.getLogger("pllava")
@@ -451,16 +452,8 @@ _CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8")
 def cpu_name(cpuinfo: str = "/proc/cpuinfo") -> str:
     """'<model name>, N cores, <flags of _CPU_FLAGS it has>': sessions land on different CPUs (a Zen4 without
     AMX, a Xeon with it), and a CPU figure means little without saying which."""
-    model, flags = "", set()
-    try:
-        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                key, _, val = line.partition(":")
-                if key.strip() == "model name" and not model:
-                    model = val.strip()
-                elif key.strip() == "flags" and not flags:
-                    flags = set(val.split())
-    except OSError:  # no /proc (macOS): the platform's own name
+    model, flags = ops.cpu_info(cpuinfo)
+    if not model and not flags:  # no /proc (macOS): the platform's own name
         import platform
 
         model = platform.processor()

@@ -80,32 +80,30 @@ def in_fresh_thread(fn, *args, **kwargs):
     slot cache: both use it on the CPU): a live thread that has run a parallel op keeps an OpenMP team, and with
     two such threads libgomp's barriers stop spinning (helper_thread_init), so the thread that decodes should be
     the only one; an ended thread gives its team back (a decode step in a second thread after the loading thread
-    ended: 10.0 ms, 15.5 while it lived)."""
+    ended: 10.0 ms, 15.5 while it lived). A ModelThread of one job: a caller that stops waiting (Ctrl-C) gets its
+    exception at once and the work stops at its next abandoned() check."""
     import threading
 
-    box: dict = {}
+    done = threading.Event()
 
-    def run():
+    def job():
         try:
-            box["value"] = fn(*args, **kwargs)
-        except BaseException as e:  # noqa: BLE001 - handed to the calling thread, re-raised there
-            box["error"] = e
+            return fn(*args, **kwargs)
+        finally:
+            done.set()
 
-    t = threading.Thread(target=run, name="pllava-oneoff", daemon=False)  # not a daemon: see ModelThread._ensure
-    t.pllava_abandon = threading.Event()
-    t.start()
+    worker = ModelThread("pllava-oneoff")
     try:
-        t.join()
-    except BaseException:  # the caller stopped waiting (Ctrl-C): the work stops at its next abandoned() check
-        t.pllava_abandon.set()
-        raise
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
+        return worker.call(job)
+    finally:
+        worker.close()
+        if done.is_set():
+            worker.join()  # ended, and its OpenMP team given back, before the caller goes on
 
 
 class Abandoned(RuntimeError):
-    """Raised on a worker thread (in_fresh_thread, ModelThread) in work whose caller has stopped waiting for it."""
+    """Raised on a worker thread (ModelThread, in_fresh_thread's included) in work whose caller has stopped waiting
+    for it."""
 
 
 class ModelThread:
@@ -244,11 +242,16 @@ class ModelThread:
         if self._thread is not None:
             self._jobs.put(None)
 
+    def join(self):
+        """Wait for the thread to end (after close())."""
+        if self._thread is not None:
+            self._thread.join()
+
 
 def abandoned() -> bool:
-    """Whether the caller of the in_fresh_thread running this code has stopped waiting for it (Ctrl-C while a CPU
-    engine loads): long one-off work checks between steps and stops, rather than finish a 15 GB load nobody takes
-    while the caller, say, starts it again."""
+    """Whether the caller of the ModelThread job running this code (a CPU engine's generate / generate_many, or
+    its load through in_fresh_thread) has stopped waiting for it (Ctrl-C): long work checks between steps and
+    stops, rather than finish a 15 GB load nobody takes while the caller, say, starts it again."""
     import threading
 
     ev = getattr(threading.current_thread(), "pllava_abandon", None)
@@ -338,6 +341,40 @@ def slot_decode_attention(q, kc, vc, slot_t, pos_t, window: int | None = None, b
             window_size=(window - 1, 0) if window else (-1, -1))  # keys > pos - window
         return o.transpose(1, 2)  # (B, H, 1, hd)
     return K.slot_decode_attention(q, kc, vc, slot_t, pos_t, window)
+
+
+def cpu_info(cpuinfo: str = "/proc/cpuinfo") -> tuple[str, frozenset]:
+    """(model name, flags) of the CPU from /proc/cpuinfo's first processor; ('', {}) where it cannot be read."""
+    model, flags = "", frozenset()
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, val = line.partition(":")
+                if key.strip() == "model name" and not model:
+                    model = val.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = frozenset(val.split())
+    except OSError:
+        pass
+    return model, flags
+
+
+# x86 flags of the instructions torch's oneDNN runs a half-precision GEMM on natively; without them it converts
+# each element to fp32 and back (measured below)
+NATIVE_HALF_GEMM = {torch.bfloat16: ("avx512_bf16", "amx_bf16"), torch.float16: ("avx512_fp16", "amx_fp16")}
+
+
+def half_gemm_emulated(dtype, cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """True on an x86 CPU whose flags say bf16 (fp16) GEMMs have no native instructions there: on a 2-core
+    AVX2-only EPYC, bf16 ran the small preset's vision tower 7x and its prefill 5x slower than fp32 (pllava bench,
+    4 frames: 2154 against 295 ms and 4786 against 860 ms). False where it cannot tell (another architecture, no
+    /proc/cpuinfo) or for other dtypes."""
+    import platform
+
+    if dtype not in NATIVE_HALF_GEMM or platform.machine().lower() not in ("x86_64", "amd64", "i686", "i386"):
+        return False
+    flags = cpu_info(cpuinfo)[1]
+    return bool(flags) and not any(f in flags for f in NATIVE_HALF_GEMM[dtype])
 
 
 _EXT: list = []  # [pllava._C or None]: imported once; the decode paths ask per call

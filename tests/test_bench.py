@@ -69,3 +69,48 @@ def test_cpu_name_says_which_cpu_and_its_features(tmp_path):
     info.write_text("model name\t: Intel(R) Xeon(R) Processor\nflags\t\t: avx2 amx_int8 avx512f amx_bf16\n")
     assert cpu_name(str(info)).endswith(", avx2 avx512f amx_bf16 amx_int8")  # in _CPU_FLAGS' order
     assert cpu_name(str(tmp_path / "absent")).startswith("CPU ")  # no /proc: the platform's name, no error
+
+
+def test_half_gemm_emulated_reads_the_bf16_and_fp16_flags(tmp_path, monkeypatch):
+    import platform
+
+    from pllava import ops
+
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    avx2 = tmp_path / "avx2"
+    avx2.write_text("model name\t: AMD EPYC\nflags\t\t: fpu sse2 avx avx2 fma\n")
+    zen4 = tmp_path / "zen4"
+    zen4.write_text("model name\t: AMD EPYC 9R14\nflags\t\t: avx2 avx512f avx512_bf16\n")
+    spr = tmp_path / "spr"
+    spr.write_text("model name\t: Intel(R) Xeon(R)\nflags\t\t: avx2 avx512f amx_bf16 amx_fp16 amx_tile\n")
+    assert ops.half_gemm_emulated(torch.bfloat16, str(avx2)) and ops.half_gemm_emulated(torch.float16, str(avx2))
+    assert not ops.half_gemm_emulated(torch.bfloat16, str(zen4)) and ops.half_gemm_emulated(torch.float16, str(zen4))
+    assert not ops.half_gemm_emulated(torch.bfloat16, str(spr)) and not ops.half_gemm_emulated(torch.float16, str(spr))
+    assert not ops.half_gemm_emulated(torch.float32, str(avx2))
+    assert not ops.half_gemm_emulated(torch.bfloat16, str(tmp_path / "absent"))  # cannot tell: no warning
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    assert not ops.half_gemm_emulated(torch.bfloat16, str(avx2))  # x86 flags mean nothing there
+
+
+def test_a_bf16_cpu_engine_on_a_cpu_without_bf16_gemms_says_what_to_use(ckpts, monkeypatch, caplog):
+    import platform
+
+    import pllava
+    from pllava import ops
+
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    for flags, warned in (("avx2 fma", True), ("avx2 avx512f avx512_bf16", False)):
+        monkeypatch.setattr(ops, "cpu_info", lambda path="/proc/cpuinfo", f=flags: ("Test CPU", frozenset(f.split())))
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="pllava"):
+            pllava.Engine.from_pretrained(ckpts["pllava"], dtype=torch.bfloat16)
+        said = [r.getMessage() for r in caplog.records if "emulates bfloat16 GEMMs" in r.getMessage()]
+        assert bool(said) == warned, (flags, said)
+        if warned:
+            assert "avx512_bf16 or amx_bf16 (Test CPU)" in said[0]
+            assert "dtype=torch.float32 with quantize='int8'" in said[0]
+    caplog.clear()
+    monkeypatch.setattr(ops, "cpu_info", lambda path="/proc/cpuinfo": ("Test CPU", frozenset({"avx2"})))
+    with caplog.at_level("WARNING", logger="pllava"):
+        pllava.Engine.from_pretrained(ckpts["pllava"])  # float32: nothing to say
+    assert not [r for r in caplog.records if "emulates" in r.getMessage()]

@@ -268,10 +268,10 @@ def test_cli_folder_output_and_summary(ckpts, data, tmp_path):
     assert "captioned 3, failed 1, skipped 0" in err and "clips/s" in err and "model waited" in err
     p = _cli(str(d), "--model", ckpts["pllava"], "-o", str(out))
     _, err = p.communicate(timeout=300)
-    assert p.returncode == 2 and "--resume" in err and "Traceback" not in err
+    assert p.returncode == 2 and "--resume" in err and "Traceback" not in err, err
     p = _cli(str(d / "missing"), "--model", ckpts["pllava"], "-o", str(tmp_path / "x.jsonl"))
     _, err = p.communicate(timeout=300)
-    assert p.returncode == 2 and "missing: no such file or directory" in err
+    assert p.returncode == 2 and "missing: no such file or directory" in err, (p.returncode, err)
 
 
 # ------------------------------------------------------------------------------------------ Ray Data

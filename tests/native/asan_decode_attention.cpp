@@ -1,8 +1,8 @@
 // Runs the decode attention (fp32 and bf16 caches) under AddressSanitizer/UBSan (built and run by
 // tests/test_decode_attention.py): MHA and GQA, head sizes on and off the 16-wide vector, one position and a window's
-// lower bound, each ISA (AVX-512 and AVX2 where the CPU runs them, the portable loops), and the per-row form (slots reversed). Each of
-// q, k, v and o is its own exact-size heap block (k and v end at position hi), so one element past is caught; the
-// result must be a convex mix of V's values (every V row holds one constant per (b, kv head)).
+// lower bound, each ISA (AVX-512 and AVX2 where the CPU runs them, the portable loops), and the per-row form (slots
+// reversed). Each of q, k, v and o is its own exact-size heap block (k and v end at position hi), so one element
+// past is caught; the result must be a convex mix of V's values (every V row holds one constant per (b, kv head)).
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
