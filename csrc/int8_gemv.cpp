@@ -28,6 +28,7 @@
 #include "int8_gemv.h"
 
 #include "cpu_isa.h"
+#include "simd.h"
 
 #include <immintrin.h>
 #include <omp.h>
@@ -69,34 +70,7 @@ struct Out {
   }
 };
 
-inline float widen(int8_t v) { return static_cast<float>(v); }
-inline float widen(uint16_t b) {  // bf16 bits -> fp32, exact
-  const uint32_t u = static_cast<uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
-__attribute__((target("avx512f"))) inline __m512 load16(const int8_t* p) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-}
-__attribute__((target("avx512f"))) inline __m512 load16(const uint16_t* p) {
-  const __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-}
-
-__attribute__((target("avx2,fma"))) inline __m256 load8(const int8_t* p) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-}
-__attribute__((target("avx2,fma"))) inline __m256 load8(const uint16_t* p) {
-  const __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-}
-__attribute__((target("avx2,fma"))) inline float hsum8(__m256 v) {
-  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
-}
+using namespace simd;  // widen, load16, load8, hsum8
 
 template <typename W>
 using TileFn = void (*)(const float*, int64_t, const W*, int64_t, const Out&, float*, int64_t, int64_t, Prefetch);
