@@ -589,7 +589,9 @@ class Scheduler:
             self.running.remove(s)
         if self.prefilling is s:
             self.prefilling = None
-            self.prefix[s.slot] = None  # half written
+            if s.start == 0:  # it was writing the slot from position 0: the prefix there is half written
+                self.prefix[s.slot] = None
+            # else it reused the slot's cached prefix and wrote only past it: [0, n_pre) still holds that prefix
         if s.slot is not None and self.owner[s.slot] is s:
             self.owner[s.slot] = None
 

@@ -223,3 +223,26 @@ def test_stop_check_raises_what_stopped_it(monkeypatch):
     monkeypatch.setattr(ops, "abandoned", lambda: True)
     with pytest.raises(ops.Abandoned):  # an abandoned job stops as abandoned even when also cancelled
         check()
+
+
+def test_scheduler_cancel_in_a_follow_up_keeps_the_slots_prefix(engine, px, spy):
+    first = dict(video=px[2], prompt="hello", max_new_tokens=6, video_key="sf")
+    follow = dict(video=px[2], prompt="and then?", max_new_tokens=6, video_key="sf")
+    sched = engine.scheduler(max_num_seqs=2, max_seq_len=256)
+    a = sched.make_sequence(Request(**first), 0)
+    sched.run([a])
+    ref = sched.make_sequence(Request(**follow), 0)
+    sched.run([ref])
+    assert ref.output.timings.get("prefix_cache_hit") == 1
+    b = Request(**follow, cancel=threading.Event())
+    spy.on_first = b.cancel.set
+    spy.reset()
+    sb = sched.make_sequence(b, 0)
+    sched.run([sb])
+    assert sb.output.finish_reason == "cancelled" and spy.calls["llm_last"] == 0
+    assert sb.output.timings.get("prefix_cache_hit") == 1
+    spy.on_first = None
+    again = sched.make_sequence(Request(**follow), 0)
+    sched.run([again])
+    assert again.output.timings.get("prefix_cache_hit") == 1  # the prefix outlived the cancelled follow-up
+    assert again.output.token_ids == ref.output.token_ids
