@@ -110,8 +110,8 @@ def load(model: str, device=None, dtype=None, num_frames=None, pooling_shape=Non
         log.warning("dtype=%s on a CPU without %s (%s): torch emulates %s GEMMs here, so the vision tower and the "
                     "prefill run several times slower than in float32 (a 2-core AVX2 EPYC, small preset: time to "
                     "first token 1.8 s against 0.3-0.5 s at 144 visual tokens); dtype=torch.float32 with "
-                    "quantize='int8' decodes as fast there (12.7-15.1 against 13.3 ms a token) at float32's prefill "
-                    "speed", name, " or ".join(ops.NATIVE_HALF_GEMM[dt]), ops.cpu_info()[0] or "this CPU", name)
+                    "quantize='int8' (CLI --dtype float32 --quantize int8) decodes as fast there (12.7-15.1 against "
+                    "13.3 ms a token) at float32's prefill speed", name, " or ".join(ops.NATIVE_HALF_GEMM[dt]), ops.cpu_info()[0] or "this CPU", name)
     attn_backend = ops.check_attn_backend(attn_backend, device, dt)
     plan = plan_checkpoint(model_dir, cfg)
     tensors = dict(plan.tensors)
