@@ -491,7 +491,7 @@ class Scheduler:
                     logits = lm.forward_slots(s.embeds[:, a:b], rows, self.cache, stop=s.stop)
             except StopRequested:  # between two layers: the slot's positions from p0 on are half written
                 s.timings["prefill"] += e._clock() - t0
-                self._finish(s, "cancelled")  # (frees the slot; its prefix is not marked reusable)
+                self._finish(s, "cancelled")  # (frees the slot; a prefix it was writing is not marked reusable)
                 return
             s.prefilled = b
             if b == total or self.prefill_chunk is not None:
