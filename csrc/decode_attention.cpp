@@ -94,15 +94,32 @@ __attribute__((target("avx2,fma"))) void scores_avx2(const Item<T>& it, float* s
   }
 }
 
+// 8 vectors of one head's accumulator (64 floats) held in registers over the chunk's positions, not loaded and
+// stored back at each one; every output element still sums its positions in the same order (the same bits)
+template <typename T>
+__attribute__((target("avx2,fma"))) inline void weighted_block8_avx2(const Item<T>& it, const float* p, float* a,
+                                                                    int64_t j, int64_t d0) {
+  __m256 r[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(a + d0 + 8 * i);
+  for (int64_t s = 0; s < it.S; ++s) {
+    const __m256 pv = _mm256_set1_ps(p[s * it.g + j]);
+    const T* vr = it.v + s * it.kv_ss + d0;
+    for (int i = 0; i < 8; ++i) r[i] = _mm256_fmadd_ps(pv, load8(vr + 8 * i), r[i]);
+  }
+  for (int i = 0; i < 8; ++i) _mm256_storeu_ps(a + d0 + 8 * i, r[i]);
+}
+
 template <typename T>
 __attribute__((target("avx2,fma"))) void weighted_sum_avx2(const Item<T>& it, const float* p, float* acc) {
   const int nv = static_cast<int>(it.D / 8);
-  for (int64_t s = 0; s < it.S; ++s) {
-    const T* vr = it.v + s * it.kv_ss;
-    for (int64_t j = 0; j < it.g; ++j) {
+  const int full = nv / 8 * 8;  // vectors in whole blocks of 8
+  for (int64_t j = 0; j < it.g; ++j) {
+    float* a = acc + j * it.D;
+    for (int i0 = 0; i0 < full; i0 += 8) weighted_block8_avx2(it, p, a, j, 8 * i0);
+    for (int64_t s = 0; s < it.S && full < nv; ++s) {  // the vectors past the last whole block
       const __m256 pv = _mm256_set1_ps(p[s * it.g + j]);
-      float* a = acc + j * it.D;
-      for (int i = 0; i < nv; ++i)
+      const T* vr = it.v + s * it.kv_ss;
+      for (int i = full; i < nv; ++i)
         _mm256_storeu_ps(a + 8 * i, _mm256_fmadd_ps(pv, load8(vr + 8 * i), _mm256_loadu_ps(a + 8 * i)));
     }
   }
