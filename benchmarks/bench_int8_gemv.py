@@ -60,14 +60,15 @@ def main(reps=15):
         wb = [(x.bfloat16(), q, s.bfloat16()) for x, q, s in ws]
         ys = [torch.empty(1, n) for n, _ in sh]
         nbytes = sum(n * k for n, k in sh)
+        def raw(generic, prefetch, ws=ws, ys=ys):  # the kernel called directly with these two knobs
+            return lambda: [C.int8_gemv(x.data_ptr(), x.shape[1], q.data_ptr(), s.data_ptr(), y.data_ptr(),
+                                        y.shape[1], 1, y.shape[1], x.shape[1], torch.get_num_threads(), generic,
+                                        prefetch) for (x, q, s), y in zip(ws, ys)]
+
         runs = {
-            "off": lambda: [C.int8_gemv(x.data_ptr(), x.shape[1], q.data_ptr(), s.data_ptr(), y.data_ptr(), y.shape[1],
-                                        1, y.shape[1], x.shape[1], torch.get_num_threads(), False, 0)
-                            for (x, q, s), y in zip(ws, ys)],
+            "off": raw(False, 0),
             "default": lambda: [_gemv(C, x, q, s) for x, q, s in ws],
-            "generic": lambda: [C.int8_gemv(x.data_ptr(), x.shape[1], q.data_ptr(), s.data_ptr(), y.data_ptr(),
-                                            y.shape[1], 1, y.shape[1], x.shape[1], torch.get_num_threads(), True, -1)
-                                for (x, q, s), y in zip(ws, ys)],
+            "generic": raw(True, -1),
             "torch": lambda: [torch._weight_int8pack_mm(x, q, s) for x, q, s in wb],
         }
         ms = interleaved_medians(runs, reps)

@@ -88,7 +88,8 @@ __attribute__((target("avx2,fma"))) void scores_avx2(const Item<T>& it, float* s
     for (int64_t j = 0; j < it.g; ++j) {
       const float* qr = it.q + j * it.q_sh;
       __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-      for (int i = 0; i < nv; ++i) a[i & 3] = _mm256_fmadd_ps(_mm256_loadu_ps(qr + 8 * i), load8(kr + 8 * i), a[i & 3]);
+      for (int i = 0; i < nv; ++i)
+        a[i & 3] = _mm256_fmadd_ps(_mm256_loadu_ps(qr + 8 * i), load8(kr + 8 * i), a[i & 3]);
       sc[s * it.g + j] = it.scale * hsum8(_mm256_add_ps(_mm256_add_ps(a[0], a[2]), _mm256_add_ps(a[1], a[3])));
     }
   }
@@ -116,7 +117,8 @@ __attribute__((target("avx2,fma"))) void weighted_sum_avx2(const Item<T>& it, co
   for (int64_t j = 0; j < it.g; ++j) {
     float* a = acc + j * it.D;
     for (int i0 = 0; i0 < full; i0 += 8) weighted_block8_avx2(it, p, a, j, 8 * i0);
-    for (int64_t s = 0; s < it.S && full < nv; ++s) {  // the vectors past the last whole block
+    if (full == nv) continue;
+    for (int64_t s = 0; s < it.S; ++s) {  // the vectors past the last whole block (D % 64 != 0)
       const __m256 pv = _mm256_set1_ps(p[s * it.g + j]);
       const T* vr = it.v + s * it.kv_ss;
       for (int i = full; i < nv; ++i)
