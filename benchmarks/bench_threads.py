@@ -11,6 +11,10 @@ default 6, one at a time, after a warm-up):
   scheduler-thread, loaded-here   the model loaded on the calling thread (loading.load: the path before
                                   from_pretrained loaded on a thread that ends), then Scheduler.start()
   scheduler-thread                Engine.from_pretrained, then Scheduler.start(), requests submitted from here
+  scheduler-thread, after generate
+                                  Engine.from_pretrained, one generate() (the engine's model thread has run a
+                                  decode), then Scheduler.start(): an application that mixes them (its steps
+                                  run on the model thread; before, on the loop's own thread, a second team)
   scheduler-here                  Engine.from_pretrained, then the scheduler driven on this thread (generate_many)
   generate                        Engine.generate on this thread
   generate, 2 pool threads, on each
@@ -26,7 +30,8 @@ import statistics
 import subprocess
 import sys
 
-CASES = ("scheduler-thread, loaded-here", "scheduler-thread", "scheduler-here", "generate",
+CASES = ("scheduler-thread, loaded-here", "scheduler-thread", "scheduler-thread, after generate", "scheduler-here",
+         "generate",
          "generate, 2 pool threads, on each", "generate, 2 pool threads")
 
 
@@ -85,6 +90,8 @@ def run_case(case: str, reqs: int):
                 ms.append(out.timings["decode"] / steps * 1e3)
                 csw.append((switches() - c0) / steps)
     else:
+        if case.endswith("after generate"):
+            engine.generate(ask["video"], ask["prompt"], max_new_tokens=8)
         sched = engine.scheduler(max_num_seqs=2)
         if case.startswith("scheduler-thread"):
             sched.start()

@@ -628,7 +628,11 @@ class Scheduler:
 
     # ------------------------------------------------------------------------------------------ background
     def start(self):
-        """Run the loop in a background thread (the server); `submit` feeds it."""
+        """Run the loop in a background thread (the server); `submit` feeds it. On the CPU each step runs on the
+        engine's model thread (Engine._on_model), where generate() and stream() run too: one OpenMP team for
+        all of them (a second live team costs this 2-core EPYC ~2x a decode step, benchmarks/bench_threads.py),
+        and a generate() called beside a started scheduler runs between its steps, never beside one on the
+        same modules."""
         if self.thread is None:
             self.thread = threading.Thread(target=self._loop, name="pllava-scheduler", daemon=True)
             self.thread.start()
@@ -653,8 +657,11 @@ class Scheduler:
                 for s in self.inbox:
                     self.add(s)
                 self.inbox.clear()
+            if not threading.main_thread().is_alive():  # the interpreter is exiting: the model thread ends too
+                pending = []
+                break
             try:
-                self.step()
+                self.engine._on_model(self.step)
             except Exception as err:  # noqa: BLE001 - a bug in a batched step: every request fails, the loop lives
                 log.exception("scheduler step failed; failing the %d requests in flight and %d waiting",
                               self.num_running, len(self.waiting))

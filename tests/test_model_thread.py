@@ -45,6 +45,44 @@ def test_every_entry_point_runs_on_the_one_model_thread(engine, video_path, monk
     assert threading.current_thread() not in model
 
 
+def test_a_started_scheduler_steps_on_the_model_thread_and_generate_runs_between_its_steps(engine, video_path,
+                                                                                          monkeypatch):
+    """Scheduler.start() (the server's loop) runs each step on the engine's model thread, so a generate() called
+    from another thread while the scheduler has a request in flight runs on that same thread, between two steps
+    (one OpenMP team, never two computations on one model at once), and each gives what it gives alone. The
+    control: the scheduler's loop thread itself (where the steps ran before) is not the model thread."""
+    from pllava.scheduler import Request
+
+    long_req = dict(video=video_path, prompt="Describe it.", max_new_tokens=40)
+    ref_long = engine.generate_many([long_req])[0]
+    ref_short = engine.generate(video_path, "What is it?", max_new_tokens=6)
+    sched = engine.scheduler(max_num_seqs=2)
+    steps, real_step = [], sched.step
+
+    def step():
+        steps.append(threading.current_thread())
+        return real_step()
+
+    monkeypatch.setattr(sched, "step", step)
+    gen_threads = _where(engine, monkeypatch)
+    sched.start()
+    try:
+        seq = sched.submit(Request(**long_req))
+        while len(steps) < 3 and not seq.done.is_set():  # the long request is decoding
+            time.sleep(0.005)
+        assert not seq.done.is_set(), "the scheduler's request ended before generate() was called beside it"
+        with ThreadPoolExecutor(1) as pool:
+            short = pool.submit(engine.generate, video_path, "What is it?", max_new_tokens=6).result()
+        assert seq.done.wait(60)
+    finally:
+        sched.stop()
+    assert seq.error is None and seq.output.token_ids == ref_long.token_ids
+    assert short.token_ids == ref_short.token_ids
+    model = set(steps) | set(gen_threads[-1:])
+    assert len(model) == 1 and next(iter(model)).name == "pllava-model"
+    assert sched.thread is not None and sched.thread not in model
+
+
 def test_a_stream_closed_early_has_cleaned_up_when_close_returns(engine, video_path):
     ref = engine.generate(video_path, "Describe it.", max_new_tokens=12)
     it = engine.stream(video_path, "Describe it.", max_new_tokens=400)
