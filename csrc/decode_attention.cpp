@@ -5,8 +5,8 @@
 // (114 MB a step, from DRAM) at 13.6-18.3 GB/s on 2 Zen4 cores, 6.3-8.5 ms a step; two plain passes over the
 // used positions (scores against K, then the softmax-weighted sum of V) stream them at 31 GB/s, 3.7 ms.
 // A (b, kv head) pair is one work item with all its g query heads, so GQA reads each K and V row once, not g
-// times. Pass 1 keeps the g scores of every position (g * (hi - lo) floats a thread), pass 2 exponentiates them
-// against each head's maximum, so no running rescale is needed.
+// times. Pass 1 keeps the g scores of every position (g * (hi - lo) floats a thread, head by head: sc[j * S + s]),
+// pass 2 exponentiates them against each head's maximum, so no running rescale is needed.
 // A bf16 cache halves what a step streams: a bf16 engine's prefill rows produce bf16 K and V anyway (bf16 GEMMs), so
 // only its decode rows' K and V are rounded; batched decode at PLLaVA's prompt lengths is bound by this read (8 rows
 // at 2000 positions: 629 MB of fp32 K and V a step against 81 MB of int8 weights, small preset).
@@ -60,19 +60,20 @@ __attribute__((target("avx512f"))) void scores_avx512(const Item<T>& it, float* 
         a1 = _mm512_fmadd_ps(_mm512_loadu_ps(qr + 16 * i + 16), load16(kr + 16 * i + 16), a1);
       }
       if (i < nv) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qr + 16 * i), load16(kr + 16 * i), a0);
-      sc[s * it.g + j] = it.scale * _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+      sc[j * it.S + s] = it.scale * _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
     }
   }
 }
 
-// acc[j * D + d] += p[s * g + j] * v_s[d] over s
+// acc[j * D + d] += p[j * ps + s] * v_s[d] over s
 template <typename T>
-__attribute__((target("avx512f"))) void weighted_sum_avx512(const Item<T>& it, const float* p, float* acc) {
+__attribute__((target("avx512f"))) void weighted_sum_avx512(const Item<T>& it, const float* p, int64_t ps,
+                                                            float* acc) {
   const int nv = static_cast<int>(it.D / 16);
   for (int64_t s = 0; s < it.S; ++s) {
     const T* vr = it.v + s * it.kv_ss;
     for (int64_t j = 0; j < it.g; ++j) {
-      const __m512 pv = _mm512_set1_ps(p[s * it.g + j]);
+      const __m512 pv = _mm512_set1_ps(p[j * ps + s]);
       float* a = acc + j * it.D;
       for (int i = 0; i < nv; ++i)
         _mm512_storeu_ps(a + 16 * i, _mm512_fmadd_ps(pv, load16(vr + 16 * i), _mm512_loadu_ps(a + 16 * i)));
@@ -80,50 +81,81 @@ __attribute__((target("avx512f"))) void weighted_sum_avx512(const Item<T>& it, c
   }
 }
 
+// lane p = the sum of v[p]'s 8 lanes: one horizontal reduction for 8 scores instead of one a score
+__attribute__((target("avx2,fma"))) inline __m256 hsum8x8(const __m256* v) {
+  const __m256 t0 = _mm256_hadd_ps(v[0], v[1]), t1 = _mm256_hadd_ps(v[2], v[3]);
+  const __m256 t2 = _mm256_hadd_ps(v[4], v[5]), t3 = _mm256_hadd_ps(v[6], v[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);  // (v0..v3 | v0..v3), lanes 0-3 / 4-7
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+// Blocks of 8 positions: each q vector is loaded once for 8 K rows, the 8 positions' chains are independent (FMA
+// latency hidden without splitting one dot product), and one reduction gives their 8 scores; positions past the
+// last whole block one at a time.
 template <typename T>
 __attribute__((target("avx2,fma"))) void scores_avx2(const Item<T>& it, float* sc) {
   const int nv = static_cast<int>(it.D / 8);
-  for (int64_t s = 0; s < it.S; ++s) {
+  int64_t s = 0;
+  for (; s + 8 <= it.S; s += 8) {
+    const T* kr = it.k + s * it.kv_ss;
+    for (int64_t j = 0; j < it.g; ++j) {
+      const float* qr = it.q + j * it.q_sh;
+      __m256 a[8];
+      for (int p = 0; p < 8; ++p) a[p] = _mm256_setzero_ps();
+      for (int i = 0; i < nv; ++i) {
+        const __m256 qv = _mm256_loadu_ps(qr + 8 * i);
+        for (int p = 0; p < 8; ++p) a[p] = _mm256_fmadd_ps(qv, load8(kr + p * it.kv_ss + 8 * i), a[p]);
+      }
+      _mm256_storeu_ps(sc + j * it.S + s, _mm256_mul_ps(_mm256_set1_ps(it.scale), hsum8x8(a)));
+    }
+  }
+  for (; s < it.S; ++s) {
     const T* kr = it.k + s * it.kv_ss;
     for (int64_t j = 0; j < it.g; ++j) {
       const float* qr = it.q + j * it.q_sh;
       __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
       for (int i = 0; i < nv; ++i)
         a[i & 3] = _mm256_fmadd_ps(_mm256_loadu_ps(qr + 8 * i), load8(kr + 8 * i), a[i & 3]);
-      sc[s * it.g + j] = it.scale * hsum8(_mm256_add_ps(_mm256_add_ps(a[0], a[2]), _mm256_add_ps(a[1], a[3])));
+      sc[j * it.S + s] = it.scale * hsum8(_mm256_add_ps(_mm256_add_ps(a[0], a[2]), _mm256_add_ps(a[1], a[3])));
     }
   }
 }
 
-// 8 vectors of one head's accumulator (64 floats) held in registers over the chunk's positions, not loaded and
-// stored back at each one; every output element still sums its positions in the same order (the same bits)
+// 8 vectors of one head's sum over the chunk (64 floats) held in registers from zero over its positions, then
+// added into the accumulator: the sum the other paths make in a zeroed `part` and add in, the same bits
 template <typename T>
-__attribute__((target("avx2,fma"))) inline void weighted_block8_avx2(const Item<T>& it, const float* p, float* a,
-                                                                    int64_t j, int64_t d0) {
+__attribute__((target("avx2,fma"))) inline void weighted_block8_avx2(const Item<T>& it, const float* pj, float* a,
+                                                                    int64_t d0) {
   __m256 r[8];
-  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(a + d0 + 8 * i);
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_setzero_ps();
   for (int64_t s = 0; s < it.S; ++s) {
-    const __m256 pv = _mm256_set1_ps(p[s * it.g + j]);
+    const __m256 pv = _mm256_set1_ps(pj[s]);
     const T* vr = it.v + s * it.kv_ss + d0;
     for (int i = 0; i < 8; ++i) r[i] = _mm256_fmadd_ps(pv, load8(vr + 8 * i), r[i]);
   }
-  for (int i = 0; i < 8; ++i) _mm256_storeu_ps(a + d0 + 8 * i, r[i]);
+  for (int i = 0; i < 8; ++i) _mm256_storeu_ps(a + d0 + 8 * i, _mm256_add_ps(_mm256_loadu_ps(a + d0 + 8 * i), r[i]));
 }
 
+// acc[j * D + d] += (the sum over s of p[j * ps + s] * v_s[d]), each head's positions read in order
 template <typename T>
-__attribute__((target("avx2,fma"))) void weighted_sum_avx2(const Item<T>& it, const float* p, float* acc) {
+__attribute__((target("avx2,fma"))) void weighted_sum_avx2(const Item<T>& it, const float* p, int64_t ps,
+                                                          float* acc) {
   const int nv = static_cast<int>(it.D / 8);
   const int full = nv / 8 * 8;  // vectors in whole blocks of 8
   for (int64_t j = 0; j < it.g; ++j) {
     float* a = acc + j * it.D;
-    for (int i0 = 0; i0 < full; i0 += 8) weighted_block8_avx2(it, p, a, j, 8 * i0);
+    const float* pj = p + j * ps;
+    for (int i0 = 0; i0 < full; i0 += 8) weighted_block8_avx2(it, pj, a, 8 * i0);
     if (full == nv) continue;
-    for (int64_t s = 0; s < it.S; ++s) {  // the vectors past the last whole block (D % 64 != 0)
-      const __m256 pv = _mm256_set1_ps(p[s * it.g + j]);
+    __m256 r[8];  // the vectors past the last whole block (D % 64 != 0): fewer than 8
+    for (int i = full; i < nv; ++i) r[i - full] = _mm256_setzero_ps();
+    for (int64_t s = 0; s < it.S; ++s) {
+      const __m256 pv = _mm256_set1_ps(pj[s]);
       const T* vr = it.v + s * it.kv_ss;
-      for (int i = full; i < nv; ++i)
-        _mm256_storeu_ps(a + 8 * i, _mm256_fmadd_ps(pv, load8(vr + 8 * i), _mm256_loadu_ps(a + 8 * i)));
+      for (int i = full; i < nv; ++i) r[i - full] = _mm256_fmadd_ps(pv, load8(vr + 8 * i), r[i - full]);
     }
+    for (int i = full; i < nv; ++i)
+      _mm256_storeu_ps(a + 8 * i, _mm256_add_ps(_mm256_loadu_ps(a + 8 * i), r[i - full]));
   }
 }
 
@@ -140,53 +172,110 @@ void scores_generic(const Item<T>& it, float* sc) {
       float t = 0.f;
       for (int l = 0; l < 16; ++l) t += lane[l];
       for (; d < it.D; ++d) t += qr[d] * widen(kr[d]);
-      sc[s * it.g + j] = it.scale * t;
+      sc[j * it.S + s] = it.scale * t;
     }
   }
 }
 
 template <typename T>
-void weighted_sum_generic(const Item<T>& it, const float* p, float* acc) {
+void weighted_sum_generic(const Item<T>& it, const float* p, int64_t ps, float* acc) {
   for (int64_t s = 0; s < it.S; ++s) {
     const T* vr = it.v + s * it.kv_ss;
     for (int64_t j = 0; j < it.g; ++j) {
-      const float w = p[s * it.g + j];
+      const float w = p[j * ps + s];
       float* a = acc + j * it.D;
       for (int64_t d = 0; d < it.D; ++d) a[d] += w * widen(vr[d]);
     }
   }
 }
 
+// e^x for x <= 0 (a score less its head's maximum), 8 lanes: Cephes' expf (x = n ln2 + r, |r| <= ln2 / 2, a
+// degree-7 polynomial in r, times 2^n built in the exponent bits): within 1 ulp of the correctly rounded e^x for
+// every float in [-87.3, 0], as std::exp (tests/native/exp_accuracy.cpp). Below x = -87.7, where e^x is a
+// subnormal under 1e-38 (a weight against the maximum's 1), it gives 0. A NaN stays a NaN: max/min return their
+// second operand when one is a NaN, so the operand order keeps it.
+__attribute__((target("avx2,fma"))) inline __m256 exp_avx2(__m256 x) {
+  x = _mm256_max_ps(_mm256_set1_ps(-88.0f), x);
+  x = _mm256_min_ps(_mm256_set1_ps(0.0f), x);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // ln2 in two parts: r exact to fp32
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+// one head's row of scores (S of them): its maximum, then row[s] = e^(row[s] - max) and the sum of those in
+// chunks of kChunk positions, each chunk's sum added to the total (the two levels of the weighted sum)
+__attribute__((target("avx2,fma"))) float max_avx2(const float* row, int64_t S) {
+  __m256 m = _mm256_set1_ps(-INFINITY);
+  int64_t s = 0;
+  for (; s + 8 <= S; s += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(row + s));
+  alignas(32) float t[8];
+  _mm256_store_ps(t, m);
+  float r = -INFINITY;
+  for (int l = 0; l < 8; ++l) r = std::max(r, t[l]);
+  for (; s < S; ++s) r = std::max(r, row[s]);
+  return r;
+}
+
+__attribute__((target("avx2,fma"))) float exp_sum_avx2(float* row, int64_t S, float mx) {
+  const __m256 m = _mm256_set1_ps(mx);
+  float sum = 0.f;
+  for (int64_t c = 0; c < S; c += kChunk) {
+    const int64_t end = std::min<int64_t>(c + kChunk, S);
+    __m256 acc = _mm256_setzero_ps();
+    int64_t s = c;
+    for (; s + 8 <= end; s += 8) {
+      const __m256 e = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(row + s), m));
+      _mm256_storeu_ps(row + s, e);
+      acc = _mm256_add_ps(acc, e);
+    }
+    float chunk = hsum8(acc);
+    for (; s < end; ++s) chunk += row[s] = std::exp(row[s] - mx);
+    sum += chunk;
+  }
+  return sum;
+}
+
 struct Scratch {  // a thread's buffers, sized once per call and reused across its items
-  std::vector<float> sc, acc, part, mx, sum, chunk;
+  std::vector<float> sc, acc, part, mx, sum;
 };
 
 template <typename T>
 void run_item(const Item<T>& it, Isa isa, Scratch& w) {
-  std::vector<float>&sc = w.sc, &acc = w.acc, &part = w.part, &mx = w.mx, &sum = w.sum, &chunk = w.chunk;
+  std::vector<float>&sc = w.sc, &acc = w.acc, &part = w.part, &mx = w.mx, &sum = w.sum;
   sc.resize(static_cast<size_t>(it.S * it.g));
   acc.assign(static_cast<size_t>(it.g * it.D), 0.f);
   part.resize(acc.size());
   mx.assign(static_cast<size_t>(it.g), -INFINITY);
   sum.assign(static_cast<size_t>(it.g), 0.f);
-  chunk.resize(static_cast<size_t>(it.g));
   if (isa == Isa::kAvx512)
     scores_avx512(it, sc.data());
   else if (isa == Isa::kAvx2)
     scores_avx2(it, sc.data());
   else
     scores_generic(it, sc.data());
-  for (int64_t s = 0; s < it.S; ++s)
-    for (int64_t j = 0; j < it.g; ++j) mx[j] = std::max(mx[j], sc[s * it.g + j]);
-  for (int64_t c = 0; c < it.S; c += kChunk) {  // the normaliser in the same two levels
-    std::fill(chunk.begin(), chunk.end(), 0.f);
-    for (int64_t s = c; s < std::min<int64_t>(c + kChunk, it.S); ++s)
-      for (int64_t j = 0; j < it.g; ++j) {
-        const float e = std::exp(sc[s * it.g + j] - mx[j]);
-        sc[s * it.g + j] = e;
-        chunk[j] += e;
-      }
-    for (int64_t j = 0; j < it.g; ++j) sum[j] += chunk[j];
+  for (int64_t j = 0; j < it.g; ++j) {
+    float* row = sc.data() + j * it.S;
+    if (isa != Isa::kGeneric) {  // std::exp was 224K calls a step, small preset at 2330 positions
+      mx[j] = max_avx2(row, it.S);
+      sum[j] = exp_sum_avx2(row, it.S, mx[j]);
+      continue;
+    }
+    for (int64_t s = 0; s < it.S; ++s) mx[j] = std::max(mx[j], row[s]);
+    for (int64_t c = 0; c < it.S; c += kChunk) {  // the normaliser in the same two levels
+      float chunk = 0.f;
+      for (int64_t s = c; s < std::min<int64_t>(c + kChunk, it.S); ++s) chunk += row[s] = std::exp(row[s] - mx[j]);
+      sum[j] += chunk;
+    }
   }
   // the weighted sum in chunks of kChunk positions, each added into acc: a running sum over every position lost
   // 2x torch's fp32 error at 257 positions (tests/test_decode_attention.py); two levels keep it near fp32's
@@ -194,13 +283,15 @@ void run_item(const Item<T>& it, Isa isa, Scratch& w) {
     Item<T> sub = it;
     sub.v = it.v + c * it.kv_ss;
     sub.S = std::min<int64_t>(kChunk, it.S - c);
+    if (isa == Isa::kAvx2) {  // adds its chunk's sums into acc from registers
+      weighted_sum_avx2(sub, sc.data() + c, it.S, acc.data());
+      continue;
+    }
     std::fill(part.begin(), part.end(), 0.f);
     if (isa == Isa::kAvx512)
-      weighted_sum_avx512(sub, sc.data() + c * it.g, part.data());
-    else if (isa == Isa::kAvx2)
-      weighted_sum_avx2(sub, sc.data() + c * it.g, part.data());
+      weighted_sum_avx512(sub, sc.data() + c, it.S, part.data());
     else
-      weighted_sum_generic(sub, sc.data() + c * it.g, part.data());
+      weighted_sum_generic(sub, sc.data() + c, it.S, part.data());
     for (size_t i = 0; i < acc.size(); ++i) acc[i] += part[i];
   }
   for (int64_t j = 0; j < it.g; ++j) {
