@@ -114,7 +114,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("int8_gemv", &int8_gemv, py::arg("x"), py::arg("ldx"), py::arg("q"), py::arg("scale"), py::arg("y"),
         py::arg("ldy"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("num_threads") = 0,
         py::arg("generic") = false, py::arg("prefetch") = -1);
-  m.def("int8_gemv_isa", &pllava::int8_gemv_isa);
   m.def("cpu_isa", [] { return std::string(pllava::isa_name(pllava::cpu_isa())); },
         "The vector ISA the CPU kernels run with now: 'avx512', 'avx2' or 'generic'.");
   m.def("cpu_isa_supported", [] { return std::string(pllava::isa_name(pllava::cpu_isa_supported())); },

@@ -231,8 +231,6 @@ void gemv(const float* x, int64_t ldx, const W* q, const Out& out, float* y, int
 
 }  // namespace
 
-const char* int8_gemv_isa() { return isa_name(cpu_isa()); }
-
 int64_t gemv_prefetch_distance(int64_t row_bytes) {
   return row_bytes <= 1024 ? 4096 : row_bytes <= kPrefetchMaxRow ? 8192 : 0;
 }

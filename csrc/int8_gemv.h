@@ -20,7 +20,4 @@ int64_t gemv_prefetch_distance(int64_t row_bytes);
 void bf16_gemv(const float* x, int64_t ldx, const uint16_t* w, float alpha, bool accumulate, float* y, int64_t ldy,
                int64_t M, int64_t N, int64_t K, int num_threads, bool generic = false, int64_t prefetch = -1);
 
-// The instruction set int8_gemv runs with on this CPU: "avx512", "avx2" or "generic" (cpu_isa.h).
-const char* int8_gemv_isa();
-
 }  // namespace pllava

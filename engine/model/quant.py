@@ -91,7 +91,7 @@ def _native():
     """-> (pllava._C, "avx512" | "avx2" | "generic"), or (None, None) where it is not built."""
     if not _NATIVE:
         C = native_extension("int8_gemv")
-        _NATIVE.append((C, C.int8_gemv_isa()) if C is not None else (None, None))
+        _NATIVE.append((C, C.cpu_isa()) if C is not None else (None, None))
     return _NATIVE[0]
 
 

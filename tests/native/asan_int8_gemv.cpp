@@ -51,7 +51,7 @@ int main() {
               const float want = kind ? 1.0f + static_cast<float>(acc) * 0.5f : static_cast<float>(acc) * scale[j];
               if (y[i * ldy + j] != want) {
                 std::printf("mismatch %s m=%d n=%d k=%d pad=%d isa=%s prefetch=%ld at (%d, %d)\n",
-                            kind ? "bf16" : "int8", m, n, k, pad, generic ? "generic" : pllava::int8_gemv_isa(),
+                            kind ? "bf16" : "int8", m, n, k, pad, generic ? "generic" : pllava::isa_name(pllava::cpu_isa()),
                             prefetch, i, j);
                 return 1;
               }
@@ -61,6 +61,6 @@ int main() {
     }
   }
   pllava::set_isa_cap("best");
-  std::printf("asan int8 gemv: ok (%s)\n", pllava::int8_gemv_isa());
+  std::printf("asan int8 gemv: ok (%s)\n", pllava::isa_name(pllava::cpu_isa()));
   return 0;
 }
