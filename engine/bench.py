@@ -41,11 +41,83 @@ def _fill(shape, seed: int, std: float, dtype, device):
     return (torch.randn(shape, generator=g, device=device, dtype=torch.float32) * std).to(dtype)
 
 
+SHARD_BYTES = 4 << 30  # a preset checkpoint's shard: what its writer holds in memory at once
+
+
+def _preset_specs(cfg: dict) -> dict:
+    """key (transformers' current layout) -> (shape, seed, std, kind) of every tensor of a preset checkpoint:
+    our own model's parameters built on meta, seeded 1, 2, ... in their order, then the tensors real checkpoints
+    hold past vision_feature_layer (the last vision layer, a copy of layer 0; post_layernorm: seed 0, ones /
+    zeros). kind: "normal" (seeded N(0, std)), "norm" (1 + seeded N(0, 0.05)), "ones", "zeros"."""
+    from .config import parse_config
+    from .model import PllavaModel
+
+    with torch.device("meta"):
+        net = PllavaModel(parse_config(cfg))
+    specs = {}
+    for seed, (name, p) in enumerate(net.named_parameters(), 1):
+        if name.startswith("vision_tower."):
+            key = "model.vision_tower.vision_model." + name[len("vision_tower."):]
+        elif name.startswith("multi_modal_projector."):
+            key = "model." + name
+        elif name == "language_model.lm_head.weight":
+            key = "lm_head.weight"
+        else:
+            key = "model.language_model." + name[len("language_model."):]
+        is_norm = p.dim() == 1 and name.endswith("weight") and ("norm" in name or "layrnorm" in name)
+        specs[key] = (tuple(p.shape), seed, 0.02 if p.dim() > 1 else 0.01, "norm" if is_norm else "normal")
+    vc = cfg["vision_config"]
+    last = vc["num_hidden_layers"] - 1
+    for key in [k for k in specs if ".encoder.layers.0." in k]:
+        specs[key.replace(".layers.0.", f".layers.{last}.")] = specs[key]
+    d = (vc["hidden_size"],)
+    specs["model.vision_tower.vision_model.post_layernorm.weight"] = (d, 0, 0.0, "ones")
+    specs["model.vision_tower.vision_model.post_layernorm.bias"] = (d, 0, 0.0, "zeros")
+    return specs
+
+
+def _preset_tensor(key: str, spec, dtype, device) -> torch.Tensor:
+    shape, seed, std, kind = spec
+    if kind in ("ones", "zeros"):
+        return (torch.ones if kind == "ones" else torch.zeros)(shape, dtype=dtype)
+    t = (torch.ones(shape, dtype=dtype) + _fill(shape, seed, 0.05, dtype, device).cpu() if kind == "norm"
+         else _fill(shape, seed, std, dtype, device).cpu())
+    if key == "lm_head.weight":
+        t[2].zero_()  # EOS never wins: every run generates the asked number of tokens
+    return t
+
+
+def _write_preset_shards(specs: dict, base: str, dtype, device):
+    """The checkpoint's shards, one at a time: each shard's tensors are made, saved and dropped before the next
+    (pllava-7b in fp32 is 28 GB: held whole, it was OOM-killed at 24 GB on a 24 GB machine). Keys go round-robin
+    over the sorted keys into total // SHARD_BYTES + 1 shards, with the index transformers reads."""
+    from safetensors.torch import save_file
+
+    elem = torch.empty((), dtype=dtype).element_size()
+    size = {k: int(np.prod(v[0])) * elem for k, v in specs.items()}
+    total = sum(size.values())
+    shards = max(1, total // SHARD_BYTES + 1)
+    keys = sorted(specs)
+    wm, done = {}, 0
+    for n in range(shards):
+        part = keys[n::shards]
+        fn = "model.safetensors" if shards == 1 else f"model-{n + 1:05d}-of-{shards:05d}.safetensors"
+        tensors = {k: _preset_tensor(k, specs[k], dtype, device) for k in part}
+        save_file(tensors, os.path.join(base, fn), metadata={"format": "pt"})
+        del tensors
+        wm.update({k: fn for k in part})
+        done += len(part)
+        say(f"  weights {100 * done // len(keys)}% (shard {n + 1} of {shards})")
+    if shards > 1:
+        with open(os.path.join(base, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": wm}, f, indent=1)
+
+
 def make_preset_checkpoint(preset: str, root: str | None = None, dtype=torch.bfloat16, lora_r: int = 128,
                            device: str = "cpu") -> tuple[str, str]:
     """Write (once) the preset's base checkpoint and LoRA adapter; return (base_dir, adapter_dir)."""
     from .config import PRESETS
-    from .testing import make_tokenizer, save_sharded
+    from .testing import make_tokenizer
 
     if preset not in PRESETS:
         raise ConfigError(f"preset {preset!r} is unknown; choose one of {sorted(PRESETS)}")
@@ -71,41 +143,9 @@ def make_preset_checkpoint(preset: str, root: str | None = None, dtype=torch.bfl
 
     with open(os.path.join(base, "preprocessor_config.json"), "w") as f:
         json.dump(dict(clip_defaults(g), image_processor_type="CLIPImageProcessor"), f)
-    # shapes from our own model built on meta, named in transformers' current layout
-    from .config import parse_config
-    from .model import PllavaModel
-
-    pc = parse_config(cfg)
-    with torch.device("meta"):
-        net = PllavaModel(pc)
-    t, seed = {}, 0
-    params = list(net.named_parameters())
-    for i, (name, p) in enumerate(params):
-        seed += 1
-        if i and i % max(1, len(params) // 10) == 0:
-            say(f"  weights {100 * i // len(params)}% ({i}/{len(params)} tensors)")
-        if name.startswith("vision_tower."):
-            key = "model.vision_tower.vision_model." + name[len("vision_tower."):]
-        elif name.startswith("multi_modal_projector."):
-            key = "model." + name
-        elif name == "language_model.lm_head.weight":
-            key = "lm_head.weight"
-        else:
-            key = "model.language_model." + name[len("language_model."):]
-        is_norm = p.dim() == 1 and name.endswith("weight") and ("norm" in name or "layrnorm" in name)
-        std = 0.02 if p.dim() > 1 else 0.01
-        t[key] = (torch.ones(p.shape, dtype=dtype) + _fill(p.shape, seed, 0.05, dtype, device).cpu()
-                  if is_norm else _fill(p.shape, seed, std, dtype, device).cpu())
-    t["lm_head.weight"][2].zero_()  # EOS never wins: every run generates the asked number of tokens
-    # layers past vision_feature_layer and post_layernorm exist in real checkpoints; transformers expects them
-    vc = cfg["vision_config"]
-    d = vc["hidden_size"]
-    last = vc["num_hidden_layers"] - 1
-    for name in [k for k in t if ".encoder.layers.0." in k]:
-        t[name.replace(".layers.0.", f".layers.{last}.")] = t[name].clone()
-    t["model.vision_tower.vision_model.post_layernorm.weight"] = torch.ones(d, dtype=dtype)
-    t["model.vision_tower.vision_model.post_layernorm.bias"] = torch.zeros(d, dtype=dtype)
-    save_sharded(t, base, shards=max(1, sum(v.numel() * v.element_size() for v in t.values()) // (4 << 30) + 1))
+    specs = _preset_specs(cfg)
+    _write_preset_shards(specs, base, dtype, device)
+    seed = max(spec[1] for spec in specs.values())  # the adapter's seeds follow the parameters'
     from safetensors.torch import save_file
 
     tc = cfg["text_config"]

@@ -33,6 +33,54 @@ def test_run_bench_tiny(tmp_path, monkeypatch, video_path, capsys):
     assert "video decode ms" in head and "token decode tok/s" in head and "| decode" not in head
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_preset_shards_are_written_one_at_a_time_and_match_the_whole_dict_writer(tmp_path, monkeypatch, dtype):
+    """A preset checkpoint is written a shard at a time (pllava-7b in fp32, 28 GB, held whole was OOM-killed on a
+    24 GB machine): when a shard is saved, only its own tensors are alive. The oracle for the files: every tensor
+    made first and handed to testing.save_sharded (the writer the bench used before) with the same shard count:
+    the same bytes, file for file, and the same index."""
+    import gc
+    import weakref
+
+    from pllava import bench
+    from pllava.config import PRESETS
+    from pllava.testing import save_sharded
+
+    cfg = json.loads(json.dumps(PRESETS["tiny"]))
+    specs = bench._preset_specs(cfg)
+    whole = {k: bench._preset_tensor(k, v, dtype, "cpu") for k, v in specs.items()}
+    nbytes = sum(t.numel() * t.element_size() for t in whole.values())
+    monkeypatch.setattr(bench, "SHARD_BYTES", nbytes // 3 + 1)  # -> 3 shards
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    save_sharded(whole, str(tmp_path / "a"), shards=3)
+    del whole
+    gc.collect()
+
+    live, peaks = [], []
+    real_tensor, real_save = bench._preset_tensor, __import__("safetensors.torch").torch.save_file
+
+    def tensor(*a):
+        t = real_tensor(*a)
+        live.append(weakref.ref(t))
+        return t
+
+    def save(tensors, path, metadata=None):
+        gc.collect()
+        alive = [r() for r in live if r() is not None]
+        peaks.append((len(alive), len(tensors)))
+        return real_save(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(bench, "_preset_tensor", tensor)
+    monkeypatch.setattr("safetensors.torch.save_file", save)
+    bench._write_preset_shards(specs, str(tmp_path / "b"), dtype, "cpu")
+    assert len(peaks) == 3 and all(alive == mine for alive, mine in peaks), peaks
+    files = sorted(os.listdir(tmp_path / "a"))
+    assert files == sorted(os.listdir(tmp_path / "b")) and len(files) == 4  # 3 shards and the index
+    for f in files:
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+
+
 def test_bench_quality_counts_both_kinds_of_position(tmp_path):
     """benchmarks/bench_quality.py on 2 clips: every mode scored at each prompt and each decode position, the
     paired counts consistent, transformers bf16 paired with itself discordant nowhere."""
