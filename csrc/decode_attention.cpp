@@ -10,8 +10,8 @@
 // A bf16 cache halves what a step streams: a bf16 engine's prefill rows produce bf16 K and V anyway (bf16 GEMMs), so
 // only its decode rows' K and V are rounded; batched decode at PLLaVA's prompt lengths is bound by this read (8 rows
 // at 2000 positions: 629 MB of fp32 K and V a step against 81 MB of int8 weights, small preset).
-// AVX2 + FMA (no AVX-512): the same passes 8 lanes at a time, scores with four chains whose lanes hold the
-// AVX-512 path's two chains' partial sums.
+// AVX2 + FMA (no AVX-512): the same passes 8 lanes at a time, scores 8 positions at a time (one reduction for the
+// 8). Both vector paths take each head's maximum, exponentials (a vector exp, exp_avx2) and sums as AVX2 loops.
 #include "decode_attention.h"
 
 #include "cpu_isa.h"
