@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import pllava
-from asan_util import run_under_asan
+from asan_util import run_native, run_under_asan
 from pllava import ops
 from pllava.generate import decode_one_token
 
@@ -158,19 +158,9 @@ def test_decode_attention_under_address_sanitizer(tmp_path):
 def test_the_vector_exp_is_within_one_ulp_of_the_correctly_rounded_exp(tmp_path):
     """The AVX2 softmax's exp (the AVX-512 path takes it too) against libm's double exp rounded once, at every 5th
     float of [-87.3, 0], and NaN / -inf / underflow at the edges (tests/native/exp_accuracy.cpp)."""
-    import os
-    import subprocess
-
     if C is None or pllava._C.cpu_isa() == "generic":
         pytest.skip("no AVX2 here (the portable loop takes std::exp)" if C is not None else "pllava._C is not built")
-    root = os.path.join(os.path.dirname(__file__), "..")
-    exe = str(tmp_path / "exp_accuracy")
-    subprocess.run(["g++", "-std=c++17", "-O2", "-fopenmp", os.path.join(root, "tests", "native", "exp_accuracy.cpp"),
-                    os.path.join(root, "csrc", "cpu_isa.cpp"), "-o", exe], check=True, capture_output=True,
-                   timeout=300)
-    r = subprocess.run([exe], capture_output=True, text=True, timeout=300)
-    print(r.stdout)
-    assert r.returncode == 0 and "exp accuracy: ok" in r.stdout, r.stdout + r.stderr
+    print(run_native(tmp_path, "exp_accuracy.cpp", "exp accuracy: ok", sanitize=False))  # it includes the kernel
 
 
 @native
