@@ -11,7 +11,9 @@
 // only its decode rows' K and V are rounded; batched decode at PLLaVA's prompt lengths is bound by this read (8 rows
 // at 2000 positions: 629 MB of fp32 K and V a step against 81 MB of int8 weights, small preset).
 // AVX2 + FMA (no AVX-512): the same passes 8 lanes at a time, scores 8 positions at a time (one reduction for the
-// 8). Both vector paths take each head's maximum, exponentials (a vector exp, exp_avx2) and sums as AVX2 loops.
+// 8); AVX-512 scores 8 positions at a time under GQA only (scores_avx512 says why). Both vector paths hold a chunk's
+// weighted sums in registers, and take each head's maximum, exponentials (a vector exp, exp_avx2) and sums as AVX2
+// loops.
 #include "decode_attention.h"
 
 #include "cpu_isa.h"
@@ -45,11 +47,59 @@ struct Item {  // one (b, kv head): its g query heads' rows of q and o, its K an
   float scale;
 };
 
-// scores[s * g + j] = scale * q_j . k_s; returns nothing, the caller takes the maxima
+// lane p = the sum of v[p]'s 8 lanes: one horizontal reduction for 8 scores instead of one a score
+__attribute__((target("avx2,fma"))) inline __m256 hsum8x8(const __m256* v) {
+  const __m256 t0 = _mm256_hadd_ps(v[0], v[1]), t1 = _mm256_hadd_ps(v[2], v[3]);
+  const __m256 t2 = _mm256_hadd_ps(v[4], v[5]), t3 = _mm256_hadd_ps(v[6], v[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);  // (v0..v3 | v0..v3), lanes 0-3 / 4-7
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+// lane p = the sum of v[p]'s 16 lanes: each folded to 8 (its two halves added), then hsum8x8
+__attribute__((target("avx512f,avx2,fma"))) inline __m256 hsum16x8(const __m512* v) {
+  __m256 h[8];
+  for (int p = 0; p < 8; ++p)
+    h[p] = _mm256_add_ps(_mm512_castps512_ps256(v[p]),
+                         _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v[p]), 1)));
+  return hsum8x8(h);
+}
+
+// Whole blocks of 8 positions [0, end) for each head: q_j in NV registers, the 8 rows read one after another (each
+// row's NV vectors in order), 8 independent sums, one reduction (hsum16x8) for the 8 scores
+template <int NV, typename T>
+__attribute__((target("avx512f,avx2,fma"))) void scores_blocks_avx512(const Item<T>& it, float* sc, int64_t end) {
+  for (int64_t s = 0; s + 8 <= end; s += 8) {
+    const T* kr = it.k + s * it.kv_ss;
+    for (int64_t j = 0; j < it.g; ++j) {
+      const float* qr = it.q + j * it.q_sh;
+      __m512 qv[NV], a[8];
+      for (int i = 0; i < NV; ++i) qv[i] = _mm512_loadu_ps(qr + 16 * i);
+      for (int p = 0; p < 8; ++p) {
+        a[p] = _mm512_mul_ps(qv[0], load16(kr + p * it.kv_ss));
+        for (int i = 1; i < NV; ++i) a[p] = _mm512_fmadd_ps(qv[i], load16(kr + p * it.kv_ss + 16 * i), a[p]);
+      }
+      _mm256_storeu_ps(sc + j * it.S + s, _mm256_mul_ps(_mm256_set1_ps(it.scale), hsum16x8(a)));
+    }
+  }
+}
+
+// sc[j * S + s] = scale * q_j . k_s. Under GQA (g > 1 heads a KV row: compute-bound, each row used g times) in
+// blocks of 8 positions: a reduction a score (_mm512_reduce_add_ps, 4 shuffles + 4 adds) made pllava-34b's step
+// (56 heads of 128 on 8 KV heads, 2 layers at 2330 positions) 2.1-3.1 ms, against 1.7-1.9 in blocks, fp32 or bf16
+// cache (2 Zen4 cores, medians of 9 processes). With one head a row (MHA: bound by the read) the blocks measured
+// slower (1 thread, small preset fp32: 8.0 ms against 5.8 a row at a time), so MHA scores a row at a time.
 template <typename T>
-__attribute__((target("avx512f"))) void scores_avx512(const Item<T>& it, float* sc) {
+__attribute__((target("avx512f,avx2,fma"))) void scores_avx512(const Item<T>& it, float* sc) {
   const int nv = static_cast<int>(it.D / 16);
-  for (int64_t s = 0; s < it.S; ++s) {
+  int64_t s = 0;
+  if (it.g > 1 && (nv == 4 || nv == 8)) {
+    s = it.S / 8 * 8;
+    if (nv == 4)  // D = 64
+      scores_blocks_avx512<4>(it, sc, s);
+    else  // D = 128
+      scores_blocks_avx512<8>(it, sc, s);
+  }
+  for (; s < it.S; ++s) {
     const T* kr = it.k + s * it.kv_ss;
     for (int64_t j = 0; j < it.g; ++j) {
       const float* qr = it.q + j * it.q_sh;
@@ -65,28 +115,39 @@ __attribute__((target("avx512f"))) void scores_avx512(const Item<T>& it, float* 
   }
 }
 
-// acc[j * D + d] += p[j * ps + s] * v_s[d] over s
+// Up to 8 vectors of one head's sum over the chunk (128 floats) held in registers from zero over its positions,
+// then added into the accumulator, as weighted_block8_avx2 does (before: a load and a store of acc per FMA)
+template <int NB, typename T>  // NB vectors, at most 8: a constant count the compiler keeps in registers
+__attribute__((target("avx512f"))) inline void weighted_block_avx512(const Item<T>& it, const float* pj, float* a,
+                                                                    int64_t d0, int nb = NB) {
+  __m512 r[NB];
+  for (int i = 0; i < NB; ++i) r[i] = _mm512_setzero_ps();
+  for (int64_t s = 0; s < it.S; ++s) {
+    const __m512 pv = _mm512_set1_ps(pj[s]);
+    const T* vr = it.v + s * it.kv_ss + d0;
+    for (int i = 0; i < NB; ++i)
+      if (i < nb) r[i] = _mm512_fmadd_ps(pv, load16(vr + 16 * i), r[i]);
+  }
+  for (int i = 0; i < nb; ++i)
+    _mm512_storeu_ps(a + d0 + 16 * i, _mm512_add_ps(_mm512_loadu_ps(a + d0 + 16 * i), r[i]));
+}
+
+// acc[j * D + d] += (the sum over s of p[j * ps + s] * v_s[d]), each head's positions read in order
 template <typename T>
 __attribute__((target("avx512f"))) void weighted_sum_avx512(const Item<T>& it, const float* p, int64_t ps,
                                                             float* acc) {
   const int nv = static_cast<int>(it.D / 16);
-  for (int64_t s = 0; s < it.S; ++s) {
-    const T* vr = it.v + s * it.kv_ss;
-    for (int64_t j = 0; j < it.g; ++j) {
-      const __m512 pv = _mm512_set1_ps(p[j * ps + s]);
-      float* a = acc + j * it.D;
-      for (int i = 0; i < nv; ++i)
-        _mm512_storeu_ps(a + 16 * i, _mm512_fmadd_ps(pv, load16(vr + 16 * i), _mm512_loadu_ps(a + 16 * i)));
+  for (int64_t j = 0; j < it.g; ++j) {
+    for (int i0 = 0; i0 < nv; i0 += 8) {
+      const int nb = std::min(8, nv - i0);
+      if (nb == 8)
+        weighted_block_avx512<8>(it, p + j * ps, acc + j * it.D, 16 * i0);
+      else if (nb == 4)  // D = 64
+        weighted_block_avx512<4>(it, p + j * ps, acc + j * it.D, 16 * i0);
+      else  // an odd head size: a count known only here
+        weighted_block_avx512<8>(it, p + j * ps, acc + j * it.D, 16 * i0, nb);
     }
   }
-}
-
-// lane p = the sum of v[p]'s 8 lanes: one horizontal reduction for 8 scores instead of one a score
-__attribute__((target("avx2,fma"))) inline __m256 hsum8x8(const __m256* v) {
-  const __m256 t0 = _mm256_hadd_ps(v[0], v[1]), t1 = _mm256_hadd_ps(v[2], v[3]);
-  const __m256 t2 = _mm256_hadd_ps(v[4], v[5]), t3 = _mm256_hadd_ps(v[6], v[7]);
-  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);  // (v0..v3 | v0..v3), lanes 0-3 / 4-7
-  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
 // Blocks of 8 positions: each q vector is loaded once for 8 K rows, the 8 positions' chains are independent (FMA
@@ -122,7 +183,7 @@ __attribute__((target("avx2,fma"))) void scores_avx2(const Item<T>& it, float* s
 }
 
 // 8 vectors of one head's sum over the chunk (64 floats) held in registers from zero over its positions, then
-// added into the accumulator: the sum the other paths make in a zeroed `part` and add in, the same bits
+// added into the accumulator: the sum the portable loop makes in a zeroed `part` and adds in, the same bits
 template <typename T>
 __attribute__((target("avx2,fma"))) inline void weighted_block8_avx2(const Item<T>& it, const float* pj, float* a,
                                                                     int64_t d0) {
@@ -165,7 +226,7 @@ void scores_generic(const Item<T>& it, float* sc) {
     const T* kr = it.k + s * it.kv_ss;
     for (int64_t j = 0; j < it.g; ++j) {
       const float* qr = it.q + j * it.q_sh;
-      float lane[16] = {};  // 16 partial sums, as the AVX-512 path's lanes
+      float lane[16] = {};  // 16 partial sums, as the AVX-512 path's lanes (for MHA)
       int64_t d = 0;
       for (; d + 16 <= it.D; d += 16)
         for (int l = 0; l < 16; ++l) lane[l] += qr[d + l] * widen(kr[d + l]);
@@ -249,20 +310,37 @@ struct Scratch {  // a thread's buffers, sized once per call and reused across i
   std::vector<float> sc, acc, part, mx, sum;
 };
 
+// sc[j * it.S + s] for s in [0, it.S)
+template <typename T>
+void scores(const Item<T>& it, Isa isa, float* sc) {
+  if (isa == Isa::kAvx512)
+    scores_avx512(it, sc);
+  else if (isa == Isa::kAvx2)
+    scores_avx2(it, sc);
+  else
+    scores_generic(it, sc);
+}
+
+// acc += the chunk's weighted sum of V (it.S <= kChunk positions): the vector paths add their sums into acc from
+// registers; the portable loop sums into a zeroed `part`, then adds it in
+template <typename T>
+void weighted_sum(const Item<T>& it, Isa isa, const float* p, int64_t ps, float* acc, std::vector<float>& part,
+                  size_t n) {
+  if (isa == Isa::kAvx512) return weighted_sum_avx512(it, p, ps, acc);
+  if (isa == Isa::kAvx2) return weighted_sum_avx2(it, p, ps, acc);
+  part.assign(n, 0.f);
+  weighted_sum_generic(it, p, ps, part.data());
+  for (size_t i = 0; i < n; ++i) acc[i] += part[i];
+}
+
 template <typename T>
 void run_item(const Item<T>& it, Isa isa, Scratch& w) {
-  std::vector<float>&sc = w.sc, &acc = w.acc, &part = w.part, &mx = w.mx, &sum = w.sum;
+  std::vector<float>&sc = w.sc, &acc = w.acc, &mx = w.mx, &sum = w.sum;
   sc.resize(static_cast<size_t>(it.S * it.g));
   acc.assign(static_cast<size_t>(it.g * it.D), 0.f);
-  part.resize(acc.size());
   mx.assign(static_cast<size_t>(it.g), -INFINITY);
   sum.assign(static_cast<size_t>(it.g), 0.f);
-  if (isa == Isa::kAvx512)
-    scores_avx512(it, sc.data());
-  else if (isa == Isa::kAvx2)
-    scores_avx2(it, sc.data());
-  else
-    scores_generic(it, sc.data());
+  scores(it, isa, sc.data());
   for (int64_t j = 0; j < it.g; ++j) {
     float* row = sc.data() + j * it.S;
     if (isa != Isa::kGeneric) {  // std::exp was 224K calls a step, small preset at 2330 positions
@@ -283,16 +361,7 @@ void run_item(const Item<T>& it, Isa isa, Scratch& w) {
     Item<T> sub = it;
     sub.v = it.v + c * it.kv_ss;
     sub.S = std::min<int64_t>(kChunk, it.S - c);
-    if (isa == Isa::kAvx2) {  // adds its chunk's sums into acc from registers
-      weighted_sum_avx2(sub, sc.data() + c, it.S, acc.data());
-      continue;
-    }
-    std::fill(part.begin(), part.end(), 0.f);
-    if (isa == Isa::kAvx512)
-      weighted_sum_avx512(sub, sc.data() + c, it.S, part.data());
-    else
-      weighted_sum_generic(sub, sc.data() + c, it.S, part.data());
-    for (size_t i = 0; i < acc.size(); ++i) acc[i] += part[i];
+    weighted_sum(sub, isa, sc.data() + c, it.S, acc.data(), w.part, acc.size());
   }
   for (int64_t j = 0; j < it.g; ++j) {
     const float inv = 1.0f / sum[j];

@@ -18,6 +18,7 @@ native = pytest.mark.skipif(C is None, reason="pllava._C is not built")
 CASES = [  # (B, H, KV, D, S cache slots, lo, hi)
     (1, 12, 12, 64, 300, 0, 257),  # the small preset's heads
     (2, 8, 2, 128, 90, 0, 90),  # GQA, 4 query heads a KV head, two rows
+    (1, 8, 2, 64, 50, 3, 45),  # GQA at D = 64: AVX-512's blocks of 8 positions (5) and a tail of 2 past them
     (1, 7, 1, 80, 40, 5, 33),  # D an odd number of 16-wide vectors, a window's lower bound
     (1, 6, 3, 24, 30, 2, 29),  # D of three 8-wide vectors: AVX2 even on an AVX-512 CPU
     (1, 2, 1, 20, 12, 0, 12),  # D off the 8-wide vector: the portable loops everywhere

@@ -14,7 +14,7 @@
 
 int main() {
   const int cases[][6] = {{1, 12, 12, 64, 0, 257}, {2, 8, 2, 128, 0, 90}, {1, 7, 1, 80, 5, 33}, {1, 4, 2, 16, 19, 20},
-                          {3, 6, 3, 24, 2, 9}};
+                          {3, 6, 3, 24, 2, 9}, {1, 8, 2, 64, 3, 45}};
   unsigned seed = 11;
   auto rnd = [&seed]() { return static_cast<float>((seed = seed * 1103515245u + 12345u) >> 8) / 16777216.0f - 0.5f; };
   for (auto& c : cases) {
