@@ -253,3 +253,58 @@ def test_pllava_cpu_isa_caps_the_vector_path_and_names_a_bad_value():
     env["PLLAVA_CPU_ISA"] = "sse9"
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "ConfigError: PLLAVA_CPU_ISA='sse9'" in r.stderr, r.stderr
+
+
+def _bf16_run(x, w, generic):
+    m, k = x.shape
+    y = torch.full((m, w.shape[0]), float("nan"))
+    _c().bf16_gemv(x.data_ptr(), x.stride(0), w.data_ptr(), 0.5, False, y.data_ptr(), y.stride(0), m, w.shape[0],
+                   k, 2, generic, -1)
+    return y
+
+
+@native
+@pytest.mark.parametrize("m,n,k", [(16, 9, 2100), (7, 5, 777), (5, 6, 33)])
+def test_a_rows_result_does_not_depend_on_the_rows_beside_it(m, n, k, native_isa):
+    """Random floats (rounding everywhere): each row of an M-row call has the bits of that row alone (M = 1, the
+    1 x 4 tile) on every path, int8 and bf16 weights. This is what lets generate_many's batched decode rows give
+    generate()'s tokens; a tile whose sum order depended on its rows (e.g. splitting K differently for M > 1)
+    would break it while staying inside any fp32 tolerance."""
+    generic = native_isa == "generic"
+    g = torch.Generator().manual_seed(m + n + k)
+    x = torch.randn(m, k, generator=g)
+    q, s = quantize_weight(torch.randn(n, k, generator=g) * 0.02)
+    s = s.float()
+    w = (torch.randn(n, k, generator=g) * 0.02).bfloat16()
+    batch, batch16 = _run(x, q, s, generic), _bf16_run(x, w, generic)
+    for i in range(m):
+        row = x[i:i + 1].clone()
+        assert torch.equal(batch[i:i + 1], _run(row, q, s, generic)), (native_isa, "int8", i)
+        assert torch.equal(batch16[i:i + 1], _bf16_run(row, w, generic)), (native_isa, "bf16", i)
+
+
+@native
+def test_the_avx2_and_avx512_paths_give_the_same_bits():
+    """The AVX2 tiles keep each output's 16 lane sums (k mod 16) as two 8-lane halves and reduce them as AVX-512's
+    _mm512_reduce_add_ps does (halves, then quarters, ...), so a model decodes the same tokens on a CPU with
+    AVX-512 as on one with AVX2 only. Random floats, tails and row counts off the tiles."""
+    C = _c()
+    if C.cpu_isa_supported() != "avx512":
+        pytest.skip(f"this CPU does not run avx512 (best: {C.cpu_isa_supported()})")
+    out = {}
+    try:
+        for isa in ("avx512", "avx2"):
+            C.set_isa_cap(isa)
+            for m, n, k in [(1, 300, 4096), (16, 9, 2100), (3, 7, 31), (6, 13, 1000)]:
+                gg = torch.Generator().manual_seed(m * n + k)
+                x = torch.randn(m, k, generator=gg)
+                q, s = quantize_weight(torch.randn(n, k, generator=gg) * 0.02)
+                w = (torch.randn(n, k, generator=gg) * 0.02).bfloat16()
+                out[isa, m, n, k] = (_run(x, q, s.float(), False), _bf16_run(x, w, False))
+    finally:
+        C.set_isa_cap("best")
+    for (isa, *shape), (y8, y16) in out.items():
+        if isa == "avx2":
+            a8, a16 = out[("avx512", *shape)]
+            assert torch.equal(y8, a8) and torch.equal(y16, a16), (shape, (y8 - a8).abs().max(),
+                                                                   (y16 - a16).abs().max())
