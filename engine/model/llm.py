@@ -218,8 +218,8 @@ class MLP(nn.Module):
         if torch.is_grad_enabled() or g.dtype != u.dtype:  # autograd needs silu's input kept; mixed: promote
             return self.down_proj(F.silu(g) * u)
         # in place, the same bits: a prefill's (L, inter) temporaries are fresh allocations the allocator maps anew
-        # and page-faults as they are written (small preset, L = 2307, bf16: silu + product 2-31 ms a layer,
-        # 1.8 ms in place; pllava-7b's are 52-103 MB, past glibc's 32 MB mmap threshold, so always fresh)
+        # and page-faults as they are written (small preset, L = 2307, bf16: silu + product 2.6-35 ms a layer,
+        # 1.7-4.6 in place; pllava-7b's are 52-103 MB, past glibc's 32 MB mmap threshold, so always fresh)
         return self.down_proj(F.silu(g, inplace=True).mul_(u))
 
 
