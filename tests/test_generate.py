@@ -330,9 +330,9 @@ def test_mlp_in_place_swiglu_is_the_reference_bit_for_bit_and_keeps_autograd(dty
     """MLP.forward computes silu(gate) * up in place under no_grad (fresh prefill temporaries cost page faults):
     the same bits as the out-of-place formula written here with torch's own ops, and with grad enabled the
     out-of-place path still backpropagates."""
-    import torch.nn.functional as F
-
     from types import SimpleNamespace
+
+    import torch.nn.functional as F
 
     from pllava.model.llm import MLP
 

@@ -286,8 +286,9 @@ def test_a_rows_result_does_not_depend_on_the_rows_beside_it(m, n, k, native_isa
 @native
 def test_the_avx2_and_avx512_paths_give_the_same_bits():
     """The AVX2 tiles keep each output's 16 lane sums (k mod 16) as two 8-lane halves and reduce them as AVX-512's
-    _mm512_reduce_add_ps does (halves, then quarters, ...), so a model decodes the same tokens on a CPU with
-    AVX-512 as on one with AVX2 only. Random floats, tails and row counts off the tiles."""
+    _mm512_reduce_add_ps does (halves, then quarters, ...): the decode rows' linears give the same bits on a CPU
+    with AVX-512 as on one with AVX2 only (other kernels, torch's and the decode attention, need not). Random
+    floats, tails and row counts off the tiles."""
     C = _c()
     if C.cpu_isa_supported() != "avx512":
         pytest.skip(f"this CPU does not run avx512 (best: {C.cpu_isa_supported()})")
