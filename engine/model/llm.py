@@ -15,7 +15,15 @@ from torch import nn
 
 from ..config import TextConfig
 from .. import ops
-from .quant import int8_linear
+from .quant import DECODE_ROWS, Int8Linear, int8_linear, scratch
+
+
+def _into_ok(t: torch.Tensor, other: torch.Tensor) -> bool:
+    """Whether `t op other` may be written into t as the same operation: eager (a compiled graph plans its own
+    buffers), under no_grad (autograd keeps inputs), and with the result in t's dtype (tensors of one or more
+    dimensions: promote_types is their result_type)."""
+    return (not torch.compiler.is_compiling() and not torch.is_grad_enabled()
+            and torch.promote_types(t.dtype, other.dtype) == t.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -31,12 +39,23 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         dt = x.dtype
         x32 = x.float()  # in fp32, as the reference: a bf16 variance loses ~3 digits
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         if x.numel() <= self.fp32_rows * x.shape[-1]:
+            x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
             return self.weight.float() * x32
         # in the next linear's input dtype (out_dtype, else the weight's): for an x in the weight's dtype that is the
         # reference's weight * x.to(dt); for an fp32 residual stream (LlamaLM.residual_dtype) one rounding, not two
-        return (self.weight * x32.to(dt)).to(self.out_dtype or self.weight.dtype)
+        out = self.out_dtype or self.weight.dtype
+        if not _into_ok(x32, x32):
+            x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+            return (self.weight * x32.to(dt)).to(out)
+        # The same operations, each product written over a temporary this call made: a prefill's (L, D) temporaries
+        # are fresh allocations the allocator maps anew and page-faults (pllava-7b, L = 2350, fp32 residual: 5 of
+        # them, 38 MB each in fp32, a norm; 3 in place)
+        t = x32.pow(2)  # (..., D) fp32, then x32 * rsqrt(mean) written over it
+        t = torch.mul(x32, torch.rsqrt(t.mean(-1, keepdim=True) + self.eps), out=t).to(dt)
+        if _into_ok(t, self.weight):
+            return t.mul_(self.weight).to(out)  # weight * t: one IEEE product an element either way round
+        return (self.weight * t).to(out)
 
 
 class KVCache(nn.Module):
@@ -214,13 +233,35 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=b)
 
     def forward(self, x):
-        g, u = self.gate_proj(x), self.up_proj(x)  # (B, L, inter) each
+        g, u = self._gate_up(x)  # (B, L, inter) each
         if torch.is_grad_enabled() or g.dtype != u.dtype:  # autograd needs silu's input kept; mixed: promote
             return self.down_proj(F.silu(g) * u)
         # in place, the same bits: a prefill's (L, inter) temporaries are fresh allocations the allocator maps anew
         # and page-faults as they are written (small preset, L = 2307, bf16: silu + product 2.6-35 ms a layer,
         # 1.7-4.6 in place; pllava-7b's are 52-103 MB, past glibc's 32 MB mmap threshold, so always fresh)
         return self.down_proj(F.silu(g, inplace=True).mul_(u))
+
+
+    def _gate_up(self, x):
+        """gate_proj(x), up_proj(x); for a CPU prefill's rows (eager, no_grad) written into this thread's two
+        reused buffers (quant.scratch) by the same GEMMs: pllava-7b's are (2350, 11008), 52 MB each in bf16, past
+        glibc's 32 MB mmap threshold, so fresh ones were mapped and page-faulted every layer (36 k faults for 2
+        layers). Nothing holds them past forward: the SwiGLU runs in g, and down_proj's output is its own."""
+        m = x.numel() // x.shape[-1]
+        if x.device.type != "cpu" or m <= DECODE_ROWS or not x.is_contiguous() or not _into_ok(x, x):
+            return self.gate_proj(x), self.up_proj(x)
+        outs = []
+        for name, lin in (("mlp.gate", self.gate_proj), ("mlp.up", self.up_proj)):
+            if isinstance(lin, Int8Linear) and lin.kernel_path == "torch" and lin.bias is None:
+                y = int8_linear(x, lin.qweight, lin.qscale, None, out=scratch(name, (m, lin.out_features), x.dtype))
+            elif type(lin) is nn.Linear and lin.weight.dtype == x.dtype:  # F.linear's mm / addmm, out= form
+                b, o = lin.bias, scratch(name, (m, lin.out_features), x.dtype)
+                x2, w = x.reshape(m, -1), lin.weight.t()
+                y = torch.mm(x2, w, out=o) if b is None else torch.addmm(b, x2, w, out=o)
+            else:
+                y = lin(x)
+            outs.append(y.view(*x.shape[:-1], -1))
+        return outs
 
 
 class DecoderLayer(nn.Module):
@@ -233,11 +274,20 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, cos, sin, input_pos, mask, kv_len=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, mask, kv_len)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return _residual_add(x, self.mlp(self.post_attention_layernorm(x)))
 
     def forward_slots(self, x, cos, sin, rows, kc, vc, window):
         x = x + self.self_attn.forward_slots(self.input_layernorm(x), cos, sin, rows, kc, vc, window)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return _residual_add(x, self.mlp(self.post_attention_layernorm(x)))
+
+
+def _residual_add(h, m):
+    """h + m, into h (the attention's residual sum, made by the layer) where that is the same operation: under
+    no_grad, with the sum in h's dtype (an fp32 m, the CPU's int8 decode rows, promotes a bf16 h: then out of
+    place). A prefill's residual is (L, D) fresh each add, 38 MB in fp32 for pllava-7b at L = 2350."""
+    if not _into_ok(h, m):
+        return h + m
+    return h.add_(m)
 
 
 def rotate_half(x):
@@ -246,7 +296,11 @@ def rotate_half(x):
 
 
 def apply_rope(x, cos, sin):  # x (B, H, L, hd); cos/sin (L, hd)
-    return x * cos + rotate_half(x) * sin
+    if not _into_ok(x, cos):  # (a wider cos promotes: out of place)
+        return x * cos + rotate_half(x) * sin
+    # the same products and sum, the last two written over temporaries this call made (2 fresh (B, H, L, hd)
+    # tensors fewer: pllava-7b's prefill q and k are 19 MB each in bf16)
+    return (x * cos).add_(rotate_half(x).mul_(sin))
 
 
 def rope_inv_freq(c: TextConfig) -> tuple[torch.Tensor, float]:

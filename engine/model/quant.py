@@ -19,6 +19,7 @@ and the log says which.
 """
 from __future__ import annotations
 
+import math
 import threading
 
 import torch
@@ -180,27 +181,41 @@ define_cpu_op("int8_gemv_cpu(Tensor x, Tensor q, Tensor scale, Tensor? bias=None
               x.new_empty(x.shape[0], q.shape[0], dtype=torch.float32))
 
 
-_SCRATCH = threading.local()  # .buf: this thread's buffer for a prefill's widened weight (_widened)
+_SCRATCH = threading.local()  # this thread's reused CPU buffers, by name (scratch)
+
+
+def scratch(name: str, shape, dtype: torch.dtype) -> torch.Tensor:
+    """A (shape) view of this thread's buffer `name` (grown to the largest request yet, never shrunk), for a CPU
+    prefill's large temporaries: a fresh tensor of tens of MB is mapped anew by the allocator at each call and
+    page-faulted as it is written (~2 us a 4 KB page on a 2-core Xeon VM). The caller must be done with the view
+    before it asks for `name` again on this thread."""
+    bufs = _SCRATCH.__dict__
+    n = math.prod(shape)
+    buf = bufs.get(name)
+    if buf is None or buf.dtype != dtype or buf.numel() < n:
+        buf = bufs[name] = torch.empty(n, dtype=dtype)
+    return buf[:n].view(shape)
 
 
 def _widened(q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """q (N, K) int8 as `dtype` values, written into this thread's reused buffer (the largest weight yet, e.g.
-    90 MB in bf16 for 7B's MLP) rather than a fresh tensor: a fresh one is mapped anew by the allocator at each
-    call and page-faulted as it is written, which on a 2-core Xeon cost a 7B prefill layer (M = 2350) 660 against
-    545 ms (the same products bit for bit). A thread's prefill holds the view only until its GEMM returns."""
+    90 MB in bf16 for 7B's MLP) rather than a fresh tensor: a fresh one cost a 7B prefill layer (M = 2350, 2-core
+    Xeon) 660 against 545 ms (the same products bit for bit). A prefill holds the view only until its GEMM returns."""
     if torch.compiler.is_compiling() or q.device.type != "cpu":
         return q.to(dtype)
-    buf = getattr(_SCRATCH, "buf", None)
-    if buf is None or buf.dtype != dtype or buf.numel() < q.numel():
-        buf = _SCRATCH.buf = torch.empty(q.numel(), dtype=dtype)
-    return buf[:q.numel()].view(q.shape).copy_(q)
+    return scratch("widened", q.shape, dtype).copy_(q)
 
 
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                lora=None, path: str = "torch") -> torch.Tensor:
+                lora=None, path: str = "torch", out: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., K) · (q · scale)ᵀ + bias [+ the LoRA: lora = (lora_A, lora_B, s) at its live scale], in x's dtype
     but for decode rows on the CPU with pllava._C: those come back in fp32 (module docstring).
-    path 'triton': the fused Triton kernel; 'torch': the CPU kernels below (or the dequantized weight)."""
+    path 'triton': the fused Triton kernel; 'torch': the CPU kernels below (or the dequantized weight).
+    `out` (M, N) in x's dtype, M = x's rows: where a CPU prefill row's product is written (the same bits as
+    without: the GEMM's out= form), with no bias or LoRA; other calls must pass None."""
+    if out is not None and (path == "triton" or bias is not None or lora is not None or x.dtype != out.dtype
+                            or x.device.type != "cpu" or x.numel() // x.shape[-1] <= DECODE_ROWS):
+        raise ValueError("int8_linear: out= is for CPU prefill rows without bias or LoRA, in x's dtype")
     if path == "triton":
         return int8_linear_fused(x, q, scale, bias, *(lora or (None, None, None)))
     x2 = x.reshape(-1, x.shape[-1])
@@ -224,15 +239,20 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: tor
     elif x2.dtype == torch.bfloat16:  # prefill: bf16's GEMM on q itself (int8 values are exact in bf16; its range
         # holds x·q), then the scale: torch's bf16 multiply forms y·s in fp32 and rounds once, bit-identical to
         # (y.float() * s.float()).to(bf16) but 5x faster (2.6 against 13.9 ms at M = 2400, N = 2048, 2 cores)
-        y = F.linear(x2, _widened(q, x2.dtype)).mul_(scale)
+        y = _prefill_mm(x2, _widened(q, x2.dtype), out).mul_(scale)
     else:  # fp16 (whose range x·q could overflow) and fp32: the dequantized weight
-        y = F.linear(x2, _widened(q, x2.dtype).mul_(scale.to(x2.dtype)[:, None]))
+        y = _prefill_mm(x2, _widened(q, x2.dtype).mul_(scale.to(x2.dtype)[:, None]), out)
     if bias is not None:
         y = y + bias
     y = y.reshape(*x.shape[:-1], q.shape[0])
     if lora is not None:
         y = y + lora_delta(x, *lora)
     return y
+
+
+def _prefill_mm(x2: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """x2 (M, K) · w (N, K)ᵀ: F.linear's product (its 2-D, bias-free form is this mm), into `out` when given."""
+    return F.linear(x2, w) if out is None else torch.mm(x2, w.t(), out=out)
 
 
 def int8_loader(lm, dtype: torch.dtype, device, norms_fp32: bool, pre: dict, prefix: str = "language_model."):
