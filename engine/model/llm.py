@@ -18,12 +18,12 @@ from .. import ops
 from .quant import DECODE_ROWS, Int8Linear, int8_linear, scratch
 
 
-def _into_ok(t: torch.Tensor, other: torch.Tensor) -> bool:
-    """Whether `t op other` may be written into t as the same operation: eager (a compiled graph plans its own
-    buffers), under no_grad (autograd keeps inputs), and with the result in t's dtype (tensors of one or more
-    dimensions: promote_types is their result_type)."""
+def _into_ok(t: torch.Tensor, other: torch.Tensor | None = None) -> bool:
+    """Whether `t op other` may be written into t (or into a buffer this call reuses) as the same operation: eager
+    (a compiled graph plans its own buffers), under no_grad (autograd keeps inputs), and with the result in t's
+    dtype (tensors of one or more dimensions: promote_types is their result_type)."""
     return (not torch.compiler.is_compiling() and not torch.is_grad_enabled()
-            and torch.promote_types(t.dtype, other.dtype) == t.dtype)
+            and (other is None or torch.promote_types(t.dtype, other.dtype) == t.dtype))
 
 
 class RMSNorm(nn.Module):
@@ -45,7 +45,7 @@ class RMSNorm(nn.Module):
         # in the next linear's input dtype (out_dtype, else the weight's): for an x in the weight's dtype that is the
         # reference's weight * x.to(dt); for an fp32 residual stream (LlamaLM.residual_dtype) one rounding, not two
         out = self.out_dtype or self.weight.dtype
-        if not _into_ok(x32, x32):
+        if not _into_ok(x32):
             x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
             return (self.weight * x32.to(dt)).to(out)
         # The same operations, each product written over a temporary this call made: a prefill's (L, D) temporaries
@@ -241,14 +241,13 @@ class MLP(nn.Module):
         # 1.7-4.6 in place; pllava-7b's are 52-103 MB, past glibc's 32 MB mmap threshold, so always fresh)
         return self.down_proj(F.silu(g, inplace=True).mul_(u))
 
-
     def _gate_up(self, x):
         """gate_proj(x), up_proj(x); for a CPU prefill's rows (eager, no_grad) written into this thread's two
         reused buffers (quant.scratch) by the same GEMMs: pllava-7b's are (2350, 11008), 52 MB each in bf16, past
         glibc's 32 MB mmap threshold, so fresh ones were mapped and page-faulted every layer (36 k faults for 2
         layers). Nothing holds them past forward: the SwiGLU runs in g, and down_proj's output is its own."""
         m = x.numel() // x.shape[-1]
-        if x.device.type != "cpu" or m <= DECODE_ROWS or not x.is_contiguous() or not _into_ok(x, x):
+        if x.device.type != "cpu" or m <= DECODE_ROWS or not x.is_contiguous() or not _into_ok(x):
             return self.gate_proj(x), self.up_proj(x)
         outs = []
         for name, lin in (("mlp.gate", self.gate_proj), ("mlp.up", self.up_proj)):
