@@ -35,7 +35,6 @@ def _run(x, q, s, generic, ldy=None, out=None, prefetch=-1):
     return y
 
 
-
 def _bf16_run(x, w, generic, alpha=0.5, accumulate=False, out=None, prefetch=-1):
     """bf16_gemv on x's own row stride: alpha * x . w^T written (or added, accumulate) into `out` when given."""
     m, k = x.shape
@@ -43,6 +42,7 @@ def _bf16_run(x, w, generic, alpha=0.5, accumulate=False, out=None, prefetch=-1)
     _c().bf16_gemv(x.data_ptr(), x.stride(0), w.data_ptr(), alpha, accumulate, y.data_ptr(), y.stride(0), m,
                    w.shape[0], k, 2, generic, prefetch)
     return y
+
 
 @native
 @pytest.mark.parametrize("prefetch", [-1, 0, 64, 1 << 20])  # the default for K, none, one line, past q's end

@@ -141,3 +141,25 @@ def test_int8_linear_out_is_refused_outside_cpu_prefill_rows():
     x = _rand((ROWS, 24), g, torch.bfloat16)
     with pytest.raises(ValueError, match="x's dtype"):
         quant.int8_linear(x, lin.qweight, lin.qscale, None, out=torch.empty(ROWS, 40))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mlp_in_place_swiglu_is_the_reference_bit_for_bit_and_keeps_autograd(dtype):
+    """MLP.forward computes silu(gate) * up in place under no_grad (fresh prefill temporaries cost page faults):
+    the same bits as the out-of-place formula written here with torch's own ops, and with grad enabled the
+    out-of-place path still backpropagates."""
+    g = torch.Generator().manual_seed(3)
+    m = MLP(SimpleNamespace(hidden_size=24, intermediate_size=40, mlp_bias=True)).to(dtype)  # what MLP reads
+    for p in m.parameters():
+        p.data.copy_(torch.randn(p.shape, generator=g))
+    x = torch.randn(2, 7, 24, generator=g).to(dtype)
+    with torch.no_grad():
+        want = F.linear(F.silu(F.linear(x, m.gate_proj.weight, m.gate_proj.bias))
+                        * F.linear(x, m.up_proj.weight, m.up_proj.bias), m.down_proj.weight, m.down_proj.bias)
+        got = m(x)
+    assert got.dtype == dtype and torch.equal(got, want)
+    xg = x.clone().requires_grad_(True)
+    y = m(xg)
+    assert torch.equal(y.detach(), want)
+    y.float().sum().backward()
+    assert xg.grad is not None and torch.isfinite(xg.grad.float()).all()

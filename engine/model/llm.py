@@ -40,22 +40,25 @@ class RMSNorm(nn.Module):
         dt = x.dtype
         x32 = x.float()  # in fp32, as the reference: a bf16 variance loses ~3 digits
         if x.numel() <= self.fp32_rows * x.shape[-1]:
-            x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-            return self.weight.float() * x32
+            return self.weight.float() * self._normed(x32)
         # in the next linear's input dtype (out_dtype, else the weight's): for an x in the weight's dtype that is the
         # reference's weight * x.to(dt); for an fp32 residual stream (LlamaLM.residual_dtype) one rounding, not two
         out = self.out_dtype or self.weight.dtype
         if not _into_ok(x32):
-            x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-            return (self.weight * x32.to(dt)).to(out)
+            return (self.weight * self._normed(x32).to(dt)).to(out)
         # The same operations, each product written over a temporary this call made: a prefill's (L, D) temporaries
         # are fresh allocations the allocator maps anew and page-faults (pllava-7b, L = 2350, fp32 residual: 5 of
         # them, 38 MB each in fp32, a norm; 3 in place)
-        t = x32.pow(2)  # (..., D) fp32, then x32 * rsqrt(mean) written over it
-        t = torch.mul(x32, torch.rsqrt(t.mean(-1, keepdim=True) + self.eps), out=t).to(dt)
+        t = self._normed(x32, into_square=True).to(dt)
         if _into_ok(t, self.weight):
             return t.mul_(self.weight).to(out)  # weight * t: one IEEE product an element either way round
         return (self.weight * t).to(out)
+
+    def _normed(self, x32, into_square: bool = False):
+        """x32 * rsqrt(mean(x32^2) + eps) in fp32; written over the square's own buffer when into_square."""
+        sq = x32.pow(2)
+        r = torch.rsqrt(sq.mean(-1, keepdim=True) + self.eps)
+        return torch.mul(x32, r, out=sq) if into_square else x32 * r
 
 
 class KVCache(nn.Module):
@@ -234,7 +237,7 @@ class MLP(nn.Module):
 
     def forward(self, x):
         g, u = self._gate_up(x)  # (B, L, inter) each
-        if torch.is_grad_enabled() or g.dtype != u.dtype:  # autograd needs silu's input kept; mixed: promote
+        if not _into_ok(g, u):  # autograd needs silu's input kept; a wider u promotes; compiled: its own buffers
             return self.down_proj(F.silu(g) * u)
         # in place, the same bits: a prefill's (L, inter) temporaries are fresh allocations the allocator maps anew
         # and page-faults as they are written (small preset, L = 2307, bf16: silu + product 2.6-35 ms a layer,
