@@ -18,15 +18,21 @@ if __name__ == "kernels":
     _spec = importlib.machinery.PathFinder.find_spec(
         "kernels", [p for p in sys.path if os.path.abspath(p or os.curdir) != _root])
     if _spec is None:
-        raise ModuleNotFoundError("No module named 'kernels' (the repository's kernels/ is pllava.kernels)",
-                                  name="kernels")
-    _real = importlib.util.module_from_spec(_spec)
-    sys.modules["kernels"] = _real  # what `import kernels` returns once this body ends
-    try:
-        _spec.loader.exec_module(_real)
-    except BaseException:
-        del sys.modules["kernels"]
-        raise
+        # HF's kernels is not installed, so the name must read as absent. Raising ModuleNotFoundError here broke
+        # transformers < 5.25 (5.17 is the lent GPU machine's): its availability probe finds this folder, finds no
+        # metadata, imports it and lets the error through, so no Llama config could be built from the root. None
+        # in sys.modules is Python's own mark of a missing module: this first import returns None (which 5.17's
+        # probe reads as "no version, no file: not installed"), every later `import kernels` raises
+        # ModuleNotFoundError, and importlib.util.find_spec("kernels") returns None.
+        sys.modules["kernels"] = None
+    else:
+        _real = importlib.util.module_from_spec(_spec)
+        sys.modules["kernels"] = _real  # what `import kernels` returns once this body ends
+        try:
+            _spec.loader.exec_module(_real)
+        except BaseException:
+            del sys.modules["kernels"]
+            raise
 else:
     from .int8_linear import int8_linear, int8_linear_reference
     from .lora_linear import lora_linear, lora_linear_reference, merge, unmerge

@@ -35,17 +35,48 @@ def test_top_level_kernels_from_the_root_is_the_installed_package():
     origin = _installed_kernels_origin()
     r = _run_in_root("import kernels; print(kernels.__file__)")
     if origin is None:
-        assert r.returncode != 0 and "ModuleNotFoundError" in r.stderr and "pllava.kernels" in r.stderr, r.stderr
+        _assert_absent(r)
     else:
         assert r.returncode == 0, r.stderr
         assert os.path.realpath(r.stdout.strip()) == os.path.realpath(origin)
 
 
+ABSENT = ("import importlib.util\n"
+          "import kernels\n"
+          "print(kernels, importlib.util.find_spec('kernels'))\n"
+          "import kernels\n")
+
+
+def _assert_absent(r):
+    """What ABSENT printed and raised: Python's mark of a missing module, None, and then ModuleNotFoundError."""
+    assert r.stdout.split() == ["None", "None"], (r.stdout, r.stderr)
+    assert r.returncode != 0 and "ModuleNotFoundError" in r.stderr and "None in sys.modules" in r.stderr, r.stderr
+
+
 def test_without_site_packages_the_top_level_name_is_missing_not_ours():
-    # -S: no site-packages, so no HF kernels; the name must then be missing, not this repository's package
-    r = _run_in_root("import kernels", "-S")
-    assert r.returncode != 0
-    assert "ModuleNotFoundError" in r.stderr and "pllava.kernels" in r.stderr, r.stderr
+    # -S: no site-packages, so no HF kernels; the name must then be missing, not this repository's package: the
+    # first import gives None, find_spec finds nothing, and a later import raises ModuleNotFoundError
+    _assert_absent(_run_in_root(ABSENT, "-S"))
+
+
+def test_an_availability_probe_that_imports_reads_it_as_not_installed():
+    """transformers 5.17 (the lent GPU machine's) probes an optional package by find_spec, then its metadata, and,
+    finding none, imports it and lets any error through; it reads a module with no __version__ and no __file__
+    as not installed. That probe, written out here, ran in every LlamaConfig import: with kernels/ raising
+    ModuleNotFoundError every config build from the root failed. -S: HF's kernels is not there to hand over to."""
+    code = ("import importlib, importlib.util, importlib.metadata\n"
+            "assert importlib.util.find_spec('kernels') is not None\n"  # the folder is found first
+            "try:\n"
+            "    importlib.metadata.version('kernels')\n"
+            "    raise SystemExit('metadata found: the probe would not import')\n"
+            "except importlib.metadata.PackageNotFoundError:\n"
+            "    pass\n"
+            "package = importlib.import_module('kernels')\n"
+            "exists = not (getattr(package, '__version__', 'N/A') == 'N/A' and getattr(package, '__file__', None) is None)\n"
+            "print(exists, importlib.util.find_spec('kernels'))\n")
+    r = _run_in_root(code, "-S")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["False", "None"], r.stdout
 
 
 def test_transformers_config_and_pllava_kernels_load_from_the_root():
