@@ -17,6 +17,7 @@ import re
 import time
 from dataclasses import dataclass, field
 
+from .config import DEFAULT_LORA_ALPHA
 from .errors import InputError
 
 log = logging.getLogger("pllava")
@@ -164,13 +165,17 @@ class JsonlWriter:
         os.close(self.fd)
 
 
-def read_done(path: str) -> set[str]:
+def read_done(path: str, expect: dict | None = None) -> set[str]:
     """Videos that already have a text record in `path`, read a line at a time (a million-clip output is ~600 MB;
     it was read whole). A last line without its newline (a machine crash mid-write) is cut off, so the next record
-    starts on a line of its own."""
+    starts on a line of its own. `expect`: this run's settings (`record_settings`; a None value is not known here
+    and not compared); a text record made under another value of one of them is an InputError naming the line,
+    the field and both values, since skipping its clip would leave the output captioned two ways without a word
+    (a record without the field, from an older version, is not compared on it)."""
     done: set[str] = set()
     if not os.path.exists(path):
         return done
+    expect = {k: v for k, v in (expect or {}).items() if v is not None}
     with open(path, "r+b") as f:
         size = f.seek(0, os.SEEK_END)
         if size and (f.seek(size - 1), f.read(1))[1] != b"\n":
@@ -194,8 +199,27 @@ def read_done(path: str) -> set[str]:
             except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
                 raise InputError(f"{path}:{n}: not a JSON record; is this the output of pllava caption?") from None
             if isinstance(rec, dict) and isinstance(rec.get("video"), str) and isinstance(rec.get("text"), str):
+                for k, v in expect.items():
+                    if k in rec and not _same(rec[k], v):
+                        raise InputError(
+                            f"{path}:{n}: {_short(rec['video'])} was captioned with {k}={_short(rec[k])}, this run "
+                            f"has {k}={_short(v)}; --resume continues a run with the same settings: run with "
+                            f"{k}={_short(rec[k])}, write to another output, or pass --allow-mixed-settings "
+                            "(allow_mixed_settings=True) to skip the clips it holds whatever their settings")
                 done.add(rec["video"])
     return done
+
+
+def _same(a, b) -> bool:
+    """Equal as JSON values: 4 and 4.0 are the same alpha; True is not 1."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    return a == b
+
+
+def _short(v, limit: int = 120) -> str:
+    r = repr(v)
+    return r if len(r) <= limit else r[:limit] + f"... ({len(r)} characters)"
 
 
 # ---------------------------------------------------------------------------------------------- the run
@@ -210,10 +234,21 @@ class CaptionSettings:
         return dict(video=video, prompt=self.prompt, max_new_tokens=self.max_new_tokens, lora_alpha=self.lora_alpha)
 
 
+def record_settings(settings: CaptionSettings, engine=None, num_frames: int | None = None,
+                    conv_mode: str | None = None) -> dict:
+    """The settings a record names, which shape its text. Without an engine (Ray's driver) what the engine would
+    decide is None unless given (num_frames and conv_mode come from the checkpoint)."""
+    alpha = settings.lora_alpha
+    if alpha is None:
+        alpha = engine.lora_alpha if engine is not None else DEFAULT_LORA_ALPHA
+    return dict(model=settings.model, prompt=settings.prompt,
+                num_frames=engine.config.num_frames if engine is not None else num_frames,
+                lora_alpha=alpha, max_new_tokens=settings.max_new_tokens,
+                conv_mode=engine.conv_mode if engine is not None else conv_mode)
+
+
 def make_record(item: Item, out, settings: CaptionSettings, engine, warned: set | None = None) -> dict:
-    shaped = dict(model=settings.model, prompt=settings.prompt, num_frames=engine.config.num_frames,
-                  lora_alpha=engine.lora_alpha if settings.lora_alpha is None else settings.lora_alpha,
-                  max_new_tokens=settings.max_new_tokens)
+    shaped = record_settings(settings, engine)
     if out.finish_reason == "error":
         rec = {"video": item.video, "error": out.error}  # error_line: typed, one line
     else:
@@ -226,7 +261,7 @@ def make_record(item: Item, out, settings: CaptionSettings, engine, warned: set 
 
 # every key a record of this module may hold, in either form (text or error)
 RECORD_KEYS = frozenset({"video", "text", "error", "num_prompt_tokens", "num_new_tokens", "finish_reason", "timings",
-                         "model", "prompt", "num_frames", "lora_alpha", "max_new_tokens"})
+                         "model", "prompt", "num_frames", "lora_alpha", "max_new_tokens", "conv_mode"})
 
 
 def carry(rec: dict, extra: dict, warned: set | None = None) -> dict:
@@ -272,9 +307,10 @@ class Summary:
                 f"model waited on decoding {wait:.0f} % of the time")
 
 
-def plan_output(inputs, output: str, resume: bool, overwrite: bool) -> tuple[list[Item], int]:
+def plan_output(inputs, output: str, resume: bool, overwrite: bool, expect: dict | None = None) -> tuple[list[Item], int]:
     """-> (items still to caption, how many the output already has). Refuses to append to a non-empty output
-    unless resuming (no duplicate records) or told to overwrite it."""
+    unless resuming (no duplicate records) or told to overwrite it; resuming, refuses an output captioned under
+    other `expect` settings (read_done)."""
     items = inputs if isinstance(inputs, list) and all(isinstance(x, Item) for x in inputs) else expand_inputs(inputs)
     if os.path.exists(output):  # --overwrite would empty it; --resume would append records to a list or a clip
         # list files by identity (a few stats); clips by path only: a million stats would cost minutes on a
@@ -290,17 +326,19 @@ def plan_output(inputs, output: str, resume: bool, overwrite: bool) -> tuple[lis
                          "--overwrite to start it again")
     if overwrite and not resume and os.path.exists(output):
         os.truncate(output, 0)
-    done = read_done(output) if resume else set()
+    done = read_done(output, expect) if resume else set()
     todo = [it for it in items if it.video not in done]
     return todo, len(items) - len(todo)
 
 
 def caption_to_jsonl(engine, inputs, output: str, settings: CaptionSettings, *, batch_size: int = 8,
                      resume: bool = False, overwrite: bool = False, progress: bool = True,
-                     decode_workers: int = 4) -> Summary:
+                     decode_workers: int = 4, allow_mixed_settings: bool = False) -> Summary:
     """Caption every input into `output` (JSONL) and return the summary. Ctrl-C ends the run cleanly: the records
-    of finished clips are written, in-flight ones dropped (--resume redoes them), summary.interrupted is set."""
-    todo, skipped = plan_output(inputs, output, resume, overwrite)
+    of finished clips are written, in-flight ones dropped (--resume redoes them), summary.interrupted is set.
+    Resuming an output whose captions were made under other settings is refused unless `allow_mixed_settings`."""
+    expect = None if allow_mixed_settings else record_settings(settings, engine)
+    todo, skipped = plan_output(inputs, output, resume, overwrite, expect)
     summary = Summary(skipped=skipped)
     writer = JsonlWriter(output)
     bar = None

@@ -67,6 +67,8 @@ def cmd_caption(a) -> int:
 
     if a.resume and not a.output:
         raise PllavaError("--resume needs --output (the JSONL file to resume)")
+    if a.allow_mixed_settings and not a.resume:
+        raise PllavaError("--allow-mixed-settings goes with --resume (it says which records count as done)")
     settings = CaptionSettings(a.prompt or default_question(a.conv_mode), a.max_new_tokens, a.lora_alpha,
                                os.path.basename(os.path.normpath(a.model)))
     if a.ray:
@@ -79,7 +81,8 @@ def cmd_caption(a) -> int:
                                   batch_size=a.batch_size, resume=a.resume, overwrite=a.overwrite,
                                   ray_address=a.ray_address, num_replicas=a.num_replicas,
                                   gpus_per_replica=a.gpus_per_replica, device=a.device, dtype=a.dtype,
-                                  conv_mode=a.conv_mode, quantize=a.quantize)
+                                  conv_mode=a.conv_mode, quantize=a.quantize,
+                                  allow_mixed_settings=a.allow_mixed_settings)
         print(summary.line(), file=sys.stderr)
         return 130 if summary.interrupted else (1 if summary.failed else 0)
     items = expand_inputs(a.inputs) if a.output else expand_inputs(a.inputs, dedupe=False)
@@ -87,7 +90,7 @@ def cmd_caption(a) -> int:
     if a.output:
         summary = caption_to_jsonl(eng, items, a.output, settings, batch_size=a.batch_size, resume=a.resume,
                                    overwrite=a.overwrite, progress=sys.stderr.isatty() or a.progress,
-                                   decode_workers=a.decode_workers)
+                                   decode_workers=a.decode_workers, allow_mixed_settings=a.allow_mixed_settings)
         print(summary.line(), file=sys.stderr)
         return 130 if summary.interrupted else (1 if summary.failed else 0)
     failed = 0
@@ -278,6 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", default=None, help="JSONL file the records are appended to (default: stdout)")
     c.add_argument("--resume", action="store_true", help="skip inputs that already have a text record in --output")
     c.add_argument("--overwrite", action="store_true", help="empty --output first")
+    c.add_argument("--allow-mixed-settings", action="store_true",
+                   help="with --resume: skip the clips --output holds even when their records name other settings "
+                        "(model, prompt, frames, alpha, max tokens, template) than this run's, instead of refusing")
     c.add_argument("--batch-size", type=_positive_int, default=8, help="requests decoding together")
     c.add_argument("--decode-workers", type=_positive_int, default=4, help="threads decoding clips ahead")
     c.add_argument("--progress", action="store_true", help="a progress bar even when stderr is not a terminal")

@@ -14,7 +14,8 @@ import logging
 import os
 import time
 
-from .captioning import CaptionSettings, Item, JsonlWriter, Summary, carry, json_line, make_record, plan_output
+from .captioning import (CaptionSettings, Item, JsonlWriter, Summary, carry, json_line, make_record, plan_output,
+                         record_settings)
 from .errors import PllavaError
 
 log = logging.getLogger("pllava")
@@ -60,13 +61,18 @@ def caption_dataset(inputs, output: str, model: str, *, prompt: str | None = Non
                     resume: bool = False, overwrite: bool = False, ray_address: str | None = None,
                     num_replicas: int | None = None, gpus_per_replica: float | None = None, device=None,
                     dtype=None, rows_per_task: int | None = None, conv_mode: str | None = None,
-                    quantize: str | None = None) -> Summary:
+                    quantize: str | None = None, allow_mixed_settings: bool = False) -> Summary:
     """Caption `inputs` into `output` on Ray Data; the same records as the single-process path (greedy text
-    identical), extra list fields carried. Returns the summary (interrupted=True after Ctrl-C)."""
+    identical), extra list fields carried. Returns the summary (interrupted=True after Ctrl-C). Resuming an output
+    captioned under other settings is refused unless `allow_mixed_settings` (the driver loads no engine, so the
+    checkpoint's own num_frames and template are compared only when given here)."""
     ray = _import_ray()
     from .prompt import default_question
 
-    todo, skipped = plan_output(inputs, output, resume, overwrite)
+    settings = dict(prompt=prompt or default_question(conv_mode), max_new_tokens=max_new_tokens, lora_alpha=lora_alpha,
+                    model=os.path.basename(os.path.normpath(model)))
+    expect = None if allow_mixed_settings else record_settings(CaptionSettings(**settings), None, num_frames, conv_mode)
+    todo, skipped = plan_output(inputs, output, resume, overwrite, expect)
     summary = Summary(skipped=skipped)
     if not todo:
         return summary
@@ -83,8 +89,6 @@ def caption_dataset(inputs, output: str, model: str, *, prompt: str | None = Non
         if num_replicas is None:
             num_replicas = max(1, int(res.get("GPU", 0) // gpus)) if gpus else 1
         cpus = max(1, int(res.get("CPU", 1) // num_replicas)) if not gpus else 1
-        settings = dict(prompt=prompt or default_question(conv_mode), max_new_tokens=max_new_tokens, lora_alpha=lora_alpha,
-                        model=os.path.basename(os.path.normpath(model)))
         engine_kw = dict(device=device if device is not None else ("cuda" if gpus else "cpu"), dtype=dtype,
                          num_frames=num_frames, lora_alpha=lora_alpha, conv_mode=conv_mode, quantize=quantize)
         per_task = rows_per_task or 4 * batch_size  # a generate_many call per task: the batch drains at its end

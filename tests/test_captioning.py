@@ -208,6 +208,73 @@ def test_a_torn_tail_is_cut_on_resume(tmp_path):
         assert p.read_bytes() == keep
 
 
+def test_resume_refuses_an_output_captioned_under_other_settings(engine, data, tmp_path):
+    """--resume skips the clips an output holds; if they were captioned under another prompt, alpha, model, frame
+    count, token limit or template, skipping them would leave the file captioned two ways without a word. Refused
+    before anything is captioned or written, naming the line, the field and both values; allow_mixed_settings
+    skips them anyway; the same settings (alpha 4 written as 4.0, a record from before a field was written) resume."""
+    d, clips, _ = data
+    out = tmp_path / "caps.jsonl"
+    st = CaptionSettings("Describe the video in details.", max_new_tokens=6, model="tiny")
+    caption_to_jsonl(engine, clips[:2], str(out), st, progress=False)
+    first = out.read_bytes()
+    assert [(r["lora_alpha"], r["num_frames"], r["conv_mode"]) for r in records(out)] == [(4.0, 4, "plain")] * 2
+    changed = {"prompt": dict(prompt="What happens?"), "max_new_tokens": dict(max_new_tokens=7),
+               "lora_alpha": dict(lora_alpha=20.0), "model": dict(model="other")}
+    for field, kw in changed.items():
+        other = CaptionSettings(**{**dict(prompt=st.prompt, max_new_tokens=6, model="tiny"), **kw})
+        with pytest.raises(InputError) as e:
+            caption_to_jsonl(engine, clips, str(out), other, resume=True, progress=False)
+        msg = str(e.value)
+        assert msg.startswith(f"{out}:1: ") and f"{field}=" in msg and "--allow-mixed-settings" in msg, msg
+        was = {"prompt": "'Describe the video in details.'", "max_new_tokens": "6", "lora_alpha": "4.0",
+               "model": "'tiny'"}[field]
+        assert f"captioned with {field}={was}, this run has {field}={kw[field]!r}" in msg, msg
+        assert out.read_bytes() == first  # nothing captioned, nothing written
+    # the engine's own settings: its frame count and template, and an alpha set on it
+    for attr, value in (("conv_mode", "eval_vcgbench"), ("lora_alpha", 10.0)):
+        old = getattr(engine, attr)
+        try:
+            setattr(engine, attr, value) if attr == "conv_mode" else engine.set_lora_alpha(value)
+            with pytest.raises(InputError, match=rf"caps\.jsonl:1: .* {attr}="):
+                caption_to_jsonl(engine, clips, str(out), st, resume=True, progress=False)
+        finally:
+            setattr(engine, attr, old) if attr == "conv_mode" else engine.set_lora_alpha(old)
+    assert out.read_bytes() == first
+    # refused on any line, not only the first: a record (hand-written) made under another frame count
+    rec = {**records(out)[0], "video": "elsewhere.mp4", "num_frames": 16}
+    with open(out, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    with pytest.raises(InputError, match=r"caps\.jsonl:3: 'elsewhere\.mp4' was captioned with num_frames=16, "
+                                         r"this run has num_frames=4"):
+        caption_to_jsonl(engine, clips, str(out), st, resume=True, progress=False)
+    mixed = caption_to_jsonl(engine, clips, str(out), CaptionSettings("What happens?", max_new_tokens=6, model="tiny"),
+                             resume=True, progress=False, allow_mixed_settings=True)
+    assert (mixed.skipped, mixed.captioned) == (2, 1)
+    assert [r["prompt"] for r in records(out)][-1] == "What happens?"
+    # the same settings resume: alpha written as an integer, fields an older version did not write, error records
+    lines = [{**r, "lora_alpha": 4} for r in records(out)[:2]]
+    for r in lines:
+        r.pop("conv_mode")
+    lines.append({"video": clips[2], "error": "VideoError: x", "prompt": "another"})
+    out.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    again = caption_to_jsonl(engine, clips, str(out), st, resume=True, progress=False)
+    assert (again.skipped, again.captioned) == (2, 1)
+
+
+def test_read_done_compares_settings_as_json_values(tmp_path):
+    p = tmp_path / "o.jsonl"
+    p.write_text(json.dumps({"video": "a.mp4", "text": "x", "lora_alpha": 4, "num_frames": 16, "flag": True}) + "\n")
+    assert read_done(str(p), {"lora_alpha": 4.0, "num_frames": 16}) == {"a.mp4"}
+    assert read_done(str(p), {"num_frames": None, "missing": 3}) == {"a.mp4"}  # unknown here / not in the record
+    with pytest.raises(InputError, match="flag=True, this run has flag=1"):
+        read_done(str(p), {"flag": 1})
+    long = "q" * 5000
+    with pytest.raises(InputError) as e:
+        read_done(str(p), {"lora_alpha": long})
+    assert len(str(e.value)) < 1000 and "(5002 characters)" in str(e.value)
+
+
 def _cli(*args, **kw):
     return subprocess.Popen([sys.executable, "-m", "pllava.cli", "caption", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **kw)
@@ -272,6 +339,13 @@ def test_cli_folder_output_and_summary(ckpts, data, tmp_path):
     p = _cli(str(d / "missing"), "--model", ckpts["pllava"], "-o", str(tmp_path / "x.jsonl"))
     _, err = p.communicate(timeout=300)
     assert p.returncode == 2 and "missing: no such file or directory" in err, (p.returncode, err)
+    p = _cli(str(d), "--model", ckpts["pllava"], "-o", str(out), "--resume", "--max-new-tokens", "6")
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 2 and "captioned with max_new_tokens=5, this run has max_new_tokens=6" in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    p = _cli(str(d), "--model", ckpts["pllava"], "-o", str(out), "--allow-mixed-settings")
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 2 and "--allow-mixed-settings goes with --resume" in err, err
 
 
 # ------------------------------------------------------------------------------------------ Ray Data
@@ -308,4 +382,10 @@ def test_ray_path_gives_the_single_process_records(ckpts, data, tmp_path, engine
     again = caption_dataset([str(lst)], dist, ckpts["pllava"], max_new_tokens=10, resume=True, num_replicas=2)
     assert (again.skipped, again.captioned) == (3, 0)  # only the broken clip was tried again
     assert len(records(dist)) == 5
+    before = open(dist, "rb").read()
+    for kw, field in ((dict(lora_alpha=20.0), "lora_alpha=4.0"), (dict(num_frames=8), "num_frames=4"),
+                      (dict(prompt="What?"), "prompt=")):
+        with pytest.raises(InputError, match=f"captioned with {field}"):
+            caption_dataset([str(lst)], dist, ckpts["pllava"], max_new_tokens=10, resume=True, **kw)
+    assert open(dist, "rb").read() == before
 
