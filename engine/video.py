@@ -232,6 +232,17 @@ class DecoderBackend:
         raise NotImplementedError
 
 
+def _open_kwargs(av) -> dict:
+    """What av.open needs so that a container whose metadata is not UTF-8 (a title in Latin-1) opens: PyAV < 19
+    decodes it strictly unless told `metadata_errors="ignore"` (else UnicodeDecodeError, and the clip fails);
+    PyAV 19 decodes it with surrogateescape itself and refuses that argument (TypeError on every open)."""
+    try:
+        major = int(av.__version__.split(".")[0])
+    except ValueError:  # a version string this cannot read: try the newer API, whose open takes no such argument
+        major = 19
+    return {"metadata_errors": "ignore"} if major < 19 else {}
+
+
 class PyAVBackend(DecoderBackend):
     name = "pyav"
 
@@ -241,7 +252,7 @@ class PyAVBackend(DecoderBackend):
         if hasattr(src, "seek"):
             src.seek(0)
         try:
-            c = av.open(src, mode="r", metadata_errors="ignore")
+            c = av.open(src, mode="r", **_open_kwargs(av))
         except (av.FFmpegError, OSError, ValueError, UnicodeDecodeError) as e:
             raise VideoError(f"{what}: not a decodable video (corrupt, truncated, or not a video): "
                              f"{getattr(e, 'strerror', None) or e}") from e
@@ -681,7 +692,8 @@ def live_windows(source, num_frames: int = 16, *, window_s: float = 8.0, every_s
         src = os.fspath(source)
     try:
         try:
-            c = av.open(src, mode="r", timeout=limits.timeout_s) if isinstance(src, str) else av.open(src, mode="r")
+            kw = _open_kwargs(av)
+            c = av.open(src, mode="r", timeout=limits.timeout_s, **kw) if isinstance(src, str) else av.open(src, mode="r", **kw)
         except (av.FFmpegError, OSError, ValueError) as e:
             raise VideoError(f"{what}: live source could not be opened (stopped or not a video): "
                              f"{getattr(e, 'strerror', None) or e}") from e

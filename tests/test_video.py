@@ -273,6 +273,38 @@ def test_audio_only(tmp_path):
         read_frames(p)
 
 
+@pytest.mark.parametrize("ext", ["mkv", "mp4"])
+def test_a_title_that_is_not_utf8_does_not_stop_a_clip(tmp_path, ext):
+    """Container metadata in another encoding (a Latin-1 title): PyAV < 19 raised UnicodeDecodeError at open unless
+    told metadata_errors="ignore", and PyAV 19 refuses that argument (a TypeError on every clip), so the argument
+    is passed by version. The clip's frames are those of the same clip with a UTF-8 title."""
+    import av
+
+    def clip(name, title):
+        path = str(tmp_path / f"{name}.{ext}")
+        with av.open(path, "w") as c:
+            c.metadata["title"] = "QQQQQQQQ"
+            st = c.add_stream("mpeg4", rate=10)
+            st.width, st.height, st.pix_fmt = 64, 48, "yuv420p"
+            for i in range(6):
+                img = np.full((48, 64, 3), 30 * i, np.uint8)
+                img[8 * i:8 * i + 8] = 255
+                for pkt in st.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                    c.mux(pkt)
+            for pkt in st.encode():
+                c.mux(pkt)
+        raw = open(path, "rb").read()
+        assert raw.count(b"QQQQQQQQ") == 1
+        open(path, "wb").write(raw.replace(b"QQQQQQQQ", title))
+        return path
+
+    latin1, plain = clip("latin1", "d\xe9j\xe0 vu".encode("latin-1").ljust(8)), clip("plain", b"plain ok")
+    with av.open(latin1) if int(av.__version__.split(".")[0]) >= 19 else av.open(latin1, metadata_errors="ignore") as c:
+        assert c.metadata.get("title", "") != "plain ok"  # the bytes are there (strict UTF-8 cannot decode them)
+    got, want = read_frames(latin1, 4), read_frames(plain, 4)
+    assert got.shape == (4, 48, 64, 3) and torch.equal(torch.as_tensor(got), torch.as_tensor(want))
+
+
 def test_unsupported_codec(clips, monkeypatch):
     import pllava.video as V
 
