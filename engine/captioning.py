@@ -130,7 +130,7 @@ def expand_inputs(inputs, dedupe: bool = True) -> list[Item]:
 # ---------------------------------------------------------------------------------------------- output
 def json_line(record: dict) -> str:
     """One record as a line of JSON, non-ASCII text as it is; a record holding a lone surrogate (a file name that
-    is not UTF-8, which os.walk gives as '\udce9'; a list's "\ud800" escape) is written with ASCII escapes, the
+    is not UTF-8, which os.walk gives as '\\udce9'; a list's "\\ud800" escape) is written with ASCII escapes, the
     same JSON value (json.loads gives the same string back, so --resume matches it). Written as it was, it
     raised UnicodeEncodeError and ended the run."""
     line = json.dumps(record, ensure_ascii=False)

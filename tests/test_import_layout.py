@@ -87,3 +87,28 @@ def test_transformers_config_and_pllava_kernels_load_from_the_root():
     r = _run_in_root(code)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["LlamaConfig", "pllava.kernels", "lora_linear"]
+
+
+def test_every_docstring_is_utf8_text():
+    """Python 3.13 dedents docstrings as it compiles them, through UTF-8: a docstring holding a lone surrogate (the
+    escape '\\udce9' written unescaped in one) made `import pllava.captioning` raise UnicodeEncodeError there, and
+    with it `pllava caption`, while 3.11 (CI's) compiles it silently. Every module, class and function docstring
+    of the package, its kernels, tests and benchmarks must encode."""
+    import ast
+
+    bad = []
+    for top in ("engine", "kernels", "tests", "benchmarks"):
+        for root, _, files in os.walk(os.path.join(ROOT, top)):
+            for f in sorted(files):
+                if not f.endswith(".py"):
+                    continue
+                path = os.path.join(root, f)
+                tree = ast.parse(open(path, encoding="utf-8").read(), path)
+                for node in [tree] + [n for n in ast.walk(tree) if isinstance(
+                        n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]:
+                    doc = ast.get_docstring(node, clean=False)
+                    try:
+                        (doc or "").encode("utf-8")
+                    except UnicodeEncodeError:
+                        bad.append(f"{os.path.relpath(path, ROOT)}:{getattr(node, 'lineno', 1)}")
+    assert not bad, f"docstrings that are not UTF-8 text (a lone surrogate): {bad}"
