@@ -33,6 +33,7 @@ class MediaError(PllavaError):
         self.param, self.status, self.code = param, status, code
 
 
+_SIX_TO_FOUR = ipaddress.ip_network("2002::/16")  # 6to4: bits 16-47 are an IPv4 address
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")  # well-known NAT64 prefix: the last 32 bits are an IPv4 address
 
 
@@ -57,6 +58,11 @@ def check_ip(addr: str, what: str, param: str):
         inner = embedded_ipv4(ip)
         if inner is not None:
             check_ip(str(inner), f"{what} (via {ip})", param)  # refused like the address it embeds
+            if ip in _SIX_TO_FOUR:
+                # 6to4 goes to the IPv4 address it embeds, vetted just above. Python 3.13's ipaddress calls all of
+                # 2002::/16 private (IANA: not globally reachable), 3.11 none of it: judged by the prefix, a 6to4
+                # form of a public address was allowed or refused by the Python version
+                return
     bad = (ip.is_loopback or ip.is_private or ip.is_link_local or ip.is_multicast or ip.is_reserved
            or ip.is_unspecified or (isinstance(ip, ipaddress.IPv4Address) and ip in ipaddress.ip_network("100.64.0.0/10")))
     if bad:

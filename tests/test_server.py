@@ -383,6 +383,21 @@ def test_address_validation_allows_public():
     check_ip("2002:808:808::1", "url", "messages")  # 6to4 of a public address
 
 
+def test_a_6to4_address_is_judged_by_its_ipv4_on_every_python(monkeypatch):
+    """Python 3.13's ipaddress calls all of 2002::/16 private (IANA's registry: not globally reachable) where 3.11
+    calls none of it private, so the 6to4 form of a public address was refused on 3.13 only. Here 3.13's rule is
+    put on 3.11's ipaddress: the public one still passes, the loopback one is still refused."""
+    import ipaddress
+
+    plain = ipaddress.IPv6Address.is_private.fget
+    six = ipaddress.ip_network("2002::/16")
+    monkeypatch.setattr(ipaddress.IPv6Address, "is_private", property(lambda self: self in six or plain(self)))
+    assert ipaddress.ip_address("2002:808:808::1").is_private  # the rule is in force
+    check_ip("2002:808:808::1", "url", "messages")
+    with pytest.raises(MediaError, match="refusing to fetch from 127.0.0.1"):
+        check_ip("2002:7f00:1::1", "url", "messages")
+
+
 # ------------------------------------------------------------------------------------------ disconnects, load
 def test_client_disconnect_stops_generation(engine, media):
     _, _, raw = media
