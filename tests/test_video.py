@@ -305,6 +305,37 @@ def test_a_title_that_is_not_utf8_does_not_stop_a_clip(tmp_path, ext):
     assert got.shape == (4, 48, 64, 3) and torch.equal(torch.as_tensor(got), torch.as_tensor(want))
 
 
+def test_a_fork_after_decoding_in_a_live_thread_does_not_hang(clips):
+    """A process whose long-lived thread has decoded a clip (the engine's media workers) then starts a subprocess
+    with a preexec_fn (as Ray starts its daemons) or forks. PyAV 19 keeps a threaded scaler per thread; the child
+    freed it, joining threads a fork does not copy, and hung before exec (Python 3.12 / 3.13: the spawn below never
+    returned). Run in its own process, with a deadline: a hang here is a failure, not a stuck suite."""
+    import signal
+    import subprocess
+    import sys
+
+    code = ("import subprocess, threading, queue\n"
+            "from pllava.video import read_frames\n"
+            "q = queue.Queue()\n"
+            "def worker():\n"
+            "    q.put(read_frames(CLIP, 8, short_side=32).shape)\n"
+            "    threading.Event().wait()\n"
+            "threading.Thread(target=worker, daemon=True).start()\n"
+            "print(q.get(timeout=60), flush=True)\n"
+            "print(subprocess.run(['true'], preexec_fn=lambda: None).returncode, flush=True)\n"
+            ).replace("CLIP", repr(clips["h264_bframes.mp4"]))
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)  # the stuck child too
+        p.communicate()
+        pytest.fail("the subprocess started after decoding in a live thread hung")
+    assert p.returncode == 0, err
+    assert out.split("\n")[1] == "0", out
+
+
 def test_unsupported_codec(clips, monkeypatch):
     import pllava.video as V
 
