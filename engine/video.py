@@ -630,7 +630,7 @@ def decode_all(source, limits: DecodeLimits = DEFAULT_LIMITS) -> list[np.ndarray
         c, st, damage = _open_decoder(be, src, what, threads)
         try:
             frames = [upright(f.to_ndarray(format="rgb24", **_convert_kwargs()), f)
-                          for f in _decode_iter(c, st, what, damage)]
+                      for f in _decode_iter(c, st, what, damage)]
         finally:
             c.close()
         if not damage:
@@ -712,7 +712,9 @@ def live_windows(source, num_frames: int = 16, *, window_s: float = 8.0, every_s
     try:
         try:
             kw = _open_kwargs(av)
-            c = av.open(src, mode="r", timeout=limits.timeout_s, **kw) if isinstance(src, str) else av.open(src, mode="r", **kw)
+            if isinstance(src, str):
+                kw["timeout"] = limits.timeout_s
+            c = av.open(src, mode="r", **kw)
         except (av.FFmpegError, OSError, ValueError) as e:
             raise VideoError(f"{what}: live source could not be opened (stopped or not a video): "
                              f"{getattr(e, 'strerror', None) or e}") from e
