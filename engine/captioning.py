@@ -200,7 +200,7 @@ def read_done(path: str, expect: dict | None = None) -> set[str]:
                 raise InputError(f"{path}:{n}: not a JSON record; is this the output of pllava caption?") from None
             if isinstance(rec, dict) and isinstance(rec.get("video"), str) and isinstance(rec.get("text"), str):
                 for k, v in expect.items():
-                    if k in rec and not _same(rec[k], v):
+                    if k in rec and rec[k] != v:  # as JSON values: alpha 4 is 4.0
                         raise InputError(
                             f"{path}:{n}: {_short(rec['video'])} was captioned with {k}={_short(rec[k])}, this run "
                             f"has {k}={_short(v)}; --resume continues a run with the same settings: run with "
@@ -208,13 +208,6 @@ def read_done(path: str, expect: dict | None = None) -> set[str]:
                             "(allow_mixed_settings=True) to skip the clips it holds whatever their settings")
                 done.add(rec["video"])
     return done
-
-
-def _same(a, b) -> bool:
-    """Equal as JSON values: 4 and 4.0 are the same alpha; True is not 1."""
-    if isinstance(a, bool) or isinstance(b, bool):
-        return a is b
-    return a == b
 
 
 def _short(v, limit: int = 120) -> str:

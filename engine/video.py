@@ -233,18 +233,21 @@ class DecoderBackend:
         raise NotImplementedError
 
 
-def _av_major(av) -> int:
+@functools.cache
+def _av_major() -> int:
+    import av
+
     try:
         return int(av.__version__.split(".")[0])
     except ValueError:  # a version string this cannot read: take the newer API
         return 19
 
 
-def _open_kwargs(av) -> dict:
+def _open_kwargs() -> dict:
     """What av.open needs so that a container whose metadata is not UTF-8 (a title in Latin-1) opens: PyAV < 19
     decodes it strictly unless told `metadata_errors="ignore"` (else UnicodeDecodeError, and the clip fails);
     PyAV 19 decodes it with surrogateescape itself and refuses that argument (TypeError on every open)."""
-    return {"metadata_errors": "ignore"} if _av_major(av) < 19 else {}
+    return {"metadata_errors": "ignore"} if _av_major() < 19 else {}
 
 
 @functools.cache
@@ -255,9 +258,7 @@ def _convert_kwargs() -> dict:
     multiprocessing child), Python freed that thread's storage in the child, and the scaler joined slice threads
     that do not exist after a fork: the child hung before exec (Python 3.12 and 3.13). One thread has nothing to
     join, and cost nothing measurable: 235 720p frames converted in 361 ms against 394 (a scratch timer, Zen 5)."""
-    import av
-
-    return {"threads": 1} if _av_major(av) >= 17 else {}
+    return {"threads": 1} if _av_major() >= 17 else {}
 
 
 class PyAVBackend(DecoderBackend):
@@ -269,7 +270,7 @@ class PyAVBackend(DecoderBackend):
         if hasattr(src, "seek"):
             src.seek(0)
         try:
-            c = av.open(src, mode="r", **_open_kwargs(av))
+            c = av.open(src, mode="r", **_open_kwargs())
         except (av.FFmpegError, OSError, ValueError, UnicodeDecodeError) as e:
             raise VideoError(f"{what}: not a decodable video (corrupt, truncated, or not a video): "
                              f"{getattr(e, 'strerror', None) or e}") from e
@@ -711,7 +712,7 @@ def live_windows(source, num_frames: int = 16, *, window_s: float = 8.0, every_s
         src = os.fspath(source)
     try:
         try:
-            kw = _open_kwargs(av)
+            kw = _open_kwargs()
             if isinstance(src, str):
                 kw["timeout"] = limits.timeout_s
             c = av.open(src, mode="r", **kw)

@@ -232,14 +232,19 @@ def test_resume_refuses_an_output_captioned_under_other_settings(engine, data, t
         assert f"captioned with {field}={was}, this run has {field}={kw[field]!r}" in msg, msg
         assert out.read_bytes() == first  # nothing captioned, nothing written
     # the engine's own settings: its frame count and template, and an alpha set on it
-    for attr, value in (("conv_mode", "eval_vcgbench"), ("lora_alpha", 10.0)):
-        old = getattr(engine, attr)
-        try:
-            setattr(engine, attr, value) if attr == "conv_mode" else engine.set_lora_alpha(value)
-            with pytest.raises(InputError, match=rf"caps\.jsonl:1: .* {attr}="):
-                caption_to_jsonl(engine, clips, str(out), st, resume=True, progress=False)
-        finally:
-            setattr(engine, attr, old) if attr == "conv_mode" else engine.set_lora_alpha(old)
+    template = engine.conv_mode
+    try:
+        engine.conv_mode = "eval_vcgbench"
+        with pytest.raises(InputError, match=r"caps\.jsonl:1: .* conv_mode='plain', this run has conv_mode="):
+            caption_to_jsonl(engine, clips, str(out), st, resume=True, progress=False)
+    finally:
+        engine.conv_mode = template
+    try:
+        engine.set_lora_alpha(10.0)
+        with pytest.raises(InputError, match=r"caps\.jsonl:1: .* lora_alpha=4\.0, this run has lora_alpha=10\.0"):
+            caption_to_jsonl(engine, clips, str(out), st, resume=True, progress=False)
+    finally:
+        engine.set_lora_alpha(4.0)
     assert out.read_bytes() == first
     # refused on any line, not only the first: a record (hand-written) made under another frame count
     rec = {**records(out)[0], "video": "elsewhere.mp4", "num_frames": 16}
@@ -264,11 +269,11 @@ def test_resume_refuses_an_output_captioned_under_other_settings(engine, data, t
 
 def test_read_done_compares_settings_as_json_values(tmp_path):
     p = tmp_path / "o.jsonl"
-    p.write_text(json.dumps({"video": "a.mp4", "text": "x", "lora_alpha": 4, "num_frames": 16, "flag": True}) + "\n")
+    p.write_text(json.dumps({"video": "a.mp4", "text": "x", "lora_alpha": 4, "num_frames": 16}) + "\n")
     assert read_done(str(p), {"lora_alpha": 4.0, "num_frames": 16}) == {"a.mp4"}
     assert read_done(str(p), {"num_frames": None, "missing": 3}) == {"a.mp4"}  # unknown here / not in the record
-    with pytest.raises(InputError, match="flag=True, this run has flag=1"):
-        read_done(str(p), {"flag": 1})
+    with pytest.raises(InputError, match="num_frames=16, this run has num_frames=8"):
+        read_done(str(p), {"num_frames": 8})
     long = "q" * 5000
     with pytest.raises(InputError) as e:
         read_done(str(p), {"lora_alpha": long})
