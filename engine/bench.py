@@ -25,6 +25,7 @@ import torch
 
 from . import ops
 from .errors import ConfigError
+from .loading import resolve_device
 
 log = logging.getLogger("pllava")
 STAGES = ("decode", "preprocess", "vision", "projector", "prefill", "ttft", "decode_tok_s", "e2e")
@@ -472,7 +473,7 @@ def bench_setup(preset, device, dtype, video, out_dir, quantize=None):
     and an engine with the prefix cache off (every run pays for its video: the same clip repeats)."""
     from .runtime import Engine
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     dt = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     base, adapter = make_preset_checkpoint(preset, dtype=dt, device="cuda" if device.type == "cuda" else "cpu")
     if video is None:

@@ -70,14 +70,19 @@ class Loaded(NamedTuple):
 
 
 def resolve_device(device) -> torch.device:
-    """The device an engine runs on (None: CUDA when available, else the CPU); a typed error where it cannot."""
+    """The device an engine runs on (None: $PLLAVA_DEVICE when set, else CUDA when available, else the CPU); a
+    typed error where it cannot. PLLAVA_DEVICE=cpu keeps a GPU machine's defaults on the CPU (the test suite
+    sets it: its tests are written for the CPU unless they name a device)."""
+    where = "device"
+    if device is None and os.environ.get("PLLAVA_DEVICE"):
+        device, where = os.environ["PLLAVA_DEVICE"], "PLLAVA_DEVICE"
     try:
         dev = torch.device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
     except (RuntimeError, TypeError) as e:
-        raise ConfigError(f"device {device!r}: not a torch device ({e})") from None
+        raise ConfigError(f"{where} {device!r}: not a torch device ({e})") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {str(dev)!r}: CUDA is not available here (torch {torch.__version__}, "
+        raise ConfigError(f"{where} {str(dev)!r}: CUDA is not available here (torch {torch.__version__}, "
                           f"built {'with' if torch.backends.cuda.is_built() else 'without'} CUDA)")
     return dev
 

@@ -14,6 +14,9 @@ if not _torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+# Tests are written for the CPU unless they name a device (tests/test_gpu.py, the kernel tests): on a GPU machine
+# an engine's default would otherwise be CUDA in bf16, against oracles and tolerances of the fp32 CPU engine.
+os.environ.setdefault("PLLAVA_DEVICE", "cpu")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 

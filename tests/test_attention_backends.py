@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from pllava import ops
-from triton_util import needs_triton
+from triton_util import TRITON_DEVICE, needs_triton
 
 
 def _ref_blhd(q, k, v):  # (B, L, H, hd) causal attention with GQA
@@ -44,8 +44,8 @@ def fakes(monkeypatch):
         outs = []
         for b in range(q.shape[0]):
             n, c, lq = int(cache_seqlens[b]), int(cache_batch_idx[b]), q.shape[1]
-            pos = torch.arange(n - lq, n)[:, None]
-            kpos = torch.arange(n)[None, :]
+            pos = torch.arange(n - lq, n, device=q.device)[:, None]
+            kpos = torch.arange(n, device=q.device)[None, :]
             mask = (kpos <= pos) & ((kpos >= pos - left) if left >= 0 else True)
             rep = q.shape[2] // k_cache.shape[2]
             k = k_cache[c, :n].repeat_interleave(rep, dim=1).transpose(0, 1)  # (H, n, hd)
@@ -119,6 +119,7 @@ def test_decode_through_flash_attn_with_kvcache_matches_the_slot_kernel(fakes, w
         kc[s_, :, p + 1:], vc[s_, :, p + 1:] = float("nan"), float("nan")
     kc[1], vc[1] = float("nan"), float("nan")  # a slot no row owns
     q = torch.randn(3, 8, 1, 16, generator=g)
+    q, kc, vc, slot, pos = (t.to(TRITON_DEVICE) for t in (q, kc, vc, slot, pos))  # the slot kernel's device
     want = ops.slot_decode_attention(q, kc, vc, slot, pos, window)
     got = ops.slot_decode_attention(q, kc, vc, slot, pos, window, backend="flash_attn")
     assert fakes == ["flash_attn_with_kvcache"] and torch.isfinite(got).all()
@@ -131,7 +132,7 @@ def test_batched_decode_steps_go_through_flash_attn_with_kvcache(fakes, ckpts):
     check wants CUDA): the same tokens as the default, and every decode step went through the library call."""
     import pllava
 
-    eng = pllava.Engine.from_pretrained(ckpts["pllava"])
+    eng = pllava.Engine.from_pretrained(ckpts["pllava"], device=TRITON_DEVICE, dtype=torch.float32)
     eng.model.set_kernel_path("triton")
     s = eng.config.vision.image_size
     reqs = [dict(video=torch.randn(eng.config.num_frames, 3, s, s, generator=torch.Generator().manual_seed(i)),

@@ -228,10 +228,12 @@ def test_triton_per_row_scale_in_a_batch(ckpts, pxs, monkeypatch):
     pytest.importorskip("triton")
     reqs = [dict(video=pxs[0], prompt="hello", max_new_tokens=6, lora_alpha=20),
             dict(video=pxs[1], prompt="hello", max_new_tokens=6, lora_alpha=0)]
+    from triton_util import TRITON_DEVICE
+
     monkeypatch.setenv("PLLAVA_KERNELS", "torch")
-    ref = pllava.Engine.from_pretrained(ckpts["pllava"]).generate_many(reqs)
+    ref = pllava.Engine.from_pretrained(ckpts["pllava"], device=TRITON_DEVICE, dtype=torch.float32).generate_many(reqs)
     monkeypatch.setenv("PLLAVA_KERNELS", "triton")
-    got = pllava.Engine.from_pretrained(ckpts["pllava"]).generate_many(reqs)
+    got = pllava.Engine.from_pretrained(ckpts["pllava"], device=TRITON_DEVICE, dtype=torch.float32).generate_many(reqs)
     assert [o.token_ids for o in got] == [o.token_ids for o in ref]
 
 

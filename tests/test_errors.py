@@ -206,6 +206,24 @@ def test_cuda_without_cuda_and_bad_devices(ckpts):
         pllava.Engine.from_pretrained(ckpts["pllava"], device="gpu0")
 
 
+def test_pllava_device_sets_the_default_device_only(monkeypatch):
+    """PLLAVA_DEVICE (the suite sets cpu) is the default where no device is named; a bad one is named as such."""
+    from pllava.loading import resolve_device
+
+    monkeypatch.setenv("PLLAVA_DEVICE", "meta")
+    assert resolve_device(None) == torch.device("meta")
+    assert resolve_device("cpu") == torch.device("cpu")  # a named device wins
+    monkeypatch.setenv("PLLAVA_DEVICE", "gpu0")
+    with pytest.raises(ConfigError, match=r"PLLAVA_DEVICE 'gpu0': not a torch device"):
+        resolve_device(None)
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("PLLAVA_DEVICE", "cuda:0")
+        with pytest.raises(ConfigError, match=r"PLLAVA_DEVICE 'cuda:0': CUDA is not available here"):
+            resolve_device(None)
+    monkeypatch.delenv("PLLAVA_DEVICE")
+    assert resolve_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def test_frame_arrays_are_capped_like_files(ckpts):
     from dataclasses import replace
 

@@ -2,6 +2,7 @@
 unmerged at the live alpha, against an independent int8 reference (transformers in fp64 on weights the test
 quantizes itself)."""
 import glob
+import importlib
 import os
 
 import pytest
@@ -12,7 +13,7 @@ from oracle import load_oracle, oracle_embeds, oracle_inputs, oracle_logits, rea
 from pllava.errors import ConfigError, InputError
 from pllava.model.head import HEAD_RESCORE
 from pllava.model.quant import Int8Head, int8_linear, quantize_weight
-from triton_util import needs_triton
+from triton_util import TRITON_DEVICE, needs_triton
 
 Q = "What is happening in the video?"
 
@@ -124,17 +125,20 @@ def test_bf16_int8_is_int8_within_twice_transformers_bf16_error(ckpts, monkeypat
     """The reference is the same int8 model computed exactly: transformers' modules in fp64 with the base weights
     put through the test's own int8 round trip. The engine (bf16 activations, int8 kernels) may err against it at
     most 2x what transformers' bf16 errs against its fp64 self (the half-precision rule). Both paths: the CPU's
-    torch kernels, and the Triton int8 kernel with the LoRA fused (interpreted here), every int8 linear through it."""
+    torch kernels, and the Triton int8 kernel with the LoRA fused (on the GPU, else interpreted), every int8 linear
+    through it."""
     lora = read_lora(sorted(glob.glob(os.path.join(ckpts["pllava"], "*.safetensors"))))
     ids, image_token, pooling, frames, _ = oracle_inputs(ckpts["current"])
     monkeypatch.setenv("PLLAVA_KERNELS", path)
     with caplog.at_level("INFO", logger="pllava"):
-        eng = pllava.Engine.from_pretrained(ckpts["pllava"], dtype=torch.bfloat16, quantize="int8")
+        eng = pllava.Engine.from_pretrained(ckpts["pllava"], dtype=torch.bfloat16, quantize="int8",
+                                            device=TRITON_DEVICE if path == "triton" else "cpu")
     assert ("Triton int8 kernel" in caplog.text) == (path == "triton"), caplog.text
     calls = []
     if path == "triton":
-        real = torch.ops.pllava.int8_linear
-        monkeypatch.setattr(torch.ops.pllava, "int8_linear", lambda *a: calls.append(a[4] is not None) or real(*a))
+        mod = importlib.import_module("pllava.kernels.int8_linear")  # the body of torch.ops.pllava.int8_linear
+        real = mod.int8_linear_triton
+        monkeypatch.setattr(mod, "int8_linear_triton", lambda *a: calls.append(a[4] is not None) or real(*a))
     lin = eng.model.language_model.layers[0].mlp.gate_proj
     assert lin.qweight.dtype == torch.int8 and eng.model.language_model.layers[0].self_attn.q_proj.weight is None
     q64 = _oracle(ckpts, lora, None, True)
@@ -156,7 +160,7 @@ def test_bf16_int8_is_int8_within_twice_transformers_bf16_error(ckpts, monkeypat
 
     for seed in range(2):  # lm_head is an Int8Head: each logit is the exact or the int8 head's, the best exact
         px = torch.randn(frames, 3, 42, 42, generator=torch.Generator().manual_seed(21 + seed))
-        got = eng.prompt_logits(px, Q).double()
+        got = eng.prompt_logits(px, Q).double().cpu()
         exact, int8 = head_logits(px)
         scale = float(exact.abs().max())
         err = torch.minimum((got - exact).abs(), (got - int8).abs())

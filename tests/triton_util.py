@@ -22,3 +22,8 @@ def skip_module_without_triton():
     """At a module's top: skip the whole module where Triton kernels cannot run."""
     if not triton_runs():
         pytest.skip(REASON, allow_module_level=True)
+
+
+# Where a test runs the engine's Triton path: the GPU where there is one (no interpreter runs there, so Triton
+# cannot take CPU tensors), else the CPU under the interpreter.
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
