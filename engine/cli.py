@@ -26,7 +26,7 @@ _CONV_HELP = ("prompt template or recipe: plain, eval_vcgbench, eval_mvbench, ..
               "eval_vcg_llavanext for a ChatML tokenizer)")
 _QUANT_HELP = ("int8: weight-only int8 LLM linears, LoRA unmerged at the live alpha; on the CPU with --dtype bfloat16 "
                "(fastest) or float32 (fp32 activations: the most agreement) (default: none)")
-_DEVICE_HELP = "torch device, e.g. cuda, cuda:1, cpu (default: cuda when present)"
+_DEVICE_HELP = "torch device, e.g. cuda, cuda:1, cpu (default: $PLLAVA_DEVICE when set, else cuda when present)"
 _DTYPE_HELP = "float32 | float16 | bfloat16 (default: the checkpoint's on CUDA, bf16 for fp32 ones; float32 on CPU)"
 
 

@@ -133,3 +133,19 @@ def test_the_gpu_suites_tests_pass_on_the_stand_in():
     assert r.returncode == 0, tail
     assert " passed" in tail and "skipped" not in tail and "fake CUDA: ops" in tail, tail
     assert "captures 0" not in tail and "triton_launches 0" not in tail, tail  # the graphs and kernels ran
+
+
+def test_the_gpu_suites_benchmark_runs_on_the_stand_in(tmp_path):
+    """`pllava bench` as gpu_suite.sh runs it (CUDA graphs on, the transformers baseline beside), at the tiny
+    preset: its CUDA branches (timing syncs, peak memory, the baseline on cuda, the graph-captured step) end in the
+    table and the JSON, with the step captured and replayed."""
+    out = _ok(f"""
+import json, os, sys
+os.environ["PLLAVA_CUDA_GRAPHS"] = "1"
+import fake_cuda
+from pllava.cli import main
+rc = main(["bench", "--preset", "tiny", "--device", "cuda", "--frames", "1", "--runs", "1", "--new-tokens", "4", "--out", {str(tmp_path)!r}])
+rows = json.load(open(os.path.join({str(tmp_path)!r}, "bench_tiny.json")))["rows"]
+print("RESULT", rc, sorted(r["system"] for r in rows), fake_cuda.STATS["captures"], fake_cuda.STATS["replays"] >= 3)
+""", timeout=600)
+    assert "RESULT 0 ['pllava-engine', 'transformers'] 1 True" in out, out[-2000:]
