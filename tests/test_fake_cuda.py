@@ -52,7 +52,8 @@ def test_a_capture_refuses_host_syncs_and_uploads_and_a_replay_reruns_the_work()
 import fake_cuda, torch
 x = torch.zeros(3, device="cuda")
 for name, bad in [("item", lambda: x.sum().item()), ("cpu", lambda: x.cpu()), ("tolist", lambda: x.tolist()),
-                  ("upload", lambda: x.copy_(torch.ones(3))), ("new tensor", lambda: torch.tensor([1.0], device="cuda")),
+                  ("upload", lambda: x.copy_(torch.ones(3))),
+                  ("new tensor", lambda: torch.tensor([1.0], device="cuda")),
                   ("synchronize", lambda: torch.cuda.synchronize())]:
     g = torch.cuda.CUDAGraph()
     try:
@@ -144,7 +145,8 @@ import json, os, sys
 os.environ["PLLAVA_CUDA_GRAPHS"] = "1"
 import fake_cuda
 from pllava.cli import main
-rc = main(["bench", "--preset", "tiny", "--device", "cuda", "--frames", "1", "--runs", "1", "--new-tokens", "4", "--out", {str(tmp_path)!r}])
+rc = main(["bench", "--preset", "tiny", "--device", "cuda", "--frames", "1", "--runs", "1", "--new-tokens", "4",
+           "--out", {str(tmp_path)!r}])
 rows = json.load(open(os.path.join({str(tmp_path)!r}, "bench_tiny.json")))["rows"]
 print("RESULT", rc, sorted(r["system"] for r in rows), fake_cuda.STATS["captures"], fake_cuda.STATS["replays"] >= 3)
 """, timeout=600)

@@ -1,8 +1,8 @@
 """The decode step a CUDA graph captures (no host length: kv_len None) attends through the slot kernel over the
-positions in use only, with the position on the device (on the GPU, else in Triton's interpreter): the same logits as the
-eager step that slices the cache to its used length, and NaN left in unused cache positions cannot reach it (the
-masked whole-cache SDPA it replaces turns 0 x NaN into NaN). On the CPU the same step without Triton (the compiled
-step's) goes through pllava._C's decode-attention op, which must be as careful."""
+positions in use only, with the position on the device (on the GPU, else in Triton's interpreter): the same logits
+as the eager step that slices the cache to its used length, and NaN left in unused cache positions cannot reach it
+(the masked whole-cache SDPA it replaces turns 0 x NaN into NaN). On the CPU the same step without Triton (the
+compiled step's) goes through pllava._C's decode-attention op, which must be as careful."""
 
 import pytest
 import torch
