@@ -56,7 +56,7 @@ s.record(); [y.copy_(x) for _ in range(10)]; e.record(); torch.cuda.synchronize(
 print(f"device copy bandwidth: {2 * 10 * (1 << 30) / (s.elapsed_time(e) / 1e3) / 1e9:.0f} GB/s (read + write)")
 PYX
 # (the list is benchmarks/gpu_tests.txt, which CI runs under tests/fake_cuda.py, a CPU-backed CUDA stand-in)
-mapfile -t GPU_TESTS < <(grep -v '^#' benchmarks/gpu_tests.txt)
+mapfile -t GPU_TESTS < <(grep -Ev '^[[:space:]]*(#|$)' benchmarks/gpu_tests.txt)
 part "GPU tests (kernels on CUDA, the engine's triton path, CUDA graphs, bf16/fp16 parity)" "$OUT/gpu_tests.txt" \
   'passed|failed|error|FAILED|ERROR' "$PY" -m pytest -q -rfE "${GPU_TESTS[@]}"
 export PLLAVA_CUDA_GRAPHS=${PLLAVA_CUDA_GRAPHS:-1}

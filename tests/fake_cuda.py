@@ -56,6 +56,12 @@ def _unwrap(a):
     return a.inner if isinstance(a, FakeCudaTensor) else a
 
 
+def _transfer(to_host: bool):
+    """A copy between the host and the device: refused in a capture (a pageable memcpy), counted."""
+    _no_sync("a device->host copy" if to_host else "a host->device copy")
+    STATS["d2h" if to_host else "h2d"] += 1
+
+
 def _cuda_device(d) -> bool:
     return d is not None and torch.device(d).type == "cuda"
 
@@ -73,8 +79,7 @@ class FakeCudaTensor(torch.Tensor):
         return f"FakeCudaTensor({self.inner!r})"
 
     def tolist(self):
-        _no_sync("Tensor.tolist()")
-        STATS["d2h"] += 1
+        _transfer(to_host=True)
         return self.inner.tolist()
 
     def numpy(self, *a, **k):
@@ -123,24 +128,18 @@ def _run(func, args, kwargs):
     if name == "aten::_to_copy":
         dst = torch.device(to) if to is not None else (CUDA if fakes else torch.device("cpu"))
         if fakes and dst.type == "cpu":
-            _no_sync("a device->host copy")
-            STATS["d2h"] += 1
+            _transfer(to_host=True)
             return func(*uargs, **ukw)
         if not fakes and dst.type == "cuda":
-            _no_sync("a host->device copy")
-            STATS["h2d"] += 1
+            _transfer(to_host=False)
         out = func(*uargs, **ukw)
         res = FakeCudaTensor(out) if dst.type == "cuda" else out
         _record(func, args, kwargs, res)
         return res
     if name == "aten::copy_":
         dst_fake, src_fake = isinstance(args[0], FakeCudaTensor), isinstance(args[1], FakeCudaTensor)
-        if src_fake and not dst_fake:
-            _no_sync("a device->host copy")
-            STATS["d2h"] += 1
-        if dst_fake and not src_fake:
-            _no_sync("a host->device copy")
-            STATS["h2d"] += 1
+        if dst_fake != src_fake:
+            _transfer(to_host=src_fake)
         func(*uargs, **ukw)
         _record(func, args, kwargs, args[0])
         return args[0]

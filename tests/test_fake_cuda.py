@@ -18,9 +18,12 @@ pytestmark = [pytest.mark.skipif(torch.backends.cuda.is_built(), reason="the sta
                                  reason="the stand-in's device guard is built with g++ and ninja")]
 
 
+def _env() -> dict:  # the stand-in is imported (or loaded as a pytest plugin) from tests/
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")])}
+
+
 def _python(code: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def _ok(code: str, timeout: int = 300) -> str:
@@ -128,8 +131,7 @@ def test_the_gpu_suites_tests_pass_on_the_stand_in():
         modules = [line.strip() for line in f if line.strip() and not line.startswith("#")]
     assert "tests/test_gpu.py" in modules
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "fake_cuda", "-p", "no:cacheprovider", "-rfEs",
-                        *modules], cwd=root, capture_output=True, text=True, timeout=1200,
-                       env={**os.environ, "PYTHONPATH": os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")])})
+                        *modules], cwd=root, capture_output=True, text=True, timeout=1200, env=_env())
     tail = r.stdout[-4000:] + r.stderr[-2000:]
     assert r.returncode == 0, tail
     assert " passed" in tail and "skipped" not in tail and "fake CUDA: ops" in tail, tail
