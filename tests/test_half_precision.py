@@ -14,10 +14,10 @@ import torch
 import pllava
 from oracle import PLAIN_QUESTION, load_oracle, oracle_embeds, oracle_greedy, oracle_inputs, oracle_logits, read_lora
 from pllava.generate import decode_one_token
+from triton_util import TRITON_DEVICE as DEVICE  # the GPU where there is one (one definition for the suite)
 
 QUESTION = "What is happening in the video?"
 STEPS = 12
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _rel(a, ref):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 triton = pytest.importorskip("triton")
-from triton_util import skip_module_without_triton  # noqa: E402
+from triton_util import TRITON_DEVICE as DEV, skip_module_without_triton  # noqa: E402
 
 skip_module_without_triton()
 
@@ -20,7 +20,6 @@ from pllava.kernels.lora_linear import (lora_linear, lora_linear_reference, lora
 from pllava.kernels.pool_projector import (pool_gelu, pool_projector, pool_projector_reference,  # noqa: E402
                                            pool_projector_torch)
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 

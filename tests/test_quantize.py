@@ -213,6 +213,7 @@ def test_int8_halves_the_llm_weight_bytes(ckpts):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@torch.no_grad()  # the fp64 oracles are plain modules (parameters require grad): no graphs, no warnings
 def test_int8_decode_steps_are_the_exact_int8_model(ckpts, caplog, dtype):
     """The positions generation runs: random text tokens fed one cached decode step each after a clip's prompt.
     With pllava._C those decode rows run in fp32 (the int8 GEMV, fp32 norms and residual): in fp32 the engine is

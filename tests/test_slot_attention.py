@@ -9,13 +9,12 @@ import pytest
 import torch
 
 triton = pytest.importorskip("triton")
-from triton_util import skip_module_without_triton  # noqa: E402
+from triton_util import TRITON_DEVICE as DEV, skip_module_without_triton  # noqa: E402
 
 skip_module_without_triton()
 
 from pllava.kernels.slot_attention import slot_decode_attention, slot_decode_attention_triton  # noqa: E402
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
 CASES = [  # (rows, query heads, kv heads, head_dim, slot length, window)
     (3, 4, 2, 16, 150, None),
     (1, 4, 4, 32, 70, None),
