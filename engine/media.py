@@ -22,7 +22,8 @@ import time
 import urllib.parse
 
 from .errors import PllavaError, VideoError
-from .video import BodyTooLarge, DecodeLimits, FetchCancelled, read_body, read_frames
+from .sources import BodyTooLarge, DecodeLimits, FetchCancelled, read_body
+from .video import read_frames
 
 
 class MediaError(PllavaError):

@@ -550,7 +550,7 @@ class Engine:
         """Caption a live source (pipe, growing file, RTSP/device URL): every `every_s` seconds of stream time, the
         model answers `prompt` about num_frames frames spread over the last `window_s` seconds.
         Yields (window end time in stream seconds, GenerationOutput)."""
-        from .video import live_windows
+        from .live import live_windows
 
         for win in live_windows(source, self.config.num_frames, window_s=window_s, every_s=every_s,
                                 limits=self.limits, growing=growing):

@@ -6,47 +6,30 @@ Each wanted frame is then reached by seeking to the keyframe before it and decod
 same GOP share one seek. The uniform sampler is PLLaVA's `get_index`: seg = (N-1)/n; idx_i = int(seg/2) +
 round(seg*i) (round half to even, as numpy's), so a clip with fewer frames than asked repeats frames as PLLaVA's do.
 
-Backends sit behind `DecoderBackend`; PyAV (bundled FFmpeg) is the one shipped. Live sources (pipes, growing
-files, RTSP, devices) go through `live_windows`.
+Backends sit behind `DecoderBackend`; PyAV (bundled FFmpeg) is the one shipped. Where the bytes come from (paths,
+bytes, file objects, URLs) and the limits checked first: `sources.py`. Live sources (pipes, growing files, RTSP,
+devices) go through `live.live_windows`.
 """
 from __future__ import annotations
 
 import bisect
 import functools
-import io
 import logging
-import os
 import queue
-import select
-import stat
 import threading
-import time
-import http.client
-import socket
-import urllib.parse
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 import torch
 
 from .errors import VideoError
+# DecodeLimits, DEFAULT_LIMITS, describe and is_source live in sources.py; pllava.video is their public spelling
+from .sources import DEFAULT_LIMITS, DecodeLimits, as_input, describe, is_source  # noqa: F401
 
 log = logging.getLogger("pllava")
+
 SAMPLERS = ("uniform", "fps")
-
-
-@dataclass(frozen=True)
-class DecodeLimits:
-    """Refusals made before decoding (each error names the limit)."""
-    max_pixels: int = 7680 * 4320  # 8K; a 16k x 16k stream is refused from its header
-    max_duration_s: float = 6 * 3600.0
-    max_bytes: int = 2 << 30  # bytes / URL bodies held in memory
-    max_frames: int = 1024  # frames one request may sample
-    timeout_s: float = 15.0  # network connect/read and live-source silence
-
-
-DEFAULT_LIMITS = DecodeLimits()
 
 
 def uniform_indices(num_total: int, num_frames: int) -> list[int]:
@@ -55,150 +38,6 @@ def uniform_indices(num_total: int, num_frames: int) -> list[int]:
     start = int(seg / 2)
     return [start + int(round(seg * i)) for i in range(num_frames)]
 
-
-def describe(source) -> str:
-    if isinstance(source, (str, os.PathLike)):
-        return str(source)
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        return f"<{len(source)} bytes>"
-    return f"<{type(source).__name__}>"
-
-
-def is_source(x) -> bool:
-    """Whether `x` is something the decoder opens (a path, URL, bytes or a binary file-like object)."""
-    return isinstance(x, (str, os.PathLike, bytes, bytearray, memoryview)) or hasattr(x, "read")
-
-
-class BodyTooLarge(ValueError):
-    pass
-
-
-class FetchCancelled(Exception):
-    pass
-
-
-def read_body(resp, sock, deadline: float, max_bytes: int, cancel=None) -> bytes:
-    """An HTTP response body against an overall wall-clock deadline and a size cap. Each receive gets the time
-    left, not a fresh timeout, and takes what has arrived (read1), so a server trickling a byte at a time cannot
-    stretch the fetch past the deadline. `cancel` (a threading.Event, e.g. set when the client went away) is
-    checked at least every 0.25 s. Raises TimeoutError, BodyTooLarge or FetchCancelled."""
-    chunks, total = [], 0
-    while True:
-        if cancel is not None and cancel.is_set():
-            raise FetchCancelled("cancelled")
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError("deadline passed")
-        if sock is not None:
-            sock.settimeout(min(left, 0.25) if cancel is not None else left)
-        try:
-            b = resp.read1(1 << 16)
-        except (socket.timeout, TimeoutError):
-            if cancel is not None and time.monotonic() < deadline:
-                continue  # only the short poll expired: look at `cancel` and the deadline again
-            raise TimeoutError("deadline passed") from None
-        if not b:
-            return b"".join(chunks)
-        total += len(b)
-        if total > max_bytes:
-            raise BodyTooLarge(f"body exceeds {max_bytes} bytes")
-        chunks.append(b)
-
-
-def fetch_url(url: str, limits: DecodeLimits = DEFAULT_LIMITS, max_redirects: int = 5) -> bytes:
-    """GET an http(s) URL into memory within limits.timeout_s overall (connect, redirects and body together: a
-    trickling server is cut at the deadline) and limits.max_bytes."""
-    deadline = time.monotonic() + limits.timeout_s
-    for _ in range(max_redirects + 1):
-        u = urllib.parse.urlsplit(url)
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise VideoError(f"{url}: timed out after {limits.timeout_s:g} s")
-        cls = http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection
-        try:
-            conn = cls(u.hostname, u.port, timeout=left)
-        except (ValueError, http.client.InvalidURL) as e:
-            raise VideoError(f"{url}: bad URL: {e}") from None
-        try:
-            conn.request("GET", (u.path or "/") + (f"?{u.query}" if u.query else ""),
-                         headers={"Host": u.netloc, "User-Agent": "pllava-engine"})
-            r = conn.getresponse()
-            if r.status in (301, 302, 303, 307, 308) and r.getheader("Location"):
-                url = urllib.parse.urljoin(url, r.getheader("Location"))
-                continue
-            if r.status != 200:
-                raise VideoError(f"{url}: HTTP {r.status}")
-            n = r.getheader("Content-Length")
-            if n is not None and n.isdigit() and int(n) > limits.max_bytes:
-                raise VideoError(f"{url}: {int(n)} bytes exceeds max_bytes={limits.max_bytes}")
-            return read_body(r, conn.sock, deadline, limits.max_bytes)
-        except TimeoutError:
-            raise VideoError(f"{url}: timed out after {limits.timeout_s:g} s (the whole fetch)") from None
-        except BodyTooLarge:
-            raise VideoError(f"{url}: body exceeds max_bytes={limits.max_bytes}") from None
-        except (OSError, http.client.HTTPException) as e:
-            raise VideoError(f"{url}: unreachable: {e}") from None
-        finally:
-            conn.close()
-    raise VideoError(f"{url}: more than {max_redirects} redirects")
-
-
-def _read_all(f, what: str, limits: DecodeLimits) -> bytes:
-    """A non-seekable reader (a pipe, a socket file, a stream wrapper) read once, to its end or past max_bytes."""
-    parts, n = [], 0
-    while True:
-        try:
-            b = f.read(min(1 << 20, limits.max_bytes + 1 - n))
-        except OSError as e:
-            raise VideoError(f"{what}: read failed: {e.strerror or e}") from None
-        if b is None:  # a non-blocking reader with nothing ready: treat as the end of what it has
-            break
-        if not isinstance(b, (bytes, bytearray, memoryview)):
-            raise VideoError(f"{what}: read() returned {type(b).__name__}, not bytes (open the file in binary mode)")
-        if not b:
-            break
-        parts.append(bytes(b))
-        n += len(b)
-        if n > limits.max_bytes:
-            raise VideoError(f"{what}: exceeds max_bytes={limits.max_bytes}")
-    if n == 0:
-        raise VideoError(f"{what}: zero bytes, not a video")
-    return b"".join(parts)
-
-
-def _as_input(source, limits: DecodeLimits):
-    """-> (what to hand av.open, a description). URLs are fetched; bytes wrapped; paths checked."""
-    what = describe(source)
-    if isinstance(source, (str, os.PathLike)):
-        s = os.fspath(source)
-        if s.startswith(("http://", "https://")):
-            data = fetch_url(s, limits)
-            if not data:
-                raise VideoError(f"{what}: zero bytes, not a video")
-            return io.BytesIO(data), what
-        if not os.path.isfile(s):
-            raise VideoError(f"{what}: no such file")
-        size = os.path.getsize(s)
-        if size == 0:
-            raise VideoError(f"{what}: zero bytes, not a video")
-        return s, what
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        if len(source) == 0:
-            raise VideoError(f"{what}: zero bytes, not a video")
-        if len(source) > limits.max_bytes:
-            raise VideoError(f"{what}: exceeds max_bytes={limits.max_bytes}")
-        return io.BytesIO(bytes(source)), what
-    if hasattr(source, "read"):
-        if isinstance(source, io.TextIOBase):
-            raise VideoError(f"{what}: a text-mode file object; open the video in binary mode ('rb')")
-        try:
-            seekable = bool(source.seekable()) if hasattr(source, "seekable") else False
-        except (OSError, ValueError):
-            seekable = False
-        if seekable:
-            return source, what
-        return io.BytesIO(_read_all(source, what, limits)), what  # probe and decode both read: buffer it once
-    raise VideoError(f"{what}: unsupported source type {type(source).__name__} (path, URL, bytes or file-like)")
 
 
 @dataclass
@@ -550,7 +389,7 @@ def _check_args(num_frames, sampler, fps, limits):
 def _iter_frames(source, num_frames, sampler, fps, start, end, short_side, limits, backend, stop):
     import av
 
-    src, what = _as_input(source, limits)
+    src, what = as_input(source, limits)
     be = BACKENDS[backend]
     try:
         info = be.probe(src, what, limits)
@@ -625,7 +464,7 @@ def read_frames(source, num_frames: int = 16, *, sampler: str = "uniform", fps=N
 def decode_all(source, limits: DecodeLimits = DEFAULT_LIMITS) -> list[np.ndarray]:
     """Every frame of a full sequential decode (the reference the samplers are tested against; and the baseline
     the decode benchmark measures)."""
-    src, what = _as_input(source, limits)
+    src, what = as_input(source, limits)
     be = PyAVBackend()
     for threads in ("AUTO", "SLICE"):  # damage under frame threads: once more without them (_open_decoder)
         c, st, damage = _open_decoder(be, src, what, threads)
@@ -639,120 +478,9 @@ def decode_all(source, limits: DecodeLimits = DEFAULT_LIMITS) -> list[np.ndarray
     return frames
 
 
-# ---------------------------------------------------------------------------------------------- live sources
-class _PatientReader(io.RawIOBase):
-    """A non-seekable reader over a growing file or a pipe: at EOF it waits for more data up to `idle_s`
-    seconds (then ends), so a live source that stops ends the stream instead of hanging it."""
 
-    def __init__(self, f, idle_s: float, poll_s: float = 0.05):
-        self.f, self.idle_s, self.poll_s = f, idle_s, poll_s
-
-    def readable(self):
-        return True
-
-    def readinto(self, b):
-        t0 = time.monotonic()
-        fd = _pipe_fd(self.f)
-        while True:
-            if fd is not None:  # a pipe/FIFO/socket blocks while its writer is silent: wait with a deadline
-                left = self.idle_s - (time.monotonic() - t0)
-                if left <= 0 or not select.select([fd], [], [], left)[0]:
-                    return 0
-                data = os.read(fd, len(b))
-                b[:len(data)] = data
-                return len(data)
-            n = self.f.readinto(b) if hasattr(self.f, "readinto") else _readinto(self.f, b)
-            if n:
-                return n
-            if time.monotonic() - t0 > self.idle_s:
-                return 0
-            time.sleep(self.poll_s)
-
-
-def _pipe_fd(f):
-    try:
-        fd = f.fileno()
-    except (AttributeError, OSError, io.UnsupportedOperation):
-        return None
-    mode = os.fstat(fd).st_mode
-    return fd if (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISCHR(mode)) else None
-
-
-def _readinto(f, b):
-    data = f.read(len(b))
-    b[:len(data)] = data
-    return len(data)
-
-
-@dataclass
-class LiveWindow:
-    frames: torch.Tensor  # uint8 (N, H, W, 3)
-    timestamps: list[float] = field(default_factory=list)  # seconds from the stream's first frame
-    end_time: float = 0.0
-
-
-def live_windows(source, num_frames: int = 16, *, window_s: float = 8.0, every_s: float = 2.0, short_side=None,
-                 limits: DecodeLimits = DEFAULT_LIMITS, growing: bool = False) -> Iterator[LiveWindow]:
-    """A sliding window over a live source: every `every_s` seconds of stream time, `num_frames` frames spread
-    uniformly over the last `window_s` seconds. `source`: a pipe/file object, a growing file's path (with
-    growing=True), or an FFmpeg URL such as rtsp://... or a device. A source silent for limits.timeout_s ends."""
-    import av
-
-    _check_args(num_frames, "uniform", None, limits)
-    if not (window_s > 0 and every_s > 0):
-        raise ValueError(f"window_s and every_s must be > 0, got {window_s}, {every_s}")
-    what = describe(source)
-    owned = None
-    if isinstance(source, (str, os.PathLike)) and growing:
-        owned = open(os.fspath(source), "rb")
-        src = _PatientReader(owned, limits.timeout_s)
-    elif hasattr(source, "read"):
-        src = _PatientReader(source, limits.timeout_s)
-    else:
-        src = os.fspath(source)
-    try:
-        try:
-            kw = _open_kwargs()
-            if isinstance(src, str):
-                kw["timeout"] = limits.timeout_s
-            c = av.open(src, mode="r", **kw)
-        except (av.FFmpegError, OSError, ValueError) as e:
-            raise VideoError(f"{what}: live source could not be opened (stopped or not a video): "
-                             f"{getattr(e, 'strerror', None) or e}") from e
-        with c:
-            if not c.streams.video:
-                raise VideoError(f"{what}: no video stream")
-            st = c.streams.video[0]
-            tb = float(st.time_base) if st.time_base else 1.0
-            buf: list[tuple[float, np.ndarray]] = []
-            one_size = _OneSize(what)  # a window's frames stack
-            t0 = None
-            next_emit = None
-            got_any = False
-            for fr in _decode_iter(c, st, what):
-                if fr.pts is None:
-                    continue
-                if fr.width * fr.height > limits.max_pixels:
-                    raise VideoError(f"{what}: {fr.width}x{fr.height} frames exceed max_pixels={limits.max_pixels}")
-                t = fr.pts * tb
-                t0 = t if t0 is None else t0
-                t -= t0
-                buf.append((t, one_size.rgb(fr, _scaled_size(fr.width, fr.height, short_side))))
-                while buf and buf[0][0] < t - window_s:
-                    buf.pop(0)
-                next_emit = window_s if next_emit is None else next_emit
-                if t + 1e-9 >= next_emit:
-                    idx = uniform_indices(len(buf), num_frames)
-                    got_any = True
-                    yield LiveWindow(torch.from_numpy(np.stack([buf[i][1] for i in idx])),
-                                     [buf[i][0] for i in idx], t)
-                    next_emit += every_s
-            if not got_any:
-                if not buf:
-                    raise VideoError(f"{what}: live source stopped before any frame arrived")
-                idx = uniform_indices(len(buf), num_frames)  # shorter than one window: what there is
-                yield LiveWindow(torch.from_numpy(np.stack([buf[i][1] for i in idx])), [buf[i][0] for i in idx],
-                                 buf[-1][0])
-    finally:
-        if owned is not None:
-            owned.close()
+def __getattr__(name):  # pllava.video.live_windows, as the README spells it; live.py imports this module, so lazily
+    if name in ("live_windows", "LiveWindow"):
+        from . import live
+        return getattr(live, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,7 +13,8 @@ import torch
 import pllava
 from pllava.errors import VideoError
 from pllava.testing import make_video
-from pllava.video import DecodeLimits, decode_all, live_windows, read_frames, stream_frames, uniform_indices
+from pllava.live import live_windows
+from pllava.video import DecodeLimits, decode_all, read_frames, stream_frames, uniform_indices
 
 CLIPS = [  # (name, kwargs)
     ("h264_bframes.mp4", dict(codec="libx264", gop=10, bframes=2, num_frames=90, size=(96, 64))),
@@ -492,6 +493,17 @@ def test_the_server_fetcher_has_the_same_deadline(trickle_server):
 
 
 # --------------------------------------------------------------------------------------- live sources
+def test_live_windows_keeps_its_public_spelling():
+    """live.py holds it; pllava.video.live_windows (the README's spelling) is the same function."""
+    import pllava.live
+    import pllava.video
+
+    assert pllava.video.live_windows is pllava.live.live_windows is live_windows
+    assert pllava.video.LiveWindow is pllava.live.LiveWindow
+    with pytest.raises(AttributeError, match="no_such_name"):
+        pllava.video.no_such_name
+
+
 def test_live_pipe_sliding_windows(tmp_path):
     p = make_video(str(tmp_path / "live.ts"), num_frames=72, fps=12, codec="mpeg4", gop=12, container_format="mpegts")
     data = open(p, "rb").read()
