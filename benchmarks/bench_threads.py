@@ -66,7 +66,7 @@ def run_case(case: str, reqs: int):
     from pllava import bench
     from pllava.loading import load
     from pllava.runtime import Engine
-    from pllava.scheduler import Request
+    from pllava.sequence import Request
 
     _, adapter = bench.make_preset_checkpoint("small", dtype=torch.bfloat16, device="cpu")
     video = bench.bench_video()

@@ -4,7 +4,7 @@ from .errors import (CheckpointError, ConfigError, InputError, MemoryBudgetError
 from .generate import TokenLogprob
 from .preprocess import native_available, preprocess
 from .runtime import Engine, GenerationOutput
-from .scheduler import Request
+from .sequence import Request
 from .video import read_frames, stream_frames
 
 __version__ = "0.1.0"

@@ -8,7 +8,8 @@ import logging
 from . import ops
 from .errors import PllavaError, error_line
 from .generate import GenerationOutput
-from .scheduler import Request, Scheduler, prepare_sequence, slot_len_for
+from .scheduler import Scheduler
+from .sequence import Request, prepare_sequence, slot_len_for
 
 log = logging.getLogger("pllava")
 

@@ -53,7 +53,7 @@ def _row(system, frames, batch, walls, ttfts, itls, tokens):
 
 
 def bench_engine_batched(engine, video, frames, batch, new_tokens, runs) -> BatchRow:
-    from .scheduler import Request
+    from .sequence import Request
 
     sched = engine.scheduler(max_num_seqs=batch, max_seq_len=_slot_len(engine, new_tokens))
     walls, ttfts, itls = [], [], []

@@ -499,7 +499,7 @@ class Engine:
 
     def _generate_many(self, requests, max_batch_size, progress, return_errors, prefill_chunk, kv_cache_bytes):
         from .batch_driver import engine_scheduler
-        from .scheduler import Request, prepare_sequence, slot_len_for
+        from .sequence import Request, prepare_sequence, slot_len_for
 
         reqs = [Request.coerce(r, f"requests[{i}]") for i, r in enumerate(requests)]
         if not reqs:

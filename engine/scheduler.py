@@ -12,178 +12,31 @@ never fit a slot is refused when added, with the numbers.
 
 Slots remember the video prefix they hold (clip, prompt head, frame sampling, alpha): a follow-up question
 about a clip prefills only the question, in the same slot when it is free, else after copying the prefix over.
+
+A request and its validation: sequence.py. How many slots fit the memory: slots.py.
 """
 from __future__ import annotations
 
 import collections
 import logging
-import os
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout  # the builtin TimeoutError from 3.11 on
-from dataclasses import dataclass, fields, replace
-from typing import Any, Callable
+from dataclasses import replace
 
 import torch
 
 from . import ops
-from .config import check_lora_alpha
 from .errors import InputError, MemoryBudgetError, NumericalError, PllavaError, error_line
-from .generate import (GenerationOutput, SamplingParams, SequenceState, StepEvent, StopRequested, greedy_rows,
-                       stop_check)
+from .generate import GenerationOutput, SequenceState, StopRequested, greedy_rows
 from .batch_graphs import BatchDecodeGraphs
 from .model.llm import SlotKVCache, SlotRows
-from .prompt import prefix_split, splice, text_ids
+from .prompt import splice, text_ids
+from .sequence import Request, Sequence, prepare_sequence
+from .slots import plan_slots
 
 log = logging.getLogger("pllava")
-
-
-@dataclass
-class Request:
-    """One request of `Engine.generate_many` (a dict with these keys works too)."""
-    video: Any = None
-    prompt: Any = None
-    max_new_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    stop: Any = None
-    stop_token_ids: Any = None
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    logit_bias: Any = None
-    logprobs: int | None = None
-    conv_mode: str | None = None
-    system: str | None = None
-    video_key: Any = None
-    lora_alpha: float | None = None  # None: the engine's current alpha
-    cancel: Any = None  # a threading.Event: set it to stop this request at its next token
-
-    @classmethod
-    def coerce(cls, r, where: str) -> "Request":
-        if isinstance(r, Request):
-            return r
-        if not isinstance(r, dict):
-            raise InputError(f"{where}: a request is a dict or pllava.Request, got {type(r).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(r) - known)
-        if unknown:
-            raise InputError(f"{where}: unknown key(s) {unknown}; a request takes {sorted(known)}")
-        return cls(**r)
-
-
-# ---------------------------------------------------------------------------------------------- memory
-@dataclass
-class SlotPlan:
-    num_slots: int
-    slot_len: int  # positions a slot holds (prompt + new tokens of one request)
-    bytes_per_token: int
-    budget_bytes: int
-    budget_source: str
-
-
-def _host_available_bytes() -> int:
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def default_kv_budget(device: torch.device) -> tuple[int, str]:
-    """Bytes the KV cache may take: on CUDA what is free less 10 % of the card (activations of a 2350-token
-    prefill of a 7B model are ~0.3 GB; the vision tower's ~0.2 GB); on the host half of the available memory."""
-    if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        return max(0, int(free - 0.1 * total)), f"free CUDA memory ({free / 2**30:.1f} GiB) less 10 % of the card"
-    avail = _host_available_bytes()
-    return avail // 2, f"half the available host memory ({avail / 2**30:.1f} GiB)"
-
-
-def plan_slots(text_cfg, dtype, device, max_num_seqs: int, slot_len: int,
-               kv_cache_bytes: int | None = None) -> SlotPlan:
-    """How many slots of `slot_len` positions fit the budget (at most max_num_seqs)."""
-    if isinstance(max_num_seqs, bool) or not isinstance(max_num_seqs, int) or max_num_seqs < 1:
-        raise InputError(f"max_num_seqs (max_batch_size) must be an integer >= 1, got {max_num_seqs!r}")
-    bpt = SlotKVCache.bytes_per_token(text_cfg, dtype)
-    if kv_cache_bytes is None:
-        budget, source = default_kv_budget(torch.device(device))
-    else:
-        budget, source = int(kv_cache_bytes), "kv_cache_bytes"
-    per_slot = slot_len * bpt
-    n = min(max_num_seqs, budget // per_slot)
-    if n < 1:
-        raise MemoryBudgetError(
-            f"KV cache budget of {budget} bytes ({source}) cannot hold one slot of {slot_len} positions x "
-            f"{bpt} bytes per position = {per_slot} bytes; lower max_seq_len / --max-model-len or free memory")
-    return SlotPlan(int(n), slot_len, bpt, budget, source)
-
-
-# ---------------------------------------------------------------------------------------------- sequences
-class Sequence:
-    """A request inside the scheduler: prompt, slot, sampler, tokens, timings and, at the end, its output."""
-
-    def __init__(self, index, req: Request, params: SamplingParams, ids, img_pos: int, n_prompt: int, n_pre: int,
-                 scale: float, key, on_event, on_done):
-        self.index, self.req, self.params = index, req, params
-        self.ids, self.img_pos, self.n_prompt = ids, img_pos, n_prompt
-        self.scale, self.key = scale, key  # LoRA alpha/r of this request; its video-prefix key (or None)
-        self.n_pre = n_pre  # positions of the video prefix (the prompt head + the visual tokens), where prefill splits
-        self.on_event: Callable[["Sequence", StepEvent], None] | None = on_event
-        self.on_done: Callable[["Sequence"], None] | None = on_done
-        self.future: Future | None = None  # pixels, decoded and preprocessed by a media worker
-        self.pixel_timings: dict = {}
-        self.embeds: torch.Tensor | None = None  # (1, L, D) still to prefill
-        self.prefilled = 0
-        self.start = 0  # position of embeds[0]
-        self.slot: int | None = None
-        self.pos = 0  # position the next token is written at
-        self.last = 0  # last sampled token
-        self.state: SequenceState | None = None
-        self.tokens: list[int] = []
-        self.timings: dict = {}
-        self.t_add = self.t_first = None
-        self.error: Exception | None = None
-        self.output = None
-        self.done = threading.Event()
-        # called at the stop points of this request's vision tower and prefill (between layers) and while its
-        # clip decodes: a cancel set then ends it there, not at its first token (a 7B prefill is ~27 s on 2 CPU
-        # cores, and every other request's decode waits behind it)
-        self.stop = stop_check(req.cancel)
-
-
-def prepare_sequence(engine, req: Request, index=None, on_event=None, on_done=None) -> Sequence:
-    """Validate a request (typed errors naming `requests[index]`, before any compute) and tokenize its prompt,
-    once. What depends on a scheduler's slots is checked by Scheduler.fit."""
-    e = engine
-    where = f"requests[{index}]" if index is not None else "request"
-    try:
-        # by name: Request holds SamplingParams' fields under the same names (stop lists may be None there)
-        params = SamplingParams(**{f.name: getattr(req, f.name) for f in fields(SamplingParams)})
-        params = replace(params, stop=req.stop or [], stop_token_ids=req.stop_token_ids or [])
-        e.check_params(params)
-        alpha = e.lora_alpha if req.lora_alpha is None else check_lora_alpha(req.lora_alpha, InputError)
-        if e.lora_merged and alpha != e.lora_alpha:
-            raise InputError(f"lora_alpha={alpha:g} but the LoRA is merged at alpha {e.lora_alpha:g}; call "
-                             "unmerge_lora() to vary alpha per request")
-        ids, img_pos, n_prompt = e._prompt_ids(req.prompt, req.conv_mode, req.system, req.video is not None)
-    except PllavaError as err:
-        raise type(err)(f"{where}: {err}") from err
-    except ValueError as err:
-        raise InputError(f"{where}: {err}") from err
-    key = None
-    n_pre = prefix_split(ids, img_pos, e.config.num_visual_tokens)  # 0: text only, or nothing after the clip
-    if n_pre:
-        base = e._prefix_key(req.video, ids[:img_pos], req.video_key)
-        key = None if base is None else (base, alpha)  # v_proj's LoRA shaped the cached values
-    return Sequence(index, req, params, ids, img_pos, n_prompt, n_pre, e.config.lora.scale_for(alpha), key,
-                    on_event, on_done)
 
 
 class _MediaFailure(Exception):
@@ -192,13 +45,6 @@ class _MediaFailure(Exception):
     def __init__(self, err: Exception):
         super().__init__(str(err))
         self.err = err
-
-
-def slot_len_for(engine, seqs: list[Sequence]) -> int:
-    """Positions a slot needs for these requests: the longest prompt + max_new_tokens, rounded up to 256 (not the
-    whole context: less memory, more slots)."""
-    need = max([2] + [s.n_prompt + s.params.max_new_tokens for s in seqs])
-    return min(engine.config.text.max_position_embeddings, -(-need // 256) * 256)
 
 
 class Scheduler:

@@ -30,7 +30,7 @@ from .media import load_media_timed, thumbnails
 from .prompt import default_question
 from .protocol import (CAPTION_FIELDS, APIError, Job, ServerConfig, bad, check_fields, check_model, finish_reason,
                        logprob_content, model_not_found, parse_chat, parse_json, parse_stream_flags, to_api)
-from .scheduler import Request as GenRequest
+from .sequence import Request as GenRequest
 
 __all__ = ["ServerConfig", "create_app", "serve"]
 log = logging.getLogger("pllava.server")

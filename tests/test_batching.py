@@ -11,7 +11,8 @@ import torch
 
 import pllava
 from pllava.errors import InputError, MemoryBudgetError, VideoError
-from pllava.scheduler import Request, plan_slots
+from pllava.sequence import Request
+from pllava.slots import plan_slots
 from triton_util import needs_triton
 
 

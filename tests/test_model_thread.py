@@ -51,7 +51,7 @@ def test_a_started_scheduler_steps_on_the_model_thread_and_generate_runs_between
     from another thread while the scheduler has a request in flight runs on that same thread, between two steps
     (one OpenMP team, never two computations on one model at once), and each gives what it gives alone. The
     control: the scheduler's loop thread itself (where the steps ran before) is not the model thread."""
-    from pllava.scheduler import Request
+    from pllava.sequence import Request
 
     long_req = dict(video=video_path, prompt="Describe it.", max_new_tokens=40)
     ref_long = engine.generate_many([long_req])[0]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pllava import ops
-from pllava.scheduler import Request
+from pllava.sequence import Request
 
 
 @pytest.fixture(scope="module")
