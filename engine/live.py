@@ -1,5 +1,5 @@
 """Live sources: a pipe, a growing file, an RTSP URL or a device, read as a sliding window of frames every few
-seconds of stream time (`live_windows`; Engine.generate_live uses it). A silent source ends after
+seconds of stream time (`live_windows`; Engine.live and `pllava live` use it). A silent source ends after
 limits.timeout_s instead of hanging the stream.
 """
 from __future__ import annotations

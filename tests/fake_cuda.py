@@ -6,6 +6,10 @@ Triton launches, streams, CUDA-graph capture and replay) run on a machine with n
 What it proves, and what it cannot: a tensor on 'cuda:0' is a wrapper holding a CPU tensor; every op unwraps, runs
 torch's CPU kernel and rewraps. So numbers are the CPU's (this checks logic, not GPU numerics), but CUDA's rules
 are enforced as a GPU enforces them:
+- an fp32 convolution rounds its input and weight to TF32 (10 mantissa bits) while torch.backends.cudnn.allow_tf32
+  is set (torch's default), an fp32 GEMM while torch.backends.cuda.matmul.allow_tf32 is (not by default), and a
+  Triton tl.dot of fp32 operands at input_precision "tf32" (Triton's default), as the GPU's tensor cores take
+  them; the sums stay the CPU's fp32 ones;
 - an op mixing cuda tensors with CPU tensors of one element or more raises (as on a GPU; 0-dim CPU scalars,
   copies and indexing with CPU indices are allowed, as there);
 - inside a torch.cuda.graph capture, a read back to the host (.item(), .tolist(), .cpu(), synchronize) and a
@@ -31,12 +35,17 @@ if torch.backends.cuda.is_built():
     raise ImportError("tests/fake_cuda.py stands in for CUDA only where torch was built without it")
 
 CUDA = torch.device("cuda", 0)
-STATS = {"ops": 0, "d2h": 0, "h2d": 0, "item": 0, "captures": 0, "replays": 0, "triton_launches": 0}
+STATS = {"ops": 0, "d2h": 0, "h2d": 0, "item": 0, "captures": 0, "replays": 0, "triton_launches": 0, "tf32": 0}
 # ops a GPU runs with CPU tensors among the cuda ones (indices, the source of a copy)
 _CPU_ARGS_OK = {"aten::copy_", "aten::_to_copy", "aten::index", "aten::index_put_", "aten::index_put",
                 "aten::_index_put_impl_", "aten::_copy_from", "aten::_copy_from_and_resize", "aten::lift_fresh",
                 "aten::set_"}
 _tls = threading.local()
+# fp32 ops CUDA runs on TF32 tensor cores where torch lets it (inputs rounded to 10 mantissa bits, fp32 sums):
+# convolutions through cuDNN (torch.backends.cudnn.allow_tf32: True by default) and cuBLAS GEMMs
+# (torch.backends.cuda.matmul.allow_tf32: False by default). Op name -> the positions of the operands it rounds.
+_TF32_CONV = {"aten::convolution": (0, 1), "aten::_convolution": (0, 1)}
+_TF32_GEMM = {"aten::mm": (0, 1), "aten::bmm": (0, 1), "aten::addmm": (1, 2), "aten::baddbmm": (1, 2)}
 
 
 class CaptureError(RuntimeError):
@@ -100,6 +109,26 @@ _DATA = torch._C.TensorBase.data
 FakeCudaTensor.data = property(lambda self: _DATA.__get__(self), _set_data)
 
 
+def tf32(t: torch.Tensor) -> torch.Tensor:
+    """fp32 rounded to TF32 as the tensor cores take it: to the nearest of 10 mantissa bits, ties away from zero."""
+    bits = t.contiguous().view(torch.int32)
+    return ((bits + 0x1000) & -0x2000).view(torch.float32).view(t.shape)
+
+
+def _tf32_operands(name: str, uargs: tuple) -> tuple:
+    where = None
+    if name in _TF32_CONV and torch.backends.cudnn.allow_tf32:
+        where = _TF32_CONV[name]
+    elif name in _TF32_GEMM and torch.backends.cuda.matmul.allow_tf32:
+        where = _TF32_GEMM[name]
+    if where is None or not any(isinstance(uargs[i], torch.Tensor) and uargs[i].dtype == torch.float32
+                                for i in where):
+        return uargs
+    STATS["tf32"] += 1
+    return tuple(tf32(a) if i in where and isinstance(a, torch.Tensor) and a.dtype == torch.float32 else a
+                 for i, a in enumerate(uargs))
+
+
 def _run(func, args, kwargs):
     STATS["ops"] += 1
     name = func._schema.name
@@ -143,6 +172,8 @@ def _run(func, args, kwargs):
         func(*uargs, **ukw)
         _record(func, args, kwargs, args[0])
         return args[0]
+    if fakes:
+        uargs = _tf32_operands(name, uargs)
     out = func(*uargs, **ukw)
     if not fakes and not _cuda_device(to):
         return out
@@ -174,7 +205,7 @@ def _replay(tape):
         uargs, ukw = tree_map(_unwrap, args), tree_map(_unwrap, kwargs)
         if _cuda_device(ukw.get("device")):
             ukw["device"] = torch.device("cpu")
-        out = func(*uargs, **ukw)
+        out = func(*_tf32_operands(func._schema.name, uargs), **ukw)
         for o, r in zip(tree_flatten(res)[0], tree_flatten(out)[0]):
             if isinstance(o, FakeCudaTensor) and isinstance(r, torch.Tensor) and r is not o.inner:
                 if r.data_ptr() != o.inner.data_ptr() or r.stride() != o.inner.stride():
@@ -324,6 +355,28 @@ def _patch_triton():
             _tls.tape.append(launch)
         return launch()
     InterpretedFunction.run = launch_run
+    _patch_triton_dot()
+
+
+def _patch_triton_dot():
+    """tl.dot's input_precision, which the interpreter ignores (it multiplies in numpy at the operands' precision):
+    "tf32", Triton's default for fp32 operands, rounds them to TF32 on a GPU's tensor cores, and so here."""
+    import numpy as np
+    from triton._C.libtriton import ir
+    from triton.runtime.interpreter import InterpreterBuilder, TensorHandle
+
+    dot = InterpreterBuilder.create_dot
+
+    def as_tf32(h):
+        bits = (h.data.view(np.uint32) + np.uint32(0x1000)) & np.uint32(0xFFFFE000)
+        return TensorHandle(bits.view(np.float32), h.dtype)
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if input_precision == ir.INPUT_PRECISION.TF32 and a.data.dtype == b.data.dtype == np.float32:
+            STATS["tf32"] += 1
+            a, b = as_tf32(a), as_tf32(b)
+        return dot(self, a, b, d, input_precision, max_num_imprecise_acc)
+    InterpreterBuilder.create_dot = create_dot
 
 
 def _install_guard():

@@ -1,8 +1,8 @@
-"""tests/fake_cuda.py, the CPU-backed CUDA stand-in, fails where a GPU would (a CPU tensor meeting a cuda one, a
-host sync or upload inside a graph capture, a replay that does not re-run the captured work), and the GPU suite's
-test modules pass under it, tests/test_gpu.py's CUDA branches included (Triton launches on cuda tensors, CUDA-graph
-capture and replay of the single and the batched decode step) on this GPU-less machine. Each run is a subprocess:
-the stand-in patches torch process-wide."""
+"""tests/fake_cuda.py, the CPU-backed CUDA stand-in, fails where a GPU would (a CPU tensor meeting a cuda one, a host
+sync or upload inside a graph capture, a replay that does not re-run the captured work) and rounds where a GPU's
+tensor cores would (TF32), and the GPU suite's test modules pass under it, tests/test_gpu.py's CUDA branches
+included (Triton launches on cuda tensors, CUDA-graph capture and replay of the single and the batched decode step)
+on this GPU-less machine. Each run is a subprocess: the stand-in patches torch process-wide."""
 import os
 import shutil
 import subprocess
@@ -98,6 +98,62 @@ print(y.cpu().tolist(), fake_cuda.STATS["triton_launches"])
     assert out.strip() == "[1.0, 2.0, 3.0, 4.0, 5.0] 2"
 
 
+def test_tf32_where_cuda_uses_it():
+    """An fp32 conv on cuda has TF32's error (cuDNN's default), a GEMM fp32's unless matmul TF32 is allowed; the
+    rounding is the tensor cores' (to nearest, ties away from zero)."""
+    out = _ok("""
+import fake_cuda, torch, torch.nn.functional as F
+g = torch.Generator().manual_seed(0)
+x, w = torch.randn(2, 3, 28, 28, generator=g), torch.randn(8, 3, 14, 14, generator=g) * 0.1
+a, b = torch.randn(64, 256, generator=g), torch.randn(256, 32, generator=g)
+err = lambda got, ref: float((got.cpu().double() - ref).abs().max())
+conv64, mm64 = F.conv2d(x.double(), w.double(), stride=14), a.double() @ b.double()
+print(err(F.conv2d(x, w, stride=14), conv64), err(F.conv2d(x.cuda(), w.cuda(), stride=14), conv64))
+print(err(a @ b, mm64), err(a.cuda() @ b.cuda(), mm64))
+torch.backends.cuda.matmul.allow_tf32 = True
+print(err(a.cuda() @ b.cuda(), mm64), fake_cuda.STATS["tf32"])
+print(fake_cuda.tf32(torch.tensor([1 + 2**-11, 1 + 3 * 2**-11, -(1 + 2**-11), 1 + 2**-12, float("inf")])).tolist())
+""")
+    lines = out.split("\n")
+    (cpu_conv, cuda_conv), (cpu_mm, cuda_mm), (cuda_mm_tf32, n_tf32) = (
+        [float(v) for v in line.split()] for line in lines[:3])
+    assert cuda_conv > 100 * cpu_conv and cuda_mm < 4 * cpu_mm + 1e-12 and cuda_mm_tf32 > 100 * cpu_mm, out
+    assert n_tf32 == 2, out
+    assert lines[3] == str([1 + 2**-10, 1 + 2**-9, -(1 + 2**-10), 1.0, float("inf")]), out
+
+
+def test_a_triton_dot_at_its_default_precision_is_tf32_as_on_a_gpu():
+    """The interpreter ignores tl.dot's input_precision; the stand-in rounds fp32 operands of a "tf32" dot (Triton's
+    default) as the tensor cores do, and leaves "ieee" ones and bf16 ones alone."""
+    out = _ok("""
+import fake_cuda, torch, triton, triton.language as tl
+
+@triton.jit
+def dot(a_ptr, b_ptr, c_ptr, IEEE: tl.constexpr):
+    i = tl.arange(0, 16)
+    a, b = tl.load(a_ptr + i[:, None] * 16 + i[None, :]), tl.load(b_ptr + i[:, None] * 16 + i[None, :])
+    acc = tl.zeros((16, 16), tl.float32)
+    if IEEE:
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    tl.store(c_ptr + i[:, None] * 16 + i[None, :], acc)
+
+g = torch.Generator().manual_seed(0)
+a, b = torch.randn(16, 16, generator=g), torch.randn(16, 16, generator=g)
+ref = a.double() @ b.double()
+c = torch.empty(16, 16, device="cuda")
+errs = []
+for ieee in (True, False):
+    dot[(1,)](a.cuda(), b.cuda(), c, IEEE=ieee)
+    errs.append(float((c.cpu().double() - ref).abs().max()))
+dot[(1,)](a.bfloat16().cuda(), b.bfloat16().cuda(), c, IEEE=False)
+print(*errs, fake_cuda.STATS["tf32"])
+""")
+    ieee, tf32, n = (float(v) for v in out.split())
+    assert tf32 > 100 * ieee and n == 1, out
+
+
 def test_the_engine_on_the_stand_in_graphs_equal_eager_and_a_sync_in_the_step_is_caught(ckpts):
     out = _ok(f"""
 import fake_cuda, torch, pllava, pllava.generate as G
@@ -108,6 +164,7 @@ eager = eng.generate(px, "hi", max_new_tokens=6).token_ids
 eng.cuda_graphs = True
 graphs = eng.generate(px, "hi", max_new_tokens=6).token_ids
 assert fake_cuda.STATS["captures"] == 1 and fake_cuda.STATS["replays"] == 5, fake_cuda.STATS
+assert fake_cuda.STATS["tf32"] == 0, fake_cuda.STATS  # an fp32 engine is fp32 on CUDA: no op TF32 would round
 real = G.decode_one_token
 G.decode_one_token = lambda lm, tok, pos, kv_len=None: (int(pos[0]), real(lm, tok, pos, kv_len))[1]
 eng._step = None
