@@ -11,8 +11,9 @@ from triton_util import TRITON_DEVICE
 
 DEVICES = sorted({"cpu", TRITON_DEVICE})  # and the GPU where there is one (benchmarks/gpu_tests.txt lists this module)
 
-# (T, C, S, p, D): CLIP's (3 channels, S a multiple of p), a grey one, an S that leaves a remainder, odd sizes
-SHAPES = [(2, 3, 28, 14, 32), (1, 1, 10, 5, 7), (3, 3, 17, 4, 9), (2, 2, 9, 9, 5)]
+# (T, C, S, p, D): CLIP's (3 channels, S a multiple of p), a grey one, an S that leaves a remainder, odd sizes, and
+# non-square frames (H, W) as the conv takes them
+SHAPES = [(2, 3, 28, 14, 32), (1, 1, 10, 5, 7), (3, 3, 17, 4, 9), (2, 2, 9, 9, 5), (2, 3, (28, 45), 14, 6)]
 
 
 def _conv_reference(px, w):  # fp64 conv, flattened as HF's CLIPVisionEmbeddings does: (T, g*g, D)
@@ -21,8 +22,9 @@ def _conv_reference(px, w):  # fp64 conv, flattened as HF's CLIPVisionEmbeddings
 
 def _case(shape, seed=0):
     t, c, s, p, d = shape
+    h, w = s if isinstance(s, tuple) else (s, s)
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(t, c, s, s, generator=g), torch.randn(d, c, p, p, generator=g) * 0.1
+    return torch.randn(t, c, h, w, generator=g), torch.randn(d, c, p, p, generator=g) * 0.1
 
 
 def _mismatch(got, ref):
@@ -32,7 +34,7 @@ def _mismatch(got, ref):
            f"ref {float(ref.flatten()[i]):.6f})"
 
 
-def _patches(px, p):  # (T, C, S, S) -> (T*g*g, C*p*p) in fp64, by unfold (not patch_embed's reshape)
+def _patches(px, p):  # (T, C, H, W) -> (T*gh*gw, C*p*p) in fp64, by unfold (not patch_embed's reshape)
     return F.unfold(px.double(), p, stride=p).transpose(1, 2).reshape(-1, px.shape[1] * p * p)
 
 

@@ -15,7 +15,7 @@ from pllava.kernels.pool_projector import _ACTS
 
 
 def patch_embed(pixels: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """The stride-p, kernel-p convolution of CLIP's patch embedding as one GEMM: (T, C, S, S) -> (T, g*g, D).
+    """The stride-p, kernel-p convolution of CLIP's patch embedding as one GEMM: (T, C, H, W) -> (T, H//p * W//p, D).
 
     Why not the module's own conv: on CUDA, torch runs an fp32 convolution through cuDNN in TF32 by default
     (`torch.backends.cudnn.allow_tf32` is True; 10 mantissa bits), while an fp32 matmul stays IEEE
@@ -24,12 +24,12 @@ def patch_embed(pixels: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     Zen 5, ViT-L/14-336, the CPU's 4-frame chunk, median of 7): the embeddings take 21.4 against 17.2 ms with the
     conv in fp32, where one of the tower's 23 layers takes 339 ms (0.05% of the tower); 4.2 against 5.0 ms in bf16.
     Pixels beyond g*p are dropped, as the conv drops them."""
-    t, ch, s, _ = pixels.shape
+    t, ch, h, w = pixels.shape
     d, _, p, _ = weight.shape
-    g = s // p
-    x = pixels[:, :, :g * p, :g * p].to(weight.dtype)
-    x = x.reshape(t, ch, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(t * g * g, ch * p * p)  # (T*g*g, C*p*p)
-    return (x @ weight.reshape(d, ch * p * p).t()).view(t, g * g, d)  # (T, g*g, D)
+    gh, gw = h // p, w // p  # g, g for CLIP's square frames
+    x = pixels[:, :, :gh * p, :gw * p].to(weight.dtype)
+    x = x.reshape(t, ch, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5).reshape(t * gh * gw, ch * p * p)  # (T*g*g, C*p*p)
+    return (x @ weight.reshape(d, ch * p * p).t()).view(t, gh * gw, d)  # (T, g*g, D)
 
 
 class CLIPEmbeddings(nn.Module):
