@@ -115,11 +115,23 @@ def tf32(t: torch.Tensor) -> torch.Tensor:
     return ((bits + 0x1000) & -0x2000).view(torch.float32).view(t.shape)
 
 
+def _tf32_on(op: str) -> bool:
+    """Whether torch lets CUDA run fp32 `op` ("conv": cuDNN, "matmul": cuBLAS) in TF32. Read through the
+    fp32_precision settings with their inheritance (op, then the CUDA backend's "all", then torch's generic one):
+    the legacy allow_tf32 getters raise once a caller has mixed them with the new API."""
+    get = torch._C._get_fp32_precision_getter
+    for backend, which in (("cuda", op), ("cuda", "all"), ("generic", "all")):
+        value = get(backend, which)
+        if value != "none":
+            return value == "tf32"
+    return False
+
+
 def _tf32_operands(name: str, uargs: tuple) -> tuple:
     where = None
-    if name in _TF32_CONV and torch.backends.cudnn.allow_tf32:
+    if name in _TF32_CONV and _tf32_on("conv"):
         where = _TF32_CONV[name]
-    elif name in _TF32_GEMM and torch.backends.cuda.matmul.allow_tf32:
+    elif name in _TF32_GEMM and _tf32_on("matmul"):
         where = _TF32_GEMM[name]
     if where is None or not any(isinstance(uargs[i], torch.Tensor) and uargs[i].dtype == torch.float32
                                 for i in where):

@@ -113,6 +113,8 @@ print(err(a @ b, mm64), err(a.cuda() @ b.cuda(), mm64))
 torch.backends.cuda.matmul.allow_tf32 = True
 print(err(a.cuda() @ b.cuda(), mm64), fake_cuda.STATS["tf32"])
 print(fake_cuda.tf32(torch.tensor([1 + 2**-11, 1 + 3 * 2**-11, -(1 + 2**-11), 1 + 2**-12, float("inf")])).tolist())
+torch.backends.cudnn.conv.fp32_precision = "ieee"   # torch's newer API: a conv in IEEE fp32 again
+print(err(F.conv2d(x.cuda(), w.cuda(), stride=14), conv64))
 """)
     lines = out.split("\n")
     (cpu_conv, cuda_conv), (cpu_mm, cuda_mm), (cuda_mm_tf32, n_tf32) = (
@@ -120,6 +122,7 @@ print(fake_cuda.tf32(torch.tensor([1 + 2**-11, 1 + 3 * 2**-11, -(1 + 2**-11), 1 
     assert cuda_conv > 100 * cpu_conv and cuda_mm < 4 * cpu_mm + 1e-12 and cuda_mm_tf32 > 100 * cpu_mm, out
     assert n_tf32 == 2, out
     assert lines[3] == str([1 + 2**-10, 1 + 2**-9, -(1 + 2**-10), 1.0, float("inf")]), out
+    assert float(lines[4]) < 4 * cpu_conv, out
 
 
 def test_a_triton_dot_at_its_default_precision_is_tf32_as_on_a_gpu():
