@@ -1,6 +1,6 @@
 """pllava: a low-latency single-GPU inference engine for PLLaVA video-language models."""
-from .errors import (CheckpointError, ConfigError, InputError, MemoryBudgetError, NumericalError, PllavaError,
-                     PromptError, TokenizerError, VideoError)
+from .errors import (CheckpointError, ConfigError, DeviceMemoryError, InputError, MemoryBudgetError, NumericalError,
+                     PllavaError, PromptError, TokenizerError, VideoError)
 from .generate import TokenLogprob
 from .preprocess import native_available, preprocess
 from .runtime import Engine, GenerationOutput
@@ -11,4 +11,4 @@ __version__ = "0.1.0"
 __all__ = ["Engine", "GenerationOutput", "TokenLogprob", "Request", "read_frames", "stream_frames", "preprocess",
            "native_available",
            "PllavaError", "ConfigError", "CheckpointError", "TokenizerError", "PromptError", "VideoError",
-           "InputError", "MemoryBudgetError", "NumericalError"]
+           "InputError", "MemoryBudgetError", "DeviceMemoryError", "NumericalError"]

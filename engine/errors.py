@@ -38,6 +38,11 @@ class MemoryBudgetError(PllavaError):
     """The KV cache budget cannot hold what was asked (a slot, or a request longer than a slot); names the numbers."""
 
 
+class DeviceMemoryError(MemoryBudgetError):
+    """The device ran out of memory running one request (its vision tower or prefill): that request alone ends,
+    named with the stage and the allocator's message; the server answers 503 (retry when the load is lower)."""
+
+
 def error_line(e: BaseException) -> str:
     """A typed, one-line error: 'VideoError: clip.mp4: no such file' (no errno noise, no newlines)."""
     if isinstance(e, OSError) and e.strerror:

@@ -101,6 +101,13 @@ def in_fresh_thread(fn, *args, **kwargs):
             worker.join()  # ended, and its OpenMP team given back, before the caller goes on
 
 
+def out_of_memory(err: BaseException) -> bool:
+    """Whether `err` is a failed allocation: CUDA's torch.OutOfMemoryError, or the CPU allocator's refusal of a
+    tensor the host cannot hold (a plain RuntimeError from torch, named by its message)."""
+    return isinstance(err, torch.OutOfMemoryError) or (
+        isinstance(err, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(err))
+
+
 class Abandoned(RuntimeError):
     """Raised on a worker thread (ModelThread, in_fresh_thread's included) in work whose caller has stopped waiting
     for it."""

@@ -8,7 +8,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 
-from .errors import PllavaError, PromptError
+from .errors import DeviceMemoryError, PllavaError, PromptError
 from .media import MediaError
 
 log = logging.getLogger("pllava.server")
@@ -194,6 +194,8 @@ def to_api(e: Exception) -> APIError:
     if isinstance(e, PromptError):
         return bad(str(e), "messages", "prompt_too_long" if "context" in str(e) or "KV slot" in str(e)
                    else "invalid_prompt")
+    if isinstance(e, DeviceMemoryError):  # the device was short of memory for this request: the load, not its input
+        return APIError(503, str(e), "ServiceUnavailableError", None, "out_of_memory", {"Retry-After": "1"})
     if isinstance(e, (PllavaError, ValueError)):
         return bad(str(e))
     log.exception("internal error")

@@ -28,7 +28,7 @@ from dataclasses import replace
 import torch
 
 from . import ops
-from .errors import InputError, MemoryBudgetError, NumericalError, PllavaError, error_line
+from .errors import DeviceMemoryError, InputError, MemoryBudgetError, NumericalError, PllavaError, error_line
 from .generate import GenerationOutput, SequenceState, StopRequested, greedy_rows
 from .batch_graphs import BatchDecodeGraphs
 from .model.llm import SlotKVCache, SlotRows
@@ -37,6 +37,16 @@ from .sequence import Request, Sequence, prepare_sequence
 from .slots import plan_slots
 
 log = logging.getLogger("pllava")
+
+
+def _device_memory_error(s: Sequence, stage: str, err: BaseException) -> DeviceMemoryError:
+    """A typed error for a request whose `stage` ran out of memory, with the allocator's first line (which names
+    the sizes), logged; the original exception is not chained (see Scheduler._out_of_memory)."""
+    where = f"requests[{s.index}]" if s.index is not None else "request"
+    line = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+    log.warning("%s: out of memory in %s; it alone ends: %s", where, stage, line)
+    return DeviceMemoryError(f"out of memory in {stage} ({line}); this request alone ended, the others go on: "
+                             "retry when the load is lower, or lower --max-num-seqs, the frames or the prompt")
 
 
 class _MediaFailure(Exception):
@@ -280,6 +290,10 @@ class Scheduler:
                 self._fail(s, err.err if isinstance(err, _MediaFailure) else err)
                 continue
             except BaseException as err:  # a bug (or Ctrl-C) mid-admission: this request ends too, then re-raise
+                if ops.out_of_memory(err):  # its clip's vision tower did not fit: it alone ends
+                    s.future = None
+                    self._out_of_memory(s, "the vision tower and projector", err)
+                    continue
                 self._fail(s, err)
                 raise
             s.future = None
@@ -304,12 +318,15 @@ class Scheduler:
         except (PllavaError, OSError, StopRequested, ops.Abandoned):
             raise
         except Exception as err:  # noqa: BLE001 - re-raised as this request's own failure, logged
-            where = f"requests[{s.index}]" if s.index is not None else "a request"
-            log.error("%s: its clip failed with an untyped %s (a bug): %s", where, type(err).__name__, err,
-                      exc_info=err)
-            raise _MediaFailure(err) from err
+            if not ops.out_of_memory(err):
+                where = f"requests[{s.index}]" if s.index is not None else "a request"
+                log.error("%s: its clip failed with an untyped %s (a bug): %s", where, type(err).__name__, err,
+                          exc_info=err)
+                raise _MediaFailure(err) from err
+            oom = _device_memory_error(s, "preprocessing its clip", err)  # on the device: it did not fit, no bug
         finally:
             self.model_wait_s += time.perf_counter() - tw
+        raise oom  # outside the handler, so it carries no __context__ (whose frames hold the failed step's tensors)
 
     def _take(self, s: Sequence, slot: int):
         self.tick += 1
@@ -338,6 +355,12 @@ class Scheduler:
             except StopRequested:  # between two layers: the slot's positions from p0 on are half written
                 s.timings["prefill"] += e._clock() - t0
                 self._finish(s, "cancelled")  # (frees the slot; a prefix it was writing is not marked reusable)
+                return
+            except Exception as err:
+                if not ops.out_of_memory(err):
+                    raise
+                s.timings["prefill"] += e._clock() - t0
+                self._out_of_memory(s, f"prefill (positions {p0} to {s.start + b} of its slot)", err)
                 return
             s.prefilled = b
             if b == total or self.prefill_chunk is not None:
@@ -460,6 +483,12 @@ class Scheduler:
     def _fail(self, s: Sequence, err: Exception):
         s.error = err
         self._finish(s, "error")
+
+    def _out_of_memory(self, s: Sequence, stage: str, err: BaseException):
+        """One request's step ran out of device memory: it alone ends, typed, and its slot is freed (a prefix it
+        was writing is not marked reusable); the batch goes on. The torch error is not kept: its traceback's frames
+        hold the failed step's activations, which must be freed now, not when the request's output is dropped."""
+        self._fail(s, _device_memory_error(s, stage, err))
 
     def abort_all(self, err: BaseException):
         """End every request in flight or waiting with `err` and free their slots (after a failed step, or when
