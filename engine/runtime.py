@@ -14,7 +14,7 @@ import torch
 
 from . import ops
 from .config import PllavaConfig, check_lora_alpha
-from .errors import ConfigError, InputError, NumericalError, PromptError
+from .errors import ConfigError, DeviceMemoryError, InputError, NumericalError, PromptError
 from .generate import (DecodeStep, GenerationOutput, SamplingParams, StopRequested, generate_tokens,
                        stop_check)
 from .loading import load, resolve_device
@@ -419,6 +419,15 @@ class Engine:
             self._prefix = None
             lm.free_cache()
             raise
+        except Exception as err:
+            if not ops.out_of_memory(err):
+                raise
+            # typed, as in a batch (scheduler.DeviceMemoryError). A prefix this request was writing is not marked
+            # reusable (_prefix is set at the first token); a graph capture that failed is redone (its key is set
+            # after the capture)
+            line = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+            raise DeviceMemoryError(f"out of memory in generate() ({line}); use fewer frames, a shorter prompt or "
+                                    "max_new_tokens, or free device memory") from None
         timings["total"] = self._clock() - t_start
         timings["num_prompt_tokens"] = n_prompt
 

@@ -171,3 +171,24 @@ def test_the_server_answers_503_with_retry_after():
     assert "Tried to allocate 2.00 GiB" in e.message
     assert to_api(MemoryBudgetError("the prompt is 9000 tokens")).status == 400  # a request too long stays a 400
 
+
+
+def test_generate_alone_raises_it_typed_and_the_next_call_is_clean(engine, pxs, monkeypatch):
+    """The single-request path: the same DeviceMemoryError (the allocator's message kept), and neither the cache
+    nor the prefix cache carries anything into the next call (a follow-up on the same clip prefills it afresh)."""
+    want = engine.generate(pxs[0], "hello", max_new_tokens=8, video_key="c0").token_ids
+    lm = engine.model.language_model
+    real = type(lm).forward
+
+    def forward(self, x, *a, **k):
+        if x.shape[1] > 1:  # a prefill
+            raise torch.OutOfMemoryError(CUDA_OOM)
+        return real(self, x, *a, **k)
+
+    monkeypatch.setattr(type(lm), "forward", forward)
+    with pytest.raises(DeviceMemoryError, match=r"out of memory in generate\(\) \(CUDA out of memory\. Tried to "
+                                                r"allocate 20\.00 GiB"):
+        engine.generate(pxs[1], "hello", max_new_tokens=8, video_key="c1")
+    monkeypatch.setattr(type(lm), "forward", real)
+    got = engine.generate(pxs[0], "hello", max_new_tokens=8, video_key="c0")
+    assert got.token_ids == want and "prefix_cache_hit" not in got.timings  # c1's failed prefill replaced c0's
