@@ -57,6 +57,14 @@ def engine(ckpts):
     return pllava.Engine.from_pretrained(ckpts["pllava"])
 
 
+@pytest.fixture(scope="module")
+def pxs(engine):
+    """Four random clips of pixels in the engine's input shape (num_frames, 3, S, S)."""
+    s = engine.config.vision.image_size
+    return [torch.randn(engine.config.num_frames, 3, s, s, generator=torch.Generator().manual_seed(100 + i))
+            for i in range(4)]
+
+
 _ISAS = ("generic", "avx2", "avx512")  # pllava._C's CPU kernel paths, weakest first
 
 

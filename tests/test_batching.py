@@ -16,14 +16,6 @@ from pllava.slots import plan_slots
 from triton_util import needs_triton
 
 
-
-@pytest.fixture(scope="module")
-def pxs(engine):
-    s = engine.config.vision.image_size
-    return [torch.randn(engine.config.num_frames, 3, s, s, generator=torch.Generator().manual_seed(100 + i))
-            for i in range(4)]
-
-
 def one_at_a_time(engine, reqs):
     outs = []
     saved = engine.lora_alpha

@@ -10,7 +10,6 @@ import weakref
 import pytest
 import torch
 
-import pllava
 from pllava import ops
 from pllava.errors import DeviceMemoryError, MemoryBudgetError
 from pllava.sequence import Request
@@ -19,18 +18,6 @@ CUDA_OOM = ("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total 
             "1.02 GiB is free.\nIncluding non-PyTorch memory, this process has 78.06 GiB memory in use.")
 CPU_OOM = ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to "
            "allocate 281474976710656 bytes. Error code 12 (Cannot allocate memory)")
-
-
-@pytest.fixture(scope="module")
-def engine(ckpts):
-    return pllava.Engine.from_pretrained(ckpts["pllava"])
-
-
-@pytest.fixture(scope="module")
-def pxs(engine):
-    s = engine.config.vision.image_size
-    return [torch.randn(engine.config.num_frames, 3, s, s, generator=torch.Generator().manual_seed(300 + i))
-            for i in range(3)]
 
 
 def _alone(engine, reqs):
