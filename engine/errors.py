@@ -39,8 +39,15 @@ class MemoryBudgetError(PllavaError):
 
 
 class DeviceMemoryError(MemoryBudgetError):
-    """The device ran out of memory running one request (its vision tower or prefill): that request alone ends,
-    named with the stage and the allocator's message; the server answers 503 (retry when the load is lower)."""
+    """The device ran out of memory running one request (its clip's preprocessing, vision tower or prefill in a
+    batch; any step of generate()): that request alone ends, named with the stage and the allocator's message; the
+    server answers 503 (retry when the load is lower)."""
+
+    @classmethod
+    def of(cls, stage: str, err: BaseException, advice: str) -> "DeviceMemoryError":
+        """From torch's error: its first line names the sizes (the rest is the allocator's advice, not ours)."""
+        line = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        return cls(f"out of memory in {stage} ({line}); {advice}")
 
 
 def error_line(e: BaseException) -> str:

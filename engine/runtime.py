@@ -425,9 +425,8 @@ class Engine:
             # typed, as in a batch (scheduler.DeviceMemoryError). A prefix this request was writing is not marked
             # reusable (_prefix is set at the first token); a graph capture that failed is redone (its key is set
             # after the capture)
-            line = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
-            raise DeviceMemoryError(f"out of memory in generate() ({line}); use fewer frames, a shorter prompt or "
-                                    "max_new_tokens, or free device memory") from None
+            raise DeviceMemoryError.of("generate()", err, "use fewer frames, a shorter prompt or max_new_tokens, "
+                                       "or free device memory") from None
         timings["total"] = self._clock() - t_start
         timings["num_prompt_tokens"] = n_prompt
 

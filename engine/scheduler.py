@@ -42,11 +42,10 @@ log = logging.getLogger("pllava")
 def _device_memory_error(s: Sequence, stage: str, err: BaseException) -> DeviceMemoryError:
     """A typed error for a request whose `stage` ran out of memory, with the allocator's first line (which names
     the sizes), logged; the original exception is not chained (see Scheduler._out_of_memory)."""
-    where = f"requests[{s.index}]" if s.index is not None else "request"
-    line = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
-    log.warning("%s: out of memory in %s; it alone ends: %s", where, stage, line)
-    return DeviceMemoryError(f"out of memory in {stage} ({line}); this request alone ended, the others go on: "
-                             "retry when the load is lower, or lower --max-num-seqs, the frames or the prompt")
+    e = DeviceMemoryError.of(stage, err, "this request alone ended, the others go on: retry when the load is "
+                             "lower, or lower --max-num-seqs, the frames or the prompt")
+    log.warning("%s: %s", f"requests[{s.index}]" if s.index is not None else "a request", e)
+    return e
 
 
 class _MediaFailure(Exception):
