@@ -179,3 +179,43 @@ def test_generate_alone_raises_it_typed_and_the_next_call_is_clean(engine, pxs, 
     monkeypatch.setattr(type(lm), "forward", real)
     got = engine.generate(pxs[0], "hello", max_new_tokens=8, video_key="c0")
     assert got.token_ids == want and "prefix_cache_hit" not in got.timings  # c1's failed prefill replaced c0's
+
+
+def test_the_server_answers_503_and_serves_the_next_request(ckpts):
+    """End to end over HTTP: the request whose vision tower runs out of memory gets 503 with Retry-After and
+    code out_of_memory; the next one gets 200 and exactly generate()'s answer."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    import base64
+
+    import httpx
+
+    import pllava
+    from pllava.server import ServerConfig
+    from pllava.testing import make_video
+    from server_util import LiveServer
+
+    engine = pllava.Engine.from_pretrained(ckpts["pllava"])
+    path = make_video(str(ckpts["pllava"]) + "-oom.mp4", num_frames=12, size=(64, 48))
+    raw = open(path, "rb").read()
+    want = pllava.Engine.from_pretrained(ckpts["pllava"]).generate(path, [("user", "What is it?")], max_new_tokens=9)
+    real, armed = engine.encode, []
+
+    def encode(*a, **k):
+        if armed and armed.pop():  # once, for the first request after the server is up (not its warm-up)
+            raise torch.OutOfMemoryError(CUDA_OOM)
+        return real(*a, **k)
+
+    engine.encode = encode
+    body = {"model": "tiny-pllava", "max_tokens": 9, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "What is it?"},
+        {"type": "video_url", "video_url": {"url": "data:video/mp4;base64," + base64.b64encode(raw).decode()}}]}]}
+    with LiveServer(engine, ServerConfig(model_name="tiny-pllava", max_num_seqs=2)) as s:
+        armed.append(True)
+        r = httpx.post(s.url + "/v1/chat/completions", json=body, timeout=120)
+        assert r.status_code == 503 and r.headers.get("retry-after") == "1", r.text
+        err = r.json()["error"]
+        assert err["code"] == "out_of_memory" and err["type"] == "ServiceUnavailableError"
+        assert "out of memory in the vision tower and projector (CUDA out of memory" in err["message"]
+        ok = httpx.post(s.url + "/v1/chat/completions", json=body, timeout=120)
+    assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] == want.text
