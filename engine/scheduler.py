@@ -40,8 +40,10 @@ log = logging.getLogger("pllava")
 
 
 def _device_memory_error(s: Sequence, stage: str, err: BaseException) -> DeviceMemoryError:
-    """A typed error for a request whose `stage` ran out of memory, with the allocator's first line (which names
-    the sizes), logged; the original exception is not chained (see Scheduler._out_of_memory)."""
+    """A typed error for a request whose `stage` ran out of device memory, logged: it alone ends (Scheduler._fail
+    frees its slot; a prefix it was writing is not marked reusable) and the batch goes on. The torch error is not
+    chained: its traceback's frames hold the failed step's tensors, which must be freed now, not when the
+    request's error is dropped (a server's client may read it late)."""
     e = DeviceMemoryError.of(stage, err, "this request alone ended, the others go on: retry when the load is "
                              "lower, or lower --max-num-seqs, the frames or the prompt")
     log.warning("%s: %s", f"requests[{s.index}]" if s.index is not None else "a request", e)
@@ -291,7 +293,7 @@ class Scheduler:
             except BaseException as err:  # a bug (or Ctrl-C) mid-admission: this request ends too, then re-raise
                 if ops.out_of_memory(err):  # its clip's vision tower did not fit: it alone ends
                     s.future = None
-                    self._out_of_memory(s, "the vision tower and projector", err)
+                    self._fail(s, _device_memory_error(s, "the vision tower and projector", err))
                     continue
                 self._fail(s, err)
                 raise
@@ -359,7 +361,7 @@ class Scheduler:
                 if not ops.out_of_memory(err):
                     raise
                 s.timings["prefill"] += e._clock() - t0
-                self._out_of_memory(s, f"prefill (positions {p0} to {s.start + b} of its slot)", err)
+                self._fail(s, _device_memory_error(s, f"prefill (positions {p0} to {s.start + b} of its slot)", err))
                 return
             s.prefilled = b
             if b == total or self.prefill_chunk is not None:
@@ -482,12 +484,6 @@ class Scheduler:
     def _fail(self, s: Sequence, err: Exception):
         s.error = err
         self._finish(s, "error")
-
-    def _out_of_memory(self, s: Sequence, stage: str, err: BaseException):
-        """One request's step ran out of device memory: it alone ends, typed, and its slot is freed (a prefix it
-        was writing is not marked reusable); the batch goes on. The torch error is not kept: its traceback's frames
-        hold the failed step's activations, which must be freed now, not when the request's output is dropped."""
-        self._fail(s, _device_memory_error(s, stage, err))
 
     def abort_all(self, err: BaseException):
         """End every request in flight or waiting with `err` and free their slots (after a failed step, or when
