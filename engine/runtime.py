@@ -118,41 +118,17 @@ class Engine:
 
     def merge_lora(self):
         """Fold the LoRA into q/v at the current alpha (W + s·B·A): zero LoRA cost for a fixed-alpha deployment.
-        set_lora_alpha then fails until unmerge_lora()."""
-        from pllava.kernels import merge, unmerge
-
+        set_lora_alpha then fails until unmerge_lora(), which restores the weights bit for bit."""
         if any(m.qweight is not None for m in self.model.lora_linears()):
             raise InputError("merge_lora is not available with quantize='int8' (the base weight is int8; the LoRA "
                              "runs unmerged at the live alpha)")
-        s = float(self.model.lora_scale)
         self._forget_prefixes()
-        for m in self.model.lora_linears():
-            if not m.merged:
-                w = m.weight.data
-                merged = merge(w, m.lora_A.data, m.lora_B.data, s)
-                m.unmerge_fix = _unmerge_fix(w, unmerge(merged, m.lora_A.data, m.lora_B.data, s))
-                m.weight.data = merged
-                m.merged = True
-        self._merged_scale = s
+        self.model.merge_lora()
 
     def unmerge_lora(self):
-        """Undo merge_lora exactly: the weights are bit-for-bit those before it, so a later alpha gives what a
-        freshly loaded engine gives (W + s·B·A - s·B·A is W only to rounding: in bf16 one weight in ~20 of a
-        q/v layer came back different; merge_lora keeps those few originals, see _unmerge_fix)."""
-        from pllava.kernels import unmerge
-
+        """Undo merge_lora exactly: a later alpha gives what a freshly loaded engine gives."""
         self._forget_prefixes()
-        for m in self.model.lora_linears():
-            if m.merged:
-                idx, vals = m.unmerge_fix
-                if idx is None:  # a dense copy was the smaller record
-                    w = vals
-                else:
-                    w = unmerge(m.weight.data, m.lora_A.data, m.lora_B.data, self._merged_scale)
-                    w.view(-1)[idx.long()] = vals
-                m.weight.data = w
-                m.unmerge_fix = None
-                m.merged = False
+        self.model.unmerge_lora()
 
     def _forget_prefixes(self):
         self._prefix = None
@@ -575,19 +551,6 @@ class Engine:
         from .chat import Chat
 
         return Chat(self, video, conv_mode, system, history, **generate_kw)
-
-
-def _unmerge_fix(w: torch.Tensor, back: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """What unmerge_lora writes back where unmerge(merge(w)) = `back` is not w: (flat int32 indices, the original
-    values), or (None, a copy of w) where that would not be smaller. Measured on a 1024 x 1024 layer with random
-    factors: 1 % (bf16) and 2 % (fp32) of the weights at PLLaVA's scale 4/128, 18 % and 22 % at 0.25, so ~0.06 and
-    1.1 bytes a bf16 weight against 2 for a copy. unmerge is deterministic (the same kernels on the same inputs),
-    so the same elements come back different when unmerge_lora runs it again."""
-    idx = (back != w).view(-1).nonzero().view(-1)
-    if w.numel() >= 2 ** 31 or idx.numel() * (4 + w.element_size()) >= w.numel() * w.element_size():
-        return None, w.clone()
-    idx = idx.to(torch.int32)
-    return idx, w.view(-1)[idx].clone()
 
 
 class _Cancel:

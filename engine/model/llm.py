@@ -126,7 +126,7 @@ class LoRALinear(nn.Module):
             self.lora_B = nn.Parameter(torch.empty(d_out, r))
         self.scale: torch.Tensor | None = None  # set by the model: the shared 0-dim alpha/r tensor
         self.merged = False
-        self.unmerge_fix = None  # merge_lora: what unmerge_lora restores exactly (runtime._unmerge_fix)
+        self.unmerge_fix = None  # merge_lora: what unmerge_lora restores exactly (model.pllava._unmerge_fix)
         self.kernel_path = "torch"
         # quantize="int8" (model/quant.py): the base weight as int8 + per-row scales (None buffers until then)
         self.register_buffer("qweight", None)
