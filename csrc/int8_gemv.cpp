@@ -10,11 +10,14 @@
 // 21 of the 32 registers); 4 independent FMA chains per x row hide the FMA latency at M = 1. Threads split N in
 // contiguous blocks, so each streams its own part of q.
 //
-// Prefetch: a tile reads its 4 rows of q as 4 streams of K bytes. With short rows the hardware prefetcher never
-// gets ahead of them: the small preset's 56 decode GEMVs (K = 768 and 2048, 57 MB, from DRAM as in a decode step)
-// streamed at 10.5 GB/s on 2 Zen4 cores, against 24 GB/s with one software prefetch a k step, a fixed distance
-// ahead in q's bytes (benchmarks/bench_int8_gemv.py). Long rows stream well on their own (K = 4096: 20.5 GB/s
-// without, 19.4 with), so the default prefetches only rows up to 2048 bytes (kPrefetchMaxRow).
+// Prefetch: a tile reads its 4 rows of q as 4 streams of K bytes, and the hardware prefetcher does not keep up
+// with them: with short rows it never gets ahead (the small preset's 56 decode GEMVs, K = 768 and 2048, 57 MB from
+// DRAM as in a decode step, streamed at 10.5 GB/s on 2 Zen4 cores), and long ones cross a 4 KB page every K / 4096
+// steps in each of the 4 streams at once, where it starts over (7B and 34B shapes, K = 4096-20480, 30-35 GB/s on
+// 2 Zen5 cores whose 1 GiB read is 46). So each k step issues one software prefetch, and the prefetches sweep q's
+// bytes linearly one tile ahead (kTile rows, at least 8 KB): while tile b computes, tile b + 1 comes in. Small
+// preset 24 -> 50 GB/s on Zen4 (25 -> 53 on Zen5), 7B and 34B shapes 30-35 -> 40-48 GB/s on Zen5, at M = 1-4
+// (benchmarks/bench_int8_gemv.py). Half a tile ahead (8 KB at K = 4096) recovered only a third of that.
 //
 // bf16 weights: the LoRA's A (r, K) and B (N, r) of a decode row went through torch's bf16 GEMM, 51 us a product on
 // 2 Zen4 cores (small preset, r = 128: 1.6 ms of a 9 ms step for 32 products, 3.8 GB/s), with x rounded to bf16.
@@ -40,7 +43,7 @@ namespace pllava {
 namespace {
 
 constexpr int kTile = 4;
-constexpr int64_t kPrefetchMaxRow = 2048;  // bytes of a weight row
+constexpr int64_t kPrefetchMin = 8192;  // bytes ahead, for short rows
 constexpr int64_t kLine = 64;
 
 // Prefetches [p, end) a cache line at a time: the tiles call step<L>() once a k step of 16 weights a row, L =
@@ -232,7 +235,7 @@ void gemv(const float* x, int64_t ldx, const W* q, const Out& out, float* y, int
 }  // namespace
 
 int64_t gemv_prefetch_distance(int64_t row_bytes) {
-  return row_bytes <= 1024 ? 4096 : row_bytes <= kPrefetchMaxRow ? 8192 : 0;
+  return std::max(kPrefetchMin, kTile * row_bytes);  // one tile ahead (see Prefetch, above)
 }
 
 void int8_gemv(const float* x, int64_t ldx, const int8_t* q, const float* scale, float* y, int64_t ldy, int64_t M,

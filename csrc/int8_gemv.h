@@ -12,7 +12,7 @@ namespace pllava {
 void int8_gemv(const float* x, int64_t ldx, const int8_t* q, const float* scale, float* y, int64_t ldy, int64_t M,
                int64_t N, int64_t K, int num_threads, bool generic = false, int64_t prefetch = -1);
 
-// The default prefetch distance for weight rows of row_bytes (0 where the hardware prefetcher keeps up alone).
+// The default prefetch distance for weight rows of row_bytes: one 4-row tile ahead, at least 8 KB.
 int64_t gemv_prefetch_distance(int64_t row_bytes);
 
 // y[m, n] = alpha * sum_k x[m, k] * w[n, k] (+ y[m, n] where accumulate) for m < M, n < N, in fp32: w holds bf16
