@@ -14,7 +14,7 @@ from pllava.model.quant import int8_linear, native_int8_available, quantize_weig
 native = pytest.mark.skipif(not native_int8_available(), reason="pllava._C is not built")
 
 # M up to DECODE_ROWS (16), with row counts off the kernel's 4-row tile; K off its 16-wide vector (tails of 1 and
-# 15), N off its 4-row tile; K past the rows the default prefetches (2048)
+# 15), N off its 4-row tile; a row past 2048 bytes (the default prefetch, one 4-row tile ahead, is then past 8 KB)
 SHAPES = [(1, 1, 1), (1, 5, 17), (3, 4, 16), (4, 9, 31), (5, 13, 64), (13, 7, 100), (16, 33, 257), (2, 130, 15),
           (3, 6, 2100)]
 
