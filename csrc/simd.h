@@ -1,7 +1,18 @@
 // Loads that widen to fp32 in registers (int8, bf16 bits, fp32), 16 lanes on AVX-512 and 8 on AVX2 + FMA, and the
 // scalar widenings the portable loops and the tails use: shared by int8_gemv.cpp and decode_attention.cpp.
 #pragma once
+// GCC 12's AVX-512 intrinsics pass an undefined register (`__Y = __Y`) through, and each inlined use warned
+// (-Wuninitialized / -Wmaybe-uninitialized: 160 lines in a build of pllava._C). Silenced for that header alone:
+// the diagnostic state at the header's own lines decides, so our code keeps both warnings.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
+#pragma GCC diagnostic pop
+#else
+#include <immintrin.h>
+#endif
 
 #include <cstdint>
 #include <cstring>
