@@ -35,7 +35,8 @@ class NumericalError(PllavaError):
 
 
 class MemoryBudgetError(PllavaError):
-    """The KV cache budget cannot hold what was asked (a slot, or a request longer than a slot); names the numbers."""
+    """Memory cannot hold what was asked: a model's weights at load (more than the device has free), a KV slot, or
+    a request longer than a slot; names the numbers."""
 
 
 class DeviceMemoryError(MemoryBudgetError):

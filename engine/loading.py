@@ -15,7 +15,7 @@ import torch
 from . import ops
 from .checkpoint import LAYOUT_NAMES, attach_adapter_config, load_weights, plan_adapter, plan_checkpoint
 from .config import DEFAULT_LORA_ALPHA, PllavaConfig, load_config, read_json_object
-from .errors import CheckpointError, ConfigError, PllavaError
+from .errors import CheckpointError, ConfigError, MemoryBudgetError, PllavaError
 from .model import PllavaModel
 from .model.head import HEAD_RESCORE, HalfHead, RescoredHead
 from .model.vision import CPU_FRAME_CHUNK
@@ -148,12 +148,13 @@ def load(model: str, device=None, dtype=None, num_frames=None, pooling_shape=Non
 
     with torch.device("meta"):
         net = PllavaModel(cfg)
+    check_weights_fit(net, dt, quantize, device, model_dir)
     convert, pre = None, {}
     if quantize == "int8":
         from .model.quant import (DECODE_ROWS, int8_loader, native_int8_available, quantize_lm_int8_,
                                   quantized_bytes)
 
-        fp32_rows = ops.kernel_path(device) != "triton" and device.type == "cpu" and native_int8_available(dt)
+        fp32_rows = int8_fp32_rows(device, dt)
         convert = int8_loader(net.language_model, dt, device, fp32_rows, pre)
     load_weights(net, tensors, plan.layout, dt, device, model_dir, convert)
     if quantize == "int8":
@@ -218,6 +219,79 @@ def load(model: str, device=None, dtype=None, num_frames=None, pooling_shape=Non
     log.info("loaded %s (%s layout, LoRA r=%d alpha=%g) on %s as %s in %.2fs", model_dir,
              LAYOUT_NAMES[plan.layout], cfg.lora.r, cfg.lora.alpha, device, dt, time.perf_counter() - t0)
     return Loaded(net, tokenizer, proc, device, dt, mode, model_dir, eos)
+
+
+def int8_fp32_rows(device: torch.device, dt: torch.dtype) -> bool:
+    """Whether an int8 engine's decode rows run in fp32 (pllava._C's GEMV on the CPU; its LLM norms then in fp32)."""
+    from .model.quant import native_int8_available
+
+    return ops.kernel_path(device) != "triton" and device.type == "cpu" and native_int8_available(dt)
+
+
+def weight_bytes(net: PllavaModel, dt: torch.dtype, quantize: str | None, device: torch.device) -> int:
+    """Bytes the weights of `net` (built on the meta device) will hold once loaded in `dt`, quantized or not: every
+    parameter in dt, but under int8 each decoder-layer linear at 1 byte a weight + a scale a row in dt, an untied
+    lm_head at two int8 levels + a scale a row in dt and one in fp32, and (fp32 decode rows) the LLM's RMSNorm
+    weights in fp32. Buffers built after the load (RoPE tables, 4 MB at 7B) are not counted."""
+    from .model.llm import RMSNorm
+    from .model.quant import int8_targets
+
+    size = torch.empty((), dtype=dt).element_size()
+    targets, norms = {}, set()
+    if quantize == "int8":
+        targets = {"language_model." + n: k for n, k in int8_targets(net.language_model).items()}
+        if dt != torch.float32 and int8_fp32_rows(device, dt):
+            norms = {f"language_model.{n}.weight" for n, m in net.language_model.named_modules()
+                     if isinstance(m, RMSNorm)}
+    total = 0
+    for name, p in net.named_parameters():
+        kind, rows = targets.get(name), p.shape[0] if p.dim() else 1
+        if kind == "linear":
+            total += p.numel() + rows * size
+        elif kind == "head":
+            total += 2 * p.numel() + rows * (size + 4)
+        else:
+            total += p.numel() * (4 if name in norms else size)
+    return total
+
+
+_TIGHT = 0.85  # weights past this share of the free memory leave little for the KV cache and activations
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
+
+
+def check_weights_fit(net: PllavaModel, dt: torch.dtype, quantize: str | None, device: torch.device, where: str):
+    """Refuse, before any weight is read, a load whose weights alone exceed the memory free on `device` (on the
+    host an OOM kill or heavy swapping otherwise, minutes into the load), naming the numbers and the settings that
+    would fit; warn when they take most of it. PLLAVA_SKIP_MEMORY_CHECK=1 loads anyway (swap, or memory that will
+    be freed meanwhile)."""
+    need = weight_bytes(net, dt, quantize, device)
+    have, source = ops.available_bytes(device)
+    name = f"{str(dt).split('.')[-1]}{' + int8' if quantize else ''}"
+    if need <= _TIGHT * have:
+        return
+    if need <= have:
+        log.warning("%s: the weights take %s of the %s %s as %s: little is left for the KV cache and activations",
+                    where, _size(need), _size(have), source, name)
+        return
+    options = []
+    for odt, oq in ((torch.bfloat16, None), (dt, "int8"), (torch.bfloat16, "int8")):
+        if (odt, oq) != (dt, quantize) and not (oq is None and quantize) and odt.itemsize <= dt.itemsize \
+                and (odt, oq) not in [o[:2] for o in options]:
+            n = weight_bytes(net, odt, oq, device)
+            if n < need:
+                options.append((odt, oq, n))
+    msg = f"{where}: its weights need {_size(need)} on {device} as {name}, but {_size(have)} is free ({source})"
+    if options:
+        msg += "; " + "; ".join(f"dtype={str(o).split('.')[-1]}{', quantize=' + repr(q) if q else ''}: {_size(n)}"
+                                + ("" if n <= have else " (also too much)") for o, q, n in options)
+        msg += " (CLI --dtype, --quantize)"
+    if os.environ.get("PLLAVA_SKIP_MEMORY_CHECK") == "1":
+        log.warning("%s; loading anyway (PLLAVA_SKIP_MEMORY_CHECK=1)", msg)
+        return
+    raise MemoryBudgetError(msg + "; PLLAVA_SKIP_MEMORY_CHECK=1 loads anyway")
 
 
 def _eos_ids(tokenizer, cfg: PllavaConfig, model_dir: str) -> set[int]:

@@ -2,13 +2,13 @@
 CUDA or the host from `default_kv_budget` unless the caller gives kv_cache_bytes."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 
 from .errors import InputError, MemoryBudgetError
 from .model.llm import SlotKVCache
+from .ops import available_bytes
 
 
 @dataclass
@@ -20,24 +20,13 @@ class SlotPlan:
     budget_source: str
 
 
-def _host_available_bytes() -> int:
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
 def default_kv_budget(device: torch.device) -> tuple[int, str]:
     """Bytes the KV cache may take: on CUDA what is free less 10 % of the card (activations of a 2350-token
     prefill of a 7B model are ~0.3 GB; the vision tower's ~0.2 GB); on the host half of the available memory."""
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         return max(0, int(free - 0.1 * total)), f"free CUDA memory ({free / 2**30:.1f} GiB) less 10 % of the card"
-    avail = _host_available_bytes()
+    avail, _ = available_bytes(device)
     return avail // 2, f"half the available host memory ({avail / 2**30:.1f} GiB)"
 
 

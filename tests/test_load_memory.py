@@ -1,0 +1,91 @@
+"""Loading checks the memory first: the weights a load will hold are estimated on the meta device (bf16, fp32 and
+int8 forms) and a load that cannot fit is refused, before any weight is read, with the numbers and the settings that
+would fit; one that barely fits is warned about; PLLAVA_SKIP_MEMORY_CHECK=1 loads anyway. The estimate is checked
+against what loaded engines really hold (their parameters and int8 buffers), not against its own arithmetic."""
+import logging
+
+import pytest
+import torch
+
+import pllava
+from pllava import loading, ops
+
+MODES = [(torch.float32, None), (torch.bfloat16, None), (torch.float32, "int8"), (torch.bfloat16, "int8")]
+
+
+def held_bytes(engine) -> int:
+    """What a loaded engine's weights take: its parameters and the int8 weights and scales that replaced some."""
+    params = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+    return params + sum(b.numel() * b.element_size() for n, b in engine.model.named_buffers()
+                        if n.endswith(("qweight", "qscale", "rweight", "rscale")))
+
+
+@pytest.fixture(scope="module")
+def held(ckpts):
+    return {m: held_bytes(pllava.Engine.from_pretrained(ckpts["pllava"], dtype=m[0], quantize=m[1])) for m in MODES}
+
+
+def _size(n):
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
+
+
+@pytest.mark.parametrize("layout", ["pllava", "adapter"])
+def test_the_estimate_is_what_a_loaded_engine_holds(ckpts, held, layout, monkeypatch):
+    seen = {}
+    real = loading.check_weights_fit
+
+    def spy(net, dt, quantize, device, where):
+        seen[(dt, quantize)] = loading.weight_bytes(net, dt, quantize, device)
+        return real(net, dt, quantize, device, where)
+
+    monkeypatch.setattr(loading, "check_weights_fit", spy)
+    for dt, q in MODES:
+        engine = pllava.Engine.from_pretrained(ckpts[layout], dtype=dt, quantize=q)
+        assert seen[(dt, q)] == held_bytes(engine) == held[(dt, q)], (layout, dt, q)
+    # bf16 halves the float weights; int8 shrinks either form
+    assert held[MODES[1]] == held[MODES[0]] // 2 and held[MODES[2]] < held[MODES[0]] and held[MODES[3]] < held[MODES[1]]
+
+
+def test_a_load_that_cannot_fit_is_refused_before_any_weight_is_read(ckpts, held, monkeypatch):
+    need = held[(torch.float32, None)]
+    have = (held[(torch.bfloat16, "int8")] + held[(torch.bfloat16, None)]) // 2  # only bf16 + int8 fits
+    monkeypatch.setattr(ops, "available_bytes", lambda device: (have, "the test's memory"))
+    monkeypatch.setattr(loading, "load_weights", lambda *a, **k: pytest.fail("a weight was read"))
+    with pytest.raises(pllava.MemoryBudgetError) as e:
+        pllava.Engine.from_pretrained(ckpts["pllava"], dtype=torch.float32)
+    msg = str(e.value)
+    assert ckpts["pllava"] in msg and f"need {_size(need)} on cpu as float32" in msg
+    assert f"but {_size(have)} is free (the test's memory)" in msg
+    assert f"dtype=bfloat16: {_size(held[(torch.bfloat16, None)])} (also too much)" in msg
+    assert f"dtype=float32, quantize='int8': {_size(held[(torch.float32, 'int8')])} (also too much);" in msg
+    assert f"dtype=bfloat16, quantize='int8': {_size(held[(torch.bfloat16, 'int8')])} (CLI" in msg
+    assert "PLLAVA_SKIP_MEMORY_CHECK=1" in msg
+    monkeypatch.setattr(ops, "available_bytes", lambda device: (1000, "the test's memory"))
+    with pytest.raises(pllava.MemoryBudgetError, match="as bfloat16 \\+ int8, but 1.0 kB is free") as e:
+        pllava.Engine.from_pretrained(ckpts["pllava"], dtype=torch.bfloat16, quantize="int8")
+    assert "quantize='int8':" not in str(e.value)  # nothing smaller to offer
+
+
+def test_a_tight_fit_warns_and_the_skip_setting_loads_anyway(ckpts, held, monkeypatch, caplog):
+    need = held[(torch.float32, None)]
+    monkeypatch.setattr(ops, "available_bytes", lambda device: (int(need / 0.9), "the test's memory"))
+    with caplog.at_level(logging.WARNING, logger="pllava"):
+        pllava.Engine.from_pretrained(ckpts["pllava"])
+    assert "little is left for the KV cache" in caplog.text
+    monkeypatch.setattr(ops, "available_bytes", lambda device: (need // 2, "the test's memory"))
+    monkeypatch.setenv("PLLAVA_SKIP_MEMORY_CHECK", "1")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pllava"):
+        engine = pllava.Engine.from_pretrained(ckpts["pllava"])
+    assert "loading anyway (PLLAVA_SKIP_MEMORY_CHECK=1)" in caplog.text
+    assert held_bytes(engine) == need
+
+
+def test_available_bytes_reads_the_device(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (123 << 20, 80 << 30))
+    assert ops.available_bytes("cuda:0") == (123 << 20, "free on cuda:0")
+    have, source = ops.available_bytes("cpu")
+    with open("/proc/meminfo") as f:
+        meminfo = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+    assert source == "available host memory (MemAvailable)"
+    assert abs(have - meminfo["MemAvailable"]) < 512 << 20  # read moments apart on a shared machine
