@@ -12,7 +12,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from . import ops
+from . import memory, ops
 from .checkpoint import LAYOUT_NAMES, attach_adapter_config, load_weights, plan_adapter, plan_checkpoint
 from .config import DEFAULT_LORA_ALPHA, PllavaConfig, load_config, read_json_object
 from .errors import CheckpointError, ConfigError, MemoryBudgetError, PllavaError
@@ -268,7 +268,7 @@ def check_weights_fit(net: PllavaModel, dt: torch.dtype, quantize: str | None, d
     would fit; warn when they take most of it. PLLAVA_SKIP_MEMORY_CHECK=1 loads anyway (swap, or memory that will
     be freed meanwhile)."""
     need = weight_bytes(net, dt, quantize, device)
-    have, source = ops.available_bytes(device)
+    have, source = memory.available_bytes(device)
     name = f"{str(dt).split('.')[-1]}{' + int8' if quantize else ''}"
     if need <= _TIGHT * have:
         return

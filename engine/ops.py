@@ -366,24 +366,6 @@ def cpu_info(cpuinfo: str = "/proc/cpuinfo") -> tuple[str, frozenset]:
     return model, flags
 
 
-def available_bytes(device) -> tuple[int, str]:
-    """(bytes free for new tensors on `device`, where the number comes from): on CUDA what the driver reports free;
-    on the host MemAvailable of /proc/meminfo (free memory and the page cache the kernel can reclaim; swap not
-    counted), else the physical memory. A cgroup's limit is not read (it would be lower in a limited container)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free), f"free on {device}"
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024, "available host memory (MemAvailable)"
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "physical host memory"
-
-
 # x86 flags of the instructions torch's oneDNN runs a half-precision GEMM on natively; without them it converts
 # each element to fp32 and back (measured below)
 NATIVE_HALF_GEMM = {torch.bfloat16: ("avx512_bf16", "amx_bf16"), torch.float16: ("avx512_fp16", "amx_fp16")}

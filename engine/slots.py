@@ -8,7 +8,7 @@ import torch
 
 from .errors import InputError, MemoryBudgetError
 from .model.llm import SlotKVCache
-from .ops import available_bytes
+from .memory import available_bytes
 
 
 @dataclass

@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # lowest first; a module may import its own layer and the ones below it
 LAYERS = [
     {"errors", "config", "testing", "_C"},
-    {"kernels", "ops"},
+    {"kernels", "ops", "memory"},
     {"checkpoint", "model", "preprocess", "prompt", "sources", "chat"},
     {"video", "live", "media", "generate", "loading", "slots", "batch_graphs"},
     {"sequence", "scheduler", "batch_driver", "protocol"},

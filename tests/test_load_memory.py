@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import pllava
-from pllava import loading, ops
+from pllava import loading, memory
 
 MODES = [(torch.float32, None), (torch.bfloat16, None), (torch.float32, "int8"), (torch.bfloat16, "int8")]
 
@@ -49,7 +49,7 @@ def test_the_estimate_is_what_a_loaded_engine_holds(ckpts, held, layout, monkeyp
 def test_a_load_that_cannot_fit_is_refused_before_any_weight_is_read(ckpts, held, monkeypatch):
     need = held[(torch.float32, None)]
     have = (held[(torch.bfloat16, "int8")] + held[(torch.bfloat16, None)]) // 2  # only bf16 + int8 fits
-    monkeypatch.setattr(ops, "available_bytes", lambda device: (have, "the test's memory"))
+    monkeypatch.setattr(memory, "available_bytes", lambda device: (have, "the test's memory"))
     monkeypatch.setattr(loading, "load_weights", lambda *a, **k: pytest.fail("a weight was read"))
     with pytest.raises(pllava.MemoryBudgetError) as e:
         pllava.Engine.from_pretrained(ckpts["pllava"], dtype=torch.float32)
@@ -60,7 +60,7 @@ def test_a_load_that_cannot_fit_is_refused_before_any_weight_is_read(ckpts, held
     assert f"dtype=float32, quantize='int8': {_size(held[(torch.float32, 'int8')])} (also too much);" in msg
     assert f"dtype=bfloat16, quantize='int8': {_size(held[(torch.bfloat16, 'int8')])} (CLI" in msg
     assert "PLLAVA_SKIP_MEMORY_CHECK=1" in msg
-    monkeypatch.setattr(ops, "available_bytes", lambda device: (1000, "the test's memory"))
+    monkeypatch.setattr(memory, "available_bytes", lambda device: (1000, "the test's memory"))
     with pytest.raises(pllava.MemoryBudgetError, match="as bfloat16 \\+ int8, but 1.0 kB is free") as e:
         pllava.Engine.from_pretrained(ckpts["pllava"], dtype=torch.bfloat16, quantize="int8")
     assert "quantize='int8':" not in str(e.value)  # nothing smaller to offer
@@ -68,11 +68,11 @@ def test_a_load_that_cannot_fit_is_refused_before_any_weight_is_read(ckpts, held
 
 def test_a_tight_fit_warns_and_the_skip_setting_loads_anyway(ckpts, held, monkeypatch, caplog):
     need = held[(torch.float32, None)]
-    monkeypatch.setattr(ops, "available_bytes", lambda device: (int(need / 0.9), "the test's memory"))
+    monkeypatch.setattr(memory, "available_bytes", lambda device: (int(need / 0.9), "the test's memory"))
     with caplog.at_level(logging.WARNING, logger="pllava"):
         pllava.Engine.from_pretrained(ckpts["pllava"])
     assert "little is left for the KV cache" in caplog.text
-    monkeypatch.setattr(ops, "available_bytes", lambda device: (need // 2, "the test's memory"))
+    monkeypatch.setattr(memory, "available_bytes", lambda device: (need // 2, "the test's memory"))
     monkeypatch.setenv("PLLAVA_SKIP_MEMORY_CHECK", "1")
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="pllava"):
@@ -83,9 +83,49 @@ def test_a_tight_fit_warns_and_the_skip_setting_loads_anyway(ckpts, held, monkey
 
 def test_available_bytes_reads_the_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (123 << 20, 80 << 30))
-    assert ops.available_bytes("cuda:0") == (123 << 20, "free on cuda:0")
-    have, source = ops.available_bytes("cpu")
+    assert memory.available_bytes("cuda:0") == (123 << 20, "free on cuda:0")
+    have, source = memory.available_bytes("cpu")
     with open("/proc/meminfo") as f:
         meminfo = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
     assert source == "available host memory (MemAvailable)"
     assert abs(have - meminfo["MemAvailable"]) < 512 << 20  # read moments apart on a shared machine
+
+
+def _cgroup(tmp_path, proc_line: str, files: dict) -> tuple[str, str]:
+    """A fake /sys/fs/cgroup tree and /proc/self/cgroup: files maps paths under the root to their text."""
+    root = tmp_path / "cgroup"
+    root.mkdir(parents=True)
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    proc = tmp_path / "proc_cgroup"
+    proc.write_text(proc_line)
+    return str(root), str(proc)
+
+
+def test_a_memory_cgroup_limit_is_read_v2_and_v1(tmp_path):
+    """What a container's limit still allows: the limit less its use, plus the page cache it can reclaim."""
+    gib = 1 << 30
+    v2 = _cgroup(tmp_path / "a", "0::/job\n", {"job/memory.max": f"{16 * gib}\n", "job/memory.current": f"{10 * gib}\n",
+                                                 "job/memory.stat": f"anon {7 * gib}\nfile {3 * gib}\nkernel 1\n"})
+    assert memory.cgroup_available(*v2) == (9 * gib, 16 * gib)
+    v1 = _cgroup(tmp_path / "b", "12:pids:/x\n4:memory:/process_api/42\n0::/\n", {
+        "memory/process_api/42/memory.limit_in_bytes": f"{8 * gib}\n",
+        "memory/process_api/42/memory.usage_in_bytes": f"{6 * gib}\n",
+        "memory/process_api/42/memory.stat": f"cache {gib}\ntotal_cache {2 * gib}\nrss 1\n"})
+    assert memory.cgroup_available(*v1) == (4 * gib, 8 * gib)
+    unlimited = [_cgroup(tmp_path / "c", "0::/\n", {"memory.max": "max\n", "memory.current": "5\n"}),
+                 _cgroup(tmp_path / "d", "4:memory:/\n", {"memory/memory.limit_in_bytes": "9223372036854771712\n",
+                                                          "memory/memory.usage_in_bytes": "5\n"}),
+                 _cgroup(tmp_path / "e", "0::/\n", {}),  # a v1 host's unified tree without the memory controller
+                 (str(tmp_path / "none"), str(tmp_path / "no_proc_file"))]
+    assert [memory.cgroup_available(*u) for u in unlimited] == [None] * 4
+
+
+def test_the_host_figure_is_the_lower_of_memavailable_and_the_cgroup(monkeypatch):
+    have, _ = memory.available_bytes("cpu")
+    monkeypatch.setattr(memory, "cgroup_available", lambda: (have // 4, 2 * have))
+    assert memory.available_bytes("cpu") == (have // 4, f"this process's memory cgroup: its {2 * have / 1e9:.1f} GB "
+                                                        "limit less what it uses")
+    monkeypatch.setattr(memory, "cgroup_available", lambda: (have * 4, have * 8))
+    assert memory.available_bytes("cpu")[1] == "available host memory (MemAvailable)"
