@@ -1,10 +1,12 @@
-"""How much memory is free for new tensors on a device: the load's weight check (loading.check_weights_fit) and
-the KV cache budget (slots.default_kv_budget) read it here."""
+"""How much memory is free for new tensors on a device: the load's weight check (loading.check_weights_fit), the KV
+cache budget (slots.default_kv_budget) and generate()'s cache growth (check_host_allocation) read it here."""
 from __future__ import annotations
 
 import os
 
 import torch
+
+from .errors import MemoryBudgetError
 
 
 def available_bytes(device) -> tuple[int, str]:
@@ -67,3 +69,17 @@ def cgroup_available(root: str = "/sys/fs/cgroup", proc: str = "/proc/self/cgrou
             continue
         return max(0, int(limit) - used + cache), int(limit)
     return None
+
+
+def check_host_allocation(nbytes: int, device, what: str, advice: str):
+    """Refuse, with a MemoryBudgetError naming the numbers, `nbytes` more of host memory than is available: a
+    torch.zeros past it is not an exception under Linux's overcommit but an OOM kill of the whole process as the
+    pages are written. On CUDA the allocator raises a catchable out-of-memory error itself (and its cached blocks,
+    which the driver counts as used, would make this check refuse what fits), so nothing is checked there."""
+    if torch.device(device).type != "cpu" or nbytes <= 0:
+        return
+    have, source = available_bytes(device)
+    if nbytes > have:
+        raise MemoryBudgetError(f"{what} needs {nbytes / 1e9:.2f} GB more of host memory, but {have / 1e9:.2f} GB "
+                                f"is free ({source}); {advice}")
+

@@ -136,3 +136,21 @@ def test_the_host_figure_is_the_lower_of_memavailable_and_the_cgroup(monkeypatch
                                                         "limit less what it uses")
     monkeypatch.setattr(memory, "cgroup_available", lambda: (have * 4, have * 8))
     assert memory.available_bytes("cpu")[1] == "available host memory (MemAvailable)"
+
+
+def test_a_kv_cache_past_the_host_memory_is_refused_and_the_engine_stays_usable(engine, pxs, monkeypatch):
+    """generate()'s KV cache grows with a longer request; where the growth exceeds the host's free memory (a
+    torch.zeros that Linux would answer with an OOM kill as its pages are written) the request is refused with
+    the numbers, the old cache is kept whole, and the next request runs as before."""
+    lm = engine.model.language_model
+    want = engine.generate(pxs[0], "hello", max_new_tokens=8).token_ids
+    size, cache = lm.max_len, lm.layers[0].self_attn.kv_cache
+    monkeypatch.setattr(memory, "available_bytes", lambda device: (1000, "the test's memory"))
+    with pytest.raises(pllava.MemoryBudgetError, match=r"a KV cache of 512 positions needs .* GB more of host "
+                                                        r"memory, but 0.00 GB is free \(the test's memory\)"):
+        engine.generate(pxs[1], "hello", max_new_tokens=300)
+    assert lm.max_len == size and lm.layers[0].self_attn.kv_cache is cache  # nothing replaced
+    assert engine.generate(pxs[0], "hello", max_new_tokens=8).token_ids == want  # fits the old cache: no check
+    monkeypatch.undo()
+    assert len(engine.generate(pxs[1], "hello", max_new_tokens=300).token_ids) > 8
+    assert lm.max_len == 512
