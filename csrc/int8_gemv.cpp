@@ -12,12 +12,12 @@
 //
 // Prefetch: a tile reads its 4 rows of q as 4 streams of K bytes, and the hardware prefetcher does not keep up
 // with them: with short rows it never gets ahead (the small preset's 56 decode GEMVs, K = 768 and 2048, 57 MB from
-// DRAM as in a decode step, streamed at 10.5 GB/s on 2 Zen4 cores), and long ones cross a 4 KB page every K / 4096
-// steps in each of the 4 streams at once, where it starts over (7B and 34B shapes, K = 4096-20480, 30-35 GB/s on
-// 2 Zen5 cores whose 1 GiB read is 46). So each k step issues one software prefetch, and the prefetches sweep q's
-// bytes linearly one tile ahead (kTile rows, at least 8 KB): while tile b computes, tile b + 1 comes in. Small
-// preset 24 -> 50 GB/s on Zen4 (25 -> 53 on Zen5), 7B and 34B shapes 30-35 -> 40-48 GB/s on Zen5, at M = 1-4
-// (benchmarks/bench_int8_gemv.py). Half a tile ahead (8 KB at K = 4096) recovered only a third of that.
+// DRAM as in a decode step, streamed at 10.5 GB/s on 2 Zen4 cores), and in long ones the 4 streams cross a 4 KB
+// page together every 256 k steps, where it starts over (7B and 34B shapes, K = 4096-20480: 30-35 GB/s on 2 Zen5
+// cores whose 1 GiB read is 46). So each k step issues one software prefetch, and the prefetches sweep q's bytes
+// linearly one tile ahead (kTile rows, at least 8 KB): while tile b computes, tile b + 1 comes in. Small preset:
+// 10.5 -> 24 GB/s on Zen4 (4-8 KB ahead then), 25-27 -> 53-66 on Zen5; 7B and 34B shapes on Zen5, M = 1-4: 30-35
+// -> 40-58 GB/s (benchmarks/bench_int8_gemv.py). 8 KB ahead at K = 4096 recovered only a third of that.
 //
 // bf16 weights: the LoRA's A (r, K) and B (N, r) of a decode row went through torch's bf16 GEMM, 51 us a product on
 // 2 Zen4 cores (small preset, r = 128: 1.6 ms of a 9 ms step for 32 products, 3.8 GB/s), with x rounded to bf16.
