@@ -26,9 +26,10 @@ def shapes(hidden, inter, layers, vocab):
     return layer * layers + ([(vocab, hidden)] if vocab else [])
 
 
-SETS = {  # the small preset's whole step; two of pllava-7b's 32 layers (404 MB, past any L3)
+SETS = {  # the small preset's whole step; two of pllava-7b's 32 layers (404 MB, past any L3); one of pllava-34b's 60
     "small (K 768 / 2048)": shapes(768, 2048, 8, 32064),
     "pllava-7b x2 layers (K 4096 / 11008)": shapes(4096, 11008, 2, 0),
+    "pllava-34b x1 layer (K 7168 / 20480)": shapes(7168, 20480, 1, 0),
 }
 
 
