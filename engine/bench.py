@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,6 +27,7 @@ import torch
 from . import ops
 from .errors import ConfigError
 from .loading import resolve_device
+from .memory import human_bytes
 
 log = logging.getLogger("pllava")
 STAGES = ("decode", "preprocess", "vision", "projector", "prefill", "ttft", "decode_tok_s", "e2e")
@@ -97,6 +99,13 @@ def _write_preset_shards(specs: dict, base: str, dtype, device):
     elem = torch.empty((), dtype=dtype).element_size()
     size = {k: int(np.prod(v[0])) * elem for k, v in specs.items()}
     total = sum(size.values())
+    old = sum(os.path.getsize(os.path.join(base, f)) for f in os.listdir(base)  # an interrupted write's shards
+              if f.startswith("model") and f.endswith(".safetensors"))
+    free = shutil.disk_usage(base).free
+    if total > free + old:  # not a full disk with half a checkpoint on it, 28 GB in (pllava-7b in fp32)
+        raise ConfigError(f"writing the preset's weights needs {human_bytes(total)} in {base}, but "
+                          f"{human_bytes(free + old)} is free there; point PLLAVA_BENCH_CACHE at a roomier "
+                          "directory")
     shards = max(1, total // SHARD_BYTES + 1)
     keys = sorted(specs)
     wm, done = {}, 0

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from . import memory, ops
+from .memory import human_bytes
 from .checkpoint import LAYOUT_NAMES, attach_adapter_config, load_weights, plan_adapter, plan_checkpoint
 from .config import DEFAULT_LORA_ALPHA, PllavaConfig, load_config, read_json_object
 from .errors import CheckpointError, ConfigError, MemoryBudgetError, PllavaError
@@ -258,10 +259,6 @@ def weight_bytes(net: PllavaModel, dt: torch.dtype, quantize: str | None, device
 _TIGHT = 0.85  # weights past this share of the free memory leave little for the KV cache and activations
 
 
-def _size(n: int) -> str:
-    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
-
-
 def check_weights_fit(net: PllavaModel, dt: torch.dtype, quantize: str | None, device: torch.device, where: str):
     """Refuse, before any weight is read, a load whose weights alone exceed the memory free on `device` (on the
     host an OOM kill or heavy swapping otherwise, minutes into the load), naming the numbers and the settings that
@@ -274,7 +271,7 @@ def check_weights_fit(net: PllavaModel, dt: torch.dtype, quantize: str | None, d
         return
     if need <= have:
         log.warning("%s: the weights take %s of the %s %s as %s: little is left for the KV cache and activations",
-                    where, _size(need), _size(have), source, name)
+                    where, human_bytes(need), human_bytes(have), source, name)
         return
     options = []
     for odt, oq in ((torch.bfloat16, None), (dt, "int8"), (torch.bfloat16, "int8")):
@@ -283,10 +280,11 @@ def check_weights_fit(net: PllavaModel, dt: torch.dtype, quantize: str | None, d
             n = weight_bytes(net, odt, oq, device)
             if n < need:
                 options.append((odt, oq, n))
-    msg = f"{where}: its weights need {_size(need)} on {device} as {name}, but {_size(have)} is free ({source})"
+    msg = (f"{where}: its weights need {human_bytes(need)} on {device} as {name}, but {human_bytes(have)} is free "
+           f"({source})")
     if options:
-        msg += "; " + "; ".join(f"dtype={str(o).split('.')[-1]}{', quantize=' + repr(q) if q else ''}: {_size(n)}"
-                                + ("" if n <= have else " (also too much)") for o, q, n in options)
+        msg += "; " + "; ".join(f"dtype={str(o).split('.')[-1]}{', quantize=' + repr(q) if q else ''}: "
+                                f"{human_bytes(n)}{'' if n <= have else ' (also too much)'}" for o, q, n in options)
         msg += " (CLI --dtype, --quantize)"
     if os.environ.get("PLLAVA_SKIP_MEMORY_CHECK") == "1":
         log.warning("%s; loading anyway (PLLAVA_SKIP_MEMORY_CHECK=1)", msg)

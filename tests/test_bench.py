@@ -5,6 +5,8 @@ import os
 import pytest
 import torch
 
+import pllava
+
 
 def test_run_bench_tiny(tmp_path, monkeypatch, video_path, capsys):
     pytest.importorskip("matplotlib")
@@ -79,6 +81,35 @@ def test_preset_shards_are_written_one_at_a_time_and_match_the_whole_dict_writer
     assert files == sorted(os.listdir(tmp_path / "b")) and len(files) == 4  # 3 shards and the index
     for f in files:
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+
+
+def test_a_preset_too_large_for_the_disk_is_refused_before_a_shard_is_written(tmp_path, monkeypatch):
+    """Writing a preset's weights (pllava-7b in fp32: 28 GB) checks the free disk first, counting an interrupted
+    write's shards as space it will reuse: a clear error naming both sizes and PLLAVA_BENCH_CACHE, not a full disk
+    with half a checkpoint on it. The size it must name: the tensors of the same preset written without a limit."""
+    import collections
+
+    from safetensors.torch import load_file
+
+    from pllava import bench
+
+    written, _ = bench.make_preset_checkpoint("tiny", root=str(tmp_path / "free"), dtype=torch.float32)
+    nbytes = sum(t.numel() * t.element_size() for t in load_file(os.path.join(written, "model.safetensors")).values())
+
+    def size(n):  # the message's units
+        return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(bench.shutil, "disk_usage", lambda path: usage(1 << 40, 0, nbytes // 2))
+    with pytest.raises(pllava.ConfigError) as e:
+        bench.make_preset_checkpoint("tiny", root=str(tmp_path / "full"), dtype=torch.float32)
+    base = tmp_path / "full" / "tiny-float32"
+    assert (f"needs {size(nbytes)} in {base}, but {size(nbytes // 2)} is free there; point PLLAVA_BENCH_CACHE"
+            in str(e.value)), str(e.value)
+    assert not [f for f in os.listdir(base) if f.endswith(".safetensors")] and not (base / "DONE").exists()
+    (base / "model.safetensors").write_bytes(b"x" * (nbytes // 2 + 1))  # an interrupted write: its space is reused
+    bench.make_preset_checkpoint("tiny", root=str(tmp_path / "full"), dtype=torch.float32)
+    assert (base / "DONE").exists() and (base / "model.safetensors").stat().st_size > nbytes
 
 
 def test_bench_quality_counts_both_kinds_of_position(tmp_path):

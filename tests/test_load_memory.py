@@ -27,7 +27,7 @@ def held(ckpts):
     return {m: held_bytes(pllava.Engine.from_pretrained(ckpts["pllava"], dtype=m[0], quantize=m[1])) for m in MODES}
 
 
-def _size(n):
+def _size(n):  # the messages' sizes, in decimal units
     return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
 
 
@@ -146,11 +146,18 @@ def test_a_kv_cache_past_the_host_memory_is_refused_and_the_engine_stays_usable(
     want = engine.generate(pxs[0], "hello", max_new_tokens=8).token_ids
     size, cache = lm.max_len, lm.layers[0].self_attn.kv_cache
     monkeypatch.setattr(memory, "available_bytes", lambda device: (1000, "the test's memory"))
-    with pytest.raises(pllava.MemoryBudgetError, match=r"a KV cache of 512 positions needs .* GB more of host "
-                                                        r"memory, but 0.00 GB is free \(the test's memory\)"):
+    with pytest.raises(pllava.MemoryBudgetError, match=r"a KV cache of 512 positions needs .* more of host "
+                                                        r"memory, but 1.0 kB is free \(the test's memory\)") as e:
         engine.generate(pxs[1], "hello", max_new_tokens=300)
     assert lm.max_len == size and lm.layers[0].self_attn.kv_cache is cache  # nothing replaced
     assert engine.generate(pxs[0], "hello", max_new_tokens=8).token_ids == want  # fits the old cache: no check
     monkeypatch.undo()
     assert len(engine.generate(pxs[1], "hello", max_new_tokens=300).token_ids) > 8
     assert lm.max_len == 512
+
+    def layer_bytes(c):
+        return c.k_cache.numel() * c.k_cache.element_size() + c.v_cache.numel() * c.v_cache.element_size()
+
+    old, new = layer_bytes(cache), layer_bytes(lm.layers[0].self_attn.kv_cache)
+    peak = len(lm.layers) * (new - old) + old  # layer by layer: every new one and the last old one at once
+    assert f"needs {_size(peak)} more" in str(e.value), str(e.value)

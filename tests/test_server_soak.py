@@ -109,7 +109,8 @@ def test_a_mixed_concurrent_load_gets_one_at_a_time_answers(ckpts, clips):
                         r = httpx.post(url, timeout=300, json=_body(clips[ci], q, max_tokens=mt, lora_alpha=alpha,
                                                                     n=n, temperature=0.9, top_p=0.9, seed=seed))
                         assert r.status_code == 200, r.text
-                        got = [ch["message"]["content"] for ch in sorted(r.json()["choices"], key=lambda ch: ch["index"])]
+                        choices = sorted(r.json()["choices"], key=lambda ch: ch["index"])
+                        got = [ch["message"]["content"] for ch in choices]
                         assert got == [reference(ci, q, mt, alpha, temperature=0.9, top_p=0.9, seed=seed + k)
                                        for k in range(n)]
                     elif kind == "leave":  # read a few events of a long answer, then hang up
