@@ -91,6 +91,7 @@ def test_a_tight_fit_warns_and_the_skip_setting_loads_anyway(ckpts, held, monkey
 def test_available_bytes_reads_the_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (123 << 20, 80 << 30))
     assert memory.available_bytes("cuda:0") == (123 << 20, "free on cuda:0")
+    monkeypatch.setattr(memory, "cgroup_available", lambda: None)  # a limited container: the next test
     have, source = memory.available_bytes("cpu")
     with open("/proc/meminfo") as f:
         meminfo = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
