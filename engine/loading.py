@@ -237,7 +237,7 @@ def weight_bytes(net: PllavaModel, dt: torch.dtype, quantize: str | None, device
     from .model.llm import RMSNorm
     from .model.quant import int8_targets
 
-    size = torch.empty((), dtype=dt).element_size()
+    size = dt.itemsize
     targets, norms = {}, set()
     if quantize == "int8":
         targets = {"language_model." + n: k for n, k in int8_targets(net.language_model).items()}
@@ -273,13 +273,10 @@ def check_weights_fit(net: PllavaModel, dt: torch.dtype, quantize: str | None, d
         log.warning("%s: the weights take %s of the %s %s as %s: little is left for the KV cache and activations",
                     where, human_bytes(need), human_bytes(have), source, name)
         return
-    options = []
-    for odt, oq in ((torch.bfloat16, None), (dt, "int8"), (torch.bfloat16, "int8")):
-        if (odt, oq) != (dt, quantize) and not (oq is None and quantize) and odt.itemsize <= dt.itemsize \
-                and (odt, oq) not in [o[:2] for o in options]:
-            n = weight_bytes(net, odt, oq, device)
-            if n < need:
-                options.append((odt, oq, n))
+    # the smaller settings to offer: bf16, int8, both (never one that drops the int8 already asked for)
+    smaller = dict.fromkeys(m for m in ((torch.bfloat16, None), (dt, "int8"), (torch.bfloat16, "int8"))
+                            if m != (dt, quantize) and (m[1] or not quantize))
+    options = [(odt, oq, n) for odt, oq in smaller if (n := weight_bytes(net, odt, oq, device)) < need]
     msg = (f"{where}: its weights need {human_bytes(need)} on {device} as {name}, but {human_bytes(have)} is free "
            f"({source})")
     if options:

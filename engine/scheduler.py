@@ -46,7 +46,7 @@ def _device_memory_error(s: Sequence, stage: str, err: BaseException) -> DeviceM
     request's error is dropped (a server's client may read it late)."""
     e = DeviceMemoryError.of(stage, err, "this request alone ended, the others go on: retry when the load is "
                              "lower, or lower --max-num-seqs, the frames or the prompt")
-    log.warning("%s: %s", f"requests[{s.index}]" if s.index is not None else "a request", e)
+    log.warning("%s: %s", s.where, e)
     return e
 
 
@@ -320,8 +320,7 @@ class Scheduler:
             raise
         except Exception as err:  # noqa: BLE001 - re-raised as this request's own failure, logged
             if not ops.out_of_memory(err):
-                where = f"requests[{s.index}]" if s.index is not None else "a request"
-                log.error("%s: its clip failed with an untyped %s (a bug): %s", where, type(err).__name__, err,
+                log.error("%s: its clip failed with an untyped %s (a bug): %s", s.where, type(err).__name__, err,
                           exc_info=err)
                 raise _MediaFailure(err) from err
             oom = _device_memory_error(s, "preprocessing its clip", err)  # on the device: it did not fit, no bug

@@ -82,6 +82,11 @@ class Sequence:
         # cores, and every other request's decode waits behind it)
         self.stop = stop_check(req.cancel)
 
+    @property
+    def where(self) -> str:
+        """How a log line names this request: requests[i] in a generate_many call, else 'a request'."""
+        return f"requests[{self.index}]" if self.index is not None else "a request"
+
 
 def prepare_sequence(engine, req: Request, index=None, on_event=None, on_done=None) -> Sequence:
     """Validate a request (typed errors naming `requests[index]`, before any compute) and tokenize its prompt,

@@ -92,12 +92,10 @@ def test_a_preset_too_large_for_the_disk_is_refused_before_a_shard_is_written(tm
     from safetensors.torch import load_file
 
     from pllava import bench
+    from pllava.memory import human_bytes as size
 
     written, _ = bench.make_preset_checkpoint("tiny", root=str(tmp_path / "free"), dtype=torch.float32)
     nbytes = sum(t.numel() * t.element_size() for t in load_file(os.path.join(written, "model.safetensors")).values())
-
-    def size(n):  # the message's units
-        return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
 
     usage = collections.namedtuple("usage", "total used free")
     monkeypatch.setattr(bench.shutil, "disk_usage", lambda path: usage(1 << 40, 0, nbytes // 2))

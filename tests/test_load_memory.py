@@ -9,6 +9,7 @@ import torch
 
 import pllava
 from pllava import loading, memory
+from pllava.memory import human_bytes as hb
 from triton_util import TRITON_DEVICE
 
 DEVICES = sorted({"cpu", TRITON_DEVICE})  # and the GPU where there is one
@@ -25,10 +26,6 @@ def held_bytes(engine) -> int:
 @pytest.fixture(scope="module")
 def held(ckpts):
     return {m: held_bytes(pllava.Engine.from_pretrained(ckpts["pllava"], dtype=m[0], quantize=m[1])) for m in MODES}
-
-
-def _size(n):  # the messages' sizes, in decimal units
-    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -61,11 +58,11 @@ def test_a_load_that_cannot_fit_is_refused_before_any_weight_is_read(ckpts, held
     with pytest.raises(pllava.MemoryBudgetError) as e:
         pllava.Engine.from_pretrained(ckpts["pllava"], dtype=torch.float32)
     msg = str(e.value)
-    assert ckpts["pllava"] in msg and f"need {_size(need)} on cpu as float32" in msg
-    assert f"but {_size(have)} is free (the test's memory)" in msg
-    assert f"dtype=bfloat16: {_size(held[(torch.bfloat16, None)])} (also too much)" in msg
-    assert f"dtype=float32, quantize='int8': {_size(held[(torch.float32, 'int8')])} (also too much);" in msg
-    assert f"dtype=bfloat16, quantize='int8': {_size(held[(torch.bfloat16, 'int8')])} (CLI" in msg
+    assert ckpts["pllava"] in msg and f"need {hb(need)} on cpu as float32" in msg
+    assert f"but {hb(have)} is free (the test's memory)" in msg
+    assert f"dtype=bfloat16: {hb(held[(torch.bfloat16, None)])} (also too much)" in msg
+    assert f"dtype=float32, quantize='int8': {hb(held[(torch.float32, 'int8')])} (also too much);" in msg
+    assert f"dtype=bfloat16, quantize='int8': {hb(held[(torch.bfloat16, 'int8')])} (CLI" in msg
     assert "PLLAVA_SKIP_MEMORY_CHECK=1" in msg
     monkeypatch.setattr(memory, "available_bytes", lambda device: (1000, "the test's memory"))
     with pytest.raises(pllava.MemoryBudgetError, match="as bfloat16 \\+ int8, but 1.0 kB is free") as e:
@@ -161,4 +158,4 @@ def test_a_kv_cache_past_the_host_memory_is_refused_and_the_engine_stays_usable(
 
     old, new = layer_bytes(cache), layer_bytes(lm.layers[0].self_attn.kv_cache)
     peak = len(lm.layers) * (new - old) + old  # layer by layer: every new one and the last old one at once
-    assert f"needs {_size(peak)} more" in str(e.value), str(e.value)
+    assert f"needs {hb(peak)} more" in str(e.value), str(e.value)

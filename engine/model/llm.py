@@ -377,11 +377,11 @@ class LlamaLM(nn.Module):
         c = self.config
         size = min(-(-max_len // self.CACHE_BUCKET) * self.CACHE_BUCKET, max(max_len, c.max_position_embeddings))
         keep = keep if old is not None and old.k_cache.shape[0] == batch else 0  # (a dtype change keeps it, converted)
-        per_layer = 2 * batch * c.num_key_value_heads * size * c.head_dim * torch.empty((), dtype=dtype).element_size()
-        held = 0 if old is None else 2 * old.k_cache.numel() * old.k_cache.element_size()
-        check_host_allocation(  # before any layer's cache is replaced: a refusal leaves the old one whole
-            (per_layer - held) * len(self.layers) + held, device, f"a KV cache of {size} positions",
-            "ask for fewer new tokens or a shorter prompt, or free memory")
+        held = 0 if old is None else 2 * old.k_cache.numel() * old.k_cache.element_size()  # one layer's K and V
+        check_host_allocation(  # before any layer's cache is replaced, so a refusal leaves the old one whole; the
+            # peak: every new layer while the last old one is still held
+            SlotKVCache.bytes_per_token(c, dtype) * size * batch - held * (len(self.layers) - 1), device,
+            f"a KV cache of {size} positions", "ask for fewer new tokens or a shorter prompt, or free memory")
         for layer in self.layers:
             prev = layer.self_attn.kv_cache
             new = KVCache(batch, c.num_key_value_heads, size, c.head_dim, dtype, device)
