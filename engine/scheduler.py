@@ -126,7 +126,7 @@ class Scheduler:
         """A request that can never fit a slot fails here with the numbers; one longer than the context has its
         max_new_tokens cut to fit (as generate() does)."""
         ctx, slot_len = self.engine.config.text.max_position_embeddings, self.plan.slot_len
-        where = f"requests[{seq.index}]" if seq.index is not None else "request"
+        where = seq.where
         n_prompt, n_new = seq.n_prompt, seq.params.max_new_tokens
         if n_prompt + 1 > slot_len:
             raise MemoryBudgetError(f"{where}: the prompt is {n_prompt} tokens "

@@ -84,15 +84,20 @@ class Sequence:
 
     @property
     def where(self) -> str:
-        """How a log line names this request: requests[i] in a generate_many call, else 'a request'."""
-        return f"requests[{self.index}]" if self.index is not None else "a request"
+        """How errors and log lines name this request (request_name)."""
+        return request_name(self.index)
+
+
+def request_name(index) -> str:
+    """requests[i] for the i-th request of a generate_many call; 'request' for one alone (generate(), the server)."""
+    return f"requests[{index}]" if index is not None else "request"
 
 
 def prepare_sequence(engine, req: Request, index=None, on_event=None, on_done=None) -> Sequence:
     """Validate a request (typed errors naming `requests[index]`, before any compute) and tokenize its prompt,
     once. What depends on a scheduler's slots is checked by Scheduler.fit."""
     e = engine
-    where = f"requests[{index}]" if index is not None else "request"
+    where = request_name(index)
     try:
         # by name: Request holds SamplingParams' fields under the same names (stop lists may be None there)
         params = SamplingParams(**{f.name: getattr(req, f.name) for f in fields(SamplingParams)})
