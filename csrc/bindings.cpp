@@ -10,6 +10,7 @@
 #include "cpu_isa.h"
 #include "decode_attention.h"
 #include "int8_gemv.h"
+#include "int8_quantize.h"
 #include "preprocess.h"
 
 namespace py = pybind11;
@@ -106,8 +107,24 @@ static void decode_attention_rows(uintptr_t q, int64_t q_sb, int64_t q_sh, uintp
                                 slot.data(), lo.data(), hi.data(), scale, num_threads, generic);
 }
 
+static void row_absmax(uintptr_t w, bool w_bf16, int64_t n, int64_t k, int64_t ldw, uintptr_t amax, int num_threads,
+                       bool generic) {
+  if (n < 0 || k < 1 || ldw < k) throw std::invalid_argument("row_absmax: need N >= 0, K >= 1 and ldw >= K");
+  py::gil_scoped_release release;
+  pllava::row_absmax(reinterpret_cast<const void*>(w), w_bf16, n, k, ldw, reinterpret_cast<float*>(amax),
+                     num_threads, generic);
+}
+
+static void int8_quantize_rows(uintptr_t w, bool w_bf16, int64_t n, int64_t k, int64_t ldw, uintptr_t scale,
+                               uintptr_t q, uintptr_t resid, int num_threads, bool generic) {
+  if (n < 0 || k < 1 || ldw < k) throw std::invalid_argument("int8_quantize_rows: need N >= 0, K >= 1 and ldw >= K");
+  py::gil_scoped_release release;
+  pllava::int8_quantize_rows(reinterpret_cast<const void*>(w), w_bf16, n, k, ldw, reinterpret_cast<const float*>(scale),
+                             reinterpret_cast<int8_t*>(q), reinterpret_cast<float*>(resid), num_threads, generic);
+}
+
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "pllava native preprocessing (PIL-exact bicubic resize + center crop + normalize), int8 and bf16 GEMV, decode attention over an fp32 or bf16 cache";
+  m.doc() = "pllava native preprocessing (PIL-exact bicubic resize + center crop + normalize), int8 and bf16 GEMV, int8 weight quantization, decode attention over an fp32 or bf16 cache";
   m.def("preprocess", &preprocess_frames, py::arg("data"), py::arg("shape"), py::arg("strides"), py::arg("cfg"),
         py::arg("out"), py::arg("dtype"), py::arg("num_threads") = 0);
   m.def("output_size", &output_size);
@@ -136,5 +153,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("o"), py::arg("o_sb"), py::arg("o_sh"), py::arg("h"), py::arg("kv"), py::arg("d"),
         py::arg("num_slots"), py::arg("slot_len"), py::arg("slot"), py::arg("lo"), py::arg("hi"), py::arg("scale"),
         py::arg("num_threads") = 0, py::arg("generic") = false);
-  m.attr("ABI") = 7;
+  m.def("row_absmax", &row_absmax, py::arg("w"), py::arg("w_bf16"), py::arg("n"), py::arg("k"), py::arg("ldw"),
+        py::arg("amax"), py::arg("num_threads") = 0, py::arg("generic") = false);
+  m.def("int8_quantize_rows", &int8_quantize_rows, py::arg("w"), py::arg("w_bf16"), py::arg("n"), py::arg("k"),
+        py::arg("ldw"), py::arg("scale"), py::arg("q"), py::arg("resid"), py::arg("num_threads") = 0,
+        py::arg("generic") = false);
+  m.attr("ABI") = 8;
 }

@@ -1,0 +1,77 @@
+// Runs the int8 weight quantizer under AddressSanitizer/UBSan on awkward shapes (K of 1 and off every vector width,
+// padded row strides, one row to many; fp32 and bf16 weights, with and without the residual; each of the CPU's
+// vector paths and the portable loop): every read must stay inside w's rows of K, every write inside q, resid and
+// amax (built and run by tests/test_int8_quantize.py). Each buffer is its own exact-size heap block. The values are
+// checked against a scalar reading of the contract in int8_quantize.h, so an ISA's loop that drifts is caught too.
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <vector>
+
+#include "../../csrc/cpu_isa.h"
+#include "../../csrc/int8_quantize.h"
+
+static uint16_t to_bf16(float f) {  // truncation: any bf16 value will do as an input
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+static float from_bf16(uint16_t b) {
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+int main() {
+  const int shapes[][2] = {{1, 1}, {3, 15}, {4, 17}, {5, 31}, {2, 64}, {7, 100}, {1, 4097}, {33, 9}};
+  unsigned seed = 11;
+  auto rnd = [&seed]() { return (seed = seed * 1103515245u + 12345u) >> 8; };
+  for (auto& s : shapes) {
+    const int n = s[0], k = s[1];
+    for (int pad : {0, 5}) {
+      const int ldw = k + pad;
+      const size_t span = static_cast<size_t>(n - 1) * ldw + k;  // the last row ends at w's end
+      std::vector<float> w(span);
+      for (auto& v : w) v = (static_cast<float>(rnd() % 2001) - 1000.0f) * 1e-3f;
+      std::vector<uint16_t> wb(span);
+      for (size_t i = 0; i < span; ++i) wb[i] = to_bf16(w[i]);
+      for (const char* isa : {"avx512", "avx2", "generic"}) for (int bf16 = 0; bf16 < 2; ++bf16) {
+        const bool generic = std::strcmp(isa, "generic") == 0;
+        pllava::set_isa_cap(generic ? "best" : isa);
+        const void* src = bf16 ? static_cast<const void*>(wb.data()) : static_cast<const void*>(w.data());
+        auto at = [&](int r, int c) { return bf16 ? from_bf16(wb[static_cast<size_t>(r) * ldw + c]) : w[static_cast<size_t>(r) * ldw + c]; };
+        std::vector<float> amax(n), scale(n), resid(static_cast<size_t>(n) * k);
+        std::vector<int8_t> q(static_cast<size_t>(n) * k);
+        pllava::row_absmax(src, bf16 != 0, n, k, ldw, amax.data(), 2, generic);
+        for (int r = 0; r < n; ++r) {
+          float m = 0.0f;
+          for (int c = 0; c < k; ++c) m = std::fmax(m, std::fabs(at(r, c)));
+          if (amax[r] != m) {
+            std::printf("absmax mismatch isa=%s bf16=%d n=%d k=%d pad=%d row %d\n", isa, bf16, n, k, pad, r);
+            return 1;
+          }
+          scale[r] = m > 0.0f ? m / 127.0f : 1e-12f;
+        }
+        for (int with_resid = 0; with_resid < 2; ++with_resid) {
+          pllava::int8_quantize_rows(src, bf16 != 0, n, k, ldw, scale.data(), q.data(),
+                                     with_resid ? resid.data() : nullptr, 2, generic);
+          for (int r = 0; r < n; ++r)
+            for (int c = 0; c < k; ++c) {
+              const float want = std::fmin(std::fmax(std::nearbyint(at(r, c) / scale[r]), -127.0f), 127.0f);
+              const size_t i = static_cast<size_t>(r) * k + c;
+              const float res = static_cast<float>(static_cast<double>(at(r, c)) - static_cast<double>(want) * scale[r]);
+              if (q[i] != want || (with_resid && resid[i] != res)) {
+                std::printf("quantize mismatch isa=%s bf16=%d n=%d k=%d pad=%d at (%d, %d)\n", isa, bf16, n, k, pad, r, c);
+                return 1;
+              }
+            }
+        }
+      }
+    }
+  }
+  pllava::set_isa_cap("best");
+  std::printf("asan int8 quantize: ok\n");
+  return 0;
+}
