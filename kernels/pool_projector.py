@@ -28,11 +28,21 @@ CONFIGS = {
 }
 MAX_WCH = 16  # window slots per chunk; larger windows (global pooling) loop over chunks
 
+
+def _quick_gelu(t):
+    """CLIP's x·σ(1.702x). Without autograd, one temporary instead of three, by the same ops in the same order (the
+    bits are equal): each is the size of a CPU vision layer's fc1 output, 19 MB for 4 frames of ViT-L in bf16, and
+    written while fresh (16 frames, 6 ViT-L layers, 2 Zen 5 cores, median of 5 interleaved: 3.17 -> 2.96 s)."""
+    if torch.is_grad_enabled() and t.requires_grad:
+        return t * torch.sigmoid(1.702 * t)
+    return t.mul(1.702).sigmoid_().mul_(t)
+
+
 _ACTS = {
     "gelu": lambda t: F.gelu(t),  # erf, as transformers' "gelu"
     "gelu_pytorch_tanh": lambda t: F.gelu(t, approximate="tanh"),
     "gelu_new": lambda t: F.gelu(t, approximate="tanh"),
-    "quick_gelu": lambda t: t * torch.sigmoid(1.702 * t),
+    "quick_gelu": _quick_gelu,
     "silu": F.silu,
     "relu": F.relu,
 }

@@ -106,3 +106,20 @@ def test_fp32_engine_runs_no_convolution(ckpts):
     assert any("mm" in op for op in trace.ops), sorted(trace.ops)  # the trace saw the GEMMs
     conv = sorted(op for op in trace.ops if "conv" in op or "cudnn" in op)
     assert not conv, f"fp32 engine dispatched {conv}: on CUDA these run in TF32 by default"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_quick_gelu_in_place_has_the_formulas_bits(dtype):
+    """CLIP's activation with one temporary (no autograd) against x * sigmoid(1.702 x) as three ops, bit for bit;
+    with autograd it still differentiates."""
+    from pllava.kernels.pool_projector import _ACTS
+
+    x = (torch.randn(3, 7, 257, generator=torch.Generator().manual_seed(5)) * 4).to(dtype)
+    want = x * torch.sigmoid(1.702 * x)
+    x0 = x.clone()
+    with torch.no_grad():
+        assert torch.equal(_ACTS["quick_gelu"](x), want) and torch.equal(x, x0)  # (its input left as it was)
+    y = x.float().requires_grad_()
+    _ACTS["quick_gelu"](y).sum().backward()
+    s = torch.sigmoid(1.702 * y.detach())
+    assert torch.allclose(y.grad, s + 1.702 * y.detach() * s * (1 - s), rtol=1e-5, atol=1e-6)
