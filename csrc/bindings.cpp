@@ -11,6 +11,7 @@
 #include "decode_attention.h"
 #include "int8_gemv.h"
 #include "int8_quantize.h"
+#include "prefill_attention.h"
 #include "preprocess.h"
 
 namespace py = pybind11;
@@ -123,8 +124,30 @@ static void int8_quantize_rows(uintptr_t w, bool w_bf16, int64_t n, int64_t k, i
                              reinterpret_cast<int8_t*>(q), reinterpret_cast<float*>(resid), num_threads, generic);
 }
 
+static void prefill_attention(uintptr_t q, std::vector<int64_t> qs, uintptr_t k, std::vector<int64_t> ks, uintptr_t v,
+                              std::vector<int64_t> vs, uintptr_t o, std::vector<int64_t> os, int64_t b, int64_t h,
+                              int64_t kv, int64_t l, int64_t lk, int64_t d, bool causal, float scale,
+                              int num_threads) {
+  if (!pllava::prefill_attention_available())
+    throw std::runtime_error("prefill_attention: this build or CPU has no AVX512-BF16 path");
+  if (qs.size() != 3 || ks.size() != 3 || vs.size() != 3 || os.size() != 3)
+    throw std::invalid_argument("prefill_attention: strides are (batch, head, position) for q, k, v and o");
+  if (b < 1 || h < 1 || kv < 1 || l < 1 || lk < 1 || h % kv != 0 || !pllava::prefill_attention_supports(d) ||
+      (causal && lk < l))
+    throw std::invalid_argument("prefill_attention: need B, H, KV, L, Lk >= 1, H % KV == 0, D in 16/32/64/128/256"
+                                " and Lk >= L when causal; got B=" + std::to_string(b) + " H=" + std::to_string(h) +
+                                " KV=" + std::to_string(kv) + " L=" + std::to_string(l) + " Lk=" + std::to_string(lk) +
+                                " D=" + std::to_string(d));
+  pllava::AttnArgs a{reinterpret_cast<const uint16_t*>(q), reinterpret_cast<const uint16_t*>(k),
+                     reinterpret_cast<const uint16_t*>(v), reinterpret_cast<uint16_t*>(o),
+                     qs[0], qs[1], qs[2], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2], os[0], os[1], os[2],
+                     b, h, kv, l, lk, d, causal, scale};
+  py::gil_scoped_release release;
+  pllava::prefill_attention_bf16(a, num_threads);
+}
+
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "pllava native preprocessing (PIL-exact bicubic resize + center crop + normalize), int8 and bf16 GEMV, int8 weight quantization, decode attention over an fp32 or bf16 cache";
+  m.doc() = "pllava native preprocessing (PIL-exact bicubic resize + center crop + normalize), int8 and bf16 GEMV, int8 weight quantization, bf16 prefill attention, decode attention over an fp32 or bf16 cache";
   m.def("preprocess", &preprocess_frames, py::arg("data"), py::arg("shape"), py::arg("strides"), py::arg("cfg"),
         py::arg("out"), py::arg("dtype"), py::arg("num_threads") = 0);
   m.def("output_size", &output_size);
@@ -158,5 +181,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("int8_quantize_rows", &int8_quantize_rows, py::arg("w"), py::arg("w_bf16"), py::arg("n"), py::arg("k"),
         py::arg("ldw"), py::arg("scale"), py::arg("q"), py::arg("resid"), py::arg("num_threads") = 0,
         py::arg("generic") = false);
-  m.attr("ABI") = 8;
+  m.def("prefill_attention", &prefill_attention, py::arg("q"), py::arg("q_strides"), py::arg("k"),
+        py::arg("k_strides"), py::arg("v"), py::arg("v_strides"), py::arg("o"), py::arg("o_strides"), py::arg("b"),
+        py::arg("h"), py::arg("kv"), py::arg("l"), py::arg("lk"), py::arg("d"), py::arg("causal"), py::arg("scale"),
+        py::arg("num_threads") = 0);
+  m.def("prefill_attention_available", &pllava::prefill_attention_available,
+        "Whether this build and CPU run prefill_attention (AVX512-BF16, the ISA cap at avx512).");
+  m.attr("ABI") = 9;
 }

@@ -7,9 +7,9 @@ skips 1 of 24 layers and the final norm.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .. import ops
 from ..config import VisionConfig
 from pllava.kernels.pool_projector import _ACTS
 
@@ -56,7 +56,7 @@ class CLIPAttention(nn.Module):
     def forward(self, x):  # (T, L, D)
         t, n, d = x.shape
         q, k, v = (p(x).view(t, n, self.n_head, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
-        o = F.scaled_dot_product_attention(q, k, v)  # (T, H, L, hd); no mask: CLIP's vision side is bidirectional
+        o = ops.attention(q, k, v)  # (T, H, L, hd); no mask: CLIP's vision side is bidirectional
         return self.out_proj(o.transpose(1, 2).reshape(t, n, d))
 
 
