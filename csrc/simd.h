@@ -1,5 +1,6 @@
 // Loads that widen to fp32 in registers (int8, bf16 bits, fp32), 16 lanes on AVX-512 and 8 on AVX2 + FMA, and the
-// scalar widenings the portable loops and the tails use: shared by int8_gemv.cpp and decode_attention.cpp.
+// scalar widenings the portable loops and the tails use: shared by int8_gemv.cpp and decode_attention.cpp; and the
+// vector exps' constants (decode_attention.cpp, prefill_attention.cpp).
 #pragma once
 // GCC 12's AVX-512 intrinsics pass an undefined register (`__Y = __Y`) through, and each inlined use warned
 // (-Wuninitialized / -Wmaybe-uninitialized: 160 lines in a build of pllava._C). Silenced for that header alone:
@@ -19,6 +20,13 @@
 
 namespace pllava {
 namespace simd {
+
+// Cephes' expf, the vector exps' constants (decode_attention.cpp's 8 lanes, prefill_attention.cpp's 16): e^x =
+// 2^n e^r with n = round(x log2(e)), r = x - n ln2 (ln2 in two parts, so r is exact in fp32), e^r = 1 + r + r^2 p(r)
+// with p's coefficients below, highest first (Horner).
+constexpr float kExpLog2e = 1.44269504088896341f, kExpLn2Hi = 0.693359375f, kExpLn2Lo = -2.12194440e-4f;
+constexpr float kExpPoly[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                               4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
 
 inline float widen(float x) { return x; }
 inline float widen(int8_t v) { return static_cast<float>(v); }

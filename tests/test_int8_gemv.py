@@ -309,7 +309,8 @@ def test_the_avx2_and_avx512_paths_give_the_same_bits():
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="no g++")
-@pytest.mark.parametrize("source", ["int8_gemv.cpp", "decode_attention.cpp", "int8_quantize.cpp"])
+@pytest.mark.parametrize("source", ["int8_gemv.cpp", "decode_attention.cpp", "int8_quantize.cpp",
+                                    "prefill_attention.cpp"])
 def test_the_vector_kernels_compile_without_warnings(tmp_path, source):
     """Compiled as setup.py builds them, with -Wall on top, a build prints nothing: GCC 12's AVX-512 headers warned
     160 times (their undefined pass-through registers) until simd.h silenced that header alone. Our own code keeps

@@ -10,19 +10,7 @@
 
 #include "../../csrc/cpu_isa.h"
 #include "../../csrc/int8_quantize.h"
-
-static uint16_t to_bf16(float f) {  // truncation: any bf16 value will do as an input
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  return static_cast<uint16_t>(u >> 16);
-}
-
-static float from_bf16(uint16_t b) {
-  const uint32_t u = static_cast<uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
+#include "bf16_bits.h"
 
 int main() {
   const int shapes[][2] = {{1, 1}, {3, 15}, {4, 17}, {5, 31}, {2, 64}, {7, 100}, {1, 4097}, {33, 9}};

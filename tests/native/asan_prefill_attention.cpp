@@ -10,19 +10,7 @@
 #include <vector>
 
 #include "../../csrc/prefill_attention.h"
-
-static uint16_t bf16(float f) {  // round to nearest even
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-}
-
-static float f32(uint16_t b) {
-  const uint32_t u = static_cast<uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
+#include "bf16_bits.h"
 
 int main() {
   if (!pllava::prefill_attention_available()) {
@@ -42,9 +30,9 @@ int main() {
       const int ld = D + pad;  // a position's stride; heads then batches, packed
       std::vector<uint16_t> q(static_cast<size_t>(B) * H * L * ld - pad), k(static_cast<size_t>(B) * KV * Lk * ld - pad),
           v(k.size()), o(static_cast<size_t>(B) * H * L * ld - pad, 0x7FC0);  // o: NaN where nothing is written
-      for (auto& x : q) x = bf16(rnd());
-      for (auto& x : k) x = bf16(rnd());
-      for (auto& x : v) x = bf16(rnd());
+      for (auto& x : q) x = to_bf16(rnd());
+      for (auto& x : k) x = to_bf16(rnd());
+      for (auto& x : v) x = to_bf16(rnd());
       pllava::AttnArgs a{q.data(), k.data(), v.data(), o.data(),
                          int64_t(H) * L * ld, int64_t(L) * ld, ld, int64_t(KV) * Lk * ld, int64_t(Lk) * ld, ld,
                          int64_t(KV) * Lk * ld, int64_t(Lk) * ld, ld, int64_t(H) * L * ld, int64_t(L) * ld, ld,
@@ -60,16 +48,16 @@ int main() {
             for (int t = 0; t <= last; ++t) {
               const uint16_t* kr = &k[(size_t(b) * KV + kh) * Lk * ld + size_t(t) * ld];
               float dot = 0.f;
-              for (int e = 0; e < D; ++e) dot += f32(qr[e]) * f32(kr[e]);
+              for (int e = 0; e < D; ++e) dot += from_bf16(qr[e]) * from_bf16(kr[e]);
               s[t] = dot * a.scale;
               mx = std::fmax(mx, s[t]);
             }
             for (int t = 0; t <= last; ++t) sum += s[t] = std::exp(s[t] - mx);
             for (int e = 0; e < D; ++e) {
               float want = 0.f;
-              for (int t = 0; t <= last; ++t) want += s[t] * f32(v[(size_t(b) * KV + kh) * Lk * ld + size_t(t) * ld + e]);
+              for (int t = 0; t <= last; ++t) want += s[t] * from_bf16(v[(size_t(b) * KV + kh) * Lk * ld + size_t(t) * ld + e]);
               want /= sum;
-              const float got = f32(o[(size_t(b) * H + h) * L * ld + size_t(i) * ld + e]);
+              const float got = from_bf16(o[(size_t(b) * H + h) * L * ld + size_t(i) * ld + e]);
               if (!(std::fabs(got - want) <= 0.02f)) {  // |v| <= 1: bf16 weights and output, ~2^-8 each
                 std::printf("mismatch B=%d H=%d KV=%d L=%d Lk=%d D=%d causal=%d pad=%d at (%d, %d, %d, %d): %g vs %g\n",
                             B, H, KV, L, Lk, D, causal, pad, b, h, i, e, got, want);
