@@ -340,7 +340,9 @@ def prefix_split(ids: torch.Tensor, image_pos: int | None, num_visual: int) -> i
     generate() and the scheduler prefill [0, split) and [split, L) as two calls whether or not a cached prefix lets
     them skip the first, so a follow-up question gets the same bits as a fresh one: a whole prompt attends in one
     causal pass (in bf16 under bf16 weights), a continuation over the cache (in fp32 on the CPU), and under bf16 the
-    two differed by up to 0.037 in the logits on the tests' checkpoint, enough to swap near-tied tokens."""
+    two differed by up to 0.037 in the logits on the tests' checkpoint, enough to swap near-tied tokens. (Where
+    pllava._C's bf16 prefill attention runs, both attend through it; the split stays for every other path, and for
+    a question of <= 16 rows, which takes the fp32 decode-row path.)"""
     if image_pos is None or image_pos + 1 >= ids.numel():
         return 0
     return image_pos + num_visual

@@ -189,12 +189,19 @@ class Attention(nn.Module):
             # steps call the op's body directly (its dispatch: 7-12 us a layer)
             attend = torch.ops.pllava.decode_attention_cpu if torch.compiler.is_compiling() else ops.decode_attention_at
             o = attend(q.float(), k_all, v_all, input_pos, self.window or 0).to(q.dtype)
-        else:  # decode / continued prefill: the whole static cache, future slots masked out. On the CPU in fp32
-            # whatever the cache holds (bf16 decode attention is 7x slower there: 1.67 ms against 0.23 ms a layer at
-            # 2400 keys, 12 heads); elsewhere in the cache's dtype
-            dt = torch.float32 if q.device.type == "cpu" else k_all.dtype
-            o = F.scaled_dot_product_attention(q.to(dt), k_all.to(dt), v_all.to(dt), attn_mask=mask,
-                                               enable_gqa=gqa).to(q.dtype)
+        else:
+            o = None
+            if n > 1 and bsz == 1 and kv_len is not None and (self.window is None or kv_len <= self.window):
+                # a continued prefill (the question after a video prefix): the kernel of a whole bf16 prompt on
+                # the CPU, over the used positions (the last n are this call's), so that a row's bits do not depend
+                # on where its prompt was split (ops.cpu_attention_bf16; None elsewhere)
+                o = ops.cpu_attention_bf16(q, k_all, v_all, causal=True)
+            if o is None:  # decode / continued prefill: the whole static cache, future slots masked out. On the
+                # CPU in fp32 whatever the cache holds (bf16 decode attention is 7x slower there: 1.67 ms against
+                # 0.23 ms a layer at 2400 keys, 12 heads); elsewhere in the cache's dtype
+                dt = torch.float32 if q.device.type == "cpu" else k_all.dtype
+                o = F.scaled_dot_product_attention(q.to(dt), k_all.to(dt), v_all.to(dt), attn_mask=mask,
+                                                   enable_gqa=gqa).to(q.dtype)
         return self.o_proj(o.transpose(1, 2).reshape(bsz, n, -1))
 
     def forward_slots(self, x, cos, sin, rows: "SlotRows", kc: torch.Tensor, vc: torch.Tensor, window):
@@ -222,9 +229,14 @@ class Attention(nn.Module):
             vc[rows.slot_t, :, rows.pos_t[:, 0]] = vw[:, :, 0]
         if bsz == 1 and rows.starts[0] == 0 and not (window is not None and n > window):
             o = ops.causal_attention(q, k, v, self.attn_backend)  # a whole prompt: generate()'s path
-        else:  # what reads the cache attends as generate()'s path does: in fp32 on the CPU, else in its dtype
-            dt = torch.float32 if q.device.type == "cpu" else kc.dtype
-            o = ops.slot_attention(q.to(dt), kc, vc, rows.slots, rows.starts, window).to(q.dtype)
+        else:  # what reads the cache attends as generate()'s path does
+            o = None
+            if bsz == 1 and n > 1 and (window is None or rows.starts[0] + n <= window):  # a prefill chunk
+                s, a = rows.slots[0], rows.starts[0]
+                o = ops.cpu_attention_bf16(q, kc[s:s + 1, :, :a + n], vc[s:s + 1, :, :a + n], causal=True)
+            if o is None:  # in fp32 on the CPU, else in the cache's dtype
+                dt = torch.float32 if q.device.type == "cpu" else kc.dtype
+                o = ops.slot_attention(q.to(dt), kc, vc, rows.slots, rows.starts, window).to(q.dtype)
         return self.o_proj(o.transpose(1, 2).reshape(bsz, n, -1))
 
 
