@@ -330,7 +330,8 @@ def cpu_attention_bf16(q, k, v, causal: bool):
     view of a (B, L, H, hd) tensor, so the caller's transpose back is free), or None where it does not apply: not
     bf16 CPU tensors with hd contiguous, an hd outside PREFILL_ATTN_DIMS, autograd or torch.compile tracing, or no
     AVX512-BF16 here (torch's SDPA then, and the log says which). torch's flash kernel ran pllava-7b's causal prefill
-    layer (32 x 2350 x 128) in 281-319 ms on 2 Zen 5 cores, this in 111; CLIP ViT-L's 4 frames 41 against 12."""
+    layer (32 x 2350 x 128) in 313 ms on 2 Zen 5 cores, this in 100; CLIP ViT-L's 4 frames 37 against 12
+    (benchmarks/bench_prefill_attention.py)."""
     if (q.device.type != "cpu" or q.dtype != torch.bfloat16 or k.dtype != q.dtype or v.dtype != q.dtype
             or q.dim() != 4 or q.shape[-1] not in PREFILL_ATTN_DIMS or not (q.stride(-1) == k.stride(-1)
                                                                             == v.stride(-1) == 1)
@@ -380,7 +381,6 @@ def attention(q, k, v):
     CPU by pllava._C where it runs (cpu_attention_bf16), else torch's SDPA."""
     o = cpu_attention_bf16(q, k, v, causal=False)
     return o if o is not None else torch.nn.functional.scaled_dot_product_attention(q, k, v)
-
 
 
 def slot_decode_attention(q, kc, vc, slot_t, pos_t, window: int | None = None, backend: str = "sdpa"):
