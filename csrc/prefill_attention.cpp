@@ -151,7 +151,9 @@ PLLAVA_BF16_TARGET void rows_block(const AttnArgs& a, int64_t b, int64_t h, int6
         e[c] = _mm512_load_ps(&S[r][16 * c]);
         mx = _mm512_mask_max_ps(mx, mk[c], mx, e[c]);
       }
-      const float mn = std::max(m[r], _mm512_reduce_max_ps(mx));  // finite: a block holds a visible key a row
+      // finite: every row sees key 0 (the first block); a later block may hold no key a row sees (its max is then
+      // -inf, the row's state stays as it was: corr 1, weights 0)
+      const float mn = std::max(m[r], _mm512_reduce_max_ps(mx));
       corr[r] = m[r] == -INFINITY ? 0.f : std::exp(m[r] - mn);
       m[r] = mn;
       __m512 sum = _mm512_setzero_ps();

@@ -48,11 +48,12 @@ def _torch_sdpa(q, k, v, causal):
 
 
 # (B, H, KV, L, hd, causal, Lk): one position; tails of the 16-row query block and the 64-key block; GQA; batches;
-# every head size; a longer key range (a causal prompt after a cached prefix)
+# every head size; a longer key range (a causal prompt after a cached prefix; at Lk = 76, L = 16 the last key block
+# holds no key row 0 sees)
 CASES = [(1, 4, 4, 1, 128, True, None), (1, 4, 2, 17, 128, True, None), (2, 3, 3, 77, 64, False, None),
          (1, 8, 2, 130, 128, True, None), (3, 2, 2, 65, 64, True, None), (1, 2, 1, 200, 16, True, None),
          (2, 2, 2, 33, 32, False, None), (1, 2, 2, 70, 256, True, None), (1, 4, 2, 10, 64, True, 75),
-         (2, 6, 6, 577, 64, False, None)]
+         (1, 2, 2, 16, 64, True, 76), (2, 6, 6, 577, 64, False, None)]
 
 
 @native
