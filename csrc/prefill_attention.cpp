@@ -64,8 +64,10 @@ constexpr int BN = 64;  // keys a block
 // e^x, 16 lanes, for x <= 0 (a score less its row's maximum): Cephes' expf (x = n ln2 + r, |r| <= ln2 / 2, a
 // degree-7 polynomial in r, times 2^n by VSCALEFPS), as decode_attention.cpp's exp_avx2. Clamped at -87.3, where
 // e^x is ~1e-38: a weight that small is nothing beside the maximum's 1 (masked keys are zeroed, not exponentiated).
+// A NaN stays a NaN (VMAXPS returns its second operand when one is a NaN, so x goes second): a NaN score makes its
+// row's output NaN, as torch's softmax does, never a finite weight of ~0.
 PLLAVA_BF16_TARGET inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+  x = _mm512_max_ps(_mm512_set1_ps(-87.3f), x);
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(simd::kExpLog2e)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(simd::kExpLn2Hi), x);

@@ -149,3 +149,19 @@ def test_a_chunked_prefill_attends_as_the_whole_prompt(ckpts, video_path, quanti
         check(engine.generate_many(reqs, prefill_chunk=chunk), f"prefill_chunk={chunk}")
     engine.prefix_cache = False
     check([engine.generate(r["video"], r["prompt"], max_new_tokens=6, logprobs=3) for r in reqs], "generate()")
+
+
+@native
+@pytest.mark.parametrize("causal", [True, False])
+def test_a_nan_reaches_exactly_the_rows_that_see_it(causal):
+    """A NaN in one key of one kv head makes NaN every output row of its query heads that sees that key, and no other
+    (torch's softmax: a NaN score is a NaN row), never a finite weight of ~0 that hides it."""
+    q, k, v = _qkv(1, 4, 2, 90, 64, seed=6)
+    k = k.clone()
+    k[0, 1, 70, 5] = float("nan")  # kv head 1 (query heads 2, 3); key 70 (in the second 64-key block)
+    got = ops.cpu_attention_bf16(q, k, v, causal)
+    want = _reference(q, k, v, causal)
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    rows = torch.isnan(got).any(dim=-1)[0]  # (H, L)
+    assert not rows[:2].any() and (rows[2:, 70:].all() if causal else rows[2:].all())
+    assert not causal or not rows[2:, :70].any()
