@@ -87,4 +87,3 @@ def check_host_allocation(nbytes: int, device, what: str, advice: str):
 def human_bytes(n: int) -> str:
     """1.0 GB, 12.3 MB or 4.5 kB (decimal units, as the sizes the messages compare)."""
     return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
-

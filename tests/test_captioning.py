@@ -360,6 +360,7 @@ def test_ray_missing_extra_is_one_line(monkeypatch, data, tmp_path):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
     with pytest.raises(PllavaError, match=r"pip install -e \"\.\[ray\]\""):
         distributed.caption_dataset([str(data[0])], str(tmp_path / "o.jsonl"), "unused")
+    assert not (tmp_path / "o.jsonl").exists()  # refused before the output is touched
 
 
 def test_ray_path_gives_the_single_process_records(ckpts, data, tmp_path, engine):

@@ -229,14 +229,8 @@ class Attention(nn.Module):
             vc[rows.slot_t, :, rows.pos_t[:, 0]] = vw[:, :, 0]
         if bsz == 1 and rows.starts[0] == 0 and not (window is not None and n > window):
             o = ops.causal_attention(q, k, v, self.attn_backend)  # a whole prompt: generate()'s path
-        else:  # what reads the cache attends as generate()'s path does
-            o = None
-            if bsz == 1 and n > 1 and (window is None or rows.starts[0] + n <= window):  # a prefill chunk
-                s, a = rows.slots[0], rows.starts[0]
-                o = ops.cpu_attention_bf16(q, kc[s:s + 1, :, :a + n], vc[s:s + 1, :, :a + n], causal=True)
-            if o is None:  # in fp32 on the CPU, else in the cache's dtype
-                dt = torch.float32 if q.device.type == "cpu" else kc.dtype
-                o = ops.slot_attention(q.to(dt), kc, vc, rows.slots, rows.starts, window).to(q.dtype)
+        else:  # what reads the cache attends as generate()'s path does (in the dtype ops.slot_attention picks)
+            o = ops.slot_attention(q, kc, vc, rows.slots, rows.starts, window)
         return self.o_proj(o.transpose(1, 2).reshape(bsz, n, -1))
 
 
