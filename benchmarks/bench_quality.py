@@ -12,7 +12,8 @@ Why the tiny checkpoint and many clips: on the small preset the 2304 visual posi
 (random weights, near-tied logits), so a handful of clips swings the count by 70 of 4654 with a 1-ulp change of
 the scales; many short clips are independent draws. Rows: transformers bf16; the engine in bf16 and its lm_head
 without rescoring (model/head.py); bf16 + int8 and its ablations (lm_head in bf16 without rescoring, or in plain
-int8; the residual stream in bf16; the KV cache in fp32); fp32 + int8 (int8 weights, every activation in fp32). Each row is also paired with transformers bf16 position by position
+int8; the residual stream in bf16; the KV cache in fp32); fp32 + int8 (int8 weights, every activation in fp32);
+bf16 + w8a8 and fp32 + w8a8 (quantize="w8a8": the prefill's rows quantized to int8 per row as well). Each row is also paired with transformers bf16 position by position
 (McNemar): the excess of its disagreements and that excess's standard error. Writes benchmarks/results/quality.json.
 """
 import glob
@@ -105,6 +106,8 @@ def main(clips=512, out_dir=None):
         "  ablation: residual stream in bf16": resid16,
         "  ablation: KV cache in fp32": kv32,
         "pllava-engine fp32 + int8 (lm_head: Int8Head)": engine("int8", dtype=torch.float32),
+        "pllava-engine bf16 + w8a8 (prefill activations in int8)": engine("w8a8"),
+        "pllava-engine fp32 + w8a8 (prefill activations in int8)": engine("w8a8", dtype=torch.float32),
     }
     parts = ("prefill", "decode")
     stats = {part: {name: dict(agree=0, only_mode=0, only_hf=0) for name in modes} for part in parts}

@@ -124,6 +124,17 @@ static void int8_quantize_rows(uintptr_t w, bool w_bf16, int64_t n, int64_t k, i
                              reinterpret_cast<int8_t*>(q), reinterpret_cast<float*>(resid), num_threads, generic);
 }
 
+static void int32_dequant_rows(uintptr_t acc, int64_t m, int64_t n, int64_t lda, uintptr_t row_scale,
+                               uintptr_t col_scale, uintptr_t out, bool out_bf16, int64_t ldo, int num_threads,
+                               bool generic) {
+  if (m < 0 || n < 1 || lda < n || ldo < n)
+    throw std::invalid_argument("int32_dequant_rows: need M >= 0, N >= 1, lda >= N and ldo >= N");
+  py::gil_scoped_release release;
+  pllava::int32_dequant_rows(reinterpret_cast<const int32_t*>(acc), m, n, lda,
+                             reinterpret_cast<const float*>(row_scale), reinterpret_cast<const float*>(col_scale),
+                             reinterpret_cast<void*>(out), out_bf16, ldo, num_threads, generic);
+}
+
 static void prefill_attention(uintptr_t q, std::vector<int64_t> qs, uintptr_t k, std::vector<int64_t> ks, uintptr_t v,
                               std::vector<int64_t> vs, uintptr_t o, std::vector<int64_t> os, int64_t b, int64_t h,
                               int64_t kv, int64_t l, int64_t lk, int64_t d, bool causal, float scale,
@@ -147,7 +158,7 @@ static void prefill_attention(uintptr_t q, std::vector<int64_t> qs, uintptr_t k,
 }
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "pllava native preprocessing (PIL-exact bicubic resize + center crop + normalize), int8 and bf16 GEMV, int8 weight quantization, bf16 prefill attention, decode attention over an fp32 or bf16 cache";
+  m.doc() = "pllava native preprocessing (PIL-exact bicubic resize + center crop + normalize), int8 and bf16 GEMV, int8 weight quantization and w8a8's dequantization, bf16 prefill attention, decode attention over an fp32 or bf16 cache";
   m.def("preprocess", &preprocess_frames, py::arg("data"), py::arg("shape"), py::arg("strides"), py::arg("cfg"),
         py::arg("out"), py::arg("dtype"), py::arg("num_threads") = 0);
   m.def("output_size", &output_size);
@@ -181,11 +192,14 @@ PYBIND11_MODULE(_C, m) {
   m.def("int8_quantize_rows", &int8_quantize_rows, py::arg("w"), py::arg("w_bf16"), py::arg("n"), py::arg("k"),
         py::arg("ldw"), py::arg("scale"), py::arg("q"), py::arg("resid"), py::arg("num_threads") = 0,
         py::arg("generic") = false);
+  m.def("int32_dequant_rows", &int32_dequant_rows, py::arg("acc"), py::arg("m"), py::arg("n"), py::arg("lda"),
+        py::arg("row_scale"), py::arg("col_scale"), py::arg("out"), py::arg("out_bf16"), py::arg("ldo"),
+        py::arg("num_threads") = 0, py::arg("generic") = false);
   m.def("prefill_attention", &prefill_attention, py::arg("q"), py::arg("q_strides"), py::arg("k"),
         py::arg("k_strides"), py::arg("v"), py::arg("v_strides"), py::arg("o"), py::arg("o_strides"), py::arg("b"),
         py::arg("h"), py::arg("kv"), py::arg("l"), py::arg("lk"), py::arg("d"), py::arg("causal"), py::arg("scale"),
         py::arg("num_threads") = 0);
   m.def("prefill_attention_available", &pllava::prefill_attention_available,
         "Whether this build and CPU run prefill_attention (AVX512-BF16, the ISA cap at avx512).");
-  m.attr("ABI") = 9;
+  m.attr("ABI") = 10;
 }

@@ -102,8 +102,11 @@ def load(model: str, device=None, dtype=None, num_frames=None, pooling_shape=Non
                                   "'base_model_name_or_path' to find the base model")
             model_dir = resolve_model_dir(base)
     device = resolve_device(device)
-    if quantize not in (None, "int8"):
-        raise ConfigError(f"quantize must be None or 'int8', got {quantize!r}")
+    if quantize not in (None, "int8", "w8a8"):
+        raise ConfigError(f"quantize must be None, 'int8' or 'w8a8', got {quantize!r}")
+    if quantize == "w8a8" and device.type != "cpu":
+        raise ConfigError(f"quantize='w8a8' runs on the CPU only (its int8 x int8 prefill GEMM is torch._int_mm's "
+                          f"CPU kernel, not yet checked on {device.type}); use quantize='int8' there")
     cfg = load_config(model_dir).with_overrides(num_frames=num_frames, pooling_shape=pooling_shape,
                                                 lora_alpha=DEFAULT_LORA_ALPHA if lora_alpha is None else lora_alpha)
     if cfg.model_type == "llava_next":
@@ -151,35 +154,35 @@ def load(model: str, device=None, dtype=None, num_frames=None, pooling_shape=Non
         net = PllavaModel(cfg)
     check_weights_fit(net, dt, quantize, device, model_dir)
     convert, pre = None, {}
-    if quantize == "int8":
+    if quantize in ("int8", "w8a8"):
         from .model.quant import (DECODE_ROWS, int8_loader, native_int8_available, quantize_lm_int8_,
                                   quantized_bytes)
 
         fp32_rows = int8_fp32_rows(device, dt)
         convert = int8_loader(net.language_model, dt, device, fp32_rows, pre)
     load_weights(net, tensors, plan.layout, dt, device, model_dir, convert)
-    if quantize == "int8":
-        head8 = quantize_lm_int8_(net.language_model, pre)
+    if quantize in ("int8", "w8a8"):
+        head8 = quantize_lm_int8_(net.language_model, pre, act_int8=quantize == "w8a8")
         left = [n for n, t in net.named_parameters() if t.is_meta]
         if left:  # a target the loader took but quantize_lm_int8_ did not rebuild: never run on meta tensors
-            raise CheckpointError(f"{model_dir}: quantize='int8' left {len(left)} weights unloaded, e.g. "
+            raise CheckpointError(f"{model_dir}: quantize='{quantize}' left {len(left)} weights unloaded, e.g. "
                                   f"'{left[0]}'")
         nbytes = quantized_bytes(net.language_model)
+        prefill = ("prefill rows quantized per row to int8 for an int8 x int8 GEMM (w8a8)" if quantize == "w8a8"
+                   else "prefill rows by a GEMM in the weights' dtype")
         if ops.kernel_path(device) == "triton":
             how = "the Triton int8 kernel, LoRA fused (pllava.kernels.int8_linear)"
         elif fp32_rows:
-            how = ("decode rows in fp32 through pllava._C's int8 GEMV (norm weights in fp32), prefill rows by a "
-                   "GEMM in the weights' dtype")
+            how = f"decode rows in fp32 through pllava._C's int8 GEMV (norm weights in fp32), {prefill}"
             net.language_model.set_fp32_rows(DECODE_ROWS, dt)
         elif device.type == "cpu":
             why = "is not built" if not native_int8_available() else "has no AVX-512 or AVX2 path here"
-            how = (f"torch._weight_int8pack_mm for decode rows (pllava._C {why}), prefill rows by a GEMM in the "
-                   "weights' dtype")
+            how = f"torch._weight_int8pack_mm for decode rows (pllava._C {why}), {prefill}"
         else:
             how = "int8 weights dequantized per call (triton cannot run here: memory halves, speed does not)"
         head = "lm_head two-level int8" if head8 else "lm_head tied to the embedding: not quantized"
-        log.info("quantize=int8: the LLM's linears hold %.1f MB as int8 + scales (%s); path: %s%s",
-                 nbytes / 1e6, head, how,
+        log.info("quantize=%s: the LLM's linears hold %.1f MB as int8 + scales (%s); path: %s%s",
+                 quantize, nbytes / 1e6, head, how,
                  "" if dt != torch.float32 or device.type != "cpu" or native_int8_available(dt) else
                  "; with float32 activations this is slower than fp32: use dtype=torch.bfloat16")
     lm = net.language_model
@@ -239,7 +242,7 @@ def weight_bytes(net: PllavaModel, dt: torch.dtype, quantize: str | None, device
 
     size = dt.itemsize
     targets, norms = {}, set()
-    if quantize == "int8":
+    if quantize in ("int8", "w8a8"):
         targets = {"language_model." + n: k for n, k in int8_targets(net.language_model).items()}
         if dt != torch.float32 and int8_fp32_rows(device, dt):
             norms = {f"language_model.{n}.weight" for n, m in net.language_model.named_modules()
@@ -266,7 +269,7 @@ def check_weights_fit(net: PllavaModel, dt: torch.dtype, quantize: str | None, d
     be freed meanwhile)."""
     need = weight_bytes(net, dt, quantize, device)
     have, source = memory.available_bytes(device)
-    name = f"{str(dt).split('.')[-1]}{' + int8' if quantize else ''}"
+    name = f"{str(dt).split('.')[-1]}{' + ' + quantize if quantize else ''}"
     if need <= _TIGHT * have:
         return
     if need <= have:

@@ -84,8 +84,10 @@ class Engine:
         its base is the same directory when it has config.json, else `base_model_name_or_path`. `adapter` names a
         separate adapter directory. lora_alpha defaults to 4 (PLLaVA's caption setting) whatever the adapter was
         trained with; the scale is alpha / r (alpha / sqrt(r) for rsLoRA). attn_backend: 'sdpa' (torch), or
-        'flash_attn' / 'xformers' for the prefill when installed (CUDA, fp16/bf16). quantize: None, or 'int8'
-        (weight-only int8 LLM linears, LoRA unmerged at the live alpha; with dtype=torch.bfloat16 on the CPU).
+        'flash_attn' / 'xformers' for the prefill when installed (CUDA, fp16/bf16). quantize: None, 'int8'
+        (weight-only int8 LLM linears, LoRA unmerged at the live alpha; with dtype=torch.bfloat16 on the CPU), or
+        'w8a8' (the CPU only: int8 as well, and a prefill's activations quantized per token for int8 x int8 GEMMs;
+        README, "A fast CPU mode").
         """
         device = resolve_device(device)
         kw = dict(device=device, dtype=dtype, num_frames=num_frames, pooling_shape=pooling_shape,
@@ -120,7 +122,7 @@ class Engine:
         """Fold the LoRA into q/v at the current alpha (W + s·B·A): zero LoRA cost for a fixed-alpha deployment.
         set_lora_alpha then fails until unmerge_lora(), which restores the weights bit for bit."""
         if any(m.qweight is not None for m in self.model.lora_linears()):
-            raise InputError("merge_lora is not available with quantize='int8' (the base weight is int8; the LoRA "
+            raise InputError("merge_lora is not available with quantize='int8' or 'w8a8' (the base weight is int8; the LoRA "
                              "runs unmerged at the live alpha)")
         self._forget_prefixes()
         self.model.merge_lora()

@@ -314,7 +314,7 @@ def test_a_weight_the_int8_loader_took_but_nothing_rebuilt_is_an_error(ckpts, mo
     from pllava.errors import CheckpointError
     from pllava.model import quant
 
-    monkeypatch.setattr(quant, "quantize_lm_int8_", lambda lm, pre=None: False)
+    monkeypatch.setattr(quant, "quantize_lm_int8_", lambda lm, pre=None, act_int8=False: False)
     with pytest.raises(CheckpointError, match=r"left \d+ weights unloaded, e.g. 'language_model\.layers\.0\."):
         pllava.Engine.from_pretrained(ckpts["pllava"], dtype=torch.bfloat16, quantize="int8")
 

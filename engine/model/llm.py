@@ -132,13 +132,15 @@ class LoRALinear(nn.Module):
         # quantize="int8" (model/quant.py): the base weight as int8 + per-row scales (None buffers until then)
         self.register_buffer("qweight", None)
         self.register_buffer("qscale", None)
+        self.act_int8 = False  # quantize="w8a8": a prefill's rows in int8 too (quant.int8_linear)
 
     def forward(self, x, scale: torch.Tensor | None = None):
         """`scale`: overrides the shared alpha/r for this call: 0-dim, or one per row of x (a batch of requests,
         each with its own alpha)."""
         if self.qweight is not None:  # int8 base weight, the LoRA unmerged at its live scale (fused on Triton)
             lora = (self.lora_A, self.lora_B, self.scale if scale is None else scale) if self.r else None
-            return int8_linear(x, self.qweight, self.qscale, self.bias, lora, self.kernel_path)
+            return int8_linear(x, self.qweight, self.qscale, self.bias, lora, self.kernel_path,
+                               act_int8=self.act_int8)
         if not self.r or self.merged:
             return F.linear(x, self.weight, self.bias)
         s = self.scale if scale is None else scale
@@ -262,7 +264,8 @@ class MLP(nn.Module):
         outs = []
         for name, lin in (("mlp.gate", self.gate_proj), ("mlp.up", self.up_proj)):
             if isinstance(lin, Int8Linear) and lin.kernel_path == "torch" and lin.bias is None:
-                y = int8_linear(x, lin.qweight, lin.qscale, None, out=scratch(name, (m, lin.out_features), x.dtype))
+                y = int8_linear(x, lin.qweight, lin.qscale, None, out=scratch(name, (m, lin.out_features), x.dtype),
+                                act_int8=lin.act_int8)
             elif type(lin) is nn.Linear and lin.weight.dtype == x.dtype:  # F.linear's mm / addmm, out= form
                 b, o = lin.bias, scratch(name, (m, lin.out_features), x.dtype)
                 x2, w = x.reshape(m, -1), lin.weight.t()

@@ -3,6 +3,7 @@
 // vector paths and the portable loop): every read must stay inside w's rows of K, every write inside q, resid and
 // amax (built and run by tests/test_int8_quantize.py). Each buffer is its own exact-size heap block. The values are
 // checked against a scalar reading of the contract in int8_quantize.h, so an ISA's loop that drifts is caught too.
+// Then w8a8's dequantization of int32 products likewise (padded row strides in and out).
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -56,6 +57,37 @@ int main() {
               }
             }
         }
+      }
+    }
+  }
+  // int32_dequant_rows (w8a8): reads inside acc's rows of N (row stride lda), writes inside out's (row stride ldo),
+  // each the exact span its last row ends at; values against the contract's scalar reading
+  for (auto& s : shapes) {
+    const int m = s[0], n = s[1];
+    for (int pad : {0, 3}) {
+      const int lda = n + pad, ldo = n + 2 * pad;
+      std::vector<int32_t> acc(static_cast<size_t>(m - 1) * lda + n);
+      for (auto& v : acc) v = static_cast<int32_t>(rnd() % 4000001) - 2000000;
+      std::vector<float> rs(m), cs(n);
+      for (auto& v : rs) v = static_cast<float>(rnd() % 1000 + 1) * 1e-6f;
+      for (auto& v : cs) v = static_cast<float>(rnd() % 1000 + 1) * 1e-5f;
+      for (const char* isa : {"avx512", "avx2", "generic"}) for (int bf16 = 0; bf16 < 2; ++bf16) {
+        const bool generic = std::strcmp(isa, "generic") == 0;
+        pllava::set_isa_cap(generic ? "best" : isa);
+        const size_t span = static_cast<size_t>(m - 1) * ldo + n;
+        std::vector<float> of(bf16 ? 0 : span);
+        std::vector<uint16_t> ob(bf16 ? span : 0);
+        void* out = bf16 ? static_cast<void*>(ob.data()) : static_cast<void*>(of.data());
+        pllava::int32_dequant_rows(acc.data(), m, n, lda, rs.data(), cs.data(), out, bf16 != 0, ldo, 2, generic);
+        for (int r = 0; r < m; ++r)
+          for (int c = 0; c < n; ++c) {
+            const float want = static_cast<float>(acc[static_cast<size_t>(r) * lda + c]) * rs[r] * cs[c];
+            const size_t i = static_cast<size_t>(r) * ldo + c;
+            if (bf16 ? ob[i] != to_bf16(want) : of[i] != want) {
+              std::printf("dequant mismatch isa=%s bf16=%d m=%d n=%d pad=%d at (%d, %d)\n", isa, bf16, m, n, pad, r, c);
+              return 1;
+            }
+          }
       }
     }
   }
