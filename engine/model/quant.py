@@ -297,26 +297,20 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: tor
 
 _W8A8 = threading.local()  # this thread's last quantized activation (activation_int8)
 
+# |x| past this in a prefill row's activation marks an outlier (the threshold of LLM.int8()'s decomposition,
+# bitsandbytes' default `llm_int8_threshold`): it leaves its row's int8 product and is multiplied in fp32 instead,
+# so that one large channel does not coarsen the row's other values. A row's outliers are its own (not the batch's
+# columns), so its result still depends on nothing but the row. A tiny checkpoint whose norm weights make 2
+# channels a layer 50x larger (the linears' columns 50x smaller: the fp32 model unchanged) took bf16 + w8a8 from
+# 57 to 515 top-1 disagreements with the fp32 model in 3776 prompt positions without it (bf16 + int8: 172), and
+# to 168 with it (a scratch run).
+OUTLIER_THRESHOLD = 6.0
 
-def activation_int8(x: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x2 = x's (M, K) rows -> (int8 (M, K), fp32 (M,) scales): xs = max|x_row| / 127 (clamped to 1e-12: a row of
-    zeros), xq = round_half_even(x / xs) clamped to [-127, 127], the formula quantize_weight applies to a weight's
-    rows with the scale kept in fp32. A row holding inf or NaN gets xq = 0 and its non-finite scale, so that the
-    product's row is non-finite (never a finite answer made from a NaN). By pllava._C's two row passes where built
-    (bit-equal; ~2 ms for pllava-7b's (2327, 4096) bf16 rows on 2 Zen 5 cores, 55 ms as torch ops), else torch.
-    The same x feeds q/k/v_proj (and gate/up_proj): it is quantized once, then reused while it is the same tensor
-    unchanged (`is`, and its version counter). The memo holds x alive until the next activation replaces it, so
-    its address cannot be reused by another tensor meanwhile."""
-    version = None if x.is_inference() or torch.compiler.is_compiling() else x._version  # (inference_mode's
-    # tensors have no version counter: not memoized)
-    memo = getattr(_W8A8, "memo", None)
-    if version is not None and memo is not None and memo[0] is x and memo[1] == version:
-        return memo[2], memo[3]
+
+def _row_quant(C, x2: torch.Tensor, scratch_name: str):
+    """(int8 rows, fp32 steps) of x2 by the formula (activation_int8), natively where C is given."""
     m, k = x2.shape
-    C = native_extension("int8_quantize_rows")
-    native = (C is not None and x2.dtype in (torch.float32, torch.bfloat16) and x2.stride(1) == 1
-              and x2.stride(0) >= k and not torch.compiler.is_compiling())
-    if native:
+    if C is not None:
         amax = torch.empty(m, dtype=torch.float32)
         C.row_absmax(x2.data_ptr(), x2.dtype == torch.bfloat16, m, k, x2.stride(0), amax.data_ptr(),
                      torch.get_num_threads())
@@ -326,8 +320,8 @@ def activation_int8(x: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, to
         xs = (xf.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
     bad = ~torch.isfinite(xs)
     any_bad = bool(bad.any())
-    if native:
-        xq = scratch("w8a8.x", (m, k), torch.int8)
+    if C is not None:
+        xq = scratch(scratch_name, (m, k), torch.int8)
         qs = torch.where(bad, 1.0, xs) if any_bad else xs  # the pass needs finite scales > 0
         C.int8_quantize_rows(x2.data_ptr(), x2.dtype == torch.bfloat16, m, k, x2.stride(0), qs.data_ptr(),
                              xq.data_ptr(), 0, torch.get_num_threads())
@@ -335,8 +329,51 @@ def activation_int8(x: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, to
         xq = torch.round(xf / xs[:, None]).clamp(-127, 127).to(torch.int8)
     if any_bad:
         xq[bad] = 0
-    _W8A8.memo = None if version is None else (x, version, xq, xs)
     return xq, xs
+
+
+def activation_int8(x: torch.Tensor, x2: torch.Tensor):
+    """x2 = x's (M, K) rows -> (int8 (M, K), fp32 (M,) steps, outliers): xs = max|x_row| / 127 (clamped to 1e-12:
+    a row of zeros), xq = round_half_even(x / xs) clamped to [-127, 127], the formula quantize_weight applies to a
+    weight's rows with the step kept in fp32. A row's values past |x| > OUTLIER_THRESHOLD are zeroed before that
+    and returned apart: outliers = (the channels holding any, (r,); each row's own outliers there in fp32 as a
+    sparse COO (M, r) matrix), or None. A row holding NaN gets xq = 0 and its NaN step, a row holding inf an inf outlier,
+    so that the product's row is non-finite (never a finite answer made from a NaN). By pllava._C's two row passes
+    where built (bit-equal; ~2 ms for pllava-7b's (2327, 4096) bf16 rows on 2 Zen 5 cores, 55 ms as torch ops),
+    else torch. The same x feeds q/k/v_proj (and gate/up_proj): it is quantized once, then reused while it is the
+    same tensor unchanged (`is`, and its version counter). The memo holds x alive until the next activation
+    replaces it, so its address cannot be reused by another tensor meanwhile."""
+    version = None if x.is_inference() or torch.compiler.is_compiling() else x._version  # (inference_mode's
+    # tensors have no version counter: not memoized)
+    memo = getattr(_W8A8, "memo", None)
+    if version is not None and memo is not None and memo[0] is x and memo[1] == version:
+        return memo[2]
+    C = native_extension("int8_quantize_rows")
+    if not (C is not None and x2.dtype in (torch.float32, torch.bfloat16) and x2.stride(1) == 1
+            and x2.stride(0) >= x2.shape[1] and not torch.compiler.is_compiling()):
+        C = None
+    xq, xs = _row_quant(C, x2, "w8a8.x")
+    outliers = None
+    # rows that may hold an outlier (>=: a superset, since the step's rounding can tie; an inf too, a NaN not)
+    rows = (xs >= OUTLIER_THRESHOLD / 127.0).nonzero().flatten()
+    if rows.numel():
+        sub = x2[rows]  # (b, K), a copy
+        mask = sub.abs() > OUTLIER_THRESHOLD
+        nz = mask.nonzero()  # (nnz, 2), row-major: sorted by row, then channel
+        cols = nz[:, 1].unique()  # (r,), sorted: the channels where any row has one
+        # each row's own outliers as a sparse (M, r) fp32 matrix: a random-weight 7B preset's MLP input holds
+        # ~1000 such channels over half its 2327 rows, whose dense product cost 155 ms a call, the sparse 3 ms
+        # (the invariants checked, O(nnz), and said so: torch 2.11 warns once where the choice is left implicit)
+        with torch.sparse.check_sparse_tensor_invariants(enable=True):
+            xo = torch.sparse_coo_tensor(torch.stack([rows[nz[:, 0]], torch.searchsorted(cols, nz[:, 1])]),
+                                         sub[nz[:, 0], nz[:, 1]].float(), (x2.shape[0], cols.numel()),
+                                         is_coalesced=True)
+        sub[mask] = 0
+        xq[rows], xs[rows] = _row_quant(C, sub, "w8a8.sub")  # those rows again, without their outliers
+        outliers = (cols, xo)
+    got = (xq, xs, outliers)
+    _W8A8.memo = None if version is None else (x, version, got)
+    return got
 
 
 def w8a8_mm(x: torch.Tensor, x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
@@ -345,9 +382,11 @@ def w8a8_mm(x: torch.Tensor, x2: torch.Tensor, q: torch.Tensor, scale: torch.Ten
     exactly in int32 by torch._int_mm (oneDNN's VNNI GEMM on these CPUs: pllava-7b's (2327, 4096) x (4096, 4096)
     in 50 ms on 2 Zen 5 cores, against 94 for the bf16 GEMM of the widened weight), then
     y = (float(acc) · xs[m]) · scale[n] in x's dtype (pllava._C's one pass where built; torch's formula, the same
-    bits, else). Exact integer sums make a row's result independent of M, of the threads and of the other rows."""
+    bits, else). Outliers, where a row has any, add their product with (q · scale)'s columns in fp32 before the
+    one rounding to x's dtype. Exact integer sums make a row's result independent of M, of the threads and of the
+    other rows."""
     (m, _), n = x2.shape, q.shape[0]
-    xq, xs = activation_int8(x, x2)
+    xq, xs, outliers = activation_int8(x, x2)
     eager = not torch.compiler.is_compiling()
     C = native_extension("int32_dequant_rows") if eager else None
     if eager:
@@ -356,13 +395,23 @@ def w8a8_mm(x: torch.Tensor, x2: torch.Tensor, q: torch.Tensor, scale: torch.Ten
         acc = torch._int_mm(xq, q.t(), out=scratch("w8a8.acc", (m, n), torch.int32))  # (M, N) int32
     else:
         acc = torch._int_mm(xq, q.t())
-    if C is None or x2.dtype not in (torch.float32, torch.bfloat16):
-        y = (acc.float() * xs[:, None] * scale.float()[None, :]).to(x2.dtype)
-        return y if out is None else out.copy_(y)
-    y = torch.empty(m, n, dtype=x2.dtype) if out is None else out
-    cs = scale.float().contiguous()
-    C.int32_dequant_rows(acc.data_ptr(), m, n, acc.stride(0), xs.data_ptr(), cs.data_ptr(), y.data_ptr(),
-                         x2.dtype == torch.bfloat16, y.stride(0), torch.get_num_threads())
+    dt = torch.float32 if outliers is not None else x2.dtype
+    if C is None or dt not in (torch.float32, torch.bfloat16):
+        y = acc.float() * xs[:, None] * scale.float()[None, :]
+    else:
+        y = torch.empty(m, n, dtype=dt) if out is None or dt != out.dtype else out
+        cs = scale.float().contiguous()  # held by a name: the pass reads it through a raw pointer
+        C.int32_dequant_rows(acc.data_ptr(), m, n, acc.stride(0), xs.data_ptr(), cs.data_ptr(), y.data_ptr(),
+                             dt == torch.bfloat16, y.stride(0), torch.get_num_threads())
+    if outliers is not None:
+        cols, xo = outliers
+        if eager:
+            log_once(f"w8a8: activations past |x| = {OUTLIER_THRESHOLD} multiplied in fp32 apart "
+                     "(LLM.int8()'s decomposition, a row's own)")
+        y.addmm_(xo, (q[:, cols].float() * scale.float()[:, None]).t().contiguous())  # a row's own entries,
+        # in channel order, added to its row only
+    if y.dtype != x2.dtype or (out is not None and y is not out):
+        y = y.to(x2.dtype) if out is None else out.copy_(y)
     return y
 
 
