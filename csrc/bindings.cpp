@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cmath>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -124,6 +125,27 @@ static void int8_quantize_rows(uintptr_t w, bool w_bf16, int64_t n, int64_t k, i
                              reinterpret_cast<int8_t*>(q), reinterpret_cast<float*>(resid), num_threads, generic);
 }
 
+static void row_absmax_split(uintptr_t x, bool x_bf16, int64_t m, int64_t k, int64_t ldx, float threshold,
+                             uintptr_t amax, uintptr_t cnt, int num_threads, bool generic) {
+  if (m < 0 || k < 1 || ldx < k || !(threshold >= 0.0f) || std::isinf(threshold))
+    throw std::invalid_argument("row_absmax_split: need M >= 0, K >= 1, ldx >= K and a finite threshold >= 0");
+  py::gil_scoped_release release;
+  pllava::row_absmax_split(reinterpret_cast<const void*>(x), x_bf16, m, k, ldx, threshold,
+                           reinterpret_cast<float*>(amax), reinterpret_cast<int64_t*>(cnt), num_threads, generic);
+}
+
+static void int8_quantize_rows_split(uintptr_t x, bool x_bf16, int64_t m, int64_t k, int64_t ldx, float threshold,
+                                     uintptr_t scale, uintptr_t q, uintptr_t off, uintptr_t idx, uintptr_t val,
+                                     int num_threads, bool generic) {
+  if (m < 0 || k < 1 || ldx < k || !(threshold >= 0.0f) || std::isinf(threshold))
+    throw std::invalid_argument("int8_quantize_rows_split: need M >= 0, K >= 1, ldx >= K and a finite threshold >= 0");
+  py::gil_scoped_release release;
+  pllava::int8_quantize_rows_split(reinterpret_cast<const void*>(x), x_bf16, m, k, ldx, threshold,
+                                   reinterpret_cast<const float*>(scale), reinterpret_cast<int8_t*>(q),
+                                   reinterpret_cast<const int64_t*>(off), reinterpret_cast<int64_t*>(idx),
+                                   reinterpret_cast<float*>(val), num_threads, generic);
+}
+
 static void int32_dequant_rows(uintptr_t acc, int64_t m, int64_t n, int64_t lda, uintptr_t row_scale,
                                uintptr_t col_scale, uintptr_t out, bool out_bf16, int64_t ldo, int num_threads,
                                bool generic) {
@@ -192,6 +214,12 @@ PYBIND11_MODULE(_C, m) {
   m.def("int8_quantize_rows", &int8_quantize_rows, py::arg("w"), py::arg("w_bf16"), py::arg("n"), py::arg("k"),
         py::arg("ldw"), py::arg("scale"), py::arg("q"), py::arg("resid"), py::arg("num_threads") = 0,
         py::arg("generic") = false);
+  m.def("row_absmax_split", &row_absmax_split, py::arg("x"), py::arg("x_bf16"), py::arg("m"), py::arg("k"),
+        py::arg("ldx"), py::arg("threshold"), py::arg("amax"), py::arg("cnt"), py::arg("num_threads") = 0,
+        py::arg("generic") = false);
+  m.def("int8_quantize_rows_split", &int8_quantize_rows_split, py::arg("x"), py::arg("x_bf16"), py::arg("m"),
+        py::arg("k"), py::arg("ldx"), py::arg("threshold"), py::arg("scale"), py::arg("q"), py::arg("off"),
+        py::arg("idx"), py::arg("val"), py::arg("num_threads") = 0, py::arg("generic") = false);
   m.def("int32_dequant_rows", &int32_dequant_rows, py::arg("acc"), py::arg("m"), py::arg("n"), py::arg("lda"),
         py::arg("row_scale"), py::arg("col_scale"), py::arg("out"), py::arg("out_bf16"), py::arg("ldo"),
         py::arg("num_threads") = 0, py::arg("generic") = false);
@@ -201,5 +229,5 @@ PYBIND11_MODULE(_C, m) {
         py::arg("num_threads") = 0);
   m.def("prefill_attention_available", &pllava::prefill_attention_available,
         "Whether this build and CPU run prefill_attention (AVX512-BF16, the ISA cap at avx512).");
-  m.attr("ABI") = 10;
+  m.attr("ABI") = 11;
 }

@@ -16,6 +16,17 @@ void row_absmax(const void* w, bool w_bf16, int64_t N, int64_t K, int64_t ldw, f
 void int8_quantize_rows(const void* w, bool w_bf16, int64_t N, int64_t K, int64_t ldw, const float* scale, int8_t* q,
                         float* resid, int num_threads, bool generic = false);
 
+// w8a8's rows with their outliers apart. An outlier is a value with threshold < |x| <= inf (an inf is one, a NaN is
+// not). row_absmax_split: amax[m] = max |x| over row m's other values (as row_absmax: NaN wins), cnt[m] = its
+// outliers. int8_quantize_rows_split: int8_quantize_rows' q with every outlier's q = 0, and row m's outliers, in
+// order, at [off[m], off[m + 1]) of idx (their column) and val (their value in fp32); off: (M + 1,), off[m + 1] -
+// off[m] = cnt[m] (the caller's prefix sum). threshold: finite, >= 0.
+void row_absmax_split(const void* x, bool x_bf16, int64_t M, int64_t K, int64_t ldx, float threshold, float* amax,
+                      int64_t* cnt, int num_threads, bool generic = false);
+void int8_quantize_rows_split(const void* x, bool x_bf16, int64_t M, int64_t K, int64_t ldx, float threshold,
+                              const float* scale, int8_t* q, const int64_t* off, int64_t* idx, float* val,
+                              int num_threads, bool generic = false);
+
 // out[m, n] = (fp32(acc[m, n]) * row_scale[m]) * col_scale[n], rounded to fp32 or (out_bf16) to bf16 bits, nearest
 // even, a NaN kept a NaN: an int8 x int8 product (int32, exact) back in the model's dtype (quantize="w8a8"). acc rows
 // of N with row stride lda, out rows with row stride ldo (elements).

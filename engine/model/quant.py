@@ -307,70 +307,77 @@ _W8A8 = threading.local()  # this thread's last quantized activation (activation
 OUTLIER_THRESHOLD = 6.0
 
 
-def _row_quant(C, x2: torch.Tensor, scratch_name: str):
-    """(int8 rows, fp32 steps) of x2 by the formula (activation_int8), natively where C is given."""
-    m, k = x2.shape
-    if C is not None:
-        amax = torch.empty(m, dtype=torch.float32)
-        C.row_absmax(x2.data_ptr(), x2.dtype == torch.bfloat16, m, k, x2.stride(0), amax.data_ptr(),
-                     torch.get_num_threads())
-        xs = (amax / 127.0).clamp(min=1e-12)
-    else:
-        xf = x2.float()
-        xs = (xf.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+def _split_rows_torch(x2: torch.Tensor):
+    """activation_int8's formula in torch ops (no pllava._C, or tracing): (xq, xs, outlier mask (M, K))."""
+    xf = x2.float()
+    mask = xf.abs() > OUTLIER_THRESHOLD
+    main = torch.where(mask, 0.0, xf)
+    xs = (main.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+    bad = ~torch.isfinite(xs)
+    xq = torch.round(main / torch.where(bad, 1.0, xs)[:, None]).clamp(-127, 127).to(torch.int8)
+    xq[bad] = 0
+    return xq, xs, mask
+
+
+def _split_rows_native(C, x2: torch.Tensor):
+    """activation_int8's formula in pllava._C's two row passes: (xq, xs, cnt (M,), idx (nnz,), val (nnz,)): row m's
+    outliers are idx / val[off[m]:off[m + 1]], their columns and fp32 values in order."""
+    (m, k), bf16, ld, threads = x2.shape, x2.dtype == torch.bfloat16, x2.stride(0), torch.get_num_threads()
+    amax, cnt = torch.empty(m, dtype=torch.float32), torch.empty(m, dtype=torch.int64)
+    C.row_absmax_split(x2.data_ptr(), bf16, m, k, ld, OUTLIER_THRESHOLD, amax.data_ptr(), cnt.data_ptr(), threads)
+    xs = (amax / 127.0).clamp(min=1e-12)
     bad = ~torch.isfinite(xs)
     any_bad = bool(bad.any())
-    if C is not None:
-        xq = scratch(scratch_name, (m, k), torch.int8)
-        qs = torch.where(bad, 1.0, xs) if any_bad else xs  # the pass needs finite scales > 0
-        C.int8_quantize_rows(x2.data_ptr(), x2.dtype == torch.bfloat16, m, k, x2.stride(0), qs.data_ptr(),
-                             xq.data_ptr(), 0, torch.get_num_threads())
-    else:
-        xq = torch.round(xf / xs[:, None]).clamp(-127, 127).to(torch.int8)
+    off = torch.zeros(m + 1, dtype=torch.int64)
+    torch.cumsum(cnt, 0, out=off[1:])
+    nnz = int(off[-1])
+    idx, val = torch.empty(max(nnz, 1), dtype=torch.int64), torch.empty(max(nnz, 1), dtype=torch.float32)
+    xq = scratch("w8a8.x", (m, k), torch.int8)
+    qs = torch.where(bad, 1.0, xs) if any_bad else xs  # the pass needs finite scales > 0
+    C.int8_quantize_rows_split(x2.data_ptr(), bf16, m, k, ld, OUTLIER_THRESHOLD, qs.data_ptr(), xq.data_ptr(),
+                               off.data_ptr(), idx.data_ptr(), val.data_ptr(), threads)
     if any_bad:
         xq[bad] = 0
-    return xq, xs
+    return xq, xs, cnt, idx[:nnz], val[:nnz]
 
 
 def activation_int8(x: torch.Tensor, x2: torch.Tensor):
-    """x2 = x's (M, K) rows -> (int8 (M, K), fp32 (M,) steps, outliers): xs = max|x_row| / 127 (clamped to 1e-12:
-    a row of zeros), xq = round_half_even(x / xs) clamped to [-127, 127], the formula quantize_weight applies to a
-    weight's rows with the step kept in fp32. A row's values past |x| > OUTLIER_THRESHOLD are zeroed before that
-    and returned apart: outliers = (the channels holding any, (r,); each row's own outliers there in fp32 as a
-    sparse COO (M, r) matrix), or None. A row holding NaN gets xq = 0 and its NaN step, a row holding inf an inf outlier,
-    so that the product's row is non-finite (never a finite answer made from a NaN). By pllava._C's two row passes
-    where built (bit-equal; ~2 ms for pllava-7b's (2327, 4096) bf16 rows on 2 Zen 5 cores, 55 ms as torch ops),
-    else torch. The same x feeds q/k/v_proj (and gate/up_proj): it is quantized once, then reused while it is the
-    same tensor unchanged (`is`, and its version counter). The memo holds x alive until the next activation
-    replaces it, so its address cannot be reused by another tensor meanwhile."""
+    """x2 = x's (M, K) rows -> (int8 (M, K), fp32 (M,) steps, outliers). A row's values past |x| >
+    OUTLIER_THRESHOLD (an inf too, a NaN not) are its outliers: they leave the row and are returned apart,
+    outliers = (the channels holding any, (r,); each row's own outliers there in fp32 as a sparse COO (M, r)
+    matrix), or None. Of the rest, xs = max|x_row| / 127 (clamped to 1e-12: a row of zeros) and xq =
+    round_half_even(x / xs) clamped to [-127, 127], the formula quantize_weight applies to a weight's rows with the
+    step kept in fp32 (an outlier's xq is 0). A row holding a NaN gets xq = 0 and its NaN step, a row holding an
+    inf an inf outlier, so that the product's row is non-finite (never a finite answer made from a NaN). By
+    pllava._C's two row passes where built (bit-equal, the outliers found in the same passes; ~2 ms for
+    pllava-7b's (2327, 4096) bf16 rows on 2 Zen 5 cores, 55 ms as torch ops), else torch. The same x feeds
+    q/k/v_proj (and gate/up_proj): it is quantized once, then reused while it is the same tensor unchanged (`is`,
+    and its version counter). The memo holds x alive until the next activation replaces it, so its address cannot
+    be reused by another tensor meanwhile."""
     version = None if x.is_inference() or torch.compiler.is_compiling() else x._version  # (inference_mode's
     # tensors have no version counter: not memoized)
     memo = getattr(_W8A8, "memo", None)
     if version is not None and memo is not None and memo[0] is x and memo[1] == version:
         return memo[2]
-    C = native_extension("int8_quantize_rows")
-    if not (C is not None and x2.dtype in (torch.float32, torch.bfloat16) and x2.stride(1) == 1
+    m = x2.shape[0]
+    C = native_extension("int8_quantize_rows_split")
+    if (C is not None and x2.dtype in (torch.float32, torch.bfloat16) and x2.stride(1) == 1
             and x2.stride(0) >= x2.shape[1] and not torch.compiler.is_compiling()):
-        C = None
-    xq, xs = _row_quant(C, x2, "w8a8.x")
+        xq, xs, cnt, idx, val = _split_rows_native(C, x2)
+        rows = torch.repeat_interleave(torch.arange(m), cnt)
+    else:
+        xq, xs, mask = _split_rows_torch(x2)
+        rows, idx = mask.nonzero().unbind(1)  # row-major: by row, then channel
+        val = x2[rows, idx].float()
     outliers = None
-    # rows that may hold an outlier (>=: a superset, since the step's rounding can tie; an inf too, a NaN not)
-    rows = (xs >= OUTLIER_THRESHOLD / 127.0).nonzero().flatten()
-    if rows.numel():
-        sub = x2[rows]  # (b, K), a copy
-        mask = sub.abs() > OUTLIER_THRESHOLD
-        nz = mask.nonzero()  # (nnz, 2), row-major: sorted by row, then channel
-        cols = nz[:, 1].unique()  # (r,), sorted: the channels where any row has one
-        # each row's own outliers as a sparse (M, r) fp32 matrix: a random-weight 7B preset's MLP input holds
-        # ~1000 such channels over half its 2327 rows, whose dense product cost 155 ms a call, the sparse 3 ms
-        # (the invariants checked, O(nnz), and said so: torch 2.11 warns once where the choice is left implicit)
+    if idx.numel():
+        cols = idx.unique()  # (r,), sorted
+        # a sparse (M, r) product: a random-weight 7B preset's MLP input holds ~87 k values past 6 over ~1100 of
+        # its 11008 channels, whose dense (2307, 1104) fp32 product took 155 ms a call, the sparse one ~3 ms a
+        # 5 k values (the invariants checked, O(nnz), and said so: torch 2.11 warns where that is left implicit)
         with torch.sparse.check_sparse_tensor_invariants(enable=True):
-            xo = torch.sparse_coo_tensor(torch.stack([rows[nz[:, 0]], torch.searchsorted(cols, nz[:, 1])]),
-                                         sub[nz[:, 0], nz[:, 1]].float(), (x2.shape[0], cols.numel()),
-                                         is_coalesced=True)
-        sub[mask] = 0
-        xq[rows], xs[rows] = _row_quant(C, sub, "w8a8.sub")  # those rows again, without their outliers
-        outliers = (cols, xo)
+            outliers = (cols, torch.sparse_coo_tensor(torch.stack([rows, torch.searchsorted(cols, idx)]), val,
+                                                      (m, cols.numel()), is_coalesced=True))
     got = (xq, xs, outliers)
     _W8A8.memo = None if version is None else (x, version, got)
     return got
