@@ -1,4 +1,4 @@
-"""Weight-only int8 for the LLM's linears (`Engine.from_pretrained(..., quantize="int8")`).
+"""int8 for the LLM's linears: weight-only (`Engine.from_pretrained(..., quantize="int8")`), or w8a8.
 
 Per output channel, symmetric: w ≈ q · s with q = round(w / s) in [-127, 127], s = max|w_row| / 127, the scale in
 the weights' dtype. The LoRA stays unmerged in the weights' dtype at the live alpha (only the base weight is
@@ -16,6 +16,9 @@ dtype (slow in fp32), and the log says so. Prefill rows: a GEMM in the weights' 
 (CUDA) every call is pllava.kernels.int8_linear: int8 tiles widened in registers, the scale on the fp32
 accumulator, the LoRA's expand fused at the live alpha; without triton there the weight is dequantized per call,
 and the log says which.
+
+quantize="w8a8" (the CPU only) is the same weights with the prefill rows' activations quantized too, per row, for an
+int8 x int8 GEMM summed exactly in int32 (activation_int8, w8a8_mm; a row's outliers multiplied apart in fp32).
 """
 from __future__ import annotations
 
