@@ -89,6 +89,22 @@ def test_bench_batch_cli_runs_the_fast_cpu_mode(tmp_path, video_path):
                                                        "transformers batched"}
 
 
+def test_caption_runs_w8a8_and_says_so(ckpts, video_path):
+    """`--quantize w8a8` reaches the engine (the log names the mode and its prefill path) and captions as the
+    engine API's w8a8 engine does."""
+    import pllava
+    import torch
+
+    want = pllava.Engine.from_pretrained(ckpts["pllava"], dtype=torch.bfloat16, quantize="w8a8").caption(
+        video_path, max_new_tokens=8)
+    r = subprocess.run([sys.executable, "-m", "pllava.cli", "-v", "caption", video_path, "--model", ckpts["pllava"],
+                        "--dtype", "bfloat16", "--quantize", "w8a8", "--max-new-tokens", "8"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "quantize=w8a8" in r.stderr and "int8 x int8 GEMM (w8a8)" in r.stderr
+    assert r.stdout == f"{video_path}: {want}\n"
+
+
 def test_misconfigured_server_does_not_start(tmp_path):
     for flags, msg in ((["--lora-alpha", "nan"], "--lora-alpha: expected a finite number"),
                        (["--max-concurrency", "0"], "--max-concurrency: expected an integer >= 1"),
