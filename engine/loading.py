@@ -276,8 +276,10 @@ def check_weights_fit(net: PllavaModel, dt: torch.dtype, quantize: str | None, d
         log.warning("%s: the weights take %s of the %s %s as %s: little is left for the KV cache and activations",
                     where, human_bytes(need), human_bytes(have), source, name)
         return
-    # the smaller settings to offer: bf16, int8, both (never one that drops the int8 already asked for)
-    smaller = dict.fromkeys(m for m in ((torch.bfloat16, None), (dt, "int8"), (torch.bfloat16, "int8"))
+    # the smaller settings to offer: bf16, int8, both (never one that drops the int8 already asked for; w8a8 asked
+    # for stays w8a8: the same bytes as int8)
+    q8 = quantize or "int8"
+    smaller = dict.fromkeys(m for m in ((torch.bfloat16, None), (dt, q8), (torch.bfloat16, q8))
                             if m != (dt, quantize) and (m[1] or not quantize))
     options = [(odt, oq, n) for odt, oq in smaller if (n := weight_bytes(net, odt, oq, device)) < need]
     msg = (f"{where}: its weights need {human_bytes(need)} on {device} as {name}, but {human_bytes(have)} is free "

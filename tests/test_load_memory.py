@@ -64,6 +64,11 @@ def test_a_load_that_cannot_fit_is_refused_before_any_weight_is_read(ckpts, held
     assert f"dtype=float32, quantize='int8': {hb(held[(torch.float32, 'int8')])} (also too much);" in msg
     assert f"dtype=bfloat16, quantize='int8': {hb(held[(torch.bfloat16, 'int8')])} (CLI" in msg
     assert "PLLAVA_SKIP_MEMORY_CHECK=1" in msg
+    with pytest.raises(pllava.MemoryBudgetError) as e:  # w8a8 asked for stays w8a8 (int8's bytes) in the offer
+        pllava.Engine.from_pretrained(ckpts["pllava"], dtype=torch.float32, quantize="w8a8")
+    msg = str(e.value)
+    assert f"need {hb(held[(torch.float32, 'int8')])} on cpu as float32 + w8a8" in msg and "'int8'" not in msg
+    assert f"dtype=bfloat16, quantize='w8a8': {hb(held[(torch.bfloat16, 'int8')])} (CLI" in msg
     monkeypatch.setattr(memory, "available_bytes", lambda device: (1000, "the test's memory"))
     with pytest.raises(pllava.MemoryBudgetError, match="as bfloat16 \\+ int8, but 1.0 kB is free") as e:
         pllava.Engine.from_pretrained(ckpts["pllava"], dtype=torch.bfloat16, quantize="int8")
