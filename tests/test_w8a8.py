@@ -110,7 +110,7 @@ def test_dequantization_is_torchs_formula_bit_for_bit(dtype, generic):
     C.int32_dequant_rows(acc.data_ptr(), m, n, n, xs.data_ptr(), cs.data_ptr(), out.data_ptr(),
                          dtype == torch.bfloat16, n + 6, 2, generic)
     want = (acc.float() * xs[:, None] * cs[None, :]).to(dtype)
-    assert torch.equal(out[:, :n], want) or torch.equal(torch.nan_to_num(out[:, :n]), torch.nan_to_num(want))
+    assert torch.equal(torch.nan_to_num(out[:, :n]), torch.nan_to_num(want))  # the NaNs' places: next line
     assert torch.isnan(out[4, :n]).all() and not torch.isnan(out[torch.arange(m) != 4, :n]).any()
     assert bool((out[:, n:] == 7.0).all())  # past N: untouched
     with pytest.raises(ValueError, match="lda >= N"):
@@ -139,7 +139,10 @@ def test_w8a8_product_is_the_exact_integer_product(dtype):
     assert got.dtype == dtype and torch.equal(got[plain], want[plain])
     ref = _ref_product(x, q, s)
     eps = {torch.float32: 2 ** -23, torch.bfloat16: 2 ** -8, torch.float16: 2 ** -10}[dtype]
-    assert bool(((got.double() - ref).abs() <= ref.abs() * eps + 1e-5 * ref.abs().amax(dim=1, keepdim=True)).all())
+    # its rounding to dtype, plus fp32's sums (the dequantization, the outliers' product): 16 fp32 steps of the
+    # row's largest output (measured: 4.1e-7 of it, in fp32)
+    fp32_sums = 16 * 2 ** -23 * ref.abs().amax(dim=1, keepdim=True)
+    assert bool(((got.double() - ref).abs() <= ref.abs() * eps + fp32_sums).all())
     exact = x.double() @ (q.double() * s.double()[:, None]).T
     bound = (step.double()[:, None] / 2) * (q.double().abs() * s.double()[:, None]).sum(1)[None, :]
     tol = exact.abs() * {torch.float32: 1e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype] + 1e-5 * exact.abs().amax(dim=1, keepdim=True)

@@ -311,7 +311,7 @@ OUTLIER_THRESHOLD = 6.0
 
 
 def _split_rows_torch(x2: torch.Tensor):
-    """activation_int8's formula in torch ops (no pllava._C, or tracing): (xq, xs, outlier mask (M, K))."""
+    """activation_int8's formula in torch ops (no pllava._C, or another dtype): (xq, xs, outlier mask (M, K))."""
     xf = x2.float()
     mask = xf.abs() > OUTLIER_THRESHOLD
     main = torch.where(mask, 0.0, xf)
@@ -323,25 +323,26 @@ def _split_rows_torch(x2: torch.Tensor):
 
 
 def _split_rows_native(C, x2: torch.Tensor):
-    """activation_int8's formula in pllava._C's two row passes: (xq, xs, cnt (M,), idx (nnz,), val (nnz,)): row m's
-    outliers are idx / val[off[m]:off[m + 1]], their columns and fp32 values in order."""
+    """activation_int8's formula in pllava._C's two row passes: (xq, xs, rows, idx, val): the outliers' rows,
+    columns and fp32 values (nnz,) each, by row, then column."""
     (m, k), bf16, ld, threads = x2.shape, x2.dtype == torch.bfloat16, x2.stride(0), torch.get_num_threads()
     amax, cnt = torch.empty(m, dtype=torch.float32), torch.empty(m, dtype=torch.int64)
     C.row_absmax_split(x2.data_ptr(), bf16, m, k, ld, OUTLIER_THRESHOLD, amax.data_ptr(), cnt.data_ptr(), threads)
     xs = (amax / 127.0).clamp(min=1e-12)
     bad = ~torch.isfinite(xs)
     any_bad = bool(bad.any())
-    off = torch.zeros(m + 1, dtype=torch.int64)
+    off = torch.zeros(m + 1, dtype=torch.int64)  # row m's outliers go to [off[m], off[m + 1])
     torch.cumsum(cnt, 0, out=off[1:])
     nnz = int(off[-1])
-    idx, val = torch.empty(max(nnz, 1), dtype=torch.int64), torch.empty(max(nnz, 1), dtype=torch.float32)
+    idx, val = torch.empty(nnz, dtype=torch.int64), torch.empty(nnz, dtype=torch.float32)
     xq = scratch("w8a8.x", (m, k), torch.int8)
     qs = torch.where(bad, 1.0, xs) if any_bad else xs  # the pass needs finite scales > 0
     C.int8_quantize_rows_split(x2.data_ptr(), bf16, m, k, ld, OUTLIER_THRESHOLD, qs.data_ptr(), xq.data_ptr(),
-                               off.data_ptr(), idx.data_ptr(), val.data_ptr(), threads)
+                               off.data_ptr(), idx.data_ptr(), val.data_ptr(), threads)  # (nnz = 0: nothing written)
     if any_bad:
         xq[bad] = 0
-    return xq, xs, cnt, idx[:nnz], val[:nnz]
+    rows = torch.repeat_interleave(torch.arange(m), cnt) if nnz else idx
+    return xq, xs, rows, idx, val
 
 
 def activation_int8(x: torch.Tensor, x2: torch.Tensor):
@@ -357,17 +358,15 @@ def activation_int8(x: torch.Tensor, x2: torch.Tensor):
     q/k/v_proj (and gate/up_proj): it is quantized once, then reused while it is the same tensor unchanged (`is`,
     and its version counter). The memo holds x alive until the next activation replaces it, so its address cannot
     be reused by another tensor meanwhile."""
-    version = None if x.is_inference() or torch.compiler.is_compiling() else x._version  # (inference_mode's
-    # tensors have no version counter: not memoized)
+    version = None if x.is_inference() else x._version  # (inference_mode's tensors have no version counter)
     memo = getattr(_W8A8, "memo", None)
     if version is not None and memo is not None and memo[0] is x and memo[1] == version:
         return memo[2]
     m = x2.shape[0]
     C = native_extension("int8_quantize_rows_split")
     if (C is not None and x2.dtype in (torch.float32, torch.bfloat16) and x2.stride(1) == 1
-            and x2.stride(0) >= x2.shape[1] and not torch.compiler.is_compiling()):
-        xq, xs, cnt, idx, val = _split_rows_native(C, x2)
-        rows = torch.repeat_interleave(torch.arange(m), cnt)
+            and x2.stride(0) >= x2.shape[1]):
+        xq, xs, rows, idx, val = _split_rows_native(C, x2)
     else:
         xq, xs, mask = _split_rows_torch(x2)
         rows, idx = mask.nonzero().unbind(1)  # row-major: by row, then channel
@@ -394,17 +393,14 @@ def w8a8_mm(x: torch.Tensor, x2: torch.Tensor, q: torch.Tensor, scale: torch.Ten
     y = (float(acc) · xs[m]) · scale[n] in x's dtype (pllava._C's one pass where built; torch's formula, the same
     bits, else). Outliers, where a row has any, add their product with (q · scale)'s columns in fp32 before the
     one rounding to x's dtype. Exact integer sums make a row's result independent of M, of the threads and of the
-    other rows."""
+    other rows. Eager only (its outliers are data-dependent sparse shapes): the compiled step runs decode rows,
+    which never come here."""
     (m, _), n = x2.shape, q.shape[0]
     xq, xs, outliers = activation_int8(x, x2)
-    eager = not torch.compiler.is_compiling()
-    C = native_extension("int32_dequant_rows") if eager else None
-    if eager:
-        log_once("w8a8 prefill rows: int8 activations (per row) x int8 weights by torch._int_mm, dequantized by "
-                 + ("pllava._C" if C is not None else "torch ops (pllava._C is not built)"))
-        acc = torch._int_mm(xq, q.t(), out=scratch("w8a8.acc", (m, n), torch.int32))  # (M, N) int32
-    else:
-        acc = torch._int_mm(xq, q.t())
+    C = native_extension("int32_dequant_rows")
+    log_once("w8a8 prefill rows: int8 activations (per row) x int8 weights by torch._int_mm, dequantized by "
+             + ("pllava._C" if C is not None else "torch ops (pllava._C is not built)"))
+    acc = torch._int_mm(xq, q.t(), out=scratch("w8a8.acc", (m, n), torch.int32))  # (M, N) int32
     dt = torch.float32 if outliers is not None else x2.dtype
     if C is None or dt not in (torch.float32, torch.bfloat16):
         y = acc.float() * xs[:, None] * scale.float()[None, :]
@@ -415,9 +411,8 @@ def w8a8_mm(x: torch.Tensor, x2: torch.Tensor, q: torch.Tensor, scale: torch.Ten
                              dt == torch.bfloat16, y.stride(0), torch.get_num_threads())
     if outliers is not None:
         cols, xo = outliers
-        if eager:
-            log_once(f"w8a8: activations past |x| = {OUTLIER_THRESHOLD} multiplied in fp32 apart "
-                     "(LLM.int8()'s decomposition, a row's own)")
+        log_once(f"w8a8: activations past |x| = {OUTLIER_THRESHOLD} multiplied in fp32 apart "
+                 "(LLM.int8()'s decomposition, a row's own)")
         y.addmm_(xo, (q[:, cols].float() * scale.float()[:, None]).t().contiguous())  # a row's own entries,
         # in channel order, added to its row only
     if y.dtype != x2.dtype or (out is not None and y is not out):

@@ -3,7 +3,7 @@
 // vector paths and the portable loop): every read must stay inside w's rows of K, every write inside q, resid and
 // amax (built and run by tests/test_int8_quantize.py). Each buffer is its own exact-size heap block. The values are
 // checked against a scalar reading of the contract in int8_quantize.h, so an ISA's loop that drifts is caught too.
-// Then w8a8's split passes (outliers apart) and its dequantization of int32 products likewise.
+// The split passes of w8a8 run on the same rows (values past 0.9 leave them), then its dequantization of int32 products.
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -57,56 +57,39 @@ int main() {
               }
             }
         }
-      }
-    }
-  }
-  // w8a8's split passes: values past 0.9 (~10 % of these) leave their rows; a row's outliers go to [off, off + cnt)
-  for (auto& s : shapes) {
-    const int m = s[0], k = s[1];
-    for (int pad : {0, 5}) {
-      const int ld = k + pad;
-      const size_t span = static_cast<size_t>(m - 1) * ld + k;
-      std::vector<float> x(span);
-      for (auto& v : x) v = (static_cast<float>(rnd() % 2001) - 1000.0f) * 1e-3f;
-      std::vector<uint16_t> xb(span);
-      for (size_t i = 0; i < span; ++i) xb[i] = to_bf16(x[i]);
-      for (const char* isa : {"avx512", "avx2", "generic"}) for (int bf16 = 0; bf16 < 2; ++bf16) {
-        const bool generic = std::strcmp(isa, "generic") == 0;
-        pllava::set_isa_cap(generic ? "best" : isa);
-        const void* src = bf16 ? static_cast<const void*>(xb.data()) : static_cast<const void*>(x.data());
-        auto at = [&](int r, int c) { return bf16 ? from_bf16(xb[static_cast<size_t>(r) * ld + c]) : x[static_cast<size_t>(r) * ld + c]; };
-        std::vector<float> amax(m), scale(m);
-        std::vector<int64_t> cnt(m), off(m + 1, 0);
-        pllava::row_absmax_split(src, bf16 != 0, m, k, ld, 0.9f, amax.data(), cnt.data(), 2, generic);
-        for (int r = 0; r < m; ++r) {
+        // w8a8's split passes: values past 0.9 (~10 %) leave their rows, to [off, off + cnt)
+        std::vector<float> samax(n), sscale(n);
+        std::vector<int64_t> cnt(n), off(n + 1, 0);
+        pllava::row_absmax_split(src, bf16 != 0, n, k, ldw, 0.9f, samax.data(), cnt.data(), 2, generic);
+        for (int r = 0; r < n; ++r) {
           float mx = 0.0f;
           int64_t c = 0;
           for (int j = 0; j < k; ++j) {
             const float a = std::fabs(at(r, j));
             if (a > 0.9f) ++c; else mx = std::fmax(mx, a);
           }
-          if (amax[r] != mx || cnt[r] != c) {
-            std::printf("split absmax mismatch isa=%s bf16=%d m=%d k=%d pad=%d row %d\n", isa, bf16, m, k, pad, r);
+          if (samax[r] != mx || cnt[r] != c) {
+            std::printf("split absmax mismatch isa=%s bf16=%d n=%d k=%d pad=%d row %d\n", isa, bf16, n, k, pad, r);
             return 1;
           }
-          scale[r] = mx > 0.0f ? mx / 127.0f : 1e-12f;
+          sscale[r] = mx > 0.0f ? mx / 127.0f : 1e-12f;
           off[r + 1] = off[r] + c;
         }
-        std::vector<int8_t> q(static_cast<size_t>(m) * k);
-        std::vector<int64_t> idx(off[m]);
-        std::vector<float> val(off[m]);
-        pllava::int8_quantize_rows_split(src, bf16 != 0, m, k, ld, 0.9f, scale.data(), q.data(), off.data(),
+        std::vector<int8_t> sq(static_cast<size_t>(n) * k);
+        std::vector<int64_t> idx(off[n]);
+        std::vector<float> val(off[n]);
+        pllava::int8_quantize_rows_split(src, bf16 != 0, n, k, ldw, 0.9f, sscale.data(), sq.data(), off.data(),
                                          idx.data(), val.data(), 2, generic);
-        for (int r = 0; r < m; ++r) {
+        for (int r = 0; r < n; ++r) {
           int64_t o = off[r];
           for (int j = 0; j < k; ++j) {
             const float v = at(r, j);
             const bool out = std::fabs(v) > 0.9f;
-            const float want = out ? 0.0f : std::fmin(std::fmax(std::nearbyint(v / scale[r]), -127.0f), 127.0f);
-            bool ok = q[static_cast<size_t>(r) * k + j] == want;
+            const float want = out ? 0.0f : std::fmin(std::fmax(std::nearbyint(v / sscale[r]), -127.0f), 127.0f);
+            bool ok = sq[static_cast<size_t>(r) * k + j] == want;
             if (out) ok = ok && idx[o] == j && val[o] == v, ++o;
             if (!ok) {
-              std::printf("split quantize mismatch isa=%s bf16=%d m=%d k=%d pad=%d at (%d, %d)\n", isa, bf16, m, k, pad, r, j);
+              std::printf("split quantize mismatch isa=%s bf16=%d n=%d k=%d pad=%d at (%d, %d)\n", isa, bf16, n, k, pad, r, j);
               return 1;
             }
           }
