@@ -5,7 +5,8 @@ linears are 82 MB with lm_head, its fp32 KV cache 114 MB at 2330 positions), so 
 distinct weights in model order, one row (M = 1), on the threads torch uses, with the kernel's software prefetch
 off and at its default distance, interleaved rep by rep (one noisy machine, one run). References in the same run:
 the bandwidth of a 1 GiB read (torch.sum), the kernel's portable loop (what a CPU without AVX-512 ran before it
-had an AVX2 path) and torch's _weight_int8pack_mm with bf16 activations on the same weights.
+had an AVX2 path) and torch's _weight_int8pack_mm with bf16 activations on the same weights; and the int4 GEMV
+(quantize="int4") on the same shapes in int4 groups of 32.
 Then the bf16 GEMV on a step's LoRA factors against torch's bf16 GEMMs. Prints tables of median ms and GB/s;
 asserts nothing (speed lives here, not in the tests).
 """
@@ -16,6 +17,7 @@ import time
 
 import torch
 
+from pllava.model.int4 import gemv_int4
 from pllava.model.quant import _gemv, _native
 from timing import interleaved_medians
 
@@ -53,12 +55,15 @@ def main(reps=15):
     bw = read_bandwidth()
     print(f"\n### int8 GEMV, M = 1, {torch.get_num_threads()} threads, {isa}; 1 GiB read: {bw:.1f} GB/s\n")
     print(f"| weights | MB | prefetch off | prefetch default | speedup | portable loop | {isa} vs portable | "
-          "_weight_int8pack_mm (bf16 x) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+          "_weight_int8pack_mm (bf16 x) | int4 (groups of 32; MB) | int8 / int4 |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, sh in SETS.items():
         ws = [(torch.randn(1, k, generator=g), torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8),
                torch.rand(n, generator=g) * 0.01) for n, k in sh]
         wb = [(x.bfloat16(), q, s.bfloat16()) for x, q, s in ws]
+        w4 = [(x, torch.randint(0, 256, (q.shape[0], q.shape[1] // 2), generator=g, dtype=torch.uint8),
+               (torch.rand(q.shape[0], q.shape[1] // 32, generator=g) * 0.01).bfloat16()) for x, q, _ in ws]
+        bytes4 = sum(q.numel() + s.numel() * 2 for _, q, s in w4)
         ys = [torch.empty(1, n) for n, _ in sh]
         nbytes = sum(n * k for n, k in sh)
         def raw(generic, prefetch, ws=ws, ys=ys):  # the kernel called directly with these two knobs
@@ -71,6 +76,7 @@ def main(reps=15):
             "default": lambda: [_gemv(C, x, q, s) for x, q, s in ws],
             "generic": raw(True, -1),
             "torch": lambda: [torch._weight_int8pack_mm(x, q, s) for x, q, s in wb],
+            "int4": lambda: [gemv_int4(C, x, q, s) for x, q, s in w4],
         }
         ms = interleaved_medians(runs, reps)
 
@@ -79,7 +85,8 @@ def main(reps=15):
 
         print(f"| {name} | {nbytes / 1e6:.0f} | {cell('off')} | {cell('default')} | "
               f"{ms['off'] / ms['default']:.2f}x | {cell('generic')} | {ms['generic'] / ms['default']:.2f}x | "
-              f"{cell('torch')} |")
+              f"{cell('torch')} | {ms['int4']:.2f} ms ({bytes4 / 1e6:.0f}; {bytes4 / ms['int4'] / 1e6:.1f} GB/s) | "
+              f"{ms['default'] / ms['int4']:.2f}x |")
     lora(C, g, reps)
 
 

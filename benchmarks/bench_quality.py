@@ -13,7 +13,9 @@ Why the tiny checkpoint and many clips: on the small preset the 2304 visual posi
 the scales; many short clips are independent draws. Rows: transformers bf16; the engine in bf16 and its lm_head
 without rescoring (model/head.py); bf16 + int8 and its ablations (lm_head in bf16 without rescoring, or in plain
 int8; the residual stream in bf16; the KV cache in fp32); fp32 + int8 (int8 weights, every activation in fp32);
-bf16 + w8a8 and fp32 + w8a8 (quantize="w8a8": the prefill's rows quantized to int8 per row as well). Each row is also paired with transformers bf16 position by position
+bf16 + w8a8 and fp32 + w8a8 (quantize="w8a8": the prefill's rows quantized to int8 per row as well); bf16 + int4
+and fp32 + int4 (quantize="int4": the decoder linears in int4 groups of 32). Each row is also paired with
+transformers bf16 position by position
 (McNemar): the excess of its disagreements and that excess's standard error. Writes benchmarks/results/quality.json.
 """
 import glob
@@ -108,6 +110,8 @@ def main(clips=512, out_dir=None):
         "pllava-engine fp32 + int8 (lm_head: Int8Head)": engine("int8", dtype=torch.float32),
         "pllava-engine bf16 + w8a8 (prefill activations in int8)": engine("w8a8"),
         "pllava-engine fp32 + w8a8 (prefill activations in int8)": engine("w8a8", dtype=torch.float32),
+        "pllava-engine bf16 + int4 (groups of 32)": engine("int4"),
+        "pllava-engine fp32 + int4 (groups of 32)": engine("int4", dtype=torch.float32),
     }
     parts = ("prefill", "decode")
     stats = {part: {name: dict(agree=0, only_mode=0, only_hf=0) for name in modes} for part in parts}

@@ -61,6 +61,25 @@ static void int8_gemv(uintptr_t x, int64_t ldx, uintptr_t q, uintptr_t scale, ui
                     generic, prefetch);
 }
 
+static void int4_gemv(uintptr_t x, int64_t ldx, uintptr_t q, uintptr_t scale, uintptr_t y, int64_t ldy, int64_t m,
+                      int64_t n, int64_t k, int num_threads, bool generic, int64_t prefetch) {
+  if (m < 0 || n < 0 || k < 0 || k % 32 != 0 || ldx < k || ldy < n)
+    throw std::invalid_argument("int4_gemv: need M, N, K >= 0, K % 32 == 0, ldx >= K and ldy >= N");
+  py::gil_scoped_release release;
+  pllava::int4_gemv(reinterpret_cast<const float*>(x), ldx, reinterpret_cast<const uint8_t*>(q),
+                    reinterpret_cast<const uint16_t*>(scale), reinterpret_cast<float*>(y), ldy, m, n, k, num_threads,
+                    generic, prefetch);
+}
+
+static void int4_dequant(uintptr_t q, uintptr_t scale, int64_t n, int64_t k, uintptr_t out, bool out_bf16, int64_t ldo,
+                         int num_threads, bool generic) {
+  if (n < 0 || k < 0 || k % 32 != 0 || ldo < k)
+    throw std::invalid_argument("int4_dequant: need N, K >= 0, K % 32 == 0 and ldo >= K");
+  py::gil_scoped_release release;
+  pllava::int4_dequant(reinterpret_cast<const uint8_t*>(q), reinterpret_cast<const uint16_t*>(scale), n, k,
+                       reinterpret_cast<void*>(out), out_bf16, ldo, num_threads, generic);
+}
+
 static void bf16_gemv(uintptr_t x, int64_t ldx, uintptr_t w, float alpha, bool accumulate, uintptr_t y, int64_t ldy,
                       int64_t m, int64_t n, int64_t k, int num_threads, bool generic, int64_t prefetch) {
   if (m < 0 || n < 0 || k < 0 || ldx < k || ldy < n)
@@ -180,7 +199,7 @@ static void prefill_attention(uintptr_t q, std::vector<int64_t> qs, uintptr_t k,
 }
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "pllava native preprocessing (PIL-exact bicubic resize + center crop + normalize), int8 and bf16 GEMV, int8 weight quantization and w8a8's dequantization, bf16 prefill attention, decode attention over an fp32 or bf16 cache";
+  m.doc() = "pllava native preprocessing (PIL-exact bicubic resize + center crop + normalize), int8, int4 and bf16 GEMV, int4 dequantization, int8 weight quantization and w8a8's dequantization, bf16 prefill attention, decode attention over an fp32 or bf16 cache";
   m.def("preprocess", &preprocess_frames, py::arg("data"), py::arg("shape"), py::arg("strides"), py::arg("cfg"),
         py::arg("out"), py::arg("dtype"), py::arg("num_threads") = 0);
   m.def("output_size", &output_size);
@@ -199,6 +218,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("bf16_gemv", &bf16_gemv, py::arg("x"), py::arg("ldx"), py::arg("w"), py::arg("alpha"), py::arg("accumulate"),
         py::arg("y"), py::arg("ldy"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("num_threads") = 0,
         py::arg("generic") = false, py::arg("prefetch") = -1);
+  m.def("int4_gemv", &int4_gemv, py::arg("x"), py::arg("ldx"), py::arg("q"), py::arg("scale"), py::arg("y"),
+        py::arg("ldy"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("num_threads") = 0,
+        py::arg("generic") = false, py::arg("prefetch") = -1);
+  m.def("int4_dequant", &int4_dequant, py::arg("q"), py::arg("scale"), py::arg("n"), py::arg("k"), py::arg("out"),
+        py::arg("out_bf16"), py::arg("ldo"), py::arg("num_threads") = 0, py::arg("generic") = false);
   m.def("gemv_prefetch_distance", &pllava::gemv_prefetch_distance);
   m.def("decode_attention", &decode_attention, py::arg("q"), py::arg("q_sb"), py::arg("q_sh"), py::arg("k"),
         py::arg("v"), py::arg("kv_sb"), py::arg("kv_sh"), py::arg("kv_ss"), py::arg("o"), py::arg("o_sb"),
@@ -229,5 +253,5 @@ PYBIND11_MODULE(_C, m) {
         py::arg("num_threads") = 0);
   m.def("prefill_attention_available", &pllava::prefill_attention_available,
         "Whether this build and CPU run prefill_attention (AVX512-BF16, the ISA cap at avx512).");
-  m.attr("ABI") = 11;
+  m.attr("ABI") = 12;
 }

@@ -38,6 +38,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 
 namespace pllava {
 namespace {
@@ -61,11 +62,13 @@ struct Prefetch {
   }
 };
 
-// What a tile writes: y = alpha * (scale ? scale[n] : 1) * sum (+ y where accumulate).
+// What a tile writes: y = alpha * (scale ? scale[n] : 1) * sum (+ y where accumulate). gscale: int4's group
+// scales (bf16 bits, (N, K / kGroup)), which its tiles apply to the weights themselves.
 struct Out {
   const float* scale;
   float alpha;
   bool accumulate;
+  const uint16_t* gscale = nullptr;
   inline void put(float* y, int64_t n, float t) const {
     if (scale != nullptr) t *= scale[n];
     if (alpha != 1.0f) t *= alpha;
@@ -77,6 +80,115 @@ using namespace simd;  // widen, load16, load8, hsum8
 
 template <typename W>
 using TileFn = void (*)(const float*, int64_t, const W*, int64_t, const Out&, float*, int64_t, int64_t, Prefetch);
+
+// int4 (quantize="int4"): a row of q is K / 2 bytes; its group g (kGroup = 32 weights; K % 32 == 0) is bytes
+// 16g .. 16g + 15, byte j holding weight 32g + j in its low nibble and 32g + 16 + j in its high one, each as q + 8
+// (q in [-8, 7]), with the group's scale s (bf16 bits) in Out::gscale. A weight is fl32(q * s): one rounding, the
+// value of torch's q.float() * s.float(). Each lane l of a tile's accumulators sums k = l (mod 16) in increasing k,
+// as the int8 tiles do, so the AVX-512 and AVX2 tiles give the same bits.
+struct Nibble {
+  uint8_t b;
+};
+constexpr int64_t kGroup = 32;
+
+template <typename W>
+constexpr int64_t row_bytes(int64_t K) {
+  return std::is_same_v<W, Nibble> ? K / 2 : K * static_cast<int64_t>(sizeof(W));
+}
+
+// AVX-512: the group's 16 dequantized values (q = -8 .. 7 times s) are one register, and vpermps picks a lane's
+// weight from it by its nibble (the low 4 bits of each 32-bit lane): 2 permutes for 32 weights, where widening and
+// converting each nibble cost ~3 more instructions a 16 (which made the tile compute-bound above the int4 bytes'
+// bandwidth).
+template <int MB, int NB>
+__attribute__((target("avx512f"))) void tile4_avx512(const float* x, int64_t ldx, const Nibble* q, int64_t K,
+                                                     const Out& out, float* y, int64_t ldy, int64_t n, Prefetch pf) {
+  const uint8_t* qb = reinterpret_cast<const uint8_t*>(q);
+  const int64_t G = K / kGroup, row = K / 2;
+  const __m512 iota = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+  __m512 acc[MB][NB];
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    pf.step<1>();  // 16 bytes a row a group: a 4-row tile's 64 bytes
+    for (int j = 0; j < NB; ++j) {
+      const __m512i v = _mm512_cvtepu8_epi32(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(qb + (n + j) * row + g * 16)));
+      const __m512 table = _mm512_mul_ps(iota, _mm512_set1_ps(widen(out.gscale[(n + j) * G + g])));
+      const __m512 lo = _mm512_permutexvar_ps(v, table);
+      const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);
+      for (int i = 0; i < MB; ++i) {
+        const float* xi = x + i * ldx + g * kGroup;
+        acc[i][j] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xi), acc[i][j]);
+        acc[i][j] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xi + 16), acc[i][j]);
+      }
+    }
+  }
+  pf.finish();
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) out.put(y + i * ldy + n + j, n + j, _mm512_reduce_add_ps(acc[i][j]));
+}
+
+// AVX2: 8 bytes hold weights 32g + 0-7 (low nibbles) and 32g + 16-23 (high) for the lo accumulators (lanes k = 0-7
+// mod 16), the next 8 bytes 32g + 8-15 and 24-31 for the hi ones; each nibble widened, less 8, times s.
+template <int MB, int NB>
+__attribute__((target("avx2,fma"))) void kernel4_avx2(const float* x, int64_t ldx, const Nibble* q, int64_t K,
+                                                      const Out& out, float* y, int64_t ldy, int64_t n, Prefetch pf) {
+  static_assert(2 * MB * NB + 6 <= 16, "the tile must fit the 16 ymm registers");
+  const uint8_t* qb = reinterpret_cast<const uint8_t*>(q);
+  const int64_t G = K / kGroup, row = K / 2;
+  const __m256i m15 = _mm256_set1_epi32(15);
+  const __m256 eight = _mm256_set1_ps(8.0f);
+  __m256 lo[MB][NB], hi[MB][NB];
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) lo[i][j] = hi[i][j] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    pf.step<1>();
+    for (int j = 0; j < NB; ++j) {
+      const __m256 s = _mm256_set1_ps(widen(out.gscale[(n + j) * G + g]));
+      const uint8_t* p = qb + (n + j) * row + g * 16;
+      for (int h = 0; h < 2; ++h) {  // bytes 0-7, then 8-15
+        const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * h)));
+        const __m256 wl = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, m15)), eight), s);
+        const __m256 wh = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), eight), s);
+        for (int i = 0; i < MB; ++i) {
+          const float* xi = x + i * ldx + g * kGroup + 8 * h;
+          __m256& a = h == 0 ? lo[i][j] : hi[i][j];
+          a = _mm256_fmadd_ps(wl, _mm256_loadu_ps(xi), a);
+          a = _mm256_fmadd_ps(wh, _mm256_loadu_ps(xi + 16), a);
+        }
+      }
+    }
+  }
+  pf.finish();
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) out.put(y + i * ldy + n + j, n + j, hsum8(_mm256_add_ps(lo[i][j], hi[i][j])));
+}
+
+template <int MB, int NB>
+void tile4_generic(const float* x, int64_t ldx, const Nibble* q, int64_t K, const Out& out, float* y, int64_t ldy,
+                   int64_t n, Prefetch pf) {
+  pf.finish();
+  const uint8_t* qb = reinterpret_cast<const uint8_t*>(q);
+  const int64_t G = K / kGroup, row = K / 2;
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) {
+      const uint8_t* qr = qb + (n + j) * row;
+      const float* xr = x + i * ldx;
+      float lane[16] = {};
+      for (int64_t g = 0; g < G; ++g) {
+        const float s = widen(out.gscale[(n + j) * G + g]);
+        for (int l = 0; l < 16; ++l) {
+          const uint8_t b = qr[g * 16 + l];
+          lane[l] += xr[g * kGroup + l] * (static_cast<float>((b & 15) - 8) * s);
+          lane[l] += xr[g * kGroup + 16 + l] * (static_cast<float>((b >> 4) - 8) * s);
+        }
+      }
+      float t = 0.f;
+      for (int l = 0; l < 16; ++l) t += lane[l];
+      out.put(y + i * ldy + n + j, n + j, t);
+    }
+}
 
 // Rows m < MB of x (and y) against rows n .. n + NB of q; x and y already point at the tile's first row. pf: the
 // bytes of q to prefetch meanwhile (empty for none).
@@ -137,28 +249,38 @@ __attribute__((target("avx2,fma"))) void kernel_avx2(const float* x, int64_t ldx
     }
 }
 
+// The AVX2 kernel for W: kernel_avx2, or int4's kernel4_avx2.
+template <typename W, int MB, int NB>
+struct Avx2 {
+  static constexpr TileFn<W> fn = kernel_avx2<W, MB, NB>;
+};
+template <int MB, int NB>
+struct Avx2<Nibble, MB, NB> {
+  static constexpr TileFn<Nibble> fn = kernel4_avx2<MB, NB>;
+};
+
 // A table tile on AVX2: one x row against all NB q rows in one pass; more rows two by two against two q rows at a
 // time (the q rows are then read again from L1 / L2). The prefetch goes with the first pass.
 template <typename W, int MB, int NB>
 void tile_avx2(const float* x, int64_t ldx, const W* q, int64_t K, const Out& out, float* y, int64_t ldy, int64_t n,
                Prefetch pf) {
   if constexpr (MB == 1) {
-    kernel_avx2<W, 1, NB>(x, ldx, q, K, out, y, ldy, n, pf);
+    Avx2<W, 1, NB>::fn(x, ldx, q, K, out, y, ldy, n, pf);
   } else {
     Prefetch none{pf.end, pf.end};
     for (int i = 0; i < MB; i += 2) {
       const float* xi = x + i * ldx;
       float* yi = y + i * ldy;
       if (MB - i == 1) {  // the last of an odd number of rows
-        kernel_avx2<W, 1, NB>(xi, ldx, q, K, out, yi, ldy, n, none);
+        Avx2<W, 1, NB>::fn(xi, ldx, q, K, out, yi, ldy, n, none);
         continue;
       }
       for (int j = 0; j < NB; j += 2) {
         const Prefetch p = (i == 0 && j == 0) ? pf : none;
         if (NB - j >= 2)
-          kernel_avx2<W, 2, 2>(xi, ldx, q, K, out, yi, ldy, n + j, p);
+          Avx2<W, 2, 2>::fn(xi, ldx, q, K, out, yi, ldy, n + j, p);
         else
-          kernel_avx2<W, 2, 1>(xi, ldx, q, K, out, yi, ldy, n + j, p);
+          Avx2<W, 2, 1>::fn(xi, ldx, q, K, out, yi, ldy, n + j, p);
       }
     }
   }
@@ -185,12 +307,23 @@ void tile_generic(const float* x, int64_t ldx, const W* q, int64_t K, const Out&
 
 #define PLLAVA_ROW(F, m) {F<W, m, 1>, F<W, m, 2>, F<W, m, 3>, F<W, m, 4>}
 #define PLLAVA_TABLE(F) {PLLAVA_ROW(F, 1), PLLAVA_ROW(F, 2), PLLAVA_ROW(F, 3), PLLAVA_ROW(F, 4)}
+#define PLLAVA_ROW4(F, m) {F<m, 1>, F<m, 2>, F<m, 3>, F<m, 4>}
+#define PLLAVA_TABLE4(F) {PLLAVA_ROW4(F, 1), PLLAVA_ROW4(F, 2), PLLAVA_ROW4(F, 3), PLLAVA_ROW4(F, 4)}
 template <typename W>
 struct Tables {
   static constexpr TileFn<W> avx512[kTile][kTile] = PLLAVA_TABLE(tile_avx512);
   static constexpr TileFn<W> avx2[kTile][kTile] = PLLAVA_TABLE(tile_avx2);
   static constexpr TileFn<W> generic[kTile][kTile] = PLLAVA_TABLE(tile_generic);
 };
+template <>
+struct Tables<Nibble> {
+  using W = Nibble;  // (PLLAVA_TABLE's name for it)
+  static constexpr TileFn<Nibble> avx512[kTile][kTile] = PLLAVA_TABLE4(tile4_avx512);
+  static constexpr TileFn<Nibble> avx2[kTile][kTile] = PLLAVA_TABLE(tile_avx2);
+  static constexpr TileFn<Nibble> generic[kTile][kTile] = PLLAVA_TABLE4(tile4_generic);
+};
+#undef PLLAVA_TABLE4
+#undef PLLAVA_ROW4
 #undef PLLAVA_TABLE
 #undef PLLAVA_ROW
 
@@ -204,7 +337,7 @@ void gemv(const float* x, int64_t ldx, const W* q, const Out& out, float* y, int
   const int64_t blocks = (N + kTile - 1) / kTile;
   const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(
       num_threads > 0 ? num_threads : omp_get_max_threads(), blocks)));
-  const int64_t row = K * static_cast<int64_t>(sizeof(W));  // bytes
+  const int64_t row = row_bytes<W>(K);
   const int64_t dist = prefetch < 0 ? gemv_prefetch_distance(row) : prefetch;
 #pragma omp parallel num_threads(threads)
   {
@@ -246,6 +379,12 @@ void int8_gemv(const float* x, int64_t ldx, const int8_t* q, const float* scale,
 void bf16_gemv(const float* x, int64_t ldx, const uint16_t* w, float alpha, bool accumulate, float* y, int64_t ldy,
                int64_t M, int64_t N, int64_t K, int num_threads, bool generic, int64_t prefetch) {
   gemv(x, ldx, w, Out{nullptr, alpha, accumulate}, y, ldy, M, N, K, num_threads, generic, prefetch);
+}
+
+void int4_gemv(const float* x, int64_t ldx, const uint8_t* q, const uint16_t* scale, float* y, int64_t ldy, int64_t M,
+               int64_t N, int64_t K, int num_threads, bool generic, int64_t prefetch) {
+  gemv(x, ldx, reinterpret_cast<const Nibble*>(q), Out{nullptr, 1.0f, false, scale}, y, ldy, M, N, K, num_threads,
+       generic, prefetch);
 }
 
 }  // namespace pllava

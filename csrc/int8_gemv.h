@@ -20,4 +20,11 @@ int64_t gemv_prefetch_distance(int64_t row_bytes);
 void bf16_gemv(const float* x, int64_t ldx, const uint16_t* w, float alpha, bool accumulate, float* y, int64_t ldy,
                int64_t M, int64_t N, int64_t K, int num_threads, bool generic = false, int64_t prefetch = -1);
 
+// int4 weights (quantize="int4"): y[m, n] = sum_k x[m, k] * fl32(q[n, k] * s[n, k / 32]), in fp32. q: (N, K / 2)
+// bytes, contiguous, a row's group g of 32 weights in bytes 16g .. 16g + 15 (byte j: weight 32g + j in the low
+// nibble, 32g + 16 + j in the high one, each as q + 8, q in [-8, 7]); scale: bf16 bits (N, K / 32) contiguous.
+// K % 32 == 0. Otherwise as int8_gemv; the AVX-512 and AVX2 paths give the same bits.
+void int4_gemv(const float* x, int64_t ldx, const uint8_t* q, const uint16_t* scale, float* y, int64_t ldy, int64_t M,
+               int64_t N, int64_t K, int num_threads, bool generic = false, int64_t prefetch = -1);
+
 }  // namespace pllava

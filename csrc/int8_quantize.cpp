@@ -228,6 +228,43 @@ __attribute__((target("avx2,fma"))) void dequant_avx2(const Dequant& d, int64_t 
 }
 void dequant_generic(const Dequant& d, int64_t m0, int64_t m1) { dequant_run(d, m0, m1); }
 
+// int4 (quantize="int4"): rows [n0, n1) of a packed weight (int4_gemv's layout) widened to fl32(q * s), written
+// in fp32 or rounded to bf16, for a prefill's GEMM. A plain loop a 16-byte group, vectorized by the compiler.
+struct Int4 {
+  const uint8_t* q;
+  const uint16_t* s;  // bf16 bits (N, K / 32)
+  int64_t K;
+  void* out;
+  int64_t ldo;
+  bool bf16;
+};
+
+__attribute__((always_inline)) inline void int4_run(const Int4& d, int64_t n0, int64_t n1) {
+  const int64_t G = d.K / 32;
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t g = 0; g < G; ++g) {
+      const uint8_t* b = d.q + n * (d.K / 2) + g * 16;
+      const float s = as_float(d.s[n * G + g]);
+      float v[32];
+      for (int j = 0; j < 16; ++j) {
+        v[j] = static_cast<float>((b[j] & 15) - 8) * s;
+        v[16 + j] = static_cast<float>((b[j] >> 4) - 8) * s;
+      }
+      const int64_t o = n * d.ldo + g * 32;
+      if (d.bf16)
+        for (int j = 0; j < 32; ++j) static_cast<uint16_t*>(d.out)[o + j] = to_bf16(v[j]);
+      else
+        std::memcpy(static_cast<float*>(d.out) + o, v, sizeof v);
+    }
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void int4_avx512(const Int4& d, int64_t n0,
+                                                                              int64_t n1) {
+  int4_run(d, n0, n1);
+}
+__attribute__((target("avx2,fma"))) void int4_avx2(const Int4& d, int64_t n0, int64_t n1) { int4_run(d, n0, n1); }
+void int4_generic(const Int4& d, int64_t n0, int64_t n1) { int4_run(d, n0, n1); }
+
 }  // namespace
 
 void int32_dequant_rows(const int32_t* acc, int64_t M, int64_t N, int64_t lda, const float* row_scale,
@@ -281,6 +318,22 @@ void int8_quantize_rows_split(const void* x, bool x_bf16, int64_t M, int64_t K, 
   j.idx = idx;
   j.val = val;
   run(j, M, num_threads, generic);
+}
+
+void int4_dequant(const uint8_t* q, const uint16_t* scale, int64_t N, int64_t K, void* out, bool out_bf16, int64_t ldo,
+                  int num_threads, bool generic) {
+  const Isa isa = generic ? Isa::kGeneric : cpu_isa();
+  void (*fn)(const Int4&, int64_t, int64_t) = isa == Isa::kAvx512 ? int4_avx512
+                                             : isa == Isa::kAvx2  ? int4_avx2
+                                                                  : int4_generic;
+  const Int4 d{q, scale, K, out, ldo, out_bf16};
+  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(
+      num_threads > 0 ? num_threads : omp_get_max_threads(), N)));
+#pragma omp parallel num_threads(threads)
+  {
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    fn(d, N * t / nt, N * (t + 1) / nt);
+  }
 }
 
 }  // namespace pllava

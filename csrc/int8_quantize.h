@@ -34,4 +34,10 @@ void int32_dequant_rows(const int32_t* acc, int64_t M, int64_t N, int64_t lda, c
                         const float* col_scale, void* out, bool out_bf16, int64_t ldo, int num_threads,
                         bool generic = false);
 
+// int4 weights (quantize="int4", int4_gemv's layout: q (N, K / 2) bytes, scale bf16 bits (N, K / 32), K % 32 == 0)
+// widened: out[n, k] = fl32((q - 8) * s) in fp32, or that rounded to bf16 bits (out_bf16, nearest even), rows of K
+// with row stride ldo (elements): the weight of a prefill's GEMM.
+void int4_dequant(const uint8_t* q, const uint16_t* scale, int64_t N, int64_t K, void* out, bool out_bf16, int64_t ldo,
+                  int num_threads, bool generic = false);
+
 }  // namespace pllava

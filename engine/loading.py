@@ -25,6 +25,7 @@ from .prompt import build_prompt, check_image_token, default_conv_mode
 
 log = logging.getLogger("pllava")
 
+QUANTIZE_MODES = (None, "int8", "w8a8", "int4")  # Engine.from_pretrained(quantize=...), CLI --quantize
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32, "float16": torch.float16,
            "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -102,11 +103,14 @@ def load(model: str, device=None, dtype=None, num_frames=None, pooling_shape=Non
                                   "'base_model_name_or_path' to find the base model")
             model_dir = resolve_model_dir(base)
     device = resolve_device(device)
-    if quantize not in (None, "int8", "w8a8"):
-        raise ConfigError(f"quantize must be None, 'int8' or 'w8a8', got {quantize!r}")
+    if quantize not in QUANTIZE_MODES:
+        raise ConfigError(f"quantize must be None, 'int8', 'w8a8' or 'int4', got {quantize!r}")
     if quantize == "w8a8" and device.type != "cpu":
         raise ConfigError(f"quantize='w8a8' runs on the CPU only (its int8 x int8 prefill GEMM is torch._int_mm's "
                           f"CPU kernel, not yet checked on {device.type}); use quantize='int8' there")
+    if quantize == "int4" and device.type != "cpu":
+        raise ConfigError(f"quantize='int4' runs on the CPU only (its GEMV is pllava._C's; there is no {device.type} "
+                          "int4 kernel yet); use quantize='int8' there")
     cfg = load_config(model_dir).with_overrides(num_frames=num_frames, pooling_shape=pooling_shape,
                                                 lora_alpha=DEFAULT_LORA_ALPHA if lora_alpha is None else lora_alpha)
     if cfg.model_type == "llava_next":
@@ -154,26 +158,28 @@ def load(model: str, device=None, dtype=None, num_frames=None, pooling_shape=Non
         net = PllavaModel(cfg)
     check_weights_fit(net, dt, quantize, device, model_dir)
     convert, pre = None, {}
-    if quantize in ("int8", "w8a8"):
+    if quantize is not None:
         from .model.quant import (DECODE_ROWS, int8_loader, native_int8_available, quantize_lm_int8_,
                                   quantized_bytes)
 
         fp32_rows = int8_fp32_rows(device, dt)
-        convert = int8_loader(net.language_model, dt, device, fp32_rows, pre)
+        convert = int8_loader(net.language_model, dt, device, fp32_rows, pre, int4=quantize == "int4")
     load_weights(net, tensors, plan.layout, dt, device, model_dir, convert)
-    if quantize in ("int8", "w8a8"):
-        head8 = quantize_lm_int8_(net.language_model, pre, act_int8=quantize == "w8a8")
+    if quantize is not None:
+        head8 = quantize_lm_int8_(net.language_model, pre, act_int8=quantize == "w8a8", int4=quantize == "int4")
         left = [n for n, t in net.named_parameters() if t.is_meta]
         if left:  # a target the loader took but quantize_lm_int8_ did not rebuild: never run on meta tensors
             raise CheckpointError(f"{model_dir}: quantize='{quantize}' left {len(left)} weights unloaded, e.g. "
                                   f"'{left[0]}'")
         nbytes = quantized_bytes(net.language_model)
         prefill = ("prefill rows quantized per row to int8 for an int8 x int8 GEMM (w8a8)" if quantize == "w8a8"
+                   else "prefill rows by a GEMM of the dequantized weight in the engine's dtype" if quantize == "int4"
                    else "prefill rows by a GEMM in the weights' dtype")
+        kind = "int4 groups of 32 + bf16 scales" if quantize == "int4" else "int8 + scales"
         if ops.kernel_path(device) == "triton":
             how = "the Triton int8 kernel, LoRA fused (pllava.kernels.int8_linear)"
         elif fp32_rows:
-            how = f"decode rows in fp32 through pllava._C's int8 GEMV (norm weights in fp32), {prefill}"
+            how = f"decode rows in fp32 through pllava._C's {quantize[:4]} GEMV (norm weights in fp32), {prefill}"
             net.language_model.set_fp32_rows(DECODE_ROWS, dt)
         elif device.type == "cpu":
             why = "is not built" if not native_int8_available() else "has no AVX-512 or AVX2 path here"
@@ -181,8 +187,8 @@ def load(model: str, device=None, dtype=None, num_frames=None, pooling_shape=Non
         else:
             how = "int8 weights dequantized per call (triton cannot run here: memory halves, speed does not)"
         head = "lm_head two-level int8" if head8 else "lm_head tied to the embedding: not quantized"
-        log.info("quantize=%s: the LLM's linears hold %.1f MB as int8 + scales (%s); path: %s%s",
-                 quantize, nbytes / 1e6, head, how,
+        log.info("quantize=%s: the LLM's linears hold %.1f MB as %s (%s); path: %s%s",
+                 quantize, nbytes / 1e6, kind, head, how,
                  "" if dt != torch.float32 or device.type != "cpu" or native_int8_available(dt) else
                  "; with float32 activations this is slower than fp32: use dtype=torch.bfloat16")
     lm = net.language_model
@@ -236,13 +242,13 @@ def weight_bytes(net: PllavaModel, dt: torch.dtype, quantize: str | None, device
     """Bytes the weights of `net` (built on the meta device) will hold once loaded in `dt`, quantized or not: every
     parameter in dt, but under int8 each decoder-layer linear at 1 byte a weight + a scale a row in dt, an untied
     lm_head at two int8 levels + a scale a row in dt and one in fp32, and (fp32 decode rows) the LLM's RMSNorm
-    weights in fp32. Buffers built after the load (RoPE tables, 4 MB at 7B) are not counted."""
+    weights in fp32; under int4 the linears at half a byte a weight + a bf16 scale a group of 32. Buffers built after the load (RoPE tables, 4 MB at 7B) are not counted."""
     from .model.llm import RMSNorm
     from .model.quant import int8_targets
 
     size = dt.itemsize
     targets, norms = {}, set()
-    if quantize in ("int8", "w8a8"):
+    if quantize is not None:
         targets = {"language_model." + n: k for n, k in int8_targets(net.language_model).items()}
         if dt != torch.float32 and int8_fp32_rows(device, dt):
             norms = {f"language_model.{n}.weight" for n, m in net.language_model.named_modules()
@@ -250,7 +256,9 @@ def weight_bytes(net: PllavaModel, dt: torch.dtype, quantize: str | None, device
     total = 0
     for name, p in net.named_parameters():
         kind, rows = targets.get(name), p.shape[0] if p.dim() else 1
-        if kind == "linear":
+        if kind == "linear" and quantize == "int4":  # half a byte a weight + a bf16 scale a group of 32
+            total += p.numel() // 2 + p.numel() // 32 * 2
+        elif kind == "linear":
             total += p.numel() + rows * size
         elif kind == "head":
             total += 2 * p.numel() + rows * (size + 4)
@@ -276,11 +284,13 @@ def check_weights_fit(net: PllavaModel, dt: torch.dtype, quantize: str | None, d
         log.warning("%s: the weights take %s of the %s %s as %s: little is left for the KV cache and activations",
                     where, human_bytes(need), human_bytes(have), source, name)
         return
-    # the smaller settings to offer: bf16, int8, both (never one that drops the int8 already asked for; w8a8 asked
-    # for stays w8a8: the same bytes as int8)
-    q8 = quantize or "int8"
-    smaller = dict.fromkeys(m for m in ((torch.bfloat16, None), (dt, q8), (torch.bfloat16, q8))
-                            if m != (dt, quantize) and (m[1] or not quantize))
+    # the smaller settings to offer: bf16, int8, both, and on the CPU int4 (never one that drops the quantization
+    # already asked for; w8a8 asked for stays w8a8: the same bytes as int8)
+    q8 = "int8" if quantize in (None, "int4") else quantize
+    cands = [(torch.bfloat16, None), (dt, q8), (torch.bfloat16, q8)]
+    if device.type == "cpu":
+        cands += [(dt, "int4"), (torch.bfloat16, "int4")]
+    smaller = dict.fromkeys(m for m in cands if m != (dt, quantize) and (m[1] or not quantize))
     options = [(odt, oq, n) for odt, oq in smaller if (n := weight_bytes(net, odt, oq, device)) < need]
     msg = (f"{where}: its weights need {human_bytes(need)} on {device} as {name}, but {human_bytes(have)} is free "
            f"({source})")

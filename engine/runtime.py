@@ -87,7 +87,7 @@ class Engine:
         'flash_attn' / 'xformers' for the prefill when installed (CUDA, fp16/bf16). quantize: None, 'int8'
         (weight-only int8 LLM linears, LoRA unmerged at the live alpha; with dtype=torch.bfloat16 on the CPU), or
         'w8a8' (the CPU only: int8 as well, and a prefill's activations quantized per token for int8 x int8 GEMMs;
-        README, "A fast CPU mode").
+        README, "A fast CPU mode"), or 'int4' (the CPU only: the LLM's linears in int4 groups of 32, lm_head int8).
         """
         device = resolve_device(device)
         kw = dict(device=device, dtype=dtype, num_frames=num_frames, pooling_shape=pooling_shape,
@@ -122,8 +122,8 @@ class Engine:
         """Fold the LoRA into q/v at the current alpha (W + s·B·A): zero LoRA cost for a fixed-alpha deployment.
         set_lora_alpha then fails until unmerge_lora(), which restores the weights bit for bit."""
         if any(m.qweight is not None for m in self.model.lora_linears()):
-            raise InputError("merge_lora is not available with quantize='int8' or 'w8a8' (the base weight is int8; the LoRA "
-                             "runs unmerged at the live alpha)")
+            raise InputError("merge_lora is not available with quantize='int8', 'w8a8' or 'int4' (the base weight is "
+                             "quantized; the LoRA runs unmerged at the live alpha)")
         self._forget_prefixes()
         self.model.merge_lora()
 

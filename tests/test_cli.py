@@ -3,6 +3,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 
 def _run(*args, timeout=300):
     return subprocess.run([sys.executable, "-m", "pllava.cli", *args], capture_output=True, text=True,
@@ -89,19 +91,20 @@ def test_bench_batch_cli_runs_the_fast_cpu_mode(tmp_path, video_path):
                                                        "transformers batched"}
 
 
-def test_caption_runs_w8a8_and_says_so(ckpts, video_path):
-    """`--quantize w8a8` reaches the engine (the log names the mode and its prefill path) and captions as the
-    engine API's w8a8 engine does."""
+@pytest.mark.parametrize("mode,says", [("w8a8", "int8 x int8 GEMM (w8a8)"), ("int4", "int4 groups of 32")])
+def test_caption_runs_w8a8_and_int4_and_says_so(ckpts, video_path, mode, says):
+    """`--quantize w8a8` / `int4` reaches the engine (the log names the mode and its path) and captions as the
+    engine API's engine in that mode does."""
     import pllava
     import torch
 
-    want = pllava.Engine.from_pretrained(ckpts["pllava"], dtype=torch.bfloat16, quantize="w8a8").caption(
+    want = pllava.Engine.from_pretrained(ckpts["pllava"], dtype=torch.bfloat16, quantize=mode).caption(
         video_path, max_new_tokens=8)
     r = subprocess.run([sys.executable, "-m", "pllava.cli", "-v", "caption", video_path, "--model", ckpts["pllava"],
-                        "--dtype", "bfloat16", "--quantize", "w8a8", "--max-new-tokens", "8"],
+                        "--dtype", "bfloat16", "--quantize", mode, "--max-new-tokens", "8"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "quantize=w8a8" in r.stderr and "int8 x int8 GEMM (w8a8)" in r.stderr
+    assert f"quantize={mode}" in r.stderr and says in r.stderr
     assert r.stdout == f"{video_path}: {want}\n"
 
 

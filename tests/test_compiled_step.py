@@ -39,17 +39,17 @@ def test_compiled_step_follows_a_live_alpha(engines):
     eager.set_lora_alpha(4)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_compiled_int8_step_gives_the_eager_tokens(ckpts, dtype):
-    """quantize="int8" on the CPU: each decode-row linear, its LoRA included, traces as the op pllava::int8_gemv_cpu
-    (fullgraph: the extension is not called, nor asked its ISA, inside the graph). The same tokens as eager steps at
-    alpha 4, and after set_lora_alpha(32): the op reads the live scale, no recompile."""
+@pytest.mark.parametrize("dtype,mode", [(torch.bfloat16, "int8"), (torch.float32, "int8"), (torch.bfloat16, "int4")])
+def test_compiled_int8_step_gives_the_eager_tokens(ckpts, dtype, mode):
+    """quantize="int8" (and "int4") on the CPU: each decode-row linear, its LoRA included, traces as the op
+    pllava::int8_gemv_cpu (fullgraph: the extension is not called, nor asked its ISA, inside the graph). The same
+    tokens as eager steps at alpha 4, and after set_lora_alpha(32): the op reads the live scale, no recompile."""
     import torch._dynamo
 
     px = torch.randn(4, 3, 42, 42, generator=torch.Generator().manual_seed(5))
     q = "What is happening in the video?"
-    eager = pllava.Engine.from_pretrained(ckpts["pllava"], dtype=dtype, quantize="int8")
-    comp = pllava.Engine.from_pretrained(ckpts["pllava"], dtype=dtype, quantize="int8")
+    eager = pllava.Engine.from_pretrained(ckpts["pllava"], dtype=dtype, quantize=mode)
+    comp = pllava.Engine.from_pretrained(ckpts["pllava"], dtype=dtype, quantize=mode)
     comp.compile_decode = True
     got = comp.generate(px, q, max_new_tokens=8)
     assert comp._step.compiled is not None

@@ -1,5 +1,5 @@
-"""Loading checks the memory first: the weights a load will hold are estimated on the meta device (bf16, fp32 and
-int8 forms) and a load that cannot fit is refused, before any weight is read, with the numbers and the settings that
+"""Loading checks the memory first: the weights a load will hold are estimated on the meta device (bf16, fp32,
+int8 and int4 forms) and a load that cannot fit is refused, before any weight is read, with the numbers and the settings that
 would fit; one that barely fits is warned about; PLLAVA_SKIP_MEMORY_CHECK=1 loads anyway. The estimate is checked
 against what loaded engines really hold (their parameters and int8 buffers), not against its own arithmetic."""
 import logging
@@ -14,6 +14,7 @@ from triton_util import TRITON_DEVICE
 
 DEVICES = sorted({"cpu", TRITON_DEVICE})  # and the GPU where there is one
 MODES = [(torch.float32, None), (torch.bfloat16, None), (torch.float32, "int8"), (torch.bfloat16, "int8")]
+CPU_MODES = MODES + [(torch.float32, "int4"), (torch.bfloat16, "int4")]  # int4: the CPU only
 
 
 def held_bytes(engine) -> int:
@@ -25,7 +26,8 @@ def held_bytes(engine) -> int:
 
 @pytest.fixture(scope="module")
 def held(ckpts):
-    return {m: held_bytes(pllava.Engine.from_pretrained(ckpts["pllava"], dtype=m[0], quantize=m[1])) for m in MODES}
+    return {m: held_bytes(pllava.Engine.from_pretrained(ckpts["pllava"], dtype=m[0], quantize=m[1]))
+            for m in CPU_MODES}
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -41,13 +43,14 @@ def test_the_estimate_is_what_a_loaded_engine_holds(ckpts, held, layout, device,
         return real(net, dt, quantize, device, where)
 
     monkeypatch.setattr(loading, "check_weights_fit", spy)
-    for dt, q in MODES:
+    for dt, q in CPU_MODES if device == "cpu" else MODES:
         engine = pllava.Engine.from_pretrained(ckpts[layout], device=device, dtype=dt, quantize=q)
         assert seen[(dt, q)] == held_bytes(engine), (layout, device, dt, q)
         if device == "cpu":
             assert seen[(dt, q)] == held[(dt, q)], (layout, dt, q)
-    # bf16 halves the float weights; int8 shrinks either form
+    # bf16 halves the float weights; int8 shrinks either form, int4 more
     assert held[MODES[1]] == held[MODES[0]] // 2 and held[MODES[2]] < held[MODES[0]] and held[MODES[3]] < held[MODES[1]]
+    assert held[CPU_MODES[4]] < held[MODES[2]] and held[CPU_MODES[5]] < held[MODES[3]]
 
 
 def test_a_load_that_cannot_fit_is_refused_before_any_weight_is_read(ckpts, held, monkeypatch):
@@ -62,17 +65,21 @@ def test_a_load_that_cannot_fit_is_refused_before_any_weight_is_read(ckpts, held
     assert f"but {hb(have)} is free (the test's memory)" in msg
     assert f"dtype=bfloat16: {hb(held[(torch.bfloat16, None)])} (also too much)" in msg
     assert f"dtype=float32, quantize='int8': {hb(held[(torch.float32, 'int8')])} (also too much);" in msg
-    assert f"dtype=bfloat16, quantize='int8': {hb(held[(torch.bfloat16, 'int8')])} (CLI" in msg
+    assert f"dtype=bfloat16, quantize='int8': {hb(held[(torch.bfloat16, 'int8')])};" in msg
+    # on the CPU int4 is offered too: fp32 + int4's linears are small here, its fp32 rest is not
+    assert f"dtype=float32, quantize='int4': {hb(held[(torch.float32, 'int4')])} (also too much);" in msg
+    assert f"dtype=bfloat16, quantize='int4': {hb(held[(torch.bfloat16, 'int4')])} (CLI" in msg
     assert "PLLAVA_SKIP_MEMORY_CHECK=1" in msg
     with pytest.raises(pllava.MemoryBudgetError) as e:  # w8a8 asked for stays w8a8 (int8's bytes) in the offer
         pllava.Engine.from_pretrained(ckpts["pllava"], dtype=torch.float32, quantize="w8a8")
     msg = str(e.value)
     assert f"need {hb(held[(torch.float32, 'int8')])} on cpu as float32 + w8a8" in msg and "'int8'" not in msg
-    assert f"dtype=bfloat16, quantize='w8a8': {hb(held[(torch.bfloat16, 'int8')])} (CLI" in msg
+    assert f"dtype=bfloat16, quantize='w8a8': {hb(held[(torch.bfloat16, 'int8')])};" in msg
     monkeypatch.setattr(memory, "available_bytes", lambda device: (1000, "the test's memory"))
     with pytest.raises(pllava.MemoryBudgetError, match="as bfloat16 \\+ int8, but 1.0 kB is free") as e:
         pllava.Engine.from_pretrained(ckpts["pllava"], dtype=torch.bfloat16, quantize="int8")
-    assert "quantize='int8':" not in str(e.value)  # nothing smaller to offer
+    assert "quantize='int8':" not in str(e.value)  # nothing smaller to offer but int4, also too much
+    assert "dtype=bfloat16, quantize='int4': " in str(e.value) and "(also too much) (CLI" in str(e.value)
 
 
 def test_a_tight_fit_warns_and_the_skip_setting_loads_anyway(ckpts, held, monkeypatch, caplog):

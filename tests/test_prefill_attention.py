@@ -122,14 +122,15 @@ def test_prefill_attention_under_address_sanitizer(tmp_path):
 
 
 @native
-@pytest.mark.parametrize("quantize,chunks", [(None, (7, 17, 50)), ("int8", (45, 50)), ("w8a8", (45, 50))])
+@pytest.mark.parametrize("quantize,chunks", [(None, (7, 17, 50)), ("int8", (45, 50)), ("w8a8", (45, 50)),
+                                             ("int4", (45, 50))])
 def test_a_chunked_prefill_attends_as_the_whole_prompt(ckpts, video_path, quantize, chunks):
     """A bf16 engine's prompt prefilled whole, in chunks (the scheduler's prefill_chunk) or by generate() (its video
     prefix, then the question over the cache) gives the same tokens and logprobs within fp32 roundoff: every pass
     attends through this kernel, whose rows do not depend on where the prompt was cut. What is left is the
     fp32 decode-row path of a last chunk of <= 16 rows, and the batch's other rows in the decode steps (2.4e-7 here;
     under int8 a chunk of <= 16 rows takes the fp32 int8 GEMV instead of the bf16 GEMM, so its chunks here are
-    longer: 89 = 45 + 44 and 50 + 39 positions; under w8a8 every prefill row's linears are exact integer products
+    longer: 89 = 45 + 44 and 50 + 39 positions, and so under int4; under w8a8 every prefill row's linears are exact integer products
     of its own quantized row, so they do not depend on the cut either).
     With torch's SDPA a chunk attended in fp32 over the cache where a whole prompt attended in bf16: the text
     prompt's logprobs moved by up to 0.012."""

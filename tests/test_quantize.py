@@ -189,7 +189,7 @@ def test_alpha_stays_live_and_merge_is_refused(ckpts):
     out = eng.generate_many([dict(video=px, prompt=Q, max_new_tokens=4, lora_alpha=a) for a in (0.0, 32.0)])
     assert [len(o.token_ids) for o in out] == [4, 4]
     with pytest.raises(ConfigError, match="quantize"):
-        pllava.Engine.from_pretrained(ckpts["pllava"], quantize="int4")
+        pllava.Engine.from_pretrained(ckpts["pllava"], quantize="nf4")
 
 
 def test_int8_halves_the_llm_weight_bytes(ckpts):
@@ -314,7 +314,7 @@ def test_a_weight_the_int8_loader_took_but_nothing_rebuilt_is_an_error(ckpts, mo
     from pllava.errors import CheckpointError
     from pllava.model import quant
 
-    monkeypatch.setattr(quant, "quantize_lm_int8_", lambda lm, pre=None, act_int8=False: False)
+    monkeypatch.setattr(quant, "quantize_lm_int8_", lambda lm, pre=None, act_int8=False, int4=False: False)
     with pytest.raises(CheckpointError, match=r"left \d+ weights unloaded, e.g. 'language_model\.layers\.0\."):
         pllava.Engine.from_pretrained(ckpts["pllava"], dtype=torch.bfloat16, quantize="int8")
 

@@ -298,7 +298,7 @@ def test_w8a8_is_refused_off_the_cpu_named_in_the_log_and_keeps_alpha_live(ckpts
 
     with pytest.raises(ConfigError, match="w8a8.*CPU only"):
         load(ckpts["pllava"], device="meta", quantize="w8a8")
-    with pytest.raises(ConfigError, match="'int8' or 'w8a8'"):
+    with pytest.raises(ConfigError, match="'int8', 'w8a8' or 'int4'"):
         pllava.Engine.from_pretrained(ckpts["pllava"], quantize="w4a8")
     with caplog.at_level("INFO", logger="pllava"):
         eng = pllava.Engine.from_pretrained(ckpts["pllava"], dtype=torch.bfloat16, quantize="w8a8")

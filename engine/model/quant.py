@@ -34,6 +34,7 @@ from pllava.kernels.lora_linear import lora_delta
 
 from ..ops import define_cpu_op, log_once, native_extension
 from .head import RescoredHead
+from .int4 import dequantize_int4, gemv_int4, quantize_weight_int4
 
 # Up to this many rows (decode, small batches) the int8 GEMV streams half the bytes. Past it the product is
 # compute-bound, and dequantizing to bf16 for its GEMM wins: M = 2400, K = 768, N = 2048 on 2 Zen4 cores took
@@ -123,9 +124,12 @@ def int8_targets(lm) -> dict[str, str]:
     return out
 
 
-def quantize_target(w: torch.Tensor, kind: str, scale_dtype: torch.dtype):
-    """One int8_targets weight, at whatever precision it comes in -> its int8 form: (q, s), or the head's levels."""
-    return head_levels(w, scale_dtype) if kind == "head" else quantize_weight(w, scale_dtype)
+def quantize_target(w: torch.Tensor, kind: str, scale_dtype: torch.dtype, int4: bool = False, name: str = "weight"):
+    """One int8_targets weight, at whatever precision it comes in -> its int8 form: (q, s), or the head's levels;
+    with int4 (quantize="int4"), a decoder linear's int4 form (int4.quantize_weight_int4; lm_head stays int8)."""
+    if kind == "head":
+        return head_levels(w, scale_dtype)
+    return quantize_weight_int4(w, name) if int4 else quantize_weight(w, scale_dtype)
 
 
 _NATIVE: list = []  # [(pllava._C or None, its GEMV's ISA)], looked up once: decode asks ~60 times a token, and a
@@ -169,9 +173,10 @@ def native_int8_available(dtype: torch.dtype = torch.float32) -> bool:
 
 
 def _decode_rows(C, isa, xf, q, scale, bias, lora):
-    """The CPU's int8 decode rows by pllava._C: xf (M, K) fp32 contiguous · (q · scale)ᵀ + bias [+ the LoRA at its
-    live scale] -> (M, N) fp32. Called directly in eager steps and as the body of pllava::int8_gemv_cpu."""
-    y = _gemv(C, xf, q, scale.float().contiguous())
+    """The CPU's int8 (or int4: q uint8) decode rows by pllava._C: xf (M, K) fp32 contiguous · (q · scale)ᵀ + bias
+    [+ the LoRA at its live scale] -> (M, N) fp32. Called directly in eager steps and as the body of
+    pllava::int8_gemv_cpu."""
+    y = gemv_int4(C, xf, q, scale) if q.dtype == torch.uint8 else _gemv(C, xf, q, scale.float().contiguous())
     if bias is not None:
         y += bias
     if lora is not None:
@@ -197,11 +202,16 @@ def _int8_gemv_op(x, q, scale, bias=None, lora_a=None, lora_b=None, lora_scale=N
     if x.device.type != "cpu" or x.dim() != 2 or x.dtype != torch.float32:
         raise ValueError(f"int8_gemv_cpu: x must be a 2-D float32 CPU tensor, got {tuple(x.shape)} {x.dtype} "
                          f"on {x.device}")
-    if q.dtype != torch.int8 or q.dim() != 2 or q.shape[1] != x.shape[1] or q.device.type != "cpu":
-        raise ValueError(f"int8_gemv_cpu: q must be an int8 CPU (N, {x.shape[1]}), got {tuple(q.shape)} {q.dtype}")
-    if scale.shape != (q.shape[0],) or not scale.is_floating_point() or scale.device.type != "cpu":
-        raise ValueError(f"int8_gemv_cpu: scale must be a float ({q.shape[0]},), got {tuple(scale.shape)} "
-                         f"{scale.dtype}")
+    int4 = q.dtype == torch.uint8  # quantize="int4": q packed (N, K / 2), scale bf16 (N, K / 32)
+    if (q.dtype not in (torch.int8, torch.uint8) or q.dim() != 2 or q.shape[1] * (2 if int4 else 1) != x.shape[1]
+            or q.device.type != "cpu"):
+        raise ValueError(f"int8_gemv_cpu: q must be an int8 CPU (N, {x.shape[1]}) or a packed int4 uint8 "
+                         f"(N, {x.shape[1] // 2}), got {tuple(q.shape)} {q.dtype}")
+    want = (q.shape[0], x.shape[1] // 32) if int4 else (q.shape[0],)
+    if (scale.shape != want or not scale.is_floating_point() or scale.device.type != "cpu"
+            or (int4 and scale.dtype != torch.bfloat16)):
+        raise ValueError(f"int8_gemv_cpu: scale must be a float {want}{' bf16' if int4 else ''}, got "
+                         f"{tuple(scale.shape)} {scale.dtype}")
     if bias is not None and bias.shape != (q.shape[0],):
         raise ValueError(f"int8_gemv_cpu: bias must be ({q.shape[0]},), got {tuple(bias.shape)}")
     lora = None
@@ -214,7 +224,7 @@ def _int8_gemv_op(x, q, scale, bias=None, lora_a=None, lora_b=None, lora_scale=N
                              f"0-dim or per-row scale, got {tuple(lora_a.shape)}, {tuple(lora_b.shape)}, "
                              f"{tuple(lora_scale.shape)}")
         lora = (lora_a, lora_b, lora_scale)
-    return _decode_rows(C, isa, x.contiguous(), q.contiguous(), scale, bias, lora)
+    return _decode_rows(C, isa, x.contiguous(), q.contiguous(), scale.contiguous() if int4 else scale, bias, lora)
 
 
 # x (M, K) fp32 · (q (N, K) int8 · scale (N,))ᵀ [+ bias] [+ lora_scale · (x · lora_aᵀ) · lora_bᵀ] -> (M, N) fp32,
@@ -241,10 +251,16 @@ def scratch(name: str, shape, dtype: torch.dtype) -> torch.Tensor:
     return buf[:n].view(shape)
 
 
-def _widened(q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _widened(q: torch.Tensor, dtype: torch.dtype, int4_scale: torch.Tensor | None = None) -> torch.Tensor:
     """q (N, K) int8 as `dtype` values, written into this thread's reused buffer (the largest weight yet, e.g.
     90 MB in bf16 for 7B's MLP) rather than a fresh tensor: a fresh one cost a 7B prefill layer (M = 2350, 2-core
-    Xeon) 660 against 545 ms (the same products bit for bit). A prefill holds the view only until its GEMM returns."""
+    Xeon) 660 against 545 ms (the same products bit for bit). A prefill holds the view only until its GEMM returns.
+    int4_scale: q is packed int4 (N, K / 2), and the result is its dequantized weight fl32(q · s) in `dtype`."""
+    if int4_scale is not None:
+        shape = (q.shape[0], q.shape[1] * 2)
+        if torch.compiler.is_compiling() or q.device.type != "cpu":
+            return dequantize_int4(q, int4_scale, dtype)
+        return dequantize_int4(q, int4_scale, dtype, out=scratch("widened", shape, dtype))
     if torch.compiler.is_compiling() or q.device.type != "cpu":
         return q.to(dtype)
     return scratch("widened", q.shape, dtype).copy_(q)
@@ -270,14 +286,22 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: tor
     eager = not torch.compiler.is_compiling()
     if decode and native_int8_available(x2.dtype):  # the runtime's rule, per call (fp32 rows: the norms' output)
         if eager:
-            log_once(f"int8 decode rows: pllava._C's fp32 int8 GEMV ({isa})")
+            bits = "int4" if q.dtype == torch.uint8 else "int8"
+            log_once(f"{bits} decode rows: pllava._C's fp32 {bits} GEMV ({isa})")
         xf = x2.float().contiguous()  # (M, K)
         if eager and q.is_contiguous():  # the kernels directly (the op's dispatch costs 7-12 us a call)
             y = _decode_rows(C, isa, xf, q, scale, bias, lora)
         else:  # the op: traceable (the compiled step calls the same kernels), and it checks its arguments
             y = torch.ops.pllava.int8_gemv_cpu(xf, q, scale, bias, *(lora or (None, None, None)))  # (M, N) fp32
         return y.reshape(*x.shape[:-1], q.shape[0])
-    if decode:
+    if q.dtype == torch.uint8:  # int4 rows but pllava._C's decode rows: the dequantized weight's GEMM
+        if eager:
+            log_once("int4 rows: the weight dequantized " + ("by pllava._C" if native_extension("int4_dequant")
+                                                             else "by torch ops (pllava._C is not built)")
+                     + ", then a GEMM in the activations' dtype" + ("" if not decode else
+                                                                     " (decode rows too: no fp32 int4 GEMV here)"))
+        y = _prefill_mm(x2, _widened(q, x2.dtype, scale), out)
+    elif decode:
         if eager:
             log_once("int8 decode rows: torch._weight_int8pack_mm in the activations' dtype (pllava._C is "
                       + ("not built)" if C is None else "built without AVX-512 or AVX2 here)"))
@@ -425,7 +449,8 @@ def _prefill_mm(x2: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None) -> 
     return F.linear(x2, w) if out is None else torch.mm(x2, w.t(), out=out)
 
 
-def int8_loader(lm, dtype: torch.dtype, device, norms_fp32: bool, pre: dict, prefix: str = "language_model."):
+def int8_loader(lm, dtype: torch.dtype, device, norms_fp32: bool, pre: dict, prefix: str = "language_model.",
+                int4: bool = False):
     """checkpoint.load_weights' convert for quantize="int8": each int8_targets weight is quantized as it loads, from
     the checkpoint's own tensor (fitted to its precision: fp32 where stored so, with the scale in `dtype`), into
     `pre` for quantize_lm_int8_, never materialised in `dtype` (the load's peak holds one float weight, not all);
@@ -441,7 +466,7 @@ def int8_loader(lm, dtype: torch.dtype, device, norms_fp32: bool, pre: dict, pre
     def convert(name, t):
         if name in targets:
             key, kind = targets[name]
-            pre[key] = quantize_target(t.to(device), kind, dtype)
+            pre[key] = quantize_target(t.to(device), kind, dtype, int4, name)
             return None
         if name in norms:  # a copy: a tensor kept as stored is a view of the file's mapping, which it would pin
             # whole (an fp32 small preset held 430 MB more resident after the load)
@@ -494,7 +519,7 @@ class Int8Head(RescoredHead):
                 + self.rweight[t].float() * self.rscale[t][..., None])
 
 
-def quantize_lm_int8_(lm, pre: dict | None = None, act_int8: bool = False) -> bool:
+def quantize_lm_int8_(lm, pre: dict | None = None, act_int8: bool = False, int4: bool = False) -> bool:
     """Quantize the decoder layers' linears (attention q/k/v/o with their LoRA left as is, the MLP) and lm_head
     (as an Int8Head) in place; the embedding stays in the weights' dtype. lm_head tied to the embedding stays too
     (its two-level copy would add 2 bytes a weight). Returns whether lm_head was quantized. `pre`: int8_targets'
@@ -504,13 +529,16 @@ def quantize_lm_int8_(lm, pre: dict | None = None, act_int8: bool = False) -> bo
     32768 decode positions; transformers' bf16: 1893 / 507; q fitted to bf16-rounded weights, bf16 norm weights):
     lm_head in bf16 1890 / 623, in plain int8 2326 / 657, as an Int8Head 1565 / 526 (the gain is the fp32 logits
     of the rescored tokens). act_int8 (quantize="w8a8"): the decoder linears quantize a prefill's rows to int8 too
-    (int8_linear); lm_head's rows stay as they are."""
+    (int8_linear); lm_head's rows stay as they are. int4 (quantize="int4"): the decoder linears hold int4 groups
+    (model/int4.py) instead; lm_head stays an Int8Head."""
     from .llm import LoRALinear
 
     pre = pre or {}
 
     def get(name, m):
-        return pre[name] if name in pre else quantize_weight(m.weight.data)
+        if name in pre:
+            return pre[name]
+        return quantize_weight_int4(m.weight.data, name) if int4 else quantize_weight(m.weight.data)
 
     for i, layer in enumerate(lm.layers):
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):

@@ -128,6 +128,39 @@ int main() {
       }
     }
   }
+  // int4_dequant: reads inside q (N, K / 2) and its scales (N, K / 32), writes inside out's rows of K (row stride
+  // ldo); each value fl32((nibble - 8) * s), or that rounded to bf16
+  for (int n : {1, 3, 17}) for (int k : {32, 96, 4096}) for (int pad : {0, 5}) {
+    const int ldo = k + pad, groups = k / 32;
+    std::vector<uint8_t> q(static_cast<size_t>(n) * k / 2);
+    std::vector<uint16_t> gs(static_cast<size_t>(n) * groups);
+    for (auto& v : q) v = static_cast<uint8_t>(rnd() % 256);
+    for (auto& v : gs) v = static_cast<uint16_t>(0x3C00 + rnd() % 0x400);  // bf16 in [2^-7, 2)
+    for (const char* isa : {"avx512", "avx2", "generic"}) for (int bf16 = 0; bf16 < 2; ++bf16) {
+      const bool generic = std::strcmp(isa, "generic") == 0;
+      pllava::set_isa_cap(generic ? "best" : isa);
+      const size_t span = static_cast<size_t>(n - 1) * ldo + k;
+      std::vector<float> of(bf16 ? 0 : span);
+      std::vector<uint16_t> ob(bf16 ? span : 0);
+      void* out = bf16 ? static_cast<void*>(ob.data()) : static_cast<void*>(of.data());
+      pllava::int4_dequant(q.data(), gs.data(), n, k, out, bf16 != 0, ldo, 2, generic);
+      for (int r = 0; r < n; ++r)
+        for (int c = 0; c < k; ++c) {
+          const uint8_t b = q[static_cast<size_t>(r) * k / 2 + (c / 32) * 16 + c % 16];
+          const int v = (c % 32 < 16 ? (b & 15) : (b >> 4)) - 8;
+          uint32_t u = static_cast<uint32_t>(gs[static_cast<size_t>(r) * groups + c / 32]) << 16;
+          float sc;
+          std::memcpy(&sc, &u, sizeof sc);
+          const float want = static_cast<float>(v) * sc;
+          const size_t i = static_cast<size_t>(r) * ldo + c;
+          if (bf16 ? ob[i] != to_bf16(want) : of[i] != want) {
+            std::printf("int4 dequant mismatch isa=%s bf16=%d n=%d k=%d pad=%d at (%d, %d)\n", isa, bf16, n, k, pad,
+                        r, c);
+            return 1;
+          }
+        }
+    }
+  }
   pllava::set_isa_cap("best");
   std::printf("asan int8 quantize: ok\n");
   return 0;

@@ -1,0 +1,98 @@
+"""int4 weights for the LLM's linears (`Engine.from_pretrained(..., quantize="int4")`, the CPU only).
+
+Format: symmetric groups of GROUP = 32 weights along K (llama.cpp's Q4_0 block size): s = max|w_group| / 7 rounded
+to bf16, q = round_half_even(w / s) in [-7, 7] (the [-8, 7] range's -8 is never reached: |w| <= 7 s up to s's
+rounding), w ≈ fl32(q · s). Stored as (N, K / 2) bytes, a row's group g in bytes 16g .. 16g + 15, byte j holding
+q + 8 of weight 32g + j in its low nibble and of 32g + 16 + j in its high one (so the kernels widen 16 contiguous
+weights from one 16-byte load), and the scales as bf16 (N, K / 32): 0.5625 bytes a weight, against int8's ~1.
+
+Why: a decode step streams every weight once, at the memory's bandwidth: pllava-7b's int8 GEMV runs at 42 GB/s of
+a 1 GiB read's 45 on 2 Zen 5 cores, two thirds of a token. pllava._C's int4 GEMV (csrc/int8_gemv.cpp) streams 44 %
+fewer bytes: 2 layers of 7B weights in 5.5-5.9 against 9.1-9.6 ms (1.64x), one of 34B's in 9.9 against 14.9-15.6
+(1.5x; a scratch timer, medians of 9). And the weights take 0.56x int8's memory: pllava-34b's linears ~19 GB.
+What it costs in agreement is in the README ("quality").
+
+Decode rows (M <= 16) go through that GEMV with fp32 activations and an fp32 accumulator; a prefill's rows through
+the weight dequantized into a reused buffer (pllava._C's int4_dequant) and a GEMM in the engine's dtype.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import ConfigError
+from ..ops import log_once, native_extension
+
+GROUP = 32  # weights a scale
+
+
+def quantize_weight_int4(w: torch.Tensor, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) float -> (packed uint8 (N, K / 2), bf16 scales (N, K / GROUP)). The scale is rounded to bf16 first and
+    q fitted to that rounding (as quantize_weight does for int8). A CPU weight in fp32 or bf16 with unit strides goes
+    through pllava._C's two row passes (row_absmax, int8_quantize_rows) over its groups as rows of 32 (the same
+    bits as the torch formula below: the scale is computed by torch on the (N * K / 32,) maxima, and a quotient
+    within [-7.03, 7.03] rounds inside int8_quantize_rows' clamp); torch's formula otherwise."""
+    if w.dim() != 2 or w.shape[1] % GROUP:
+        raise ConfigError(f"quantize='int4': {name} has shape {tuple(w.shape)}; its input dimension must be a "
+                          f"multiple of {GROUP} (use quantize='int8' for this checkpoint)")
+    n, k = w.shape
+    C = native_extension("int8_quantize_rows")
+    if C is not None and w.device.type == "cpu" and w.dtype == torch.float16:
+        w = w.float()
+    rows = n * (k // GROUP)
+    if (C is not None and w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16)
+            and w.is_contiguous() and k):
+        log_once("int4 weights: quantized by pllava._C's row passes (csrc/int8_quantize.cpp)")
+        bf16, threads = w.dtype == torch.bfloat16, torch.get_num_threads()
+        amax = torch.empty(rows, dtype=torch.float32)
+        C.row_absmax(w.data_ptr(), bf16, rows, GROUP, GROUP, amax.data_ptr(), threads)
+        s = (amax / 7.0).clamp(min=1e-12).to(torch.bfloat16)
+        sf = s.float()
+        if bool((torch.isfinite(sf) & (sf > 0)).all()):
+            q = torch.empty(rows, GROUP, dtype=torch.int8)
+            C.int8_quantize_rows(w.data_ptr(), bf16, rows, GROUP, GROUP, sf.data_ptr(), q.data_ptr(), 0, threads)
+            return _pack(q.view(n, k // GROUP, GROUP)), s.view(n, k // GROUP)
+    else:
+        log_once("int4 weights: quantized by torch ops" + (" (pllava._C is not built)" if C is None else ""))
+    g = w.float().reshape(n, k // GROUP, GROUP)
+    s = (g.abs().amax(dim=-1) / 7.0).clamp(min=1e-12).to(torch.bfloat16)
+    q = torch.round(g / s.float()[..., None]).clamp(-8, 7).to(torch.int8)
+    return _pack(q), s
+
+
+def _pack(q: torch.Tensor) -> torch.Tensor:
+    """(N, G, 32) int8 in [-8, 7] -> (N, G * 16) uint8: byte j of a group = (q[j] + 8) | (q[16 + j] + 8) << 4."""
+    u = (q.to(torch.int16) + 8).to(torch.uint8)
+    return (u[..., :16] | (u[..., 16:] << 4)).reshape(q.shape[0], -1).contiguous()
+
+
+def unpack_int4(q: torch.Tensor) -> torch.Tensor:
+    """(N, K / 2) packed -> (N, K) int8 in [-8, 7] (torch ops: the reference and the fallback)."""
+    n = q.shape[0]
+    g = q.reshape(n, -1, 16)
+    lo = (g & 15).to(torch.int8) - 8
+    hi = (g >> 4).to(torch.int8) - 8
+    return torch.cat([lo, hi], dim=-1).reshape(n, -1)
+
+
+def dequantize_int4(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None):
+    """The weight fl32(q · s) (N, K) in `dtype` (rounded once from fp32), into `out` (contiguous) when given: by
+    pllava._C's int4_dequant for fp32 / bf16 on the CPU (one pass: 7B's (11008, 4096) MLP weight in ~10 ms on 2 Zen
+    5 cores, where these torch ops make five full-size temporaries), else torch ops."""
+    n, k = q.shape[0], q.shape[1] * 2
+    C = native_extension("int4_dequant")
+    if (C is not None and q.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and q.is_contiguous()
+            and s.is_contiguous() and s.dtype == torch.bfloat16 and not torch.compiler.is_compiling()):
+        y = torch.empty(n, k, dtype=dtype) if out is None else out
+        C.int4_dequant(q.data_ptr(), s.data_ptr(), n, k, y.data_ptr(), dtype == torch.bfloat16, k,
+                       torch.get_num_threads())
+        return y
+    w = (unpack_int4(q).float().reshape(n, -1, GROUP) * s.float()[..., None]).reshape(n, k).to(dtype)
+    return w if out is None else out.copy_(w)
+
+
+def gemv_int4(C, x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """x (M, K) fp32 contiguous · (q · s)ᵀ -> (M, N) fp32 by pllava._C's int4 GEMV (q, s contiguous)."""
+    (m, k), n = x.shape, q.shape[0]
+    y = torch.empty(m, n, dtype=torch.float32)
+    C.int4_gemv(x.data_ptr(), k, q.data_ptr(), s.data_ptr(), y.data_ptr(), n, m, n, k, torch.get_num_threads())
+    return y

@@ -1,0 +1,257 @@
+"""quantize="int4": the LLM's linears as symmetric int4 groups of 32 with bf16 scales (model/int4.py), decode rows by
+pllava._C's int4 GEMV, prefill rows by the dequantized weight's GEMM. Against references written here: the group
+quantization and its byte layout, the product in fp64, the dequantized weight's bits, and the exact int4 model
+(transformers' modules in fp64 with each decoder linear put through the test's own int4 round trip)."""
+import glob
+import os
+
+import pytest
+import torch
+
+import pllava
+from oracle import load_oracle, oracle_embeds, oracle_inputs, read_lora
+from pllava.errors import ConfigError, MemoryBudgetError
+from pllava.model.int4 import dequantize_int4, quantize_weight_int4
+from pllava.model.quant import DECODE_ROWS, int8_linear
+from pllava.ops import native_extension
+
+Q = "What is happening in the video?"
+C = native_extension("int4_gemv")
+native = pytest.mark.skipif(C is None, reason="pllava._C is not built")
+
+
+def _bf16(t):
+    """fp32 -> bf16, round to nearest even, by its bits (finite values): the test's own rounding."""
+    u = t.float().contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    r = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16
+    return r.to(torch.int64).to(torch.int32).view(torch.float32)  # (r fits: finite values stay below 2^32)
+
+
+def _ref_quant(w):
+    """The test's own int4 groups: (q (N, K) in [-8, 7] as int64, s (N, K / 32) as fp32 values of bf16), in fp64
+    IEEE fp32 divisions (as the formula's): s = bf16(max|w_group| / 7), q = round half to even (w / s)."""
+    n, k = w.shape
+    g = w.float().reshape(n, k // 32, 32)
+    s = _bf16(torch.clamp(g.abs().amax(-1) / 7.0, min=1e-12))
+    q = torch.round(g / s[..., None]).clamp(-8, 7)
+    return q.reshape(n, k).long(), s
+
+
+def _ref_weight(w):
+    q, s = _ref_quant(w)
+    n, k = w.shape
+    return (q.double().reshape(n, k // 32, 32) * s.double()[..., None]).float().reshape(n, k)  # fl32(q * s)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("n,k", [(1, 32), (7, 96), (33, 256)])
+def test_groups_are_the_reference_quantization_in_its_byte_layout(dtype, n, k):
+    w = (torch.randn(n, k, generator=torch.Generator().manual_seed(n + k)) * 0.05).to(dtype)
+    w[0, :32] = 0.0  # a group of zeros: the smallest scale, q = 0
+    q, s = quantize_weight_int4(w)
+    rq, rs = _ref_quant(w)
+    assert q.dtype == torch.uint8 and q.shape == (n, k // 2) and s.dtype == torch.bfloat16 and s.shape == (n, k // 32)
+    assert torch.equal(s.float(), rs)
+    # byte 16g + j of a row: q + 8 of weight 32g + j (low nibble), of 32g + 16 + j (high nibble)
+    u = (rq + 8).reshape(n, k // 32, 32)
+    want = (u[..., :16] | (u[..., 16:] << 4)).reshape(n, k // 2)
+    assert torch.equal(q.long(), want)
+    assert int(rq.min()) >= -7 and int(rq.max()) <= 7
+
+
+@native
+def test_the_native_quantization_is_the_torch_formula(monkeypatch):
+    from pllava.model import int4
+
+    w = torch.randn(45, 4096, generator=torch.Generator().manual_seed(3)) * 0.02
+    fast = quantize_weight_int4(w)
+    monkeypatch.setattr(int4, "native_extension", lambda entry: None)
+    slow = quantize_weight_int4(w)
+    assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1])
+
+
+def test_a_width_off_the_group_is_refused_by_name():
+    with pytest.raises(ConfigError, match="layers.0.mlp.up_proj.weight.*multiple of 32"):
+        quantize_weight_int4(torch.randn(8, 48), "layers.0.mlp.up_proj.weight")
+
+
+@native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("generic", [False, True])
+def test_the_dequantized_weight_is_fl32_q_times_s(dtype, generic):
+    w = torch.randn(37, 160, generator=torch.Generator().manual_seed(5)) * 0.1
+    q, s = quantize_weight_int4(w)
+    ref = _ref_weight(w)
+    out = torch.empty(37, 160, dtype=dtype)
+    C.int4_dequant(q.data_ptr(), s.data_ptr(), 37, 160, out.data_ptr(), dtype == torch.bfloat16, 160, 2, generic)
+    assert torch.equal(out, ref if dtype == torch.float32 else _bf16(ref).to(dtype))
+    assert torch.equal(dequantize_int4(q, s, dtype), out)
+
+
+def _gemv(x, q, s, isa="best", generic=False):
+    C.set_isa_cap(isa)
+    try:
+        (m, k), n = x.shape, q.shape[0]
+        y = torch.empty(m, n)
+        C.int4_gemv(x.data_ptr(), k, q.data_ptr(), s.data_ptr(), y.data_ptr(), n, m, n, k, 2, generic)
+        return y
+    finally:
+        C.set_isa_cap("best")
+
+
+@native
+@pytest.mark.parametrize("m,n,k", [(1, 1, 32), (1, 33, 4096), (3, 4096, 96), (5, 11, 352), (16, 37, 1024)])
+def test_the_gemv_is_the_fp64_product_within_fp32_summation_error(m, n, k):
+    g = torch.Generator().manual_seed(m * 7 + n)
+    w = torch.randn(n, k, generator=g) * 0.02
+    x = torch.randn(m, k, generator=g)
+    q, s = quantize_weight_int4(w)
+    wr = _ref_weight(w).double()
+    ref = x.double() @ wr.T
+    bound = (k / 16 + 5) * 2.0 ** -24 * (x.double().abs() @ wr.abs().T)  # 16 lanes of k/16 FMAs, then 16 lanes
+    names = ["best", "avx2"] if C.cpu_isa_supported() == "avx512" else ["best"]
+    got = {isa: _gemv(x, q, s, isa) for isa in names}
+    got["generic"] = _gemv(x, q, s, generic=True)
+    for isa, y in got.items():
+        err = (y.double() - ref).abs()
+        assert bool((err <= bound).all()), (isa, float(err.max()), float(bound.max()))
+    if "avx2" in got:  # the AVX2 halves reduced in the AVX-512 lanes' order: the same bits
+        assert torch.equal(got["best"], got["avx2"])
+    # a row's result is that row's alone: the same bits in a batch of m as alone
+    for i in range(m):
+        assert torch.equal(_gemv(x[i:i + 1].contiguous(), q, s)[0], got["best"][i])
+
+
+@native
+@torch.no_grad()
+def test_decode_rows_and_prefill_rows_are_the_same_product_lora_included():
+    """int8_linear on int4 weights: decode rows (the GEMV, LoRA by the bf16 GEMV) and prefill rows (the dequantized
+    weight's GEMM) agree to fp32 roundoff in fp32, and the LoRA adds its delta at the live scale."""
+    g = torch.Generator().manual_seed(9)
+    w = torch.randn(48, 96, generator=g) * 0.05
+    q, s = quantize_weight_int4(w)
+    x = torch.randn(DECODE_ROWS + 4, 96, generator=g)
+    a, b = torch.randn(8, 96, generator=g) * 0.1, torch.randn(48, 8, generator=g) * 0.1
+    scale = torch.tensor(0.5)
+    wr = _ref_weight(w).double()
+    ref = x.double() @ wr.T + 0.5 * (x.double() @ a.double().T) @ b.double().T
+    prefill = int8_linear(x, q, s, None, lora=(a, b, scale))
+    decode = torch.cat([int8_linear(x[i:i + 4], q, s, None, lora=(a, b, scale)) for i in range(0, x.shape[0], 4)])
+    for y in (prefill, decode):
+        assert y.dtype == torch.float32 and float((y.double() - ref).abs().max()) < 2e-5
+    ab = (a.to(torch.bfloat16), b.to(torch.bfloat16), scale)  # the bf16 factors of a bf16 engine
+    ref_bf = x.double() @ wr.T + 0.5 * (x.double() @ ab[0].double().T) @ ab[1].double().T
+    assert float((int8_linear(x[:3], q, s, None, lora=ab).double() - ref_bf[:3]).abs().max()) < 2e-5
+
+
+def _int4_oracle(current_dir, lora):
+    """transformers' model in fp64 as the exact int4 model: each decoder linear's base weight through the test's
+    own int4 round trip, the LoRA on it at alpha 4."""
+    m = load_oracle(current_dir).to(torch.float64)
+    lm = m.model.language_model
+    with torch.no_grad():
+        for i, layer in enumerate(lm.layers):
+            for mod, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
+                               (layer.mlp, ("gate_proj", "up_proj", "down_proj"))):
+                for name in names:
+                    lin = getattr(mod, name)
+                    exact = lin.weight.data.clone()
+                    lin.weight.copy_(_ref_weight(lin.weight.data.float()).double())
+                    ab = lora.get((i, name))
+                    if ab is not None:
+                        lin.weight += (4.0 / ab["A"].shape[0]) * ab["B"].double() @ ab["A"].double()
+                        exact += (4.0 / ab["A"].shape[0]) * ab["B"].double() @ ab["A"].double()
+                    lin.exact = exact
+    return m
+
+
+def _swap(m):
+    """Swap each decoder linear's weight with its unquantized one (the exact int4 model <-> the fp64 one)."""
+    for layer in m.model.language_model.layers:
+        for mod in (layer.self_attn, layer.mlp):
+            for lin in mod.children():
+                if hasattr(lin, "exact"):
+                    lin.weight, lin.exact = torch.nn.Parameter(lin.exact), lin.weight.data
+
+
+@torch.no_grad()
+def test_an_int4_engine_is_the_exact_int4_model(ckpts):
+    """fp32 engine, prompt logits, against the exact int4 model: its error
+    against that model is under 5 % of what int4 changes (the exact int4 model against the unquantized one). lm_head
+    (an Int8Head) is compared through the exact model's hidden states, at its exact or its int8 logits."""
+    lora = read_lora(sorted(glob.glob(os.path.join(ckpts["pllava"], "*.safetensors"))))
+    ids, image_token, pooling, frames, _ = oracle_inputs(ckpts["current"])
+    eng = pllava.Engine.from_pretrained(ckpts["pllava"], dtype=torch.float32, quantize="int4")
+    ref = _int4_oracle(ckpts["current"], lora)
+    w = ref.lm_head.weight
+    step = (w.abs().amax(dim=1, keepdim=True) / 127.0).float().double()
+    w8 = torch.round(w / step).clamp(-127, 127) * step
+
+    def hidden(px):
+        e = oracle_embeds(ref, px.double(), ids, image_token, pooling, frames)
+        return ref.model.language_model(inputs_embeds=e[None]).last_hidden_state[0]
+
+    for seed in range(2):
+        px = torch.randn(frames, 3, 42, 42, generator=torch.Generator().manual_seed(80 + seed))
+        got = eng.prompt_logits(px, Q).double()
+        h = hidden(px)
+        exact, first = h @ w.T, h @ w8.T
+        err = torch.minimum((got - exact).abs(), (got - first).abs())
+        _swap(ref)  # the unquantized model: what int4 changes
+        unq = hidden(px) @ w.T
+        _swap(ref)
+        moved = (unq - exact).abs()
+        print(f"\nseed {seed}: engine vs exact int4 mean {float(err.mean()):.2e} max {float(err.max()):.2e}; "
+              f"int4 vs unquantized mean {float(moved.mean()):.2e}")
+        assert float(err.mean()) <= 0.05 * float(moved.mean()) and float(err.max()) <= 0.05 * float(moved.max())
+
+
+def test_int4_is_refused_off_the_cpu_logged_sized_and_keeps_alpha_live(ckpts, caplog):
+    from pllava.loading import load, weight_bytes
+    from pllava.model import PllavaModel
+    from pllava.model.quant import quantized_bytes
+
+    with pytest.raises(ConfigError, match="int4.*CPU only"):
+        load(ckpts["pllava"], device="meta", quantize="int4")
+    with caplog.at_level("INFO", logger="pllava"):
+        eng = pllava.Engine.from_pretrained(ckpts["pllava"], dtype=torch.bfloat16, quantize="int4")
+    assert "quantize=int4" in caplog.text and "int4 groups of 32" in caplog.text
+    lm = eng.model.language_model
+    kinds = {(m.qweight.dtype, m.qscale.dtype) for m in lm.layers.modules()
+             if getattr(m, "qweight", None) is not None}
+    assert kinds == {(torch.uint8, torch.bfloat16)}
+    assert lm.lm_head.qweight.dtype == torch.int8  # lm_head stays two-level int8
+    # the memory check's count is what the load holds
+    with torch.device("meta"):
+        net = PllavaModel(eng.config)
+    held = sum(t.numel() * t.element_size() for t in list(eng.model.parameters()) + [
+        b for n, b in eng.model.named_buffers() if n.endswith(("qweight", "qscale", "rweight", "rscale"))])
+    assert weight_bytes(net, torch.bfloat16, "int4", torch.device("cpu")) == held
+    linears = sum(m.qweight.numel() + m.qscale.numel() * 2 for m in lm.layers.modules()
+                  if getattr(m, "qweight", None) is not None)
+    assert linears < 0.6 * quantized_bytes(pllava.Engine.from_pretrained(
+        ckpts["pllava"], dtype=torch.bfloat16, quantize="int8").model.language_model.layers)
+    px = torch.randn(4, 3, 42, 42, generator=torch.Generator().manual_seed(70))
+    at4 = eng.prompt_logits(px, Q)
+    eng.set_lora_alpha(32)
+    assert not torch.allclose(eng.prompt_logits(px, Q), at4, atol=1e-2)
+    eng.set_lora_alpha(4)
+    assert torch.equal(eng.prompt_logits(px, Q), at4)
+    out = eng.generate(px, Q, max_new_tokens=6)
+    assert len(out.token_ids) >= 1
+
+
+def test_the_memory_check_offers_int4_on_the_cpu(ckpts, monkeypatch):
+    from pllava import memory
+    from pllava.loading import check_weights_fit, weight_bytes
+    from pllava.model import PllavaModel
+
+    cfg = pllava.Engine.from_pretrained(ckpts["pllava"], dtype=torch.float32).config
+    with torch.device("meta"):
+        net = PllavaModel(cfg)
+    cpu = torch.device("cpu")
+    int8 = weight_bytes(net, torch.bfloat16, "int8", cpu)
+    monkeypatch.setattr(memory, "available_bytes", lambda device: (int8 - 1, "MemAvailable"))
+    with pytest.raises(MemoryBudgetError, match="quantize='int4'") as e:
+        check_weights_fit(net, torch.float32, None, cpu, "tiny")
+    assert "dtype=bfloat16, quantize='int4': " in str(e.value)
