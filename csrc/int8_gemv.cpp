@@ -97,9 +97,11 @@ constexpr int64_t row_bytes(int64_t K) {
 }
 
 // AVX-512: the group's 16 dequantized values (q = -8 .. 7 times s) are one register, and vpermps picks a lane's
-// weight from it by its nibble (the low 4 bits of each 32-bit lane): 2 permutes for 32 weights, where widening and
-// converting each nibble cost ~3 more instructions a 16 (which made the tile compute-bound above the int4 bytes'
-// bandwidth).
+// weight from it by its nibble (the low 4 bits of each 32-bit lane): 2 permutes for 32 weights. The tile is
+// compute-bound, not bandwidth-bound, at M = 1 (2 Zen 5 cores, weights in L2: ~70 G weights/s where int8's tile
+// makes ~110; streamed, int4's 0.5625 bytes a weight need ~107 to fill 60 GB/s), so every instruction counts:
+// widening and converting each nibble instead of the permutes made it ~12 % slower, broadcasting the scales from a
+// widened block of 16 no faster, and the group's x loaded once for the NB rows (not once a row) ~10 % faster.
 template <int MB, int NB>
 __attribute__((target("avx512f"))) void tile4_avx512(const float* x, int64_t ldx, const Nibble* q, int64_t K,
                                                      const Out& out, float* y, int64_t ldy, int64_t n, Prefetch pf) {
@@ -111,6 +113,11 @@ __attribute__((target("avx512f"))) void tile4_avx512(const float* x, int64_t ldx
     for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
     pf.step<1>();  // 16 bytes a row a group: a 4-row tile's 64 bytes
+    __m512 xl[MB], xh[MB];  // the group's x, loaded once for the NB rows
+    for (int i = 0; i < MB; ++i) {
+      xl[i] = _mm512_loadu_ps(x + i * ldx + g * kGroup);
+      xh[i] = _mm512_loadu_ps(x + i * ldx + g * kGroup + 16);
+    }
     for (int j = 0; j < NB; ++j) {
       const __m512i v = _mm512_cvtepu8_epi32(
           _mm_loadu_si128(reinterpret_cast<const __m128i*>(qb + (n + j) * row + g * 16)));
@@ -118,9 +125,8 @@ __attribute__((target("avx512f"))) void tile4_avx512(const float* x, int64_t ldx
       const __m512 lo = _mm512_permutexvar_ps(v, table);
       const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);
       for (int i = 0; i < MB; ++i) {
-        const float* xi = x + i * ldx + g * kGroup;
-        acc[i][j] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xi), acc[i][j]);
-        acc[i][j] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xi + 16), acc[i][j]);
+        acc[i][j] = _mm512_fmadd_ps(lo, xl[i], acc[i][j]);
+        acc[i][j] = _mm512_fmadd_ps(hi, xh[i], acc[i][j]);
       }
     }
   }
@@ -130,7 +136,9 @@ __attribute__((target("avx512f"))) void tile4_avx512(const float* x, int64_t ldx
 }
 
 // AVX2: 8 bytes hold weights 32g + 0-7 (low nibbles) and 32g + 16-23 (high) for the lo accumulators (lanes k = 0-7
-// mod 16), the next 8 bytes 32g + 8-15 and 24-31 for the hi ones; each nibble widened, less 8, times s.
+// mod 16), the next 8 bytes 32g + 8-15 and 24-31 for the hi ones; each nibble widened and dequantized by one FMA.
+// ~7 instructions a 16 weights against int8's 4, so on AVX2 the int4 tiles are compute-bound below int8's speed
+// (2 Zen 5 cores capped at AVX2, 2 of 7B's layers: 0.74-0.85x at M = 1-4): int4 there saves memory, not time.
 template <int MB, int NB>
 __attribute__((target("avx2,fma"))) void kernel4_avx2(const float* x, int64_t ldx, const Nibble* q, int64_t K,
                                                       const Out& out, float* y, int64_t ldy, int64_t n, Prefetch pf) {
@@ -138,19 +146,20 @@ __attribute__((target("avx2,fma"))) void kernel4_avx2(const float* x, int64_t ld
   const uint8_t* qb = reinterpret_cast<const uint8_t*>(q);
   const int64_t G = K / kGroup, row = K / 2;
   const __m256i m15 = _mm256_set1_epi32(15);
-  const __m256 eight = _mm256_set1_ps(8.0f);
   __m256 lo[MB][NB], hi[MB][NB];
   for (int i = 0; i < MB; ++i)
     for (int j = 0; j < NB; ++j) lo[i][j] = hi[i][j] = _mm256_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
     pf.step<1>();
     for (int j = 0; j < NB; ++j) {
-      const __m256 s = _mm256_set1_ps(widen(out.gscale[(n + j) * G + g]));
+      // w = fma(nibble, s, -8s): one rounding of the exact (nibble - 8) * s, the AVX-512 table's value
+      const float sj = widen(out.gscale[(n + j) * G + g]);
+      const __m256 s = _mm256_set1_ps(sj), off = _mm256_set1_ps(-8.0f * sj);
       const uint8_t* p = qb + (n + j) * row + g * 16;
       for (int h = 0; h < 2; ++h) {  // bytes 0-7, then 8-15
         const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * h)));
-        const __m256 wl = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, m15)), eight), s);
-        const __m256 wh = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), eight), s);
+        const __m256 wl = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, m15)), s, off);
+        const __m256 wh = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), s, off);
         for (int i = 0; i < MB; ++i) {
           const float* xi = x + i * ldx + g * kGroup + 8 * h;
           __m256& a = h == 0 ? lo[i][j] : hi[i][j];
