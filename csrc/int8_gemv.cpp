@@ -101,7 +101,8 @@ constexpr int64_t row_bytes(int64_t K) {
 // compute-bound, not bandwidth-bound, at M = 1 (2 Zen 5 cores, weights in L2: ~70 G weights/s where int8's tile
 // makes ~110; streamed, int4's 0.5625 bytes a weight need ~107 to fill 60 GB/s), so every instruction counts:
 // widening and converting each nibble instead of the permutes made it ~12 % slower, broadcasting the scales from a
-// widened block of 16 no faster, and the group's x loaded once for the NB rows (not once a row) ~10 % faster.
+// widened block of 16 no faster, a byte order that let a broadcast load and a per-lane shift replace the
+// widening ~10 % slower, and the group's x loaded once for the NB rows (not once a row) ~10 % faster.
 template <int MB, int NB>
 __attribute__((target("avx512f"))) void tile4_avx512(const float* x, int64_t ldx, const Nibble* q, int64_t K,
                                                      const Out& out, float* y, int64_t ldy, int64_t n, Prefetch pf) {

@@ -6,11 +6,12 @@ rounding), w ≈ fl32(q · s). Stored as (N, K / 2) bytes, a row's group g in by
 q + 8 of weight 32g + j in its low nibble and of 32g + 16 + j in its high one (so the kernels widen 16 contiguous
 weights from one 16-byte load), and the scales as bf16 (N, K / 32): 0.5625 bytes a weight, against int8's ~1.
 
-Why: a decode step streams every weight once, at the memory's bandwidth: pllava-7b's int8 GEMV runs at 42 GB/s of
-a 1 GiB read's 45 on 2 Zen 5 cores, two thirds of a token. pllava._C's int4 GEMV (csrc/int8_gemv.cpp) streams 44 %
-fewer bytes: 2 layers of 7B weights in 5.5-5.9 against 9.1-9.6 ms (1.64x), one of 34B's in 9.9 against 14.9-15.6
-(1.5x; a scratch timer, medians of 9). And the weights take 0.56x int8's memory: pllava-34b's linears ~19 GB.
-What it costs in agreement is in the README ("quality").
+Why: memory first. pllava-7b's weights take 4.8 GB in bf16 + int4 against 7.6 in bf16 + int8, pllava-13b 8.4
+against 14.0, pllava-34b 21.4 against 36.0 (loading.weight_bytes). Speed second: a decode step streams every
+weight once, and int8's GEMV already runs at the memory's bandwidth (62 GB/s on 2 Zen 5 cores), while pllava._C's
+int4 GEMV (csrc/int8_gemv.cpp) is bound by its instructions (~88 G weights/s in L2, where int8's tile makes ~110):
+2 of 7B's layers in 5.13 against 6.52 ms (1.27x, benchmarks/bench_int8_gemv.py), pllava-7b's decode 7.3-7.4
+against 6.7 tokens/s. What it costs in agreement is the most of any mode (README, "quality").
 
 Decode rows (M <= 16) go through that GEMV with fp32 activations and an fp32 accumulator; a prefill's rows through
 the weight dequantized into a reused buffer (pllava._C's int4_dequant) and a GEMM in the engine's dtype.
@@ -61,8 +62,9 @@ def quantize_weight_int4(w: torch.Tensor, name: str = "weight") -> tuple[torch.T
 
 def _pack(q: torch.Tensor) -> torch.Tensor:
     """(N, G, 32) int8 in [-8, 7] -> (N, G * 16) uint8: byte j of a group = (q[j] + 8) | (q[16 + j] + 8) << 4."""
-    u = (q.to(torch.int16) + 8).to(torch.uint8)
-    return (u[..., :16] | (u[..., 16:] << 4)).reshape(q.shape[0], -1).contiguous()
+    u = (q + 8).view(torch.uint8)  # in [0, 15]: no widening (an int16 round trip took 3x as long: 113-152 ms
+    # against 24-60 for 7B's MLP weight)
+    return torch.bitwise_or(u[..., :16], u[..., 16:] << 4).reshape(q.shape[0], -1)
 
 
 def unpack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -76,8 +78,8 @@ def unpack_int4(q: torch.Tensor) -> torch.Tensor:
 
 def dequantize_int4(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None):
     """The weight fl32(q · s) (N, K) in `dtype` (rounded once from fp32), into `out` (contiguous) when given: by
-    pllava._C's int4_dequant for fp32 / bf16 on the CPU (one pass: 7B's (11008, 4096) MLP weight in ~10 ms on 2 Zen
-    5 cores, where these torch ops make five full-size temporaries), else torch ops."""
+    pllava._C's int4_dequant for fp32 / bf16 on the CPU (one pass: 7B's (11008, 4096) MLP weight in ~8 ms on 2 Zen 5
+    cores, where these torch ops make five full-size temporaries), else torch ops."""
     n, k = q.shape[0], q.shape[1] * 2
     C = native_extension("int4_dequant")
     if (C is not None and q.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and q.is_contiguous()
