@@ -70,9 +70,15 @@ def test_the_native_quantization_is_the_torch_formula(monkeypatch):
     assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1])
 
 
-def test_a_width_off_the_group_is_refused_by_name():
+def test_a_width_off_the_group_is_refused_by_name(tmp_path):
+    from pllava.testing import make_tiny_checkpoint
+
     with pytest.raises(ConfigError, match="layers.0.mlp.up_proj.weight.*multiple of 32"):
         quantize_weight_int4(torch.randn(8, 48), "layers.0.mlp.up_proj.weight")
+    ck = make_tiny_checkpoint(str(tmp_path / "c"), "pllava", shards=1, text=dict(intermediate_size=112))
+    with pytest.raises(ConfigError, match=r"language_model\.layers\.0\.mlp\.down_proj\.weight has shape \(64, 112\)"
+                                          r".*multiple of 32.*quantize='int8'"):
+        pllava.Engine.from_pretrained(ck, dtype=torch.bfloat16, quantize="int4")
 
 
 @native
@@ -231,12 +237,14 @@ def test_int4_is_refused_off_the_cpu_logged_sized_and_keeps_alpha_live(ckpts, ca
                   if getattr(m, "qweight", None) is not None)
     assert linears < 0.6 * quantized_bytes(pllava.Engine.from_pretrained(
         ckpts["pllava"], dtype=torch.bfloat16, quantize="int8").model.language_model.layers)
+    # the LoRA's alpha is live: set at run time, the logits of an engine loaded at that alpha, bit for bit
     px = torch.randn(4, 3, 42, 42, generator=torch.Generator().manual_seed(70))
     at4 = eng.prompt_logits(px, Q)
+    loaded32 = pllava.Engine.from_pretrained(ckpts["pllava"], dtype=torch.bfloat16, quantize="int4", lora_alpha=32)
     eng.set_lora_alpha(32)
-    assert not torch.allclose(eng.prompt_logits(px, Q), at4, atol=1e-2)
+    at32 = eng.prompt_logits(px, Q)
+    assert torch.equal(at32, loaded32.prompt_logits(px, Q)) and not torch.allclose(at32, at4, atol=1e-2)
     eng.set_lora_alpha(4)
-    assert torch.equal(eng.prompt_logits(px, Q), at4)
     out = eng.generate(px, Q, max_new_tokens=6)
     assert len(out.token_ids) >= 1
 
