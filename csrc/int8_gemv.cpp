@@ -91,6 +91,22 @@ struct Nibble {
 };
 constexpr int64_t kGroup = 32;
 
+// A group's scale widened to fp32, as a 32-bit broadcast load of it and the next one (in the same row unless it is
+// the row's last: then one 16-bit load), shifted: no broadcast from a vector register, which made the tile ~15 %
+// slower in L2 (2 Zen 5 cores: ~88 against ~103 G weights/s). The same value as widen(*sp).
+__attribute__((target("avx512f"))) inline __m512 scale16(const uint16_t* sp, bool last) {
+  if (last) return _mm512_set1_ps(widen(*sp));
+  int32_t d;
+  std::memcpy(&d, sp, sizeof d);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_set1_epi32(d), 16));
+}
+__attribute__((target("avx2,fma"))) inline __m256 scale8(const uint16_t* sp, bool last) {
+  if (last) return _mm256_set1_ps(widen(*sp));
+  int32_t d;
+  std::memcpy(&d, sp, sizeof d);
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_set1_epi32(d), 16));
+}
+
 template <typename W>
 constexpr int64_t row_bytes(int64_t K) {
   return std::is_same_v<W, Nibble> ? K / 2 : K * static_cast<int64_t>(sizeof(W));
@@ -98,11 +114,12 @@ constexpr int64_t row_bytes(int64_t K) {
 
 // AVX-512: the group's 16 dequantized values (q = -8 .. 7 times s) are one register, and vpermps picks a lane's
 // weight from it by its nibble (the low 4 bits of each 32-bit lane): 2 permutes for 32 weights. The tile is
-// compute-bound, not bandwidth-bound, at M = 1 (2 Zen 5 cores, weights in L2: ~70 G weights/s where int8's tile
+// compute-bound, not bandwidth-bound, at M = 1 (2 Zen 5 cores, weights in L2: ~100 G weights/s where int8's tile
 // makes ~110; streamed, int4's 0.5625 bytes a weight need ~107 to fill 60 GB/s), so every instruction counts:
 // widening and converting each nibble instead of the permutes made it ~12 % slower, broadcasting the scales from a
 // widened block of 16 no faster, a byte order that let a broadcast load and a per-lane shift replace the
-// widening ~10 % slower, and the group's x loaded once for the NB rows (not once a row) ~10 % faster.
+// widening ~10 % slower; the group's x loaded once for the NB rows (not once a row) ~10 % faster, and each scale
+// broadcast by a 32-bit load rather than from a register (scale16) ~15 % faster.
 template <int MB, int NB>
 __attribute__((target("avx512f"))) void tile4_avx512(const float* x, int64_t ldx, const Nibble* q, int64_t K,
                                                      const Out& out, float* y, int64_t ldy, int64_t n, Prefetch pf) {
@@ -122,7 +139,7 @@ __attribute__((target("avx512f"))) void tile4_avx512(const float* x, int64_t ldx
     for (int j = 0; j < NB; ++j) {
       const __m512i v = _mm512_cvtepu8_epi32(
           _mm_loadu_si128(reinterpret_cast<const __m128i*>(qb + (n + j) * row + g * 16)));
-      const __m512 table = _mm512_mul_ps(iota, _mm512_set1_ps(widen(out.gscale[(n + j) * G + g])));
+      const __m512 table = _mm512_mul_ps(iota, scale16(out.gscale + (n + j) * G + g, g + 1 == G));
       const __m512 lo = _mm512_permutexvar_ps(v, table);
       const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);
       for (int i = 0; i < MB; ++i) {
@@ -154,8 +171,8 @@ __attribute__((target("avx2,fma"))) void kernel4_avx2(const float* x, int64_t ld
     pf.step<1>();
     for (int j = 0; j < NB; ++j) {
       // w = fma(nibble, s, -8s): one rounding of the exact (nibble - 8) * s, the AVX-512 table's value
-      const float sj = widen(out.gscale[(n + j) * G + g]);
-      const __m256 s = _mm256_set1_ps(sj), off = _mm256_set1_ps(-8.0f * sj);
+      const __m256 s = scale8(out.gscale + (n + j) * G + g, g + 1 == G);
+      const __m256 off = _mm256_mul_ps(s, _mm256_set1_ps(-8.0f));  // exact: a power of two
       const uint8_t* p = qb + (n + j) * row + g * 16;
       for (int h = 0; h < 2; ++h) {  // bytes 0-7, then 8-15
         const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * h)));
