@@ -8,10 +8,11 @@ weights from one 16-byte load), and the scales as bf16 (N, K / 32): 0.5625 bytes
 
 Why: memory first. pllava-7b's weights take 4.8 GB in bf16 + int4 against 7.6 in bf16 + int8, pllava-13b 8.4
 against 14.0, pllava-34b 21.4 against 36.0 (loading.weight_bytes). Speed second: a decode step streams every
-weight once, and int8's GEMV already runs at the memory's bandwidth (62 GB/s on 2 Zen 5 cores), while pllava._C's
-int4 GEMV (csrc/int8_gemv.cpp) is bound by its instructions (~88 G weights/s in L2, where int8's tile makes ~110):
-2 of 7B's layers in 5.13 against 6.52 ms (1.27x, benchmarks/bench_int8_gemv.py), pllava-7b's decode 7.3-7.4
-against 6.7 tokens/s. What it costs in agreement is the most of any mode (README, "quality").
+weight once, and int8's GEMV runs at the memory's bandwidth (42-62 GB/s on 2 Zen 5 cores of a noisy VM), while
+pllava._C's int4 GEMV (csrc/int8_gemv.cpp) is bound by its instructions (~103 G weights/s in L2, where int8's tile
+makes ~110): 2 of 7B's layers 1.27x to 1.73x int8's speed (benchmarks/bench_int8_gemv.py; the less bandwidth, the
+more int4 gains), pllava-7b's decode 1.10x to 1.54x. What it costs in agreement is the most of any mode (README,
+"quality").
 
 Decode rows (M <= 16) go through that GEMV with fp32 activations and an fp32 accumulator; a prefill's rows through
 the weight dequantized into a reused buffer (pllava._C's int4_dequant) and a GEMM in the engine's dtype.
