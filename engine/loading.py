@@ -179,7 +179,8 @@ def load(model: str, device=None, dtype=None, num_frames=None, pooling_shape=Non
         if ops.kernel_path(device) == "triton":
             how = "the Triton int8 kernel, LoRA fused (pllava.kernels.int8_linear)"
         elif fp32_rows:
-            how = f"decode rows in fp32 through pllava._C's {quantize[:4]} GEMV (norm weights in fp32), {prefill}"
+            bits = "int4" if quantize == "int4" else "int8"
+            how = f"decode rows in fp32 through pllava._C's {bits} GEMV (norm weights in fp32), {prefill}"
             net.language_model.set_fp32_rows(DECODE_ROWS, dt)
         elif device.type == "cpu":
             why = "is not built" if not native_int8_available() else "has no AVX-512 or AVX2 path here"
@@ -242,7 +243,8 @@ def weight_bytes(net: PllavaModel, dt: torch.dtype, quantize: str | None, device
     """Bytes the weights of `net` (built on the meta device) will hold once loaded in `dt`, quantized or not: every
     parameter in dt, but under int8 each decoder-layer linear at 1 byte a weight + a scale a row in dt, an untied
     lm_head at two int8 levels + a scale a row in dt and one in fp32, and (fp32 decode rows) the LLM's RMSNorm
-    weights in fp32; under int4 the linears at half a byte a weight + a bf16 scale a group of 32. Buffers built after the load (RoPE tables, 4 MB at 7B) are not counted."""
+    weights in fp32; under int4 the linears at half a byte a weight + a bf16 scale a group of 32. Buffers built
+    after the load (RoPE tables, 4 MB at 7B) are not counted."""
     from .model.llm import RMSNorm
     from .model.quant import int8_targets
 
