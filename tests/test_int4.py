@@ -263,3 +263,23 @@ def test_the_memory_check_offers_int4_on_the_cpu(ckpts, monkeypatch):
     with pytest.raises(MemoryBudgetError, match="quantize='int4'") as e:
         check_weights_fit(net, torch.float32, None, cpu, "tiny")
     assert "dtype=bfloat16, quantize='int4': " in str(e.value)
+
+
+def test_without_a_vector_gemv_a_bf16_int4_engine_says_it_dequantizes_its_decode_rows(ckpts):
+    """Capped to the portable loop (PLLAVA_CPU_ISA=generic, as on a CPU without AVX2), a bf16 engine's int4 decode
+    rows are not the fp32 GEMV's (its portable loop is for fp32 engines): they take the dequantized weight's bf16
+    GEMM, and the log says so, never silently."""
+    import subprocess
+    import sys
+
+    # (logit_bias bans the tiny tokenizer's EOS, id 2, so that 4 decode steps run)
+    code = ("import logging, torch, pllava\nlogging.basicConfig(level=logging.INFO)\n"
+            f"e = pllava.Engine.from_pretrained({ckpts['pllava']!r}, dtype=torch.bfloat16, quantize='int4')\n"
+            "px = torch.randn(4, 3, 42, 42, generator=torch.Generator().manual_seed(3))\n"
+            "o = e.generate(px, 'What is happening in the video?', max_new_tokens=4, logit_bias={2: -100})\n"
+            "print(len(o.token_ids), bool(torch.isfinite(e.prompt_logits(px, 'Hi')).all()))")
+    env = dict(os.environ, PLLAVA_CPU_ISA="generic")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["4", "True"], r.stdout
+    assert "decode rows too: no fp32 int4 GEMV here" in r.stderr, r.stderr[-2000:]
