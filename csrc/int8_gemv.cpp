@@ -1,5 +1,5 @@
 // Weight-only int8 GEMV with fp32 activations, for decode rows (M <= 16) on the CPU, and the same kernel over bf16
-// weights (the LoRA factors of those rows: bf16_gemv).
+// weights (the LoRA factors of those rows: bf16_gemv) and over int4 groups (quantize="int4": int4_gemv, below).
 //
 // Why: torch's _weight_int8pack_mm is fast only with bf16 activations (7B shapes on 2 Zen4 cores: 0.50 ms at
 // K = N = 4096 in bf16, 7.9 ms with fp32 activations, 3.3 ms for the fp32 GEMV it replaces), and bf16 activations
@@ -156,7 +156,7 @@ __attribute__((target("avx512f"))) void tile4_avx512(const float* x, int64_t ldx
 // AVX2: 8 bytes hold weights 32g + 0-7 (low nibbles) and 32g + 16-23 (high) for the lo accumulators (lanes k = 0-7
 // mod 16), the next 8 bytes 32g + 8-15 and 24-31 for the hi ones; each nibble widened and dequantized by one FMA.
 // ~7 instructions a 16 weights against int8's 4, so on AVX2 the int4 tiles are compute-bound below int8's speed
-// (2 Zen 5 cores capped at AVX2, 2 of 7B's layers: 0.74-0.85x at M = 1-4): int4 there saves memory, not time.
+// (2 Zen 5 cores capped at AVX2, 2 of 7B's layers: 0.71-0.89x at M = 1-4): int4 there saves memory, not time.
 template <int MB, int NB>
 __attribute__((target("avx2,fma"))) void kernel4_avx2(const float* x, int64_t ldx, const Nibble* q, int64_t K,
                                                       const Out& out, float* y, int64_t ldy, int64_t n, Prefetch pf) {

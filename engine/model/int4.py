@@ -14,54 +14,21 @@ makes ~110): 2 of 7B's layers 1.27x to 1.73x int8's speed (benchmarks/bench_int8
 more int4 gains), pllava-7b's decode 1.10x to 1.54x. What it costs in agreement is the most of any mode (README,
 "quality").
 
-Decode rows (M <= 16) go through that GEMV with fp32 activations and an fp32 accumulator; a prefill's rows through
-the weight dequantized into a reused buffer (pllava._C's int4_dequant) and a GEMM in the engine's dtype.
+The weights are quantized by quant.quantize_weight_int4 (quant.quantize_weight's formula and native passes over
+the groups as rows, with 7 levels), then packed here (pack_int4). Decode rows (M <= 16) go through that GEMV with
+fp32 activations and an fp32 accumulator; a prefill's rows through the weight dequantized into a reused buffer
+(pllava._C's int4_dequant) and a GEMM in the engine's dtype.
 """
 from __future__ import annotations
 
 import torch
 
-from ..errors import ConfigError
 from ..ops import log_once, native_extension
 
 GROUP = 32  # weights a scale
 
 
-def quantize_weight_int4(w: torch.Tensor, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, K) float -> (packed uint8 (N, K / 2), bf16 scales (N, K / GROUP)). The scale is rounded to bf16 first and
-    q fitted to that rounding (as quantize_weight does for int8). A CPU weight in fp32 or bf16 with unit strides goes
-    through pllava._C's two row passes (row_absmax, int8_quantize_rows) over its groups as rows of 32 (the same
-    bits as the torch formula below: the scale is computed by torch on the (N * K / 32,) maxima, and a quotient
-    within [-7.03, 7.03] rounds inside int8_quantize_rows' clamp); torch's formula otherwise."""
-    if w.dim() != 2 or w.shape[1] % GROUP:
-        raise ConfigError(f"quantize='int4': {name} has shape {tuple(w.shape)}; its input dimension must be a "
-                          f"multiple of {GROUP} (use quantize='int8' for this checkpoint)")
-    n, k = w.shape
-    C = native_extension("int8_quantize_rows")
-    if C is not None and w.device.type == "cpu" and w.dtype == torch.float16:
-        w = w.float()
-    rows = n * (k // GROUP)
-    if (C is not None and w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16)
-            and w.is_contiguous() and k):
-        log_once("int4 weights: quantized by pllava._C's row passes (csrc/int8_quantize.cpp)")
-        bf16, threads = w.dtype == torch.bfloat16, torch.get_num_threads()
-        amax = torch.empty(rows, dtype=torch.float32)
-        C.row_absmax(w.data_ptr(), bf16, rows, GROUP, GROUP, amax.data_ptr(), threads)
-        s = (amax / 7.0).clamp(min=1e-12).to(torch.bfloat16)
-        sf = s.float()
-        if bool((torch.isfinite(sf) & (sf > 0)).all()):
-            q = torch.empty(rows, GROUP, dtype=torch.int8)
-            C.int8_quantize_rows(w.data_ptr(), bf16, rows, GROUP, GROUP, sf.data_ptr(), q.data_ptr(), 0, threads)
-            return _pack(q.view(n, k // GROUP, GROUP)), s.view(n, k // GROUP)
-    else:
-        log_once("int4 weights: quantized by torch ops" + (" (pllava._C is not built)" if C is None else ""))
-    g = w.float().reshape(n, k // GROUP, GROUP)
-    s = (g.abs().amax(dim=-1) / 7.0).clamp(min=1e-12).to(torch.bfloat16)
-    q = torch.round(g / s.float()[..., None]).clamp(-8, 7).to(torch.int8)
-    return _pack(q), s
-
-
-def _pack(q: torch.Tensor) -> torch.Tensor:
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """(N, G, 32) int8 in [-8, 7] -> (N, G * 16) uint8: byte j of a group = (q[j] + 8) | (q[16 + j] + 8) << 4."""
     u = (q + 8).view(torch.uint8)  # in [0, 15]: no widening (an int16 round trip took 3x as long: 113-152 ms
     # against 24-60 for 7B's MLP weight)

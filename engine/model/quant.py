@@ -32,9 +32,10 @@ from torch import nn
 from pllava.kernels.int8_linear import int8_linear as int8_linear_fused
 from pllava.kernels.lora_linear import lora_delta
 
+from ..errors import ConfigError
 from ..ops import define_cpu_op, log_once, native_extension
 from .head import RescoredHead
-from .int4 import dequantize_int4, gemv_int4, quantize_weight_int4
+from .int4 import GROUP, dequantize_int4, gemv_int4, pack_int4
 
 # Up to this many rows (decode, small batches) the int8 GEMV streams half the bytes. Past it the product is
 # compute-bound, and dequantizing to bf16 for its GEMM wins: M = 2400, K = 768, N = 2048 on 2 Zen4 cores took
@@ -42,7 +43,8 @@ from .int4 import dequantize_int4, gemv_int4, quantize_weight_int4
 DECODE_ROWS = 16
 
 
-def quantize_weight(w: torch.Tensor, scale_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_weight(w: torch.Tensor, scale_dtype: torch.dtype | None = None,
+                    levels: int = 127) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, K) float -> (int8 (N, K), per-row scale (N,) in scale_dtype, default w's). The scale is max|w_row| / 127
     rounded to its dtype first, and q = round(w / that scale): the rounding the kernels multiply by is the one q was
     fitted to, not a per-row gain error of up to 2^-9 on every output. benchmarks/bench_quality.py 1024 (tiny
@@ -50,18 +52,21 @@ def quantize_weight(w: torch.Tensor, scale_dtype: torch.dtype | None = None) -> 
     767 against 846 of 60416, decode positions 279 against 310 of 16384 (transformers bf16: 913, 259).
     q is fitted to w at w's own precision: the loader passes the checkpoint's tensor (fp32 in the tests' and the
     bench's checkpoints) with scale_dtype = the engine's dtype, not a copy already rounded to it.
-    A CPU weight in fp32 or bf16 goes through pllava._C (_quantize_native: the same bits, 9-13x faster)."""
+    A CPU weight in fp32 or bf16 goes through pllava._C (_quantize_native: the same bits, 9-13x faster).
+    levels: q's largest magnitude (quantize_weight_int4 runs this with 7 over its groups as rows)."""
     sd = scale_dtype or w.dtype
-    got = _quantize_native(w, sd)
+    got = _quantize_native(w, sd, levels=levels)
     if got is not None:
         return got[0], got[1]
     w32 = w.float()
-    scale = (w32.abs().amax(dim=1) / 127.0).clamp(min=1e-12).to(sd)
-    q = torch.round(w32 / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)  # a scale rounded down: 127.5
+    scale = (w32.abs().amax(dim=1) / float(levels)).clamp(min=1e-12).to(sd)
+    q = torch.round(w32 / scale.float()[:, None]).clamp(-levels, levels).to(torch.int8)  # a scale rounded down:
+    # levels + 0.5 at most (|w| / s <= levels · (1 + 2^-8))
     return q, scale
 
 
-def _quantize_native(w: torch.Tensor, scale_dtype: torch.dtype, resid: bool = False, generic: bool = False):
+def _quantize_native(w: torch.Tensor, scale_dtype: torch.dtype, resid: bool = False, generic: bool = False,
+                     levels: int = 127):
     """quantize_weight's formula in pllava._C (csrc/int8_quantize.cpp) -> (q, scale, the head's residual w - q·s
     formed in fp64 and rounded to fp32, or None), for a CPU (N, K) weight in fp32 or bf16 with unit column stride:
     its rows' absmax, the scale rounded to scale_dtype here by torch, then q (and the residual) in one pass a row.
@@ -69,20 +74,22 @@ def _quantize_native(w: torch.Tensor, scale_dtype: torch.dtype, resid: bool = Fa
     makes six full-size temporaries; an fp16 weight is widened to fp32 first). None where the extension is not
     built or the weight is another kind (a CUDA tensor: torch is fast there; a column stride), and where a row's
     scale is not finite and > 0 (a row holding inf or NaN; an fp16 scale under its range): torch's formula keeps
-    its own semantics for those. generic: the portable loop (tests)."""
+    its own semantics for those. generic: the portable loop (tests). levels: as quantize_weight's (the pass clamps
+    q to [-127, 127], which a quotient within [-levels - 0.5, levels + 0.5] never reaches)."""
+    kind = "int8" if levels == 127 else "int4"
     C = native_extension("int8_quantize_rows")
     if C is not None and w.device.type == "cpu" and w.dtype == torch.float16:
         w = w.float()  # (the formula widens it too; one temporary, not six)
     if (C is None or w.device.type != "cpu" or w.dim() != 2 or w.dtype not in (torch.float32, torch.bfloat16)
             or w.shape[1] < 1 or w.stride(1) != 1 or w.stride(0) < w.shape[1]):
         if w.device.type == "cpu":
-            log_once("int8 weights: quantized by torch ops" + (" (pllava._C is not built)" if C is None else ""))
+            log_once(f"{kind} weights: quantized by torch ops" + (" (pllava._C is not built)" if C is None else ""))
         return None
-    log_once("int8 weights: quantized by pllava._C (csrc/int8_quantize.cpp)")
+    log_once(f"{kind} weights: quantized by pllava._C (csrc/int8_quantize.cpp)")
     (n, k), bf16, threads = w.shape, w.dtype == torch.bfloat16, torch.get_num_threads()
     amax = torch.empty(n, dtype=torch.float32)
     C.row_absmax(w.data_ptr(), bf16, n, k, w.stride(0), amax.data_ptr(), threads, generic)
-    scale = (amax / 127.0).clamp(min=1e-12).to(scale_dtype)
+    scale = (amax / float(levels)).clamp(min=1e-12).to(scale_dtype)
     sf = scale.float()
     if not bool((torch.isfinite(sf) & (sf > 0)).all()):
         return None
@@ -91,6 +98,19 @@ def _quantize_native(w: torch.Tensor, scale_dtype: torch.dtype, resid: bool = Fa
     C.int8_quantize_rows(w.data_ptr(), bf16, n, k, w.stride(0), sf.data_ptr(), q.data_ptr(),
                          0 if r is None else r.data_ptr(), threads, generic)
     return q, scale, r
+
+
+def quantize_weight_int4(w: torch.Tensor, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) float -> int4 groups (model/int4.py): (packed uint8 (N, K / 2), bf16 scales (N, K / GROUP)).
+    quantize_weight over the groups as rows of GROUP with 7 levels: s = max|w_group| / 7 rounded to bf16, q =
+    round_half_even(w / s) in [-7, 7] fitted to that rounding (pllava._C's row passes where they run, the same bits
+    as the torch formula), then packed. K must be a multiple of GROUP: a ConfigError names the weight otherwise."""
+    if w.dim() != 2 or w.shape[1] % GROUP:
+        raise ConfigError(f"quantize='int4': {name} has shape {tuple(w.shape)}; its input dimension must be a "
+                          f"multiple of {GROUP} (use quantize='int8' for this checkpoint)")
+    n, k = w.shape
+    q, s = quantize_weight(w.reshape(n * (k // GROUP), GROUP), torch.bfloat16, levels=7)
+    return pack_int4(q.view(n, k // GROUP, GROUP)), s.view(n, k // GROUP)
 
 
 def head_levels(w: torch.Tensor, scale_dtype: torch.dtype | None = None):
@@ -126,7 +146,7 @@ def int8_targets(lm) -> dict[str, str]:
 
 def quantize_target(w: torch.Tensor, kind: str, scale_dtype: torch.dtype, int4: bool = False, name: str = "weight"):
     """One int8_targets weight, at whatever precision it comes in -> its int8 form: (q, s), or the head's levels;
-    with int4 (quantize="int4"), a decoder linear's int4 form (int4.quantize_weight_int4; lm_head stays int8)."""
+    with int4 (quantize="int4"), a decoder linear's int4 form (quantize_weight_int4; lm_head stays int8)."""
     if kind == "head":
         return head_levels(w, scale_dtype)
     return quantize_weight_int4(w, name) if int4 else quantize_weight(w, scale_dtype)
@@ -256,18 +276,16 @@ def _widened(q: torch.Tensor, dtype: torch.dtype, int4_scale: torch.Tensor | Non
     90 MB in bf16 for 7B's MLP) rather than a fresh tensor: a fresh one cost a 7B prefill layer (M = 2350, 2-core
     Xeon) 660 against 545 ms (the same products bit for bit). A prefill holds the view only until its GEMM returns.
     int4_scale: q is packed int4 (N, K / 2), and the result is its dequantized weight fl32(q · s) in `dtype`."""
+    reuse = not torch.compiler.is_compiling() and q.device.type == "cpu"
     if int4_scale is not None:
-        shape = (q.shape[0], q.shape[1] * 2)
-        if torch.compiler.is_compiling() or q.device.type != "cpu":
-            return dequantize_int4(q, int4_scale, dtype)
-        return dequantize_int4(q, int4_scale, dtype, out=scratch("widened", shape, dtype))
-    if torch.compiler.is_compiling() or q.device.type != "cpu":
-        return q.to(dtype)
-    return scratch("widened", q.shape, dtype).copy_(q)
+        out = scratch("widened", (q.shape[0], q.shape[1] * 2), dtype) if reuse else None
+        return dequantize_int4(q, int4_scale, dtype, out=out)
+    return scratch("widened", q.shape, dtype).copy_(q) if reuse else q.to(dtype)
 
 
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                lora=None, path: str = "torch", out: torch.Tensor | None = None, act_int8: bool = False) -> torch.Tensor:
+                lora=None, path: str = "torch", out: torch.Tensor | None = None,
+                act_int8: bool = False) -> torch.Tensor:
     """x (..., K) · (q · scale)ᵀ + bias [+ the LoRA: lora = (lora_A, lora_B, s) at its live scale], in x's dtype
     but for decode rows on the CPU with pllava._C: those come back in fp32 (module docstring).
     path 'triton': the fused Triton kernel; 'torch': the CPU kernels below (or the dequantized weight).
