@@ -5,7 +5,9 @@
 pool-projector: x (16, 576, 1024), W1 (4096, 1024), W2 (4096, 4096), 24x24 -> 12x12, bf16, against PLLaVA's
 eager order (linear_1, GELU, linear_2, AdaptiveAvgPool3d). LoRA q/v: 4096x4096, r = 128 at M = 1 and 2350, against
 the eager unmerged reference and a merged F.linear. Each row: median ms (CUDA events), TFLOP/s, GB/s and the
-fraction of the roofline (H100 SXM: 989 TFLOP/s dense bf16, 3.35 TB/s). Targets (printed, not asserted):
+fraction of the roofline (H100 SXM: 989 TFLOP/s dense bf16, 3.35 TB/s). Quantized linears at 7B's gate_proj,
+M = 1, 16, 64, 2350: bf16, the int8 kernel, int4's fused kernel and its dequantize-then-GEMM path.
+Targets (printed, not asserted):
 pool-projector >= 2.5x eager; LoRA at M = 1 within 5 % of the merged linear.
 """
 import importlib
@@ -90,6 +92,36 @@ def test_lora_linear(benchmark, m):
                  + (" (target <= 1.05x merged)" if m == 1 else ""), None, None, None, None))
     benchmark.pedantic(lambda: (LL.lora_linear(x, w, None, a, b, s), torch.cuda.synchronize()), rounds=50,
                        warmup_rounds=5)
+
+
+@pytest.mark.parametrize("m", [1, 16, 64, 2350])
+def test_quantized_linears(benchmark, m):
+    """7B's gate_proj (N = 11008, K = 4096) at M rows: bf16 F.linear against the Triton int8 kernel, the fused
+    Triton int4 kernel (M <= its FUSED_MAX_M) and int4's prefill path (the weight dequantized, then F.linear). GB/s
+    counts each path's own weight bytes once (int8 1 + 2/K, int4 0.5625 a weight)."""
+    I8 = importlib.import_module("pllava.kernels.int8_linear")
+    I4 = importlib.import_module("pllava.kernels.int4_linear")
+    n, k = 11008, 4096
+    g = torch.Generator(device="cuda").manual_seed(2)
+    w = torch.randn(n, k, device="cuda", generator=g) * 0.02
+    x = torch.randn(m, k, device="cuda", generator=g).bfloat16()
+    s8 = w.abs().amax(1) / 127
+    q8 = torch.round(w / s8[:, None]).clamp(-127, 127).to(torch.int8)
+    s4 = (w.view(n, k // 32, 32).abs().amax(-1) / 7).bfloat16()
+    q = torch.round(w.view(n, k // 32, 32) / s4.float()[..., None]).clamp(-8, 7).to(torch.int16) + 8
+    q4 = (q[..., :16] | (q[..., 16:] << 4)).to(torch.uint8).reshape(n, k // 2)
+    wb, s8 = w.bfloat16(), s8.bfloat16()
+    flops, act = 2 * m * n * k, 2 * m * (k + n)
+    row(f"gate_proj M={m} bf16 F.linear", cuda_ms(lambda: torch.nn.functional.linear(x, wb)), flops, 2 * n * k + act)
+    row(f"gate_proj M={m} int8 Triton", cuda_ms(lambda: I8.int8_linear(x, q8, s8)), flops, n * k + 2 * n + act)
+    b4 = n * k // 2 + n * k // 16 + act
+    if m <= I4.FUSED_MAX_M:
+        row(f"gate_proj M={m} int4 Triton fused", cuda_ms(lambda: I4.int4_linear(x, q4, s4)), flops, b4)
+        torch.testing.assert_close(I4.int4_linear(x, q4, s4).float(), I4.int4_linear_reference(x, q4, s4).float(),
+                                   rtol=2e-2, atol=2e-2)
+    row(f"gate_proj M={m} int4 dequantized + F.linear",
+        cuda_ms(lambda: torch.nn.functional.linear(x, I4.int4_dequant(q4, s4, torch.bfloat16))), flops, b4)
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
 
 
 def test_print_table(benchmark):

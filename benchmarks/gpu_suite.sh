@@ -74,6 +74,10 @@ part "pllava-7b continuous batching (batch ${BATCHES:-1,2,4,8,16}, 16 frames)" "
   "$PY" -m pllava.cli bench --preset pllava-7b --batch "${BATCHES:-1,2,4,8,16}" --frames 16 --runs 2 --new-tokens 64 --out "$OUT"
 part "kernel benchmarks" "$OUT/kernels.md" '^\||^###|speed-up|vs merged|FAILED|Error' \
   "$PY" -m pytest -q -s benchmarks/bench_kernels.py --benchmark-disable
+part "pllava-7b bf16 + int4 weights (the Triton int4 kernel, LoRA fused), 16 frames" "$OUT/int4_7b.md" \
+  '^\||^###|ratio|TTFT|FAILED|Error' \
+  "$PY" -m pllava.cli bench --preset pllava-7b --frames 16 --dtype bfloat16 --quantize int4 --runs 2 \
+  --new-tokens 64 --no-baseline --out "$OUT/int4"
 part "summary" "$OUT/summary.md" '.' "$PY" - "$OUT" <<'PYX'
 import json, re, sys
 out = sys.argv[1]

@@ -27,8 +27,8 @@ _CONV_HELP = ("prompt template or recipe: plain, eval_vcgbench, eval_mvbench, ..
 _QUANT_HELP = ("int8: weight-only int8 LLM linears, LoRA unmerged at the live alpha; on the CPU with --dtype bfloat16 "
                "(fastest) or float32 (fp32 activations: the most agreement). w8a8 (CPU): int8 as well, and the "
                "prefill's activations quantized per token for int8 x int8 GEMMs (a shorter time to first token, "
-               "at some agreement). int4 (CPU): int4 LLM linears in groups of 32 (0.6x int8's memory, 1.1-1.5x its "
-               "decode speed, the least agreement) (default: none)")
+               "at some agreement). int4 (CPU and CUDA): int4 LLM linears in groups of 32 (0.6x int8's memory; on the "
+               "CPU 1.1-1.5x its decode speed; the least agreement) (default: none)")
 _DEVICE_HELP = "torch device, e.g. cuda, cuda:1, cpu (default: $PLLAVA_DEVICE when set, else cuda when present)"
 _DTYPE_HELP = "float32 | float16 | bfloat16 (default: the checkpoint's on CUDA, bf16 for fp32 ones; float32 on CPU)"
 

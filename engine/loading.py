@@ -108,9 +108,9 @@ def load(model: str, device=None, dtype=None, num_frames=None, pooling_shape=Non
     if quantize == "w8a8" and device.type != "cpu":
         raise ConfigError(f"quantize='w8a8' runs on the CPU only (its int8 x int8 prefill GEMM is torch._int_mm's "
                           f"CPU kernel, not yet checked on {device.type}); use quantize='int8' there")
-    if quantize == "int4" and device.type != "cpu":
-        raise ConfigError(f"quantize='int4' runs on the CPU only (its GEMV is pllava._C's; there is no {device.type} "
-                          "int4 kernel yet); use quantize='int8' there")
+    if quantize == "int4" and device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"quantize='int4' runs on the CPU (pllava._C's int4 GEMV) and on CUDA (the Triton int4 "
+                          f"kernel), not on {device.type}")
     cfg = load_config(model_dir).with_overrides(num_frames=num_frames, pooling_shape=pooling_shape,
                                                 lora_alpha=DEFAULT_LORA_ALPHA if lora_alpha is None else lora_alpha)
     if cfg.model_type == "llava_next":
@@ -176,7 +176,11 @@ def load(model: str, device=None, dtype=None, num_frames=None, pooling_shape=Non
                    else "prefill rows by a GEMM of the dequantized weight in the engine's dtype" if quantize == "int4"
                    else "prefill rows by a GEMM in the weights' dtype")
         kind = "int4 groups of 32 + bf16 scales" if quantize == "int4" else "int8 + scales"
-        if ops.kernel_path(device) == "triton":
+        if ops.kernel_path(device) == "triton" and quantize == "int4":
+            how = ("the Triton int4 kernel for up to 64 rows, LoRA fused (pllava.kernels.int4_linear); longer "
+                   "prefills dequantize the weight by Triton for the unquantized GEMM; lm_head's first pass by the "
+                   "Triton int8 kernel")
+        elif ops.kernel_path(device) == "triton":
             how = "the Triton int8 kernel, LoRA fused (pllava.kernels.int8_linear)"
         elif fp32_rows:
             bits = "int4" if quantize == "int4" else "int8"
@@ -186,7 +190,8 @@ def load(model: str, device=None, dtype=None, num_frames=None, pooling_shape=Non
             why = "is not built" if not native_int8_available() else "has no AVX-512 or AVX2 path here"
             how = f"torch._weight_int8pack_mm for decode rows (pllava._C {why}), {prefill}"
         else:
-            how = "int8 weights dequantized per call (triton cannot run here: memory halves, speed does not)"
+            how = (f"{'int4' if quantize == 'int4' else 'int8'} weights dequantized per call (triton cannot run here: "
+                   "memory shrinks, speed does not)")
         head = "lm_head two-level int8" if head8 else "lm_head tied to the embedding: not quantized"
         log.info("quantize=%s: the LLM's linears hold %.1f MB as %s (%s); path: %s%s",
                  quantize, nbytes / 1e6, kind, head, how,
@@ -286,12 +291,10 @@ def check_weights_fit(net: PllavaModel, dt: torch.dtype, quantize: str | None, d
         log.warning("%s: the weights take %s of the %s %s as %s: little is left for the KV cache and activations",
                     where, human_bytes(need), human_bytes(have), source, name)
         return
-    # the smaller settings to offer: bf16, int8, both, and on the CPU int4 (never one that drops the quantization
-    # already asked for; w8a8 asked for stays w8a8: the same bytes as int8)
+    # the smaller settings to offer: bf16, int8, both, and int4 (never one that drops the quantization already
+    # asked for; w8a8 asked for stays w8a8: the same bytes as int8)
     q8 = "int8" if quantize in (None, "int4") else quantize
-    cands = [(torch.bfloat16, None), (dt, q8), (torch.bfloat16, q8)]
-    if device.type == "cpu":
-        cands += [(dt, "int4"), (torch.bfloat16, "int4")]
+    cands = [(torch.bfloat16, None), (dt, q8), (torch.bfloat16, q8), (dt, "int4"), (torch.bfloat16, "int4")]
     smaller = dict.fromkeys(m for m in cands if m != (dt, quantize) and (m[1] or not quantize))
     options = [(odt, oq, n) for odt, oq in smaller if (n := weight_bytes(net, odt, oq, device)) < need]
     msg = (f"{where}: its weights need {human_bytes(need)} on {device} as {name}, but {human_bytes(have)} is free "

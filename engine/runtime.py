@@ -87,7 +87,8 @@ class Engine:
         'flash_attn' / 'xformers' for the prefill when installed (CUDA, fp16/bf16). quantize: None, 'int8'
         (weight-only int8 LLM linears, LoRA unmerged at the live alpha; with dtype=torch.bfloat16 on the CPU), or
         'w8a8' (the CPU only: int8 as well, and a prefill's activations quantized per token for int8 x int8 GEMMs;
-        README, "A fast CPU mode"), or 'int4' (the CPU only: the LLM's linears in int4 groups of 32, lm_head int8).
+        README, "A fast CPU mode"), or 'int4' (the CPU and CUDA: the LLM's linears in int4 groups of 32, lm_head int8;
+        on CUDA the Triton int4 kernel).
         """
         device = resolve_device(device)
         kw = dict(device=device, dtype=dtype, num_frames=num_frames, pooling_shape=pooling_shape,

@@ -34,12 +34,14 @@ if __name__ == "kernels":
             del sys.modules["kernels"]
             raise
 else:
+    from .int4_linear import int4_dequant, int4_linear, int4_linear_reference
     from .int8_linear import int8_linear, int8_linear_reference
     from .lora_linear import lora_linear, lora_linear_reference, merge, unmerge
     from .pool_projector import pool_projector, pool_projector_reference, pool_projector_torch
     from .slot_attention import slot_decode_attention, slot_decode_attention_reference
 
-__all__ = ["int8_linear", "int8_linear_reference", "lora_linear", "lora_linear_reference", "merge", "unmerge", "pool_projector", "pool_projector_reference",
+__all__ = ["int4_dequant", "int4_linear", "int4_linear_reference", "int8_linear", "int8_linear_reference",
+           "lora_linear", "lora_linear_reference", "merge", "unmerge", "pool_projector", "pool_projector_reference",
            "pool_projector_torch", "slot_decode_attention", "slot_decode_attention_reference", "triton_available"]
 
 

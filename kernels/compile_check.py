@@ -92,6 +92,48 @@ def int8_rows():
                                    **compile_spec(spec, arch))
 
 
+def int4_rows():
+    """Every table config of int4_linear forced through its launcher's LaunchSpec at PLLaVA-7B's q_proj (M = 1 and
+    FUSED_MAX_M), with the fused LoRA and without it, bf16 and fp16; and int4_dequant at 7B's MLP weight in each
+    dtype it writes."""
+    import torch
+
+    i4 = importlib.import_module("pllava.kernels.int4_linear")
+    for arch in ARCHS:
+        for cfg in i4.CONFIGS[arch]:
+            for m in (1, i4.FUSED_MAX_M):
+                for dt, name in ((torch.bfloat16, "bf16"), (torch.float16, "fp16")):
+                    for lora in (True, False):
+                        spec = _int4_spec(i4, m, 4096, 4096, lora, dt, (cfg,), arch)
+                        yield dict(kernel="int4_linear", arch=arch, dtype=name, config=list(cfg), lora=lora, m=m,
+                                   **compile_spec(spec, arch))
+        for dt, name in ((torch.bfloat16, "bf16"), (torch.float16, "fp16"), (torch.float32, "fp32")):
+            spec = _dequant_spec(i4, 11008, 4096, dt)
+            yield dict(kernel="int4_dequant", arch=arch, dtype=name, config=list(i4.DEQUANT_BLOCK),
+                       **compile_spec(spec, arch))
+
+
+def _int4_spec(i4, m, k, n, lora: bool, dt, config, arch):
+    import torch
+
+    meta = dict(device="meta", dtype=dt)
+    a = b = scale = None
+    if lora:
+        a, b = torch.empty(128, k, **meta), torch.empty(n, 128, **meta)
+        scale = torch.empty(m if m > 1 else (), device="meta", dtype=torch.float32)
+    return i4.int4_linear_spec(torch.empty(m, k, **meta), torch.empty(n, k // 2, device="meta", dtype=torch.uint8),
+                               torch.empty(n, k // i4.GROUP, device="meta", dtype=torch.bfloat16), None, a, b, scale,
+                               torch.empty(m, n, **meta), config, arch)
+
+
+def _dequant_spec(i4, n, k, dt):
+    import torch
+
+    return i4.int4_dequant_spec(torch.empty(n, k // 2, device="meta", dtype=torch.uint8),
+                                torch.empty(n, k // i4.GROUP, device="meta", dtype=torch.bfloat16),
+                                torch.empty(n, k, device="meta", dtype=dt))
+
+
 def _int8_spec(il, m, k, n, lora: bool, dt, config, arch):
     import torch
 
@@ -194,13 +236,14 @@ def compile_spec(spec, arch: str) -> dict:
 
 
 def launched_rows():
-    """pool_gelu, lora_linear and int8_linear exactly as their launchers launch them (same config choice, same arguments, on
+    """pool_gelu, lora_linear, int8_linear, int4_linear and int4_dequant exactly as their launchers launch them (same config choice, same arguments, on
     meta tensors), for the real shapes, with the checks each arch imposes."""
     import torch
 
     pp = importlib.import_module("pllava.kernels.pool_projector")
     ll = importlib.import_module("pllava.kernels.lora_linear")
     il = importlib.import_module("pllava.kernels.int8_linear")
+    i4 = importlib.import_module("pllava.kernels.int4_linear")
     from pllava.kernels._common import SHARED_LIMIT, SMS
 
     meta = dict(device="meta", dtype=torch.bfloat16)
@@ -240,6 +283,20 @@ def launched_rows():
                     yield dict(kernel=f"int8_linear/{mode}", arch=arch, dtype="bf16", model=f"{model} {proj}", m=m,
                                n=n, config=[spec.meta[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K")], ctas=spec.ctas,
                                shared_limit=SHARED_LIMIT[arch], sms=SMS[arch], **compile_spec(spec, arch))
+                if proj == "lm_head":  # quantize="int4" keeps lm_head int8 (above)
+                    continue
+                # quantize="int4": the same decoder linears through int4_linear up to FUSED_MAX_M rows, and a
+                # prefill's weight through int4_dequant (its GEMM is the unquantized engine's, checked above)
+                for m in (1, 8, 16, i4.FUSED_MAX_M):
+                    spec = _int4_spec(i4, m, k, n, lora, torch.bfloat16, None, arch)
+                    yield dict(kernel="int4_linear/decode", arch=arch, dtype="bf16", model=f"{model} {proj}", m=m,
+                               n=n, config=[spec.meta[k] for k in ("BLOCK_M", "BLOCK_N", "GROUPS", "SPLIT_K")],
+                               ctas=spec.ctas, shared_limit=SHARED_LIMIT[arch], sms=SMS[arch],
+                               **compile_spec(spec, arch))
+                spec = _dequant_spec(i4, n, k, torch.bfloat16)
+                yield dict(kernel="int4_dequant", arch=arch, dtype="bf16", model=f"{model} {proj}", m=2400, n=n,
+                           config=list(i4.DEQUANT_BLOCK), ctas=spec.ctas, shared_limit=SHARED_LIMIT[arch],
+                           sms=SMS[arch], **compile_spec(spec, arch))
 
 
 def faults(rows) -> list[str]:
@@ -252,7 +309,8 @@ def faults(rows) -> list[str]:
             out.append(f"{what}: spills (local {r['local']} B, stack {r['stack']} B)")
         if "shared_limit" in r and r["shared"] > r["shared_limit"]:
             out.append(f"{what}: {r['shared']} B of shared memory > the {r['shared_limit']} B limit")
-        if r["kernel"] in ("lora_linear/decode", "int8_linear/decode") and "ctas" in r and r["ctas"] < r["sms"]:
+        if r["kernel"] in ("lora_linear/decode", "int8_linear/decode", "int4_linear/decode", "int4_dequant") \
+                and "ctas" in r and r["ctas"] < r["sms"]:
             out.append(f"{what}: {r['ctas']} CTAs on {r['sms']} SMs")
     return out
 
@@ -262,7 +320,8 @@ def main(argv=None) -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("compile_check: unset TRITON_INTERPRET (interpreted kernels cannot be compiled)", file=sys.stderr)
         return 2
-    rows = list(pool_rows()) + list(lora_rows()) + list(int8_rows()) + list(slot_rows()) + list(launched_rows())
+    rows = (list(pool_rows()) + list(lora_rows()) + list(int8_rows()) + list(int4_rows()) + list(slot_rows())
+            + list(launched_rows()))
     bad = faults(rows)
     if "--json" in argv:
         print(json.dumps({"rows": rows, "faults": bad}))

@@ -65,6 +65,19 @@ def test_batched_cuda_graphs_match_eager(ckpts, px):
     assert set(eng._sched.graphs.graphs) >= {4, 8}
 
 
+def test_int4_on_cuda_batches_and_graphs_match_eager(ckpts, px):
+    """quantize="int4" in bf16 on CUDA (the fused Triton int4 kernel for decode rows, per-row alphas in a batch; the
+    Triton-dequantized weight for prefills): CUDA graphs replay the eager steps' tokens, alone and batched."""
+    eng = pllava.Engine.from_pretrained(ckpts["pllava"], device="cuda", dtype=torch.bfloat16, quantize="int4")
+    reqs = [dict(r, max_new_tokens=n) for r, n in zip(_mixed(px)[:3], (7, 4, 9))]  # (short: CI interprets it)
+    eager = [o.token_ids for o in eng.generate_many(reqs, max_batch_size=3)]
+    one = eng.generate(px, "hi", max_new_tokens=8).token_ids
+    eng.cuda_graphs = True
+    assert [o.token_ids for o in eng.generate_many(reqs, max_batch_size=3)] == eager
+    assert eng.generate(px, "hi", max_new_tokens=8).token_ids == one
+    assert len(one) > 1 and eng.model.language_model.layers[0].mlp.up_proj.qweight.dtype == torch.uint8
+
+
 def test_prefix_hit_on_cuda_is_bit_equal_to_cold(ckpts, px, monkeypatch):
     """bf16 on CUDA: a follow-up that reuses the cached video prefix gets a cold engine's logits bit for bit at
     every step (both prefill the prefix, then the question: prompt.prefix_split)."""

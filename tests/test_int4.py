@@ -14,6 +14,7 @@ from pllava.errors import ConfigError, MemoryBudgetError
 from pllava.model.int4 import dequantize_int4
 from pllava.model.quant import DECODE_ROWS, int8_linear, quantize_weight_int4
 from pllava.ops import native_extension
+from triton_util import TRITON_DEVICE, needs_triton
 
 Q = "What is happening in the video?"
 C = native_extension("int4_gemv")
@@ -230,12 +231,12 @@ def test_an_int4_engine_is_the_exact_int4_model(ckpts):
         assert float(moved.mean()) > 1e3 * float(floor.mean())  # what the comparison can tell apart
 
 
-def test_int4_is_refused_off_the_cpu_logged_sized_and_keeps_alpha_live(ckpts, caplog):
+def test_int4_is_refused_off_cpu_and_cuda_logged_sized_and_keeps_alpha_live(ckpts, caplog):
     from pllava.loading import load, weight_bytes
     from pllava.model import PllavaModel
     from pllava.model.quant import quantized_bytes
 
-    with pytest.raises(ConfigError, match="int4.*CPU only"):
+    with pytest.raises(ConfigError, match="int4.*CPU.*CUDA.*not on meta"):
         load(ckpts["pllava"], device="meta", quantize="int4")
     with caplog.at_level("INFO", logger="pllava"):
         eng = pllava.Engine.from_pretrained(ckpts["pllava"], dtype=torch.bfloat16, quantize="int4")
@@ -301,3 +302,48 @@ def test_without_a_vector_gemv_a_bf16_int4_engine_says_it_dequantizes_its_decode
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split() == ["4", "True"], r.stdout
     assert "decode rows too: no fp32 int4 GEMV here" in r.stderr, r.stderr[-2000:]
+
+
+@needs_triton
+def test_the_triton_int4_path_is_the_cpu_int4_path(ckpts, monkeypatch, caplog):
+    """PLLAVA_KERNELS=triton (the GPU's path; interpreted on the CPU), fp32: a prompt of up to 64 rows through the
+    fused int4 kernel, a longer one through the Triton-dequantized weight's GEMM, each decoder linear once a
+    forward; the logits those of the CPU's int4 path (pllava._C's GEMV and dequantization) and the greedy tokens
+    equal, at two alphas."""
+    import importlib
+
+    monkeypatch.setenv("PLLAVA_KERNELS", "torch")
+    ref = pllava.Engine.from_pretrained(ckpts["pllava"], dtype=torch.float32, quantize="int4", lora_alpha=20)
+    monkeypatch.setenv("PLLAVA_KERNELS", "triton")
+    with caplog.at_level("INFO", logger="pllava"):
+        eng = pllava.Engine.from_pretrained(ckpts["pllava"], dtype=torch.float32, quantize="int4", lora_alpha=20,
+                                            device=TRITON_DEVICE)
+    assert "the Triton int4 kernel" in caplog.text
+    km = importlib.import_module("pllava.kernels.int4_linear")  # the custom ops' bodies call these
+    calls = {"fused": 0, "dequant": 0}
+
+    def count(name, fn):
+        def wrapped(*a, **k):
+            calls[name] += 1
+            return fn(*a, **k)
+        return wrapped
+
+    monkeypatch.setattr(km, "int4_linear_triton", count("fused", km.int4_linear_triton))
+    monkeypatch.setattr(km, "int4_dequant_triton", count("dequant", km.int4_dequant_triton))
+    layers = len(eng.model.language_model.layers)
+    px = torch.randn(4, 3, 42, 42, generator=torch.Generator().manual_seed(9))
+    long = Q + " Describe the people, the place and every object, one by one, in detail." * 3
+    for prompt, fused in ((Q, True), (long, False)):
+        n = len(eng.tokenizer(prompt).input_ids)
+        calls.update(fused=0, dequant=0)
+        got = eng.prompt_logits(px, prompt).cpu()
+        want = ref.prompt_logits(px, prompt)
+        rows = calls["fused"] + calls["dequant"]
+        assert calls["fused" if fused else "dequant"] == rows == 7 * layers, (n, calls)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    for alpha in (20.0, 0.0):
+        eng.set_lora_alpha(alpha)
+        ref.set_lora_alpha(alpha)
+        a = eng.generate(px, Q, max_new_tokens=6, logit_bias={2: -100})
+        b = ref.generate(px, Q, max_new_tokens=6, logit_bias={2: -100})
+        assert a.token_ids == b.token_ids and len(a.token_ids) == 6

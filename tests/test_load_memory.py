@@ -14,7 +14,7 @@ from triton_util import TRITON_DEVICE
 
 DEVICES = sorted({"cpu", TRITON_DEVICE})  # and the GPU where there is one
 MODES = [(torch.float32, None), (torch.bfloat16, None), (torch.float32, "int8"), (torch.bfloat16, "int8")]
-CPU_MODES = MODES + [(torch.float32, "int4"), (torch.bfloat16, "int4")]  # int4: the CPU only
+ALL_MODES = MODES + [(torch.float32, "int4"), (torch.bfloat16, "int4")]
 
 
 def held_bytes(engine) -> int:
@@ -27,14 +27,14 @@ def held_bytes(engine) -> int:
 @pytest.fixture(scope="module")
 def held(ckpts):
     return {m: held_bytes(pllava.Engine.from_pretrained(ckpts["pllava"], dtype=m[0], quantize=m[1]))
-            for m in CPU_MODES}
+            for m in ALL_MODES}
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", ["pllava", "adapter"])
 def test_the_estimate_is_what_a_loaded_engine_holds(ckpts, held, layout, device, monkeypatch):
-    """On the CPU (int8: fp32 decode rows, their norms in fp32) and on CUDA (the Triton int8 kernel) where there
-    is one (benchmarks/gpu_tests.txt lists this module)."""
+    """On the CPU (int8: fp32 decode rows, their norms in fp32) and on CUDA (the Triton int8 and int4 kernels)
+    where there is one (benchmarks/gpu_tests.txt lists this module)."""
     seen = {}
     real = loading.check_weights_fit
 
@@ -43,14 +43,14 @@ def test_the_estimate_is_what_a_loaded_engine_holds(ckpts, held, layout, device,
         return real(net, dt, quantize, device, where)
 
     monkeypatch.setattr(loading, "check_weights_fit", spy)
-    for dt, q in CPU_MODES if device == "cpu" else MODES:
+    for dt, q in ALL_MODES:
         engine = pllava.Engine.from_pretrained(ckpts[layout], device=device, dtype=dt, quantize=q)
         assert seen[(dt, q)] == held_bytes(engine), (layout, device, dt, q)
         if device == "cpu":
             assert seen[(dt, q)] == held[(dt, q)], (layout, dt, q)
     # bf16 halves the float weights; int8 shrinks either form, int4 more
     assert held[MODES[1]] == held[MODES[0]] // 2 and held[MODES[2]] < held[MODES[0]] and held[MODES[3]] < held[MODES[1]]
-    assert held[CPU_MODES[4]] < held[MODES[2]] and held[CPU_MODES[5]] < held[MODES[3]]
+    assert held[ALL_MODES[4]] < held[MODES[2]] and held[ALL_MODES[5]] < held[MODES[3]]
 
 
 def test_a_load_that_cannot_fit_is_refused_before_any_weight_is_read(ckpts, held, monkeypatch):
@@ -66,7 +66,7 @@ def test_a_load_that_cannot_fit_is_refused_before_any_weight_is_read(ckpts, held
     assert f"dtype=bfloat16: {hb(held[(torch.bfloat16, None)])} (also too much)" in msg
     assert f"dtype=float32, quantize='int8': {hb(held[(torch.float32, 'int8')])} (also too much);" in msg
     assert f"dtype=bfloat16, quantize='int8': {hb(held[(torch.bfloat16, 'int8')])};" in msg
-    # on the CPU int4 is offered too: fp32 + int4's linears are small here, its fp32 rest is not
+    # int4 is offered too: fp32 + int4's linears are small here, its fp32 rest is not
     assert f"dtype=float32, quantize='int4': {hb(held[(torch.float32, 'int4')])} (also too much);" in msg
     assert f"dtype=bfloat16, quantize='int4': {hb(held[(torch.bfloat16, 'int4')])} (CLI" in msg
     assert "PLLAVA_SKIP_MEMORY_CHECK=1" in msg

@@ -1,4 +1,4 @@
-"""int4 weights for the LLM's linears (`Engine.from_pretrained(..., quantize="int4")`, the CPU only).
+"""int4 weights for the LLM's linears (`Engine.from_pretrained(..., quantize="int4")`, on the CPU and on CUDA).
 
 Format: symmetric groups of GROUP = 32 weights along K (llama.cpp's Q4_0 block size): s = max|w_group| / 7 rounded
 to bf16, q = round_half_even(w / s) in [-7, 7] (the [-8, 7] range's -8 is never reached: |w| <= 7 s up to s's
@@ -17,7 +17,9 @@ more int4 gains), pllava-7b's decode 1.10x to 1.54x. What it costs in agreement 
 The weights are quantized by quant.quantize_weight_int4 (quant.quantize_weight's formula and native passes over
 the groups as rows, with 7 levels), then packed here (pack_int4). Decode rows (M <= 16) go through that GEMV with
 fp32 activations and an fp32 accumulator; a prefill's rows through the weight dequantized into a reused buffer
-(pllava._C's int4_dequant) and a GEMM in the engine's dtype.
+(pllava._C's int4_dequant) and a GEMM in the engine's dtype. On CUDA (the Triton path, quant._int4_triton) the same
+format runs through pllava.kernels.int4_linear: its fused kernel for up to 64 rows, its Triton dequantization and the
+unquantized engine's GEMM for a longer prefill.
 """
 from __future__ import annotations
 

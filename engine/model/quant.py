@@ -17,6 +17,9 @@ dtype (slow in fp32), and the log says so. Prefill rows: a GEMM in the weights' 
 accumulator, the LoRA's expand fused at the live alpha; without triton there the weight is dequantized per call,
 and the log says which.
 
+quantize="int4" (model/int4.py) holds the decoder linears as int4 groups of 32 instead: on the CPU through pllava._C,
+on the Triton path through pllava.kernels.int4_linear (_int4_triton).
+
 quantize="w8a8" (the CPU only) is the same weights with the prefill rows' activations quantized too, per row, for an
 int8 x int8 GEMM summed exactly in int32 (activation_int8, w8a8_mm; a row's outliers multiplied apart in fp32).
 """
@@ -29,11 +32,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pllava.kernels.int4_linear import FUSED_MAX_M as INT4_FUSED_MAX_M, int4_dequant
+from pllava.kernels.int4_linear import int4_linear as int4_linear_fused
 from pllava.kernels.int8_linear import int8_linear as int8_linear_fused
 from pllava.kernels.lora_linear import lora_delta
 
 from ..errors import ConfigError
-from ..ops import define_cpu_op, log_once, native_extension
+from ..ops import define_cpu_op, log_once, lora_linear, native_extension
 from .head import RescoredHead
 from .int4 import GROUP, dequantize_int4, gemv_int4, pack_int4
 
@@ -297,6 +302,8 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: tor
                             or x.device.type != "cpu" or x.numel() // x.shape[-1] <= DECODE_ROWS):
         raise ValueError("int8_linear: out= is for CPU prefill rows without bias or LoRA, in x's dtype")
     if path == "triton":
+        if q.dtype == torch.uint8:
+            return _int4_triton(x, q, scale, bias, lora)
         return int8_linear_fused(x, q, scale, bias, *(lora or (None, None, None)))
     x2 = x.reshape(-1, x.shape[-1])
     decode = x2.device.type == "cpu" and x2.shape[0] <= DECODE_ROWS
@@ -314,8 +321,9 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: tor
         return y.reshape(*x.shape[:-1], q.shape[0])
     if q.dtype == torch.uint8:  # int4 rows but pllava._C's decode rows: the dequantized weight's GEMM
         if eager:
-            log_once("int4 rows: the weight dequantized " + ("by pllava._C" if native_extension("int4_dequant")
-                                                             else "by torch ops (pllava._C is not built)")
+            native = native_extension("int4_dequant") is not None and q.device.type == "cpu"
+            log_once("int4 rows: the weight dequantized " + ("by pllava._C" if native else "by torch ops ("
+                     + ("pllava._C is not built" if q.device.type == "cpu" else "triton cannot run here") + ")")
                      + ", then a GEMM in the activations' dtype" + ("" if not decode else
                                                                      " (decode rows too: no fp32 int4 GEMV here)"))
         y = _prefill_mm(x2, _widened(q, x2.dtype, scale), out)
@@ -338,6 +346,26 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: tor
     if lora is not None:
         y = y + lora_delta(x, *lora)
     return y
+
+
+def _int4_triton(x, q, scale, bias, lora):
+    """quantize="int4" on the Triton path (pllava.kernels.int4_linear): up to INT4_FUSED_MAX_M rows (decode, and
+    batches of it) the fused kernel, whose weight bytes are int4's; more rows (a prefill, compute-bound) the weight
+    dequantized by Triton into x's dtype (fl32(q · s) rounded once: the CPU's prefill weight), then the GEMM an
+    unquantized engine runs on such a weight (the Triton LoRA linear for q/v_proj, F.linear for the others)."""
+    m = x.numel() // x.shape[-1]
+    eager = not torch.compiler.is_compiling()
+    if m <= INT4_FUSED_MAX_M:
+        if eager:
+            log_once(f"int4 rows up to {INT4_FUSED_MAX_M}: the fused Triton int4 kernel (pllava.kernels.int4_linear)")
+        return int4_linear_fused(x, q, scale, bias, *(lora or (None, None, None)))
+    if eager:
+        log_once(f"int4 rows past {INT4_FUSED_MAX_M}: the weight dequantized by Triton (int4_dequant), then the "
+                 "unquantized engine's GEMM on it")
+    w = int4_dequant(q, scale, x.dtype)  # (N, K)
+    if lora is None:
+        return F.linear(x, w, bias)
+    return lora_linear(x, w, bias, *lora, path="triton")
 
 
 _W8A8 = threading.local()  # this thread's last quantized activation (activation_int8)
