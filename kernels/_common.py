@@ -86,6 +86,35 @@ def output_for(op: str, x, m: int, n: int, out=None):
     return out
 
 
+def check_bias_and_lora(op: str, x, m: int, n: int, k: int, bias, lora_a, lora_b, scale, max_rank: int,
+                        weights=()):
+    """What the quantized linears' launchers check alike past their weight's own form: bias (N,); lora_a (r, K),
+    lora_b (N, r) and scale (0-dim, or one a row) together or all None, r in 1..max_rank; bias and the LoRA in x's
+    dtype; they and `weights` ((name, tensor) pairs) on x's device. A ValueError names the operand."""
+    def need(cond, msg):
+        if not cond:
+            raise ValueError(f"{op}: {msg}")
+
+    if bias is not None:
+        need(isinstance(bias, torch.Tensor) and tuple(bias.shape) == (n,), f"bias must be ({n},)")
+    lora = (lora_a, lora_b, scale)
+    need(all(t is None for t in lora) or all(isinstance(t, torch.Tensor) for t in lora),
+         "lora_a, lora_b and scale come together (all tensors, or all None)")
+    if lora_a is not None:
+        need(lora_a.dim() == 2 and lora_a.shape[1] == k, f"lora_a shape {tuple(lora_a.shape)} must be (r, {k})")
+        r = lora_a.shape[0]
+        need(0 < r <= max_rank, f"rank r={r} is outside 1..{max_rank}")
+        need(tuple(lora_b.shape) == (n, r), f"lora_b shape {tuple(lora_b.shape)} must be ({n}, {r})")
+        need(scale.dim() == 0 or tuple(scale.shape) == (m,), f"scale must be 0-dim or ({m},) per row, got "
+             f"{tuple(scale.shape)}")
+    for name, t in (("bias", bias), ("lora_a", lora_a), ("lora_b", lora_b)):
+        if t is not None:
+            need(t.dtype == x.dtype, f"{name} dtype {t.dtype} differs from x's {x.dtype}")
+    for name, t in (*weights, ("bias", bias), ("lora_a", lora_a), ("lora_b", lora_b), ("scale", scale)):
+        if t is not None:
+            need(t.device == x.device, f"{name} is on {t.device}, x is on {x.device}")
+
+
 def arch_key(device: torch.device | None) -> str:
     """Which config table: 'sm90' (H100/H200 and newer) or 'sm80' (A100 and older); sm90 when there is no GPU."""
     if device is not None and device.type == "cuda":

@@ -28,7 +28,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._common import (HAVE_TRITON, LaunchSpec, SMS, arch_key, output_for, split_k, split_k_reduce, upcast_dot)
+from ._common import (HAVE_TRITON, LaunchSpec, SMS, arch_key, check_bias_and_lora, output_for, split_k,
+                      split_k_reduce, upcast_dot)
 from .lora_linear import MAX_RANK, lora_delta, scaled_shrink
 
 # ------------------------------------------------------------------------------------------------ constants
@@ -156,26 +157,9 @@ def _validate(x, q, qs, bias, lora_a, lora_b, scale):
     need(tuple(qs.shape) == (n, k // GROUP), f"qscale shape {tuple(qs.shape)} must be ({n}, {k // GROUP}), "
                                              f"one scale a group of {GROUP}")
     need(qs.dtype.is_floating_point, f"qscale dtype {qs.dtype} is not a float dtype")
-    if bias is not None:
-        need(isinstance(bias, torch.Tensor) and tuple(bias.shape) == (n,), f"bias must be ({n},)")
-    lora = (lora_a, lora_b, scale)
-    need(all(t is None for t in lora) or all(isinstance(t, torch.Tensor) for t in lora),
-         "lora_a, lora_b and scale come together (all tensors, or all None)")
     m = x.numel() // k
-    if lora_a is not None:
-        need(lora_a.dim() == 2 and lora_a.shape[1] == k, f"lora_a shape {tuple(lora_a.shape)} must be (r, {k})")
-        r = lora_a.shape[0]
-        need(0 < r <= MAX_RANK, f"rank r={r} is outside 1..{MAX_RANK}")
-        need(tuple(lora_b.shape) == (n, r), f"lora_b shape {tuple(lora_b.shape)} must be ({n}, {r})")
-        need(scale.dim() == 0 or tuple(scale.shape) == (m,), f"scale must be 0-dim or ({m},) per row, got "
-             f"{tuple(scale.shape)}")
-    for name, t in (("bias", bias), ("lora_a", lora_a), ("lora_b", lora_b)):
-        if t is not None:
-            need(t.dtype == x.dtype, f"{name} dtype {t.dtype} differs from x's {x.dtype}")
-    for name, t in (("qweight", q), ("qscale", qs), ("bias", bias), ("lora_a", lora_a), ("lora_b", lora_b),
-                    ("scale", scale)):
-        if t is not None:
-            need(t.device == x.device, f"{name} is on {t.device}, x is on {x.device}")
+    check_bias_and_lora("int4_linear", x, m, n, k, bias, lora_a, lora_b, scale, MAX_RANK,
+                        (("qweight", q), ("qscale", qs)))
     return m, n, k
 
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._common import (HAVE_TRITON, LaunchSpec, arch_key, output_for, pick_tile, split_k, split_k_reduce,
-                      upcast_dot)
+from ._common import (HAVE_TRITON, LaunchSpec, arch_key, check_bias_and_lora, output_for, pick_tile, split_k,
+                      split_k_reduce, upcast_dot)
 from .lora_linear import CONFIGS as LORA_CONFIGS, FUSE_SHRINK_MAX_M, MAX_RANK, lora_delta, scaled_shrink
 
 # ------------------------------------------------------------------------------------------------ constants
@@ -95,28 +95,11 @@ def _validate(x, q, qs, bias, lora_a, lora_b, scale):
     n = q.shape[0]
     need(tuple(qs.shape) == (n,), f"qscale shape {tuple(qs.shape)} must be ({n},), one scale a row")
     need(qs.dtype.is_floating_point, f"qscale dtype {qs.dtype} is not a float dtype")
-    if bias is not None:
-        need(isinstance(bias, torch.Tensor) and tuple(bias.shape) == (n,), f"bias must be ({n},)")
-    lora = (lora_a, lora_b, scale)
-    need(all(t is None for t in lora) or all(isinstance(t, torch.Tensor) for t in lora),
-         "lora_a, lora_b and scale come together (all tensors, or all None)")
-    m, r = x.numel() // k, 0
-    if lora_a is not None:
-        need(lora_a.dim() == 2 and lora_a.shape[1] == k, f"lora_a shape {tuple(lora_a.shape)} must be (r, {k})")
-        r = lora_a.shape[0]
-        need(0 < r <= MAX_RANK, f"rank r={r} is outside 1..{MAX_RANK}")
-        need(tuple(lora_b.shape) == (n, r), f"lora_b shape {tuple(lora_b.shape)} must be ({n}, {r})")
-        need(scale.dim() == 0 or tuple(scale.shape) == (m,), f"scale must be 0-dim or ({m},) per row, got "
-             f"{tuple(scale.shape)}")
-    for name, t in (("bias", bias), ("lora_a", lora_a), ("lora_b", lora_b)):
-        if t is not None:
-            need(t.dtype == x.dtype, f"{name} dtype {t.dtype} differs from x's {x.dtype}")
-    for name, t in (("qweight", q), ("qscale", qs), ("bias", bias), ("lora_a", lora_a), ("lora_b", lora_b),
-                    ("scale", scale)):
-        if t is not None:
-            need(t.device == x.device, f"{name} is on {t.device}, x is on {x.device}")
+    m = x.numel() // k
+    check_bias_and_lora("int8_linear", x, m, n, k, bias, lora_a, lora_b, scale, MAX_RANK,
+                        (("qweight", q), ("qscale", qs)))
     need(q.stride(-1) == 1 or q.stride(0) == 1, "qweight must be contiguous along one dimension")
-    return m, n, k, r
+    return m, n, k
 
 
 def int8_linear_triton(x, qweight, qscale, bias=None, lora_a=None, lora_b=None, scale=None,
@@ -125,7 +108,7 @@ def int8_linear_triton(x, qweight, qscale, bias=None, lora_a=None, lora_b=None, 
     `config` = (mode, (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages)) overrides the table."""
     if not HAVE_TRITON:
         raise RuntimeError("int8_linear: triton is not installed")
-    m, n, k, _ = _validate(x, qweight, qscale, bias, lora_a, lora_b, scale)
+    m, n, k = _validate(x, qweight, qscale, bias, lora_a, lora_b, scale)
     x2 = x.reshape(m, k)
     y = output_for("int8_linear", x, m, n, out)
     int8_linear_spec(x2, qweight, qscale, bias, lora_a, lora_b, scale, y, config, arch_key(x.device)).launch()
