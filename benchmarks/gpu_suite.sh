@@ -79,16 +79,26 @@ part "pllava-7b bf16 + int4 weights (the Triton int4 kernel, LoRA fused), 16 fra
   "$PY" -m pllava.cli bench --preset pllava-7b --frames 16 --dtype bfloat16 --quantize int4 --runs 2 \
   --new-tokens 64 --no-baseline --out "$OUT/int4"
 part "summary" "$OUT/summary.md" '.' "$PY" - "$OUT" <<'PYX'
-import json, re, sys
+import json, os, re, sys
 out = sys.argv[1]
 bw = float(re.search(r"(\d+) GB/s", open(f"{out}/bandwidth.txt").read()).group(1))
-rows = json.load(open(f"{out}/bench_pllava-7b.json"))["rows"]
-weights_gb = 7.06e9 * 2 / 1e9  # bf16 bytes read per decoded token (LLM + LoRA, KV cache aside)
+# weight bytes a decoded token reads (KV cache aside): pllava-7b's decoder linears 6.476e9 weights, lm_head 0.131e9,
+# the q/v LoRA 0.067e9 (bf16); int8: 1 byte a linear weight and lm_head's first pass, int4: 0.5625 a linear weight
+forms = [("", f"{out}/bench_pllava-7b.json", 7.06e9 * 2),
+         (" (bf16 + int8)", f"{out}/int8/bench_pllava-7b.json", 6.476e9 + 0.131e9 + 0.067e9 * 2),
+         (" (bf16 + int4)", f"{out}/int4/bench_pllava-7b.json", 6.476e9 * 0.5625 + 0.131e9 + 0.067e9 * 2)]
 print("\n### summary (one table)\n\n| system | frames | TTFT ms | decode tok/s | decode GB/s | of copy bandwidth | e2e ms |")
 print("|---|---:|---:|---:|---:|---:|---:|")
-for r in rows:
-    st = r["stages"]; gbs = st["decode_tok_s"] * weights_gb
-    print(f"| {r['system']} | {r['frames']} | {st['ttft']*1e3:.1f} | {st['decode_tok_s']:.1f} | {gbs:.0f} | {gbs / (bw / 2) * 100:.0f} % | {st['e2e']*1e3:.0f} |")
+for label, path, nbytes in forms:
+    if not os.path.exists(path):
+        print(f"| (no {os.path.relpath(path, out)}: that part did not run) | | | | | | |")
+        continue
+    for r in json.load(open(path))["rows"]:
+        if label and not r["system"].startswith("pllava"):
+            continue  # a quantized part's baseline is transformers in bf16: the first table's
+        st = r["stages"]; gbs = st["decode_tok_s"] * nbytes / 1e9
+        print(f"| {r['system']}{label} | {r['frames']} | {st['ttft']*1e3:.1f} | {st['decode_tok_s']:.1f} | {gbs:.0f} | "
+              f"{gbs / (bw / 2) * 100:.0f} % | {st['e2e']*1e3:.0f} |")
 PYX
 
 if [ ${#FAILED[@]} -ne 0 ]; then
