@@ -107,7 +107,9 @@ def test_quantized_linears(benchmark, m):
     x = torch.randn(m, k, device="cuda", generator=g).bfloat16()
     s8 = w.abs().amax(1) / 127
     q8 = torch.round(w / s8[:, None]).clamp(-127, 127).to(torch.int8)
-    s4 = (w.view(n, k // 32, 32).abs().amax(-1) / 7).bfloat16()
+    g4 = w.view(n, k // 32, 32)
+    a4 = g4.abs().amax(-1)
+    s4 = torch.where(g4.amax(-1) >= a4, -a4, a4).div(8).bfloat16()  # the group's largest magnitude -> -8
     q = torch.round(w.view(n, k // 32, 32) / s4.float()[..., None]).clamp(-8, 7).to(torch.int16) + 8
     q4 = (q[..., :16] | (q[..., 16:] << 4)).to(torch.uint8).reshape(n, k // 2)
     wb, s8 = w.bfloat16(), s8.bfloat16()

@@ -1,8 +1,8 @@
 """y = x·(q·s)ᵀ + b + s_lora·((x·Aᵀ)·Bᵀ): the int4 linear of quantize="int4" on CUDA, LoRA fused; and the
 int4 weight's dequantization for a prefill's GEMM.
 
-The weight is symmetric int4 in groups of GROUP = 32 along K with a bf16 scale a group (engine/model/int4.py): q
-(N, K / 2) uint8, a row's group g in bytes 16g .. 16g + 15, byte j holding q + 8 of weight 32g + j in its low nibble
+The weight is int4 in groups of GROUP = 32 along K with a bf16 scale a group, of either sign (engine/model/int4.py):
+q (N, K / 2) uint8, a row's group g in bytes 16g .. 16g + 15, byte j holding q + 8 of weight 32g + j in its low nibble
 and of weight 32g + 16 + j in its high one; s (N, K / 32) bf16. 0.5625 bytes a weight: a decode step streams 0.56x
 int8's weight bytes (7B: 3.8 against 6.7 GB), so ~1.75x int8's tokens/s on paper where decode is memory-bound.
 

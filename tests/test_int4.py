@@ -29,11 +29,16 @@ def _bf16(t):
 
 
 def _ref_quant(w):
-    """The test's own int4 groups: (q (N, K) in [-8, 7] as int64, s (N, K / 32) as fp32 values of bf16), in fp64
-    IEEE fp32 divisions (as the formula's): s = bf16(max|w_group| / 7), q = round half to even (w / s)."""
+    """The test's own int4 groups: (q (N, K) in [-8, 7] as int64, s (N, K / 32) as fp32 values of bf16), in IEEE
+    fp32 divisions (as the formula's). llama.cpp's Q4_0 rule: m = the group's weight of largest magnitude (the
+    positive one where +|m| and -|m| both occur), s = bf16(-m / 8), q = round half to even (w / s) clamped to
+    [-8, 7]; so m's q is -8."""
     n, k = w.shape
     g = w.float().reshape(n, k // 32, 32)
-    s = _bf16(torch.clamp(g.abs().amax(-1) / 7.0, min=1e-12))
+    a = g.abs().amax(-1)
+    has_pos = (g == a[..., None]).any(-1)
+    m = torch.where(has_pos, a, -a)
+    s = _bf16(-torch.sign(m + (m == 0)) * torch.clamp(a / 8.0, min=1e-12))  # (a group of zeros: -1e-12)
     q = torch.round(g / s[..., None]).clamp(-8, 7)
     return q.reshape(n, k).long(), s
 
@@ -49,6 +54,10 @@ def _ref_weight(w):
 def test_groups_are_the_reference_quantization_in_its_byte_layout(dtype, n, k):
     w = (torch.randn(n, k, generator=torch.Generator().manual_seed(n + k)) * 0.05).to(dtype)
     w[0, :32] = 0.0  # a group of zeros: the smallest scale, q = 0
+    if k >= 96:
+        w[-1, 32:64] *= 0.5
+        w[-1, 40], w[-1, 41] = 0.3, -0.3  # a tie in magnitude: the positive weight maps to -8, the other to +7
+        w[-1, 64] = -0.5  # a negative weight of largest magnitude: a positive scale
     q, s = quantize_weight_int4(w)
     rq, rs = _ref_quant(w)
     assert q.dtype == torch.uint8 and q.shape == (n, k // 2) and s.dtype == torch.bfloat16 and s.shape == (n, k // 32)
@@ -57,7 +66,15 @@ def test_groups_are_the_reference_quantization_in_its_byte_layout(dtype, n, k):
     u = (rq + 8).reshape(n, k // 32, 32)
     want = (u[..., :16] | (u[..., 16:] << 4)).reshape(n, k // 2)
     assert torch.equal(q.long(), want)
-    assert int(rq.min()) >= -7 and int(rq.max()) <= 7
+    assert int(rq.min()) >= -8 and int(rq.max()) <= 7
+    # each group's weight of largest magnitude is a -8 (the 16 levels in use: a 4-bit step of max|w| / 8)
+    groups, g = rq.reshape(n, k // 32, 32), w.float().reshape(n, k // 32, 32)
+    a = g.abs().amax(-1, keepdim=True)
+    top = g.abs().argmax(-1, keepdim=True)
+    one_sign = ~((g == a).any(-1) & (g == -a).any(-1))  # (a tie in magnitude is checked below)
+    assert bool((groups.gather(-1, top)[..., 0] == -8)[(a[..., 0] > 0) & one_sign].all())
+    if k >= 96:
+        assert rq[-1, 40] == -8 and rq[-1, 41] == 7 and rs[-1, 1] < 0 and rq[-1, 64] == -8 and rs[-1, 2] > 0
 
 
 @native
@@ -65,6 +82,7 @@ def test_the_native_quantization_is_the_torch_formula(monkeypatch):
     from pllava.model import quant
 
     w = torch.randn(45, 4096, generator=torch.Generator().manual_seed(3)) * 0.02
+    w = torch.cat([w, w.bfloat16().float()])  # (and bf16 values: ties in magnitude, both signs)
     fast = quantize_weight_int4(w)
     monkeypatch.setattr(quant, "native_extension", lambda entry: None)
     slow = quantize_weight_int4(w)

@@ -25,9 +25,11 @@ from test_kernels import DEV, _rand, assert_within_torch  # noqa: E402
 
 
 def _weights(n, k, g):
-    """Random int4 groups: q (N, K) int64 in [-8, 7], s (N, K / 32) bf16 around k ** -0.5 / 4, and their packing."""
+    """Random int4 groups: q (N, K) int64 in [-8, 7], s (N, K / 32) bf16 of either sign (the format's scales are
+    negative where a group's largest weight is positive), |s| around k ** -0.5 / 4, and their packing."""
     q = torch.randint(-8, 8, (n, k), generator=g)
-    s = (torch.rand(n, k // 32, generator=g, dtype=torch.float64) + 0.5).mul(k ** -0.5 / 4).to(torch.bfloat16)
+    sign = torch.randint(0, 2, (n, k // 32), generator=g).double() * 2 - 1
+    s = (torch.rand(n, k // 32, generator=g, dtype=torch.float64) + 0.5).mul(sign * k ** -0.5 / 4).to(torch.bfloat16)
     u = (q + 8).reshape(n, k // 32, 2, 16)  # per group: the low nibbles' 16 weights, then the high nibbles'
     packed = (u[:, :, 0] + 16 * u[:, :, 1]).reshape(n, k // 2).to(torch.uint8)
     return q, s, packed

@@ -48,8 +48,8 @@ from .int4 import GROUP, dequantize_int4, gemv_int4, pack_int4
 DECODE_ROWS = 16
 
 
-def quantize_weight(w: torch.Tensor, scale_dtype: torch.dtype | None = None,
-                    levels: int = 127) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_weight(w: torch.Tensor, scale_dtype: torch.dtype | None = None, levels: int = 127,
+                    signed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, K) float -> (int8 (N, K), per-row scale (N,) in scale_dtype, default w's). The scale is max|w_row| / 127
     rounded to its dtype first, and q = round(w / that scale): the rounding the kernels multiply by is the one q was
     fitted to, not a per-row gain error of up to 2^-9 on every output. benchmarks/bench_quality.py 1024 (tiny
@@ -58,20 +58,30 @@ def quantize_weight(w: torch.Tensor, scale_dtype: torch.dtype | None = None,
     q is fitted to w at w's own precision: the loader passes the checkpoint's tensor (fp32 in the tests' and the
     bench's checkpoints) with scale_dtype = the engine's dtype, not a copy already rounded to it.
     A CPU weight in fp32 or bf16 goes through pllava._C (_quantize_native: the same bits, 9-13x faster).
-    levels: q's largest magnitude (quantize_weight_int4 runs this with 7 over its groups as rows)."""
+    levels: q's largest magnitude. signed (quantize_weight_int4, over its groups as rows, with 8): llama.cpp's Q4_0
+    rule, the row's weight of largest magnitude m maps to -levels: s = -m / levels (negative where m > 0), and q is
+    clamped to [-levels, levels - 1] (+levels only for a weight of m's size and the other sign)."""
     sd = scale_dtype or w.dtype
-    got = _quantize_native(w, sd, levels=levels)
+    got = _quantize_native(w, sd, levels=levels, signed=signed)
     if got is not None:
-        return got[0], got[1]
+        q = got[0].clamp_(-levels, levels - 1) if signed else got[0]
+        return q, got[1]
     w32 = w.float()
-    scale = (w32.abs().amax(dim=1) / float(levels)).clamp(min=1e-12).to(sd)
-    q = torch.round(w32 / scale.float()[:, None]).clamp(-levels, levels).to(torch.int8)  # a scale rounded down:
-    # levels + 0.5 at most (|w| / s <= levels · (1 + 2^-8))
+    scale = _row_scale(w32.abs().amax(dim=1), w32.amax(dim=1) if signed else None, levels).to(sd)
+    q = torch.round(w32 / scale.float()[:, None]).clamp(-levels, levels - 1 if signed else levels).to(torch.int8)
+    # (a scale rounded down: levels + 0.5 at most, |w| / |s| <= levels · (1 + 2^-8))
     return q, scale
 
 
+def _row_scale(amax: torch.Tensor, top: torch.Tensor | None, levels: int) -> torch.Tensor:
+    """A row's step in fp32 (before its rounding to the scale's dtype): max|w| / levels, or, given the row's
+    largest value `top` (signed), that with the sign that maps the weight of largest magnitude to -levels."""
+    mag = (amax / float(levels)).clamp(min=1e-12)
+    return mag if top is None else torch.where(top >= amax, -mag, mag)
+
+
 def _quantize_native(w: torch.Tensor, scale_dtype: torch.dtype, resid: bool = False, generic: bool = False,
-                     levels: int = 127):
+                     levels: int = 127, signed: bool = False):
     """quantize_weight's formula in pllava._C (csrc/int8_quantize.cpp) -> (q, scale, the head's residual w - q·s
     formed in fp64 and rounded to fp32, or None), for a CPU (N, K) weight in fp32 or bf16 with unit column stride:
     its rows' absmax, the scale rounded to scale_dtype here by torch, then q (and the residual) in one pass a row.
@@ -79,8 +89,9 @@ def _quantize_native(w: torch.Tensor, scale_dtype: torch.dtype, resid: bool = Fa
     makes six full-size temporaries; an fp16 weight is widened to fp32 first). None where the extension is not
     built or the weight is another kind (a CUDA tensor: torch is fast there; a column stride), and where a row's
     scale is not finite and > 0 (a row holding inf or NaN; an fp16 scale under its range): torch's formula keeps
-    its own semantics for those. generic: the portable loop (tests). levels: as quantize_weight's (the pass clamps
-    q to [-127, 127], which a quotient within [-levels - 0.5, levels + 0.5] never reaches)."""
+    its own semantics for those. generic: the portable loop (tests). levels, signed: as quantize_weight's (the pass
+    clamps q to [-127, 127], which a quotient within [-levels - 0.5, levels + 0.5] never reaches; a signed row's
+    largest value by torch, one reduction)."""
     kind = "int8" if levels == 127 else "int4"
     C = native_extension("int8_quantize_rows")
     if C is not None and w.device.type == "cpu" and w.dtype == torch.float16:
@@ -94,9 +105,9 @@ def _quantize_native(w: torch.Tensor, scale_dtype: torch.dtype, resid: bool = Fa
     (n, k), bf16, threads = w.shape, w.dtype == torch.bfloat16, torch.get_num_threads()
     amax = torch.empty(n, dtype=torch.float32)
     C.row_absmax(w.data_ptr(), bf16, n, k, w.stride(0), amax.data_ptr(), threads, generic)
-    scale = (amax / float(levels)).clamp(min=1e-12).to(scale_dtype)
+    scale = _row_scale(amax, w.amax(dim=1).float() if signed else None, levels).to(scale_dtype)
     sf = scale.float()
-    if not bool((torch.isfinite(sf) & (sf > 0)).all()):
+    if not bool((torch.isfinite(sf) & (sf != 0)).all()):
         return None
     q = torch.empty(n, k, dtype=torch.int8)
     r = torch.empty(n, k, dtype=torch.float32) if resid else None
@@ -107,14 +118,15 @@ def _quantize_native(w: torch.Tensor, scale_dtype: torch.dtype, resid: bool = Fa
 
 def quantize_weight_int4(w: torch.Tensor, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
     """(N, K) float -> int4 groups (model/int4.py): (packed uint8 (N, K / 2), bf16 scales (N, K / GROUP)).
-    quantize_weight over the groups as rows of GROUP with 7 levels: s = max|w_group| / 7 rounded to bf16, q =
-    round_half_even(w / s) in [-7, 7] fitted to that rounding (pllava._C's row passes where they run, the same bits
-    as the torch formula), then packed. K must be a multiple of GROUP: a ConfigError names the weight otherwise."""
+    quantize_weight over the groups as rows of GROUP, signed with 8 levels (llama.cpp's Q4_0 rule): a group's
+    weight of largest magnitude m maps to -8, s = -m / 8 rounded to bf16, q = round_half_even(w / s) in [-8, 7]
+    fitted to that rounding (pllava._C's row passes where they run, the same bits as the torch formula), then
+    packed. K must be a multiple of GROUP: a ConfigError names the weight otherwise."""
     if w.dim() != 2 or w.shape[1] % GROUP:
         raise ConfigError(f"quantize='int4': {name} has shape {tuple(w.shape)}; its input dimension must be a "
                           f"multiple of {GROUP} (use quantize='int8' for this checkpoint)")
     n, k = w.shape
-    q, s = quantize_weight(w.reshape(n * (k // GROUP), GROUP), torch.bfloat16, levels=7)
+    q, s = quantize_weight(w.reshape(n * (k // GROUP), GROUP), torch.bfloat16, levels=8, signed=True)
     return pack_int4(q.view(n, k // GROUP, GROUP)), s.view(n, k // GROUP)
 
 
