@@ -73,6 +73,17 @@ def quantize_weight(w: torch.Tensor, scale_dtype: torch.dtype | None = None, lev
     return q, scale
 
 
+def _row_max(w: torch.Tensor) -> torch.Tensor:
+    """Each row's largest value (exact). bf16 rows by halving with elementwise maxima: torch's bf16 amax over
+    rows of 32 took 43.5 ms for 7B's (11008, 4096) MLP weight on 2 Zen 5 cores, the halving 22.7 (fp32's amax 6.1)."""
+    if w.dtype != torch.bfloat16:
+        return w.amax(dim=1)
+    while w.shape[1] > 1 and w.shape[1] % 2 == 0:
+        h = w.shape[1] // 2
+        w = torch.maximum(w[:, :h], w[:, h:])
+    return w.amax(dim=1)
+
+
 def _row_scale(amax: torch.Tensor, top: torch.Tensor | None, levels: int) -> torch.Tensor:
     """A row's step in fp32 (before its rounding to the scale's dtype): max|w| / levels, or, given the row's
     largest value `top` (signed), that with the sign that maps the weight of largest magnitude to -levels."""
@@ -105,7 +116,7 @@ def _quantize_native(w: torch.Tensor, scale_dtype: torch.dtype, resid: bool = Fa
     (n, k), bf16, threads = w.shape, w.dtype == torch.bfloat16, torch.get_num_threads()
     amax = torch.empty(n, dtype=torch.float32)
     C.row_absmax(w.data_ptr(), bf16, n, k, w.stride(0), amax.data_ptr(), threads, generic)
-    scale = _row_scale(amax, w.amax(dim=1).float() if signed else None, levels).to(scale_dtype)
+    scale = _row_scale(amax, _row_max(w).float() if signed else None, levels).to(scale_dtype)
     sf = scale.float()
     if not bool((torch.isfinite(sf) & (sf != 0)).all()):
         return None
