@@ -159,7 +159,7 @@ def load(model: str, device=None, dtype=None, num_frames=None, pooling_shape=Non
     check_weights_fit(net, dt, quantize, device, model_dir)
     convert, pre = None, {}
     if quantize is not None:
-        from .model.quant import (DECODE_ROWS, int8_loader, native_int8_available, quantize_lm_int8_,
+        from .model.quant import (DECODE_ROWS, INT4_FUSED_MAX_M, int8_loader, native_int8_available, quantize_lm_int8_,
                                   quantized_bytes)
 
         fp32_rows = int8_fp32_rows(device, dt)
@@ -177,9 +177,9 @@ def load(model: str, device=None, dtype=None, num_frames=None, pooling_shape=Non
                    else "prefill rows by a GEMM in the weights' dtype")
         kind = "int4 groups of 32 + bf16 scales" if quantize == "int4" else "int8 + scales"
         if ops.kernel_path(device) == "triton" and quantize == "int4":
-            how = ("the Triton int4 kernel for up to 64 rows, LoRA fused (pllava.kernels.int4_linear); longer "
-                   "prefills dequantize the weight by Triton for the unquantized GEMM; lm_head's first pass by the "
-                   "Triton int8 kernel")
+            how = (f"the Triton int4 kernel for up to {INT4_FUSED_MAX_M} rows, LoRA fused (pllava.kernels."
+                   "int4_linear); longer prefills dequantize the weight by Triton for the unquantized GEMM; lm_head's "
+                   "first pass by the Triton int8 kernel")
         elif ops.kernel_path(device) == "triton":
             how = "the Triton int8 kernel, LoRA fused (pllava.kernels.int8_linear)"
         elif fp32_rows:

@@ -53,10 +53,16 @@ def pick_tile(table: dict, m: int, n: int, arch: str, decode_max_m: int):
     whose grid covers every SM, else the mode's last (decode: the narrowest N tile, the most CTAs there can be
     without splitting K). Returns (mode, config)."""
     mode = "decode" if m <= decode_max_m else "prefill"
-    for cfg in table[mode]:
+    return mode, first_covering(table[mode], m, n, arch)
+
+
+def first_covering(cfgs: list, m: int, n: int, arch: str):
+    """The first (BLOCK_M, BLOCK_N, ...) config whose grid covers every SM of the arch, else the last (the tables
+    end with their narrowest N tile: the most CTAs there can be without splitting K)."""
+    for cfg in cfgs:
         if -(-m // cfg[0]) * -(-n // cfg[1]) >= SMS[arch]:
-            return mode, cfg
-    return mode, table[mode][-1]
+            return cfg
+    return cfgs[-1]
 
 
 # A split K keeps at least this many K tiles a CTA: fewer and the pipeline (3-4 stages) never fills.

@@ -28,8 +28,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._common import (HAVE_TRITON, LaunchSpec, SMS, arch_key, check_bias_and_lora, output_for, split_k,
-                      split_k_reduce, upcast_dot)
+from ._common import (HAVE_TRITON, LaunchSpec, arch_key, check_bias_and_lora, first_covering, output_for,
+                      split_k, split_k_reduce, upcast_dot)
 from .lora_linear import MAX_RANK, lora_delta, scaled_shrink
 
 # ------------------------------------------------------------------------------------------------ constants
@@ -131,11 +131,7 @@ if HAVE_TRITON:
 
 # ------------------------------------------------------------------------------------------------ launchers
 def pick_config(m: int, n: int, arch: str):
-    """The first tile whose grid covers every SM, else the narrowest (the most CTAs short of splitting K)."""
-    for cfg in CONFIGS[arch]:
-        if -(-m // cfg[0]) * -(-n // cfg[1]) >= SMS[arch]:
-            return cfg
-    return CONFIGS[arch][-1]
+    return first_covering(CONFIGS[arch], m, n, arch)
 
 
 def _validate(x, q, qs, bias, lora_a, lora_b, scale):

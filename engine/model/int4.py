@@ -17,19 +17,20 @@ more int4 gains), pllava-7b's decode 1.10x to 1.54x. What it costs in agreement 
 "quality").
 
 The weights are quantized by quant.quantize_weight_int4 (quant.quantize_weight's formula and native passes over
-the groups as rows, with 7 levels), then packed here (pack_int4). Decode rows (M <= 16) go through that GEMV with
+the groups as rows, signed with 8 levels), then packed here (pack_int4). Decode rows (M <= 16) go through that GEMV with
 fp32 activations and an fp32 accumulator; a prefill's rows through the weight dequantized into a reused buffer
-(pllava._C's int4_dequant) and a GEMM in the engine's dtype. On CUDA (the Triton path, quant._int4_triton) the same
-format runs through pllava.kernels.int4_linear: its fused kernel for up to 64 rows, its Triton dequantization and the
-unquantized engine's GEMM for a longer prefill.
+(pllava._C's int4_dequant) and a GEMM in the engine's dtype. On CUDA (the Triton path, quant._int4_triton) the
+same format runs through pllava.kernels.int4_linear: its fused kernel for up to FUSED_MAX_M (64) rows, its Triton
+dequantization and the unquantized engine's GEMM for a longer prefill.
 """
 from __future__ import annotations
 
 import torch
 
-from ..ops import log_once, native_extension
+from pllava.kernels.int4_linear import GROUP  # weights a scale: the format's one definition, with its CUDA kernels
+from pllava.kernels.int4_linear import int4_unpack_reference as unpack_int4  # (N, K / 2) -> (N, K) int8, torch ops
 
-GROUP = 32  # weights a scale
+from ..ops import log_once, native_extension
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -37,15 +38,6 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     u = (q + 8).view(torch.uint8)  # in [0, 15]: no widening (an int16 round trip took 3x as long: 113-152 ms
     # against 24-60 for 7B's MLP weight)
     return torch.bitwise_or(u[..., :16], u[..., 16:] << 4).reshape(q.shape[0], -1)
-
-
-def unpack_int4(q: torch.Tensor) -> torch.Tensor:
-    """(N, K / 2) packed -> (N, K) int8 in [-8, 7] (torch ops: the reference and the fallback)."""
-    n = q.shape[0]
-    g = q.reshape(n, -1, 16)
-    lo = (g & 15).to(torch.int8) - 8
-    hi = (g >> 4).to(torch.int8) - 8
-    return torch.cat([lo, hi], dim=-1).reshape(n, -1)
 
 
 def dequantize_int4(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None):
