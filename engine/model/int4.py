@@ -1,9 +1,12 @@
 """int4 weights for the LLM's linears (`Engine.from_pretrained(..., quantize="int4")`, on the CPU and on CUDA).
 
-Format: groups of GROUP = 32 weights along K, llama.cpp's Q4_0 rule: m = the group's weight of largest magnitude,
-s = -m / 8 rounded to bf16 (negative where m > 0), q = round_half_even(w / s) in [-8, 7], so that m is q = -8 and
-all 16 levels are in use (a step of max|w| / 8; the earlier max|w| / 7 with q in [-7, 7] left -8 unused: 23 % fewer
-top-1 disagreements at prompt positions, 13 % at decode ones, benchmarks/bench_quality.py 2048), w ≈ fl32(q · s).
+Format: groups of GROUP = 32 weights along K, one bf16 scale s a group, q = round_half_even(w / s) in [-8, 7],
+w ≈ fl32(q · s). The scale (group_scales): llama.cpp's Q4_0 step, -m / 8 for the group's weight of largest magnitude
+m (so m is q = -8 and all 16 levels are in use), is one of 4 candidates -m / t, t in DIVISORS (a step 12.5 %
+coarser, or finer with m clipped to -8); each candidate's q gets its least-squares scale sum(w q) / sum(q^2), and the
+candidate whose fit leaves the least squared error wins (its fitted scale, rounded to bf16, then q fitted again to
+that rounding), as llama.cpp's k-quants search theirs. On Gaussian groups 0.895x Q4_0's squared error, 0.924x with
+Student-t(4) tails (tests/test_int4.py holds it under 0.90x and 0.93x).
 Stored as (N, K / 2) bytes, a row's group g in bytes 16g .. 16g + 15, byte j holding q + 8 of weight 32g + j in its
 low nibble and of 32g + 16 + j in its high one (so the kernels widen 16 contiguous weights from one 16-byte load),
 and the scales as bf16 (N, K / 32): 0.5625 bytes a weight, against int8's ~1.
@@ -16,8 +19,8 @@ makes ~110): 2 of 7B's layers 1.27x to 1.73x int8's speed (benchmarks/bench_int8
 more int4 gains), pllava-7b's decode 1.10x to 1.54x. What it costs in agreement is the most of any mode (README,
 "quality").
 
-The weights are quantized by quant.quantize_weight_int4 (quant.quantize_weight's formula and native passes over
-the groups as rows, signed with 8 levels), then packed here (pack_int4). Decode rows (M <= 16) go through that GEMV with
+The weights are quantized here (quantize_weight_int4: pllava._C's group_scales and row passes on the CPU, the same
+bits as the torch formula that runs elsewhere), then packed (pack_int4). Decode rows (M <= 16) go through that GEMV with
 fp32 activations and an fp32 accumulator; a prefill's rows through the weight dequantized into a reused buffer
 (pllava._C's int4_dequant) and a GEMM in the engine's dtype. On CUDA (the Triton path, quant._int4_triton) the
 same format runs through pllava.kernels.int4_linear: its fused kernel for up to FUSED_MAX_M (64) rows, its Triton
@@ -30,7 +33,98 @@ import torch
 from pllava.kernels.int4_linear import GROUP  # weights a scale: the format's one definition, with its CUDA kernels
 from pllava.kernels.int4_linear import int4_unpack_reference as unpack_int4  # (N, K / 2) -> (N, K) int8, torch ops
 
+from ..errors import ConfigError
 from ..ops import log_once, native_extension
+
+DIVISORS = (8.0, 7.0, 8.5, 9.0)  # a group's candidate steps max|w| / t, in csrc/int8_quantize.cpp's
+# order (kInt4Divisors): the first of equal fits wins, so 8 (Q4_0) comes first. A simulation (200k Gaussian groups):
+# 0.895x Q4_0's squared error; [7, 10] in steps of 0.5 0.893x (9.5 and 10 almost never won), a 0.25 grid over
+# [6, 12] 0.886x at 6x this cost; 3 of them (8, 7, 8.5) 0.899x.
+_CHUNK = 1 << 17  # groups a pass of the torch formula: 4 M weights, ~100 MB of temporaries (34B's MLP: 147 M)
+
+
+def quantize_weight_int4(w: torch.Tensor, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) float -> int4 groups: (packed uint8 (N, K / 2), bf16 scales (N, K / GROUP)), scales by group_scales,
+    then q = round_half_even(w / s) clamped to [-8, 7] in IEEE fp32 divisions, fitted to the bf16 scale, and packed.
+    K must be a multiple of GROUP: a ConfigError names the weight otherwise."""
+    if w.dim() != 2 or w.shape[1] % GROUP:
+        raise ConfigError(f"quantize='int4': {name} has shape {tuple(w.shape)}; its input dimension must be a "
+                          f"multiple of {GROUP} (use quantize='int8' for this checkpoint)")
+    n, k = w.shape
+    if w.device.type == "cpu" and w.dtype not in (torch.float32, torch.bfloat16):
+        w = w.float()  # (an fp16 checkpoint: the formula widens it too)
+    g = w.contiguous().view(n * (k // GROUP), GROUP)  # (G, 32)
+    s = group_scales(g)
+    return pack_int4(_group_q(g, s).view(n, k // GROUP, GROUP)), s.view(n, k // GROUP)
+
+
+def _native(g: torch.Tensor, entry: str):
+    """pllava._C where its passes take g: a CPU (G, 32) fp32 / bf16 contiguous tensor."""
+    C = native_extension(entry)
+    if C is None or g.device.type != "cpu" or g.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    return C
+
+
+def group_scales(g: torch.Tensor, generic: bool = False) -> torch.Tensor:
+    """(G, 32) float groups -> their bf16 scales (G,), chosen by least squares among DIVISORS (csrc/int8_quantize.h
+    states the rule): pllava._C's pass on the CPU (7B's (11008, 4096) MLP weight: 52 ms on 2 Zen 5 cores, the torch
+    formula 0.64-0.76 s), else _group_scales_torch. generic: the extension's portable loop (tests)."""
+    C = _native(g, "int4_group_scales")
+    if C is None:
+        if g.device.type == "cpu":
+            log_once("int4 scales: by torch ops" + (" (pllava._C is not built)" if native_extension("ABI") is None
+                                                    else " (pllava._C predates them: rebuild it)"))
+        return _group_scales_torch(g)
+    log_once("int4 scales: by pllava._C (csrc/int8_quantize.cpp)")
+    out = torch.empty(g.shape[0], dtype=torch.bfloat16)
+    C.int4_group_scales(g.data_ptr(), g.dtype == torch.bfloat16, g.shape[0], g.stride(0), out.data_ptr(),
+                        torch.get_num_threads(), generic)
+    return out
+
+
+def _group_scales_torch(g: torch.Tensor) -> torch.Tensor:
+    """group_scales' rule in torch ops, a chunk of groups at a time. The sums are exact in fp64 whatever their order
+    (csrc/int8_quantize.cpp says why), so this and the native pass give the same bits."""
+    out = torch.empty(g.shape[0], dtype=torch.bfloat16, device=g.device)
+    for c0 in range(0, g.shape[0], _CHUNK):
+        x = g[c0:c0 + _CHUNK].float()  # (c, 32)
+        amax = x.abs().amax(1)
+        neg = x.amax(1) >= amax  # the weight of largest magnitude is positive (or a tie): a negative scale
+
+        def cand(t):
+            mag = (amax / t).clamp(min=1e-12)
+            return torch.where(neg, -mag, mag).to(torch.bfloat16).float()
+
+        s8, xd = cand(8.0), x.double()
+        best = torch.full_like(amax, -1.0, dtype=torch.float64)
+        fit = torch.zeros_like(best)
+        for t in DIVISORS:
+            q = torch.round(x / cand(t)[:, None]).clamp(-8, 7)
+            a, b = (xd * q.double()).sum(1), (q * q).sum(1).double()
+            score = a * a / b
+            better = (b > 0) & (score > best)
+            best, fit = torch.where(better, score, best), torch.where(better, a / b, fit)
+        s = torch.where((best > 0) & torch.isfinite(amax), fit.float(), s8)
+        out[c0:c0 + _CHUNK] = s.to(torch.bfloat16)
+    return out
+
+
+def _group_q(g: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """(G, 32) groups, their bf16 scales -> q (G, 32) int8 in [-8, 7]: round_half_even(w / s) in IEEE fp32 divisions,
+    clamped. pllava._C's int8 row pass where every scale is finite and nonzero (it clamps to [-127, 127], the
+    same integer before the clamp here), else torch ops (whose semantics hold for inf / NaN)."""
+    sf = s.float()
+    C = _native(g, "int8_quantize_rows")
+    if C is not None and bool((torch.isfinite(sf) & (sf != 0)).all()):
+        q = torch.empty(g.shape, dtype=torch.int8)
+        C.int8_quantize_rows(g.data_ptr(), g.dtype == torch.bfloat16, g.shape[0], GROUP, g.stride(0), sf.data_ptr(),
+                             q.data_ptr(), 0, torch.get_num_threads(), False)
+        return q.clamp_(-8, 7)
+    q = torch.empty(g.shape, dtype=torch.int8, device=g.device)
+    for c0 in range(0, g.shape[0], _CHUNK):
+        q[c0:c0 + _CHUNK] = torch.round(g[c0:c0 + _CHUNK].float() / sf[c0:c0 + _CHUNK, None]).clamp(-8, 7)
+    return q
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:

@@ -40,7 +40,7 @@ from pllava.kernels.lora_linear import lora_delta
 from ..errors import ConfigError
 from ..ops import define_cpu_op, log_once, lora_linear, native_extension
 from .head import RescoredHead
-from .int4 import GROUP, dequantize_int4, gemv_int4, pack_int4
+from .int4 import dequantize_int4, gemv_int4, quantize_weight_int4
 
 # Up to this many rows (decode, small batches) the int8 GEMV streams half the bytes. Past it the product is
 # compute-bound, and dequantizing to bf16 for its GEMM wins: M = 2400, K = 768, N = 2048 on 2 Zen4 cores took
@@ -48,8 +48,7 @@ from .int4 import GROUP, dequantize_int4, gemv_int4, pack_int4
 DECODE_ROWS = 16
 
 
-def quantize_weight(w: torch.Tensor, scale_dtype: torch.dtype | None = None, levels: int = 127,
-                    signed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_weight(w: torch.Tensor, scale_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, K) float -> (int8 (N, K), per-row scale (N,) in scale_dtype, default w's). The scale is max|w_row| / 127
     rounded to its dtype first, and q = round(w / that scale): the rounding the kernels multiply by is the one q was
     fitted to, not a per-row gain error of up to 2^-9 on every output. benchmarks/bench_quality.py 1024 (tiny
@@ -57,42 +56,24 @@ def quantize_weight(w: torch.Tensor, scale_dtype: torch.dtype | None = None, lev
     767 against 846 of 60416, decode positions 279 against 310 of 16384 (transformers bf16: 913, 259).
     q is fitted to w at w's own precision: the loader passes the checkpoint's tensor (fp32 in the tests' and the
     bench's checkpoints) with scale_dtype = the engine's dtype, not a copy already rounded to it.
-    A CPU weight in fp32 or bf16 goes through pllava._C (_quantize_native: the same bits, 9-13x faster).
-    levels: q's largest magnitude. signed (quantize_weight_int4, over its groups as rows, with 8): llama.cpp's Q4_0
-    rule, the row's weight of largest magnitude m maps to -levels: s = -m / levels (negative where m > 0), and q is
-    clamped to [-levels, levels - 1] (+levels only for a weight of m's size and the other sign)."""
+    A CPU weight in fp32 or bf16 goes through pllava._C (_quantize_native: the same bits, 9-13x faster)."""
     sd = scale_dtype or w.dtype
-    got = _quantize_native(w, sd, levels=levels, signed=signed)
+    got = _quantize_native(w, sd)
     if got is not None:
-        q = got[0].clamp_(-levels, levels - 1) if signed else got[0]
-        return q, got[1]
+        return got[0], got[1]
     w32 = w.float()
-    scale = _row_scale(w32.abs().amax(dim=1), w32.amax(dim=1) if signed else None, levels).to(sd)
-    q = torch.round(w32 / scale.float()[:, None]).clamp(-levels, levels - 1 if signed else levels).to(torch.int8)
-    # (a scale rounded down: levels + 0.5 at most, |w| / |s| <= levels · (1 + 2^-8))
+    scale = _row_scale(w32.abs().amax(dim=1)).to(sd)
+    q = torch.round(w32 / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
+    # (a scale rounded down: 127.5 at most, |w| / s <= 127 · (1 + 2^-8))
     return q, scale
 
 
-def _row_max(w: torch.Tensor) -> torch.Tensor:
-    """Each row's largest value (exact). bf16 rows by halving with elementwise maxima: torch's bf16 amax over
-    rows of 32 took 43.5 ms for 7B's (11008, 4096) MLP weight on 2 Zen 5 cores, the halving 22.7 (fp32's amax 6.1)."""
-    if w.dtype != torch.bfloat16:
-        return w.amax(dim=1)
-    while w.shape[1] > 1 and w.shape[1] % 2 == 0:
-        h = w.shape[1] // 2
-        w = torch.maximum(w[:, :h], w[:, h:])
-    return w.amax(dim=1)
+def _row_scale(amax: torch.Tensor) -> torch.Tensor:
+    """A row's step in fp32 (before its rounding to the scale's dtype): max|w| / 127."""
+    return (amax / 127.0).clamp(min=1e-12)
 
 
-def _row_scale(amax: torch.Tensor, top: torch.Tensor | None, levels: int) -> torch.Tensor:
-    """A row's step in fp32 (before its rounding to the scale's dtype): max|w| / levels, or, given the row's
-    largest value `top` (signed), that with the sign that maps the weight of largest magnitude to -levels."""
-    mag = (amax / float(levels)).clamp(min=1e-12)
-    return mag if top is None else torch.where(top >= amax, -mag, mag)
-
-
-def _quantize_native(w: torch.Tensor, scale_dtype: torch.dtype, resid: bool = False, generic: bool = False,
-                     levels: int = 127, signed: bool = False):
+def _quantize_native(w: torch.Tensor, scale_dtype: torch.dtype, resid: bool = False, generic: bool = False):
     """quantize_weight's formula in pllava._C (csrc/int8_quantize.cpp) -> (q, scale, the head's residual w - q·s
     formed in fp64 and rounded to fp32, or None), for a CPU (N, K) weight in fp32 or bf16 with unit column stride:
     its rows' absmax, the scale rounded to scale_dtype here by torch, then q (and the residual) in one pass a row.
@@ -100,23 +81,20 @@ def _quantize_native(w: torch.Tensor, scale_dtype: torch.dtype, resid: bool = Fa
     makes six full-size temporaries; an fp16 weight is widened to fp32 first). None where the extension is not
     built or the weight is another kind (a CUDA tensor: torch is fast there; a column stride), and where a row's
     scale is not finite and > 0 (a row holding inf or NaN; an fp16 scale under its range): torch's formula keeps
-    its own semantics for those. generic: the portable loop (tests). levels, signed: as quantize_weight's (the pass
-    clamps q to [-127, 127], which a quotient within [-levels - 0.5, levels + 0.5] never reaches; a signed row's
-    largest value by torch, one reduction)."""
-    kind = "int8" if levels == 127 else "int4"
+    its own semantics for those. generic: the portable loop (tests)."""
     C = native_extension("int8_quantize_rows")
     if C is not None and w.device.type == "cpu" and w.dtype == torch.float16:
         w = w.float()  # (the formula widens it too; one temporary, not six)
     if (C is None or w.device.type != "cpu" or w.dim() != 2 or w.dtype not in (torch.float32, torch.bfloat16)
             or w.shape[1] < 1 or w.stride(1) != 1 or w.stride(0) < w.shape[1]):
         if w.device.type == "cpu":
-            log_once(f"{kind} weights: quantized by torch ops" + (" (pllava._C is not built)" if C is None else ""))
+            log_once("int8 weights: quantized by torch ops" + (" (pllava._C is not built)" if C is None else ""))
         return None
-    log_once(f"{kind} weights: quantized by pllava._C (csrc/int8_quantize.cpp)")
+    log_once("int8 weights: quantized by pllava._C (csrc/int8_quantize.cpp)")
     (n, k), bf16, threads = w.shape, w.dtype == torch.bfloat16, torch.get_num_threads()
     amax = torch.empty(n, dtype=torch.float32)
     C.row_absmax(w.data_ptr(), bf16, n, k, w.stride(0), amax.data_ptr(), threads, generic)
-    scale = _row_scale(amax, _row_max(w).float() if signed else None, levels).to(scale_dtype)
+    scale = _row_scale(amax).to(scale_dtype)
     sf = scale.float()
     if not bool((torch.isfinite(sf) & (sf != 0)).all()):
         return None
@@ -125,20 +103,6 @@ def _quantize_native(w: torch.Tensor, scale_dtype: torch.dtype, resid: bool = Fa
     C.int8_quantize_rows(w.data_ptr(), bf16, n, k, w.stride(0), sf.data_ptr(), q.data_ptr(),
                          0 if r is None else r.data_ptr(), threads, generic)
     return q, scale, r
-
-
-def quantize_weight_int4(w: torch.Tensor, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, K) float -> int4 groups (model/int4.py): (packed uint8 (N, K / 2), bf16 scales (N, K / GROUP)).
-    quantize_weight over the groups as rows of GROUP, signed with 8 levels (llama.cpp's Q4_0 rule): a group's
-    weight of largest magnitude m maps to -8, s = -m / 8 rounded to bf16, q = round_half_even(w / s) in [-8, 7]
-    fitted to that rounding (pllava._C's row passes where they run, the same bits as the torch formula), then
-    packed. K must be a multiple of GROUP: a ConfigError names the weight otherwise."""
-    if w.dim() != 2 or w.shape[1] % GROUP:
-        raise ConfigError(f"quantize='int4': {name} has shape {tuple(w.shape)}; its input dimension must be a "
-                          f"multiple of {GROUP} (use quantize='int8' for this checkpoint)")
-    n, k = w.shape
-    q, s = quantize_weight(w.reshape(n * (k // GROUP), GROUP), torch.bfloat16, levels=8, signed=True)
-    return pack_int4(q.view(n, k // GROUP, GROUP)), s.view(n, k // GROUP)
 
 
 def head_levels(w: torch.Tensor, scale_dtype: torch.dtype | None = None):

@@ -3,7 +3,8 @@
 // vector paths and the portable loop): every read must stay inside w's rows of K, every write inside q, resid and
 // amax (built and run by tests/test_int8_quantize.py). Each buffer is its own exact-size heap block. The values are
 // checked against a scalar reading of the contract in int8_quantize.h, so an ISA's loop that drifts is caught too.
-// The split passes of w8a8 run on the same rows (values past 0.9 leave them), then its dequantization of int32 products.
+// The split passes of w8a8 run on the same rows (values past 0.9 leave them), then its dequantization of int32 products,
+// int4's dequantization and its group scales.
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -159,6 +160,54 @@ int main() {
             return 1;
           }
         }
+    }
+  }
+  // int4_group_scales: G groups of 32 at row stride ldw (blocks of 8 groups with tails: G off every multiple of 8),
+  // reads inside the groups, writes inside scale (G,); each scale against a scalar reading of int8_quantize.h's rule
+  // (with all-zero, tiny and tied groups among them)
+  for (int g : {1, 7, 9, 33}) for (int pad : {0, 5}) {
+    const int ldw = 32 + pad;
+    const size_t span = static_cast<size_t>(g - 1) * ldw + 32;
+    std::vector<float> w(span);
+    for (auto& v : w) v = (static_cast<float>(rnd() % 2001) - 1000.0f) * 1e-3f;
+    for (int c = 0; c < 32 && g > 1; ++c) w[static_cast<size_t>(ldw) + c] = 0.0f;         // group 1: zeros
+    if (g > 2) for (int c = 0; c < 32; ++c) w[2 * static_cast<size_t>(ldw) + c] *= 1e-13f;  // group 2: tiny
+    if (g > 3) w[3 * static_cast<size_t>(ldw)] = 2.0f, w[3 * static_cast<size_t>(ldw) + 1] = -2.0f;  // a tie
+    std::vector<uint16_t> wb(span);
+    for (size_t i = 0; i < span; ++i) wb[i] = to_bf16(w[i]);
+    for (const char* isa : {"avx512", "avx2", "generic"}) for (int bf16 = 0; bf16 < 2; ++bf16) {
+      const bool generic = std::strcmp(isa, "generic") == 0;
+      pllava::set_isa_cap(generic ? "best" : isa);
+      const void* src = bf16 ? static_cast<const void*>(wb.data()) : static_cast<const void*>(w.data());
+      std::vector<uint16_t> sc(g);
+      pllava::int4_group_scales(src, bf16 != 0, g, ldw, sc.data(), 2, generic);
+      for (int r = 0; r < g; ++r) {
+        float x[32], amax = 0.0f, top = -1.0f;
+        for (int c = 0; c < 32; ++c) {
+          const size_t i = static_cast<size_t>(r) * ldw + c;
+          x[c] = bf16 ? from_bf16(wb[i]) : w[i];
+          amax = std::fmax(amax, std::fabs(x[c]));
+          top = std::fmax(top, x[c]);
+        }
+        const float sign = top >= amax ? -1.0f : 1.0f;
+        double best = -1.0, fit = 0.0;
+        for (float t : {8.0f, 7.0f, 8.5f, 9.0f}) {
+          const float s = from_bf16(to_bf16(sign * std::fmax(amax / t, 1e-12f)));
+          double a = 0.0, b = 0.0;
+          for (int c = 0; c < 32; ++c) {
+            const float q = std::fmin(std::fmax(std::nearbyint(x[c] / s), -8.0f), 7.0f);
+            a += static_cast<double>(x[c]) * q;
+            b += static_cast<double>(q) * q;
+          }
+          if (b > 0.0 && a * a / b > best) best = a * a / b, fit = a / b;
+        }
+        const uint16_t want = best > 0.0 ? to_bf16(static_cast<float>(fit))
+                                         : to_bf16(sign * std::fmax(amax / 8.0f, 1e-12f));
+        if (sc[r] != want) {
+          std::printf("int4 scale mismatch isa=%s bf16=%d g=%d pad=%d group %d\n", isa, bf16, g, pad, r);
+          return 1;
+        }
+      }
     }
   }
   pllava::set_isa_cap("best");
