@@ -37,7 +37,6 @@ from pllava.kernels.int4_linear import int4_linear as int4_linear_fused
 from pllava.kernels.int8_linear import int8_linear as int8_linear_fused
 from pllava.kernels.lora_linear import lora_delta
 
-from ..errors import ConfigError
 from ..ops import define_cpu_op, log_once, lora_linear, native_extension
 from .head import RescoredHead
 from .int4 import dequantize_int4, gemv_int4, quantize_weight_int4
