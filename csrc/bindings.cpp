@@ -165,12 +165,12 @@ static void int8_quantize_rows_split(uintptr_t x, bool x_bf16, int64_t m, int64_
                                    reinterpret_cast<float*>(val), num_threads, generic);
 }
 
-static void int4_group_scales(uintptr_t w, bool w_bf16, int64_t g, int64_t ldw, uintptr_t scale, int num_threads,
-                              bool generic) {
-  if (g < 0 || ldw < 32) throw std::invalid_argument("int4_group_scales: need G >= 0 and ldw >= 32");
+static void int4_quantize_groups(uintptr_t w, bool w_bf16, int64_t g, int64_t ldw, uintptr_t scale, uintptr_t packed,
+                                 int num_threads, bool generic) {
+  if (g < 0 || ldw < 32) throw std::invalid_argument("int4_quantize_groups: need G >= 0 and ldw >= 32");
   py::gil_scoped_release release;
-  pllava::int4_group_scales(reinterpret_cast<const void*>(w), w_bf16, g, ldw, reinterpret_cast<uint16_t*>(scale),
-                            num_threads, generic);
+  pllava::int4_quantize_groups(reinterpret_cast<const void*>(w), w_bf16, g, ldw, reinterpret_cast<uint16_t*>(scale),
+                               reinterpret_cast<uint8_t*>(packed), num_threads, generic);
 }
 
 static void int32_dequant_rows(uintptr_t acc, int64_t m, int64_t n, int64_t lda, uintptr_t row_scale,
@@ -241,8 +241,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("o"), py::arg("o_sb"), py::arg("o_sh"), py::arg("h"), py::arg("kv"), py::arg("d"),
         py::arg("num_slots"), py::arg("slot_len"), py::arg("slot"), py::arg("lo"), py::arg("hi"), py::arg("scale"),
         py::arg("num_threads") = 0, py::arg("generic") = false);
-  m.def("int4_group_scales", &int4_group_scales, py::arg("w"), py::arg("w_bf16"), py::arg("g"), py::arg("ldw"),
-        py::arg("scale"), py::arg("num_threads") = 0, py::arg("generic") = false);
+  m.def("int4_quantize_groups", &int4_quantize_groups, py::arg("w"), py::arg("w_bf16"), py::arg("g"), py::arg("ldw"),
+        py::arg("scale"), py::arg("packed"), py::arg("num_threads") = 0, py::arg("generic") = false);
   m.def("row_absmax", &row_absmax, py::arg("w"), py::arg("w_bf16"), py::arg("n"), py::arg("k"), py::arg("ldw"),
         py::arg("amax"), py::arg("num_threads") = 0, py::arg("generic") = false);
   m.def("int8_quantize_rows", &int8_quantize_rows, py::arg("w"), py::arg("w_bf16"), py::arg("n"), py::arg("k"),

@@ -35,6 +35,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <limits>
 
@@ -266,8 +267,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void int4_avx512(c
 __attribute__((target("avx2,fma"))) void int4_avx2(const Int4& d, int64_t n0, int64_t n1) { int4_run(d, n0, n1); }
 void int4_generic(const Int4& d, int64_t n0, int64_t n1) { int4_run(d, n0, n1); }
 
-// int4 group scales (int8_quantize.h): each divisor's scale, its q, and the least-squares scale for that q; the best
-// fit wins. Why: llama.cpp's Q4_0 scale (amax / 8 alone) leaves ~11 % of a Gaussian group's squared error on the
+// int4 groups (int8_quantize.h): each divisor's scale, its q, and the least-squares scale for that q; the best fit
+// wins, then q is fitted to it and packed. Why: llama.cpp's Q4_0 scale (amax / 8 alone) leaves ~11 % of a Gaussian group's squared error on the
 // table (~8 % with Student-t(4) tails). These 4 divisors get 0.895x Q4_0's error (t(4): 0.924x); 7 of them on
 // [7, 10] in steps of 0.5 0.893x, a 0.25 grid on [6, 12] 0.886x (10 and 9.5 almost never win), one refit more 0.002.
 // 8 comes first, so a tie keeps the Q4_0 candidate, whose q_8 is Q4_0's q itself: its refit is never worse than Q4_0
@@ -296,9 +297,11 @@ __attribute__((always_inline)) inline fv bf16_round(fv f) {  // to_bf16 lane-wis
   return (fv)u;
 }
 
-// Groups [0, n) of a block (n <= kLanes), group j at w + j * ldw -> out[j].
+// Groups [0, n) of a block (n <= kLanes), group j at w + j * ldw -> its scale out[j] and its 16 bytes at
+// packed + 16 j.
 template <typename T>
-__attribute__((always_inline)) inline void int4_block_scales(const T* w, int64_t ldw, int n, uint16_t* out) {
+__attribute__((always_inline)) inline void int4_block(const T* w, int64_t ldw, int n, uint16_t* out,
+                                                    uint8_t* packed) {
   float xs[32][kLanes];
   for (int j = 0; j < kLanes; ++j)
     for (int k = 0; k < 32; ++k) xs[k][j] = j < n ? as_float(w[j * ldw + k]) : 0.0f;
@@ -350,32 +353,49 @@ __attribute__((always_inline)) inline void int4_block_scales(const T* w, int64_t
       const float mag = amax[j] / 8.0f;
       out[j] = to_bf16(sign[j] * (mag < 1e-12f ? 1e-12f : mag));
     }
+    const float sj = as_float(out[j]);
+    uint8_t* pj = packed + 16 * j;
+    if (!(std::fabs(sj) <= std::numeric_limits<float>::max()) || sj == 0.0f) {  // (inf, NaN)
+      std::memset(pj, 0, 16);
+      continue;
+    }
+    const T* wj = w + j * ldw;
+    float q[32];
+    for (int k = 0; k < 32; ++k) {  // q fitted to the scale in use: the same quotient as quantize_row's
+      float v = as_float(wj[k]) / sj;
+      v = std::min(std::max(v, -16.0f), 16.0f);
+      q[k] = std::min(std::max((v + kRound) - kRound, -8.0f), 7.0f);
+    }
+    for (int k = 0; k < 16; ++k)
+      pj[k] = static_cast<uint8_t>((static_cast<int32_t>(q[k]) + 8) | ((static_cast<int32_t>(q[16 + k]) + 8) << 4));
   }
 }
 
-struct Int4Scales {
+struct Int4Groups {
   const void* w;
   bool bf16;
   int64_t ldw;
   uint16_t* scale;
+  uint8_t* packed;
 };
 
 template <typename T>
-__attribute__((always_inline)) inline void int4_scales_run(const Int4Scales& d, int64_t g0, int64_t g1) {
+__attribute__((always_inline)) inline void int4_groups_run(const Int4Groups& d, int64_t g0, int64_t g1) {
   const T* w = static_cast<const T*>(d.w);
   for (int64_t g = g0; g < g1; g += kLanes)
-    int4_block_scales(w + g * d.ldw, d.ldw, static_cast<int>(std::min<int64_t>(kLanes, g1 - g)), d.scale + g);
+    int4_block(w + g * d.ldw, d.ldw, static_cast<int>(std::min<int64_t>(kLanes, g1 - g)), d.scale + g,
+               d.packed + 16 * g);
 }
 
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void int4s_avx512(const Int4Scales& d, int64_t g0,
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void int4g_avx512(const Int4Groups& d, int64_t g0,
                                                                                int64_t g1) {
-  d.bf16 ? int4_scales_run<uint16_t>(d, g0, g1) : int4_scales_run<float>(d, g0, g1);
+  d.bf16 ? int4_groups_run<uint16_t>(d, g0, g1) : int4_groups_run<float>(d, g0, g1);
 }
-__attribute__((target("avx2,fma"))) void int4s_avx2(const Int4Scales& d, int64_t g0, int64_t g1) {
-  d.bf16 ? int4_scales_run<uint16_t>(d, g0, g1) : int4_scales_run<float>(d, g0, g1);
+__attribute__((target("avx2,fma"))) void int4g_avx2(const Int4Groups& d, int64_t g0, int64_t g1) {
+  d.bf16 ? int4_groups_run<uint16_t>(d, g0, g1) : int4_groups_run<float>(d, g0, g1);
 }
-void int4s_generic(const Int4Scales& d, int64_t g0, int64_t g1) {
-  d.bf16 ? int4_scales_run<uint16_t>(d, g0, g1) : int4_scales_run<float>(d, g0, g1);
+void int4g_generic(const Int4Groups& d, int64_t g0, int64_t g1) {
+  d.bf16 ? int4_groups_run<uint16_t>(d, g0, g1) : int4_groups_run<float>(d, g0, g1);
 }
 
 }  // namespace
@@ -449,13 +469,13 @@ void int4_dequant(const uint8_t* q, const uint16_t* scale, int64_t N, int64_t K,
   }
 }
 
-void int4_group_scales(const void* w, bool w_bf16, int64_t G, int64_t ldw, uint16_t* scale, int num_threads,
-                       bool generic) {
+void int4_quantize_groups(const void* w, bool w_bf16, int64_t G, int64_t ldw, uint16_t* scale, uint8_t* packed,
+                          int num_threads, bool generic) {
   const Isa isa = generic ? Isa::kGeneric : cpu_isa();
-  void (*fn)(const Int4Scales&, int64_t, int64_t) = isa == Isa::kAvx512 ? int4s_avx512
-                                                   : isa == Isa::kAvx2  ? int4s_avx2
-                                                                        : int4s_generic;
-  const Int4Scales d{w, w_bf16, ldw, scale};
+  void (*fn)(const Int4Groups&, int64_t, int64_t) = isa == Isa::kAvx512 ? int4g_avx512
+                                                   : isa == Isa::kAvx2  ? int4g_avx2
+                                                                        : int4g_generic;
+  const Int4Groups d{w, w_bf16, ldw, scale, packed};
   const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(
       num_threads > 0 ? num_threads : omp_get_max_threads(), G)));
 #pragma omp parallel num_threads(threads)

@@ -40,13 +40,16 @@ void int32_dequant_rows(const int32_t* acc, int64_t M, int64_t N, int64_t lda, c
 void int4_dequant(const uint8_t* q, const uint16_t* scale, int64_t N, int64_t K, void* out, bool out_bf16, int64_t ldo,
                   int num_threads, bool generic = false);
 
-// int4 group scales (quantize="int4"), one a group of 32 consecutive weights (G groups, group g at w + g * ldw, fp32 or
-// bf16 bits), chosen by least squares among kInt4Divisors (int8_quantize.cpp): for each divisor t, s_t = bf16(+-max(
-// amax / t, 1e-12)) with the sign that maps the group's weight of largest magnitude (the positive one of a tie) below
-// zero, q_t = clamp(round_half_even(w / s_t), -8, 7) in IEEE fp32 divisions, a_t = sum w q_t and b_t = sum q_t^2 (both
-// exact in fp64), score_t = a_t^2 / b_t in fp64; the first t of greatest score wins, and scale[g] = bf16(fp32(a_t / b_t))
-// (bits; nearest even twice). A group whose every q_t is 0 keeps s_8; one holding inf or NaN gets a non-finite scale.
-void int4_group_scales(const void* w, bool w_bf16, int64_t G, int64_t ldw, uint16_t* scale, int num_threads,
-                       bool generic = false);
+// int4 groups (quantize="int4"), G groups of 32 consecutive weights (group g at w + g * ldw, fp32 or bf16 bits):
+// each one's scale, chosen by least squares among kInt4Divisors (int8_quantize.cpp): for each divisor t,
+// s_t = bf16(+-max(amax / t, 1e-12)) with the sign that maps the group's weight of largest magnitude (the positive
+// one of a tie) below zero, q_t = clamp(round_half_even(w / s_t), -8, 7) in IEEE fp32 divisions, a_t = sum w q_t and
+// b_t = sum q_t^2 (both exact in fp64), score_t = a_t^2 / b_t in fp64; the first t of greatest score wins, and
+// scale[g] = bf16(fp32(a_t / b_t)) (bits; nearest even twice). A group whose every q_t is 0 keeps s_8; one holding
+// inf or NaN gets a non-finite scale. Then q = clamp(round_half_even(w / scale[g]), -8, 7), packed into
+// packed[16 g + j] = (q[j] + 8) | (q[16 + j] + 8) << 4 (model/int4.py's layout); a group whose scale is not finite
+// and nonzero gets zero bytes (the caller's torch formula owns those).
+void int4_quantize_groups(const void* w, bool w_bf16, int64_t G, int64_t ldw, uint16_t* scale, uint8_t* packed,
+                          int num_threads, bool generic = false);
 
 }  // namespace pllava

@@ -1,7 +1,7 @@
 """int4 weights for the LLM's linears (`Engine.from_pretrained(..., quantize="int4")`, on the CPU and on CUDA).
 
 Format: groups of GROUP = 32 weights along K, one bf16 scale s a group, q = round_half_even(w / s) in [-8, 7],
-w ≈ fl32(q · s). The scale (group_scales): llama.cpp's Q4_0 step, -m / 8 for the group's weight of largest magnitude
+w ≈ fl32(q · s). The scale (quantize_weight_int4): llama.cpp's Q4_0 step, -m / 8 for the group's weight of largest magnitude
 m (so m is q = -8 and all 16 levels are in use), is one of 4 candidates -m / t, t in DIVISORS (a step 12.5 %
 coarser, or finer with m clipped to -8); each candidate's q gets its least-squares scale sum(w q) / sum(q^2), and the
 candidate whose fit leaves the least squared error wins (its fitted scale, rounded to bf16, then q fitted again to
@@ -19,8 +19,8 @@ makes ~110): 2 of 7B's layers 1.27x to 1.73x int8's speed (benchmarks/bench_int8
 more int4 gains), pllava-7b's decode 1.10x to 1.54x. What it costs in agreement is the most of any mode (README,
 "quality").
 
-The weights are quantized here (quantize_weight_int4: pllava._C's group_scales and row passes on the CPU, the same
-bits as the torch formula that runs elsewhere), then packed (pack_int4). Decode rows (M <= 16) go through that GEMV with
+The weights are quantized here (quantize_weight_int4: one pass of pllava._C on the CPU, scales, q and packing; the
+same bits as the torch formula that runs elsewhere). Decode rows (M <= 16) go through that GEMV with
 fp32 activations and an fp32 accumulator; a prefill's rows through the weight dequantized into a reused buffer
 (pllava._C's int4_dequant) and a GEMM in the engine's dtype. On CUDA (the Triton path, quant._int4_triton) the
 same format runs through pllava.kernels.int4_linear: its fused kernel for up to FUSED_MAX_M (64) rows, its Triton
@@ -43,48 +43,41 @@ DIVISORS = (8.0, 7.0, 8.5, 9.0)  # a group's candidate steps max|w| / t, in csrc
 _CHUNK = 1 << 17  # groups a pass of the torch formula: 4 M weights, ~100 MB of temporaries (34B's MLP: 147 M)
 
 
-def quantize_weight_int4(w: torch.Tensor, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, K) float -> int4 groups: (packed uint8 (N, K / 2), bf16 scales (N, K / GROUP)), scales by group_scales,
-    then q = round_half_even(w / s) clamped to [-8, 7] in IEEE fp32 divisions, fitted to the bf16 scale, and packed.
-    K must be a multiple of GROUP: a ConfigError names the weight otherwise."""
+def quantize_weight_int4(w: torch.Tensor, name: str = "weight", generic: bool = False):
+    """(N, K) float -> int4 groups: (packed uint8 (N, K / 2), bf16 scales (N, K / GROUP)). Each group's scale by
+    least squares among DIVISORS (csrc/int8_quantize.h states the rule), then q = round_half_even(w / s) clamped to
+    [-8, 7] in IEEE fp32 divisions, fitted to the bf16 scale, and packed. On the CPU one pass of pllava._C does all
+    three (7B's (11008, 4096) MLP weight: ~60 ms on 2 Zen 5 cores; torch's formula ~0.9 s), elsewhere the torch
+    formula (the same bits); a group holding inf or NaN takes the torch formula's q. generic: the extension's
+    portable loop (tests). K must be a multiple of GROUP: a ConfigError names the weight otherwise."""
     if w.dim() != 2 or w.shape[1] % GROUP:
         raise ConfigError(f"quantize='int4': {name} has shape {tuple(w.shape)}; its input dimension must be a "
                           f"multiple of {GROUP} (use quantize='int8' for this checkpoint)")
     n, k = w.shape
-    if w.device.type == "cpu" and w.dtype not in (torch.float32, torch.bfloat16):
-        w = w.float()  # (an fp16 checkpoint: the formula widens it too)
-    g = w.contiguous().view(n * (k // GROUP), GROUP)  # (G, 32)
-    s = group_scales(g)
-    return pack_int4(_group_q(g, s).view(n, k // GROUP, GROUP)), s.view(n, k // GROUP)
-
-
-def _native(g: torch.Tensor, entry: str):
-    """pllava._C where its passes take g: a CPU (G, 32) fp32 / bf16 contiguous tensor."""
-    C = native_extension(entry)
-    if C is None or g.device.type != "cpu" or g.dtype not in (torch.float32, torch.bfloat16):
-        return None
-    return C
-
-
-def group_scales(g: torch.Tensor, generic: bool = False) -> torch.Tensor:
-    """(G, 32) float groups -> their bf16 scales (G,), chosen by least squares among DIVISORS (csrc/int8_quantize.h
-    states the rule): pllava._C's pass on the CPU (7B's (11008, 4096) MLP weight: 52 ms on 2 Zen 5 cores, the torch
-    formula 0.64-0.76 s), else _group_scales_torch. generic: the extension's portable loop (tests)."""
-    C = _native(g, "int4_group_scales")
-    if C is None:
-        if g.device.type == "cpu":
-            log_once("int4 scales: by torch ops" + (" (pllava._C is not built)" if native_extension("ABI") is None
-                                                    else " (pllava._C predates them: rebuild it)"))
-        return _group_scales_torch(g)
-    log_once("int4 scales: by pllava._C (csrc/int8_quantize.cpp)")
-    out = torch.empty(g.shape[0], dtype=torch.bfloat16)
-    C.int4_group_scales(g.data_ptr(), g.dtype == torch.bfloat16, g.shape[0], g.stride(0), out.data_ptr(),
-                        torch.get_num_threads(), generic)
-    return out
+    C = native_extension("int4_quantize_groups")
+    if C is not None and w.device.type == "cpu":
+        if w.dtype not in (torch.float32, torch.bfloat16):
+            w = w.float()  # (an fp16 checkpoint: the formula widens it too)
+        g = w.contiguous().view(n * (k // GROUP), GROUP)  # (G, 32)
+        log_once("int4 weights: quantized by pllava._C (csrc/int8_quantize.cpp)")
+        s = torch.empty(g.shape[0], dtype=torch.bfloat16)
+        packed = torch.empty(g.shape[0], GROUP // 2, dtype=torch.uint8)
+        C.int4_quantize_groups(g.data_ptr(), g.dtype == torch.bfloat16, g.shape[0], g.stride(0), s.data_ptr(),
+                               packed.data_ptr(), torch.get_num_threads(), generic)
+        sf = s.float()
+        if not bool((torch.isfinite(sf) & (sf != 0)).all()):  # inf / NaN in a group: torch's semantics for q
+            packed = pack_int4(_group_q_torch(g, sf).view(n, k // GROUP, GROUP))
+        return packed.view(n, k // 2), s.view(n, k // GROUP)
+    if w.device.type == "cpu":
+        log_once("int4 weights: quantized by torch ops" + (" (pllava._C is not built)" if native_extension("ABI") is None
+                                                          else " (pllava._C predates int4_quantize_groups: rebuild it)"))
+    g = w.contiguous().view(n * (k // GROUP), GROUP)
+    s = _group_scales_torch(g)
+    return pack_int4(_group_q_torch(g, s.float()).view(n, k // GROUP, GROUP)), s.view(n, k // GROUP)
 
 
 def _group_scales_torch(g: torch.Tensor) -> torch.Tensor:
-    """group_scales' rule in torch ops, a chunk of groups at a time. The sums are exact in fp64 whatever their order
+    """(G, 32) float groups -> their bf16 scales (G,) by the rule in torch ops, a chunk of groups at a time. The sums are exact in fp64 whatever their order
     (csrc/int8_quantize.cpp says why), so this and the native pass give the same bits."""
     out = torch.empty(g.shape[0], dtype=torch.bfloat16, device=g.device)
     for c0 in range(0, g.shape[0], _CHUNK):
@@ -110,17 +103,8 @@ def _group_scales_torch(g: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _group_q(g: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """(G, 32) groups, their bf16 scales -> q (G, 32) int8 in [-8, 7]: round_half_even(w / s) in IEEE fp32 divisions,
-    clamped. pllava._C's int8 row pass where every scale is finite and nonzero (it clamps to [-127, 127], the
-    same integer before the clamp here), else torch ops (whose semantics hold for inf / NaN)."""
-    sf = s.float()
-    C = _native(g, "int8_quantize_rows")
-    if C is not None and bool((torch.isfinite(sf) & (sf != 0)).all()):
-        q = torch.empty(g.shape, dtype=torch.int8)
-        C.int8_quantize_rows(g.data_ptr(), g.dtype == torch.bfloat16, g.shape[0], GROUP, g.stride(0), sf.data_ptr(),
-                             q.data_ptr(), 0, torch.get_num_threads(), False)
-        return q.clamp_(-8, 7)
+def _group_q_torch(g: torch.Tensor, sf: torch.Tensor) -> torch.Tensor:
+    """(G, 32) groups, their scales as fp32 -> q (G, 32) int8 in [-8, 7]: round_half_even(w / s), clamped."""
     q = torch.empty(g.shape, dtype=torch.int8, device=g.device)
     for c0 in range(0, g.shape[0], _CHUNK):
         q[c0:c0 + _CHUNK] = torch.round(g[c0:c0 + _CHUNK].float() / sf[c0:c0 + _CHUNK, None]).clamp(-8, 7)

@@ -4,7 +4,7 @@
 // amax (built and run by tests/test_int8_quantize.py). Each buffer is its own exact-size heap block. The values are
 // checked against a scalar reading of the contract in int8_quantize.h, so an ISA's loop that drifts is caught too.
 // The split passes of w8a8 run on the same rows (values past 0.9 leave them), then its dequantization of int32 products,
-// int4's dequantization and its group scales.
+// int4's dequantization and its groups' quantization.
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -162,9 +162,9 @@ int main() {
         }
     }
   }
-  // int4_group_scales: G groups of 32 at row stride ldw (blocks of 8 groups with tails: G off every multiple of 8),
-  // reads inside the groups, writes inside scale (G,); each scale against a scalar reading of int8_quantize.h's rule
-  // (with all-zero, tiny and tied groups among them)
+  // int4_quantize_groups: G groups of 32 at row stride ldw (blocks of 8 groups with tails: G off every multiple of
+  // 8), reads inside the groups, writes inside scale (G,) and packed (G, 16); each scale and byte against a scalar
+  // reading of int8_quantize.h's rule (with all-zero, tiny and tied groups among them)
   for (int g : {1, 7, 9, 33}) for (int pad : {0, 5}) {
     const int ldw = 32 + pad;
     const size_t span = static_cast<size_t>(g - 1) * ldw + 32;
@@ -180,7 +180,8 @@ int main() {
       pllava::set_isa_cap(generic ? "best" : isa);
       const void* src = bf16 ? static_cast<const void*>(wb.data()) : static_cast<const void*>(w.data());
       std::vector<uint16_t> sc(g);
-      pllava::int4_group_scales(src, bf16 != 0, g, ldw, sc.data(), 2, generic);
+      std::vector<uint8_t> packed(static_cast<size_t>(g) * 16);
+      pllava::int4_quantize_groups(src, bf16 != 0, g, ldw, sc.data(), packed.data(), 2, generic);
       for (int r = 0; r < g; ++r) {
         float x[32], amax = 0.0f, top = -1.0f;
         for (int c = 0; c < 32; ++c) {
@@ -203,8 +204,15 @@ int main() {
         }
         const uint16_t want = best > 0.0 ? to_bf16(static_cast<float>(fit))
                                          : to_bf16(sign * std::fmax(amax / 8.0f, 1e-12f));
-        if (sc[r] != want) {
-          std::printf("int4 scale mismatch isa=%s bf16=%d g=%d pad=%d group %d\n", isa, bf16, g, pad, r);
+        bool ok = sc[r] == want;
+        for (int j = 0; j < 16 && ok; ++j) {
+          const float s = from_bf16(want);
+          const int lo = static_cast<int>(std::fmin(std::fmax(std::nearbyint(x[j] / s), -8.0f), 7.0f)) + 8;
+          const int hi = static_cast<int>(std::fmin(std::fmax(std::nearbyint(x[16 + j] / s), -8.0f), 7.0f)) + 8;
+          ok = packed[static_cast<size_t>(r) * 16 + j] == (lo | (hi << 4));
+        }
+        if (!ok) {
+          std::printf("int4 group mismatch isa=%s bf16=%d g=%d pad=%d group %d\n", isa, bf16, g, pad, r);
           return 1;
         }
       }
