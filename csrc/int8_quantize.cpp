@@ -28,6 +28,9 @@
 // leaves them out of the absmax and counts them, the second gives them q = 0 and writes their columns and values
 // where the caller's prefix sum of the counts says (a random-weight 7B preset's MLP input, 87 k of them in
 // (2307, 11008): 30 ms for both passes, against 125 for the same split in torch ops).
+//
+// quantize="int4"'s groups are quantized here too (int4_quantize_groups, below: each group's scale by least
+// squares, its q and its bytes in one pass), and widened back for a prefill's GEMM (int4_dequant).
 #include "int8_quantize.h"
 
 #include "cpu_isa.h"
