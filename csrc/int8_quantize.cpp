@@ -271,9 +271,10 @@ __attribute__((target("avx2,fma"))) void int4_avx2(const Int4& d, int64_t n0, in
 void int4_generic(const Int4& d, int64_t n0, int64_t n1) { int4_run(d, n0, n1); }
 
 // int4 groups (int8_quantize.h): each divisor's scale, its q, and the least-squares scale for that q; the best fit
-// wins, then q is fitted to it and packed. Why: llama.cpp's Q4_0 scale (amax / 8 alone) leaves ~11 % of a Gaussian group's squared error on the
-// table (~8 % with Student-t(4) tails). These 4 divisors get 0.895x Q4_0's error (t(4): 0.924x); 7 of them on
-// [7, 10] in steps of 0.5 0.893x, a 0.25 grid on [6, 12] 0.886x (10 and 9.5 almost never win), one refit more 0.002.
+// wins, then q is fitted to it and packed. Why: llama.cpp's Q4_0 scale (amax / 8 alone) leaves ~11 % of a Gaussian
+// group's squared error on the table (~8 % with Student-t(4) tails). These 4 divisors get 0.895x Q4_0's error
+// (t(4): 0.924x); 7 of them on [7, 10] in steps of 0.5 0.893x, a 0.25 grid on [6, 12] 0.886x (10 and 9.5 almost
+// never win), one refit more 0.002.
 // 8 comes first, so a tie keeps the Q4_0 candidate, whose q_8 is Q4_0's q itself: its refit is never worse than Q4_0
 // (bar the scale's bf16 rounding).
 // Exactness (the torch formula in model/int4.py gives the same bits in any summation order): a nonzero q_t needs

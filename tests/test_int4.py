@@ -115,7 +115,8 @@ def test_the_chosen_fit_is_exact_rational_arithmetics_choice():
     from fractions import Fraction
 
     gen = torch.Generator().manual_seed(9)
-    w = torch.cat([torch.randn(8, 256, generator=gen) * 0.03, (torch.randn(8, 256, generator=gen) * 3).bfloat16().float(),
+    w = torch.cat([torch.randn(8, 256, generator=gen) * 0.03,
+                   (torch.randn(8, 256, generator=gen) * 3).bfloat16().float(),
                    torch.randint(-3, 4, (4, 256), generator=gen).float() * 0.25])
     q, s = quantize_weight_int4(w)
     n, k = w.shape

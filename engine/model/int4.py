@@ -1,8 +1,8 @@
 """int4 weights for the LLM's linears (`Engine.from_pretrained(..., quantize="int4")`, on the CPU and on CUDA).
 
 Format: groups of GROUP = 32 weights along K, one bf16 scale s a group, q = round_half_even(w / s) in [-8, 7],
-w ≈ fl32(q · s). The scale (quantize_weight_int4): llama.cpp's Q4_0 step, -m / 8 for the group's weight of largest magnitude
-m (so m is q = -8 and all 16 levels are in use), is one of 4 candidates -m / t, t in DIVISORS (a step 12.5 %
+w ≈ fl32(q · s). The scale (quantize_weight_int4): llama.cpp's Q4_0 step, -m / 8 for the group's weight of largest
+magnitude m (so m is q = -8 and all 16 levels are in use), is one of 4 candidates -m / t, t in DIVISORS (a step 12.5 %
 coarser, or finer with m clipped to -8); each candidate's q gets its least-squares scale sum(w q) / sum(q^2), and the
 candidate whose fit leaves the least squared error wins (its fitted scale, rounded to bf16, then q fitted again to
 that rounding), as llama.cpp's k-quants search theirs. On Gaussian groups 0.895x Q4_0's squared error, 0.924x with
@@ -69,16 +69,18 @@ def quantize_weight_int4(w: torch.Tensor, name: str = "weight", generic: bool = 
             packed = pack_int4(_group_q_torch(g, sf).view(n, k // GROUP, GROUP))
         return packed.view(n, k // 2), s.view(n, k // GROUP)
     if w.device.type == "cpu":
-        log_once("int4 weights: quantized by torch ops" + (" (pllava._C is not built)" if native_extension("ABI") is None
-                                                          else " (pllava._C predates int4_quantize_groups: rebuild it)"))
+        old = native_extension("ABI") is not None  # (built, without this entry)
+        log_once("int4 weights: quantized by torch ops" + (" (pllava._C predates int4_quantize_groups: rebuild it)"
+                                                          if old else " (pllava._C is not built)"))
     g = w.contiguous().view(n * (k // GROUP), GROUP)
     s = _group_scales_torch(g)
     return pack_int4(_group_q_torch(g, s.float()).view(n, k // GROUP, GROUP)), s.view(n, k // GROUP)
 
 
 def _group_scales_torch(g: torch.Tensor) -> torch.Tensor:
-    """(G, 32) float groups -> their bf16 scales (G,) by the rule in torch ops, a chunk of groups at a time. The sums are exact in fp64 whatever their order
-    (csrc/int8_quantize.cpp says why), so this and the native pass give the same bits."""
+    """(G, 32) float groups -> their bf16 scales (G,) by the rule in torch ops, a chunk of groups at a time. The sums
+    are exact in fp64 whatever their order (csrc/int8_quantize.cpp says why), so this and the native pass give the
+    same bits."""
     out = torch.empty(g.shape[0], dtype=torch.bfloat16, device=g.device)
     for c0 in range(0, g.shape[0], _CHUNK):
         x = g[c0:c0 + _CHUNK].float()  # (c, 32)

@@ -3,8 +3,8 @@
 // vector paths and the portable loop): every read must stay inside w's rows of K, every write inside q, resid and
 // amax (built and run by tests/test_int8_quantize.py). Each buffer is its own exact-size heap block. The values are
 // checked against a scalar reading of the contract in int8_quantize.h, so an ISA's loop that drifts is caught too.
-// The split passes of w8a8 run on the same rows (values past 0.9 leave them), then its dequantization of int32 products,
-// int4's dequantization and its groups' quantization.
+// The split passes of w8a8 run on the same rows (values past 0.9 leave them), then its dequantization of int32
+// products, int4's dequantization and its groups' quantization.
 #include <cmath>
 #include <cstdio>
 #include <cstring>
