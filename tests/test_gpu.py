@@ -98,3 +98,20 @@ def test_prefix_hit_on_cuda_is_bit_equal_to_cold(ckpts, px, monkeypatch):
     cold.generate(px, "hello there", max_new_tokens=8, video_key="clip")
     assert hit.timings.get("prefix_cache_hit") == 1 and len(got) == len(seen) == 8
     assert all(torch.equal(a, b) for a, b in zip(got, seen))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_int4_quantization_on_cuda_is_the_cpu_quantization(dtype):
+    """A CUDA load quantizes int4 by the torch formula on the GPU (its divisions, roundings and fp64 sums), the CPU
+    by pllava._C's pass: the same scales and bytes, bit for bit (7B's gate_proj shape, Gaussian and t(4) weights,
+    a group of zeros)."""
+    from pllava.model.int4 import quantize_weight_int4
+
+    gen = torch.Generator().manual_seed(6)
+    w = torch.cat([torch.randn(64, 4096, generator=gen) * 0.02,
+                   torch.distributions.StudentT(4.0).sample((64, 4096)) * 0.01]).to(dtype)
+    w[0, :32] = 0.0
+    q_cpu, s_cpu = quantize_weight_int4(w)
+    q_gpu, s_gpu = quantize_weight_int4(w.cuda())
+    assert q_gpu.is_cuda and s_gpu.is_cuda
+    assert torch.equal(q_gpu.cpu(), q_cpu) and torch.equal(s_gpu.cpu().view(torch.int16), s_cpu.view(torch.int16))
