@@ -14,9 +14,9 @@ the scales; many short clips are independent draws. Rows: transformers bf16; the
 without rescoring (model/head.py); bf16 + int8 and its ablations (lm_head in bf16 without rescoring, or in plain
 int8; the residual stream in bf16; the KV cache in fp32); fp32 + int8 (int8 weights, every activation in fp32);
 bf16 + w8a8 and fp32 + w8a8 (quantize="w8a8": the prefill's rows quantized to int8 per row as well); bf16 + int4
-and fp32 + int4 (quantize="int4": the decoder linears in int4 groups of 32). Each row is also paired with
-transformers bf16 position by position
-(McNemar): the excess of its disagreements and that excess's standard error. Writes benchmarks/results/quality.json.
+and fp32 + int4 (quantize="int4": the decoder linears in int4 groups of 32), and bf16 + int4 with Q4_0's step alone
+(no least-squares search for each group's scale). Each row is also paired with transformers bf16 position by
+position (McNemar): the excess of its disagreements and that excess's standard error. Writes benchmarks/results/quality.json.
 """
 import glob
 import json
@@ -31,6 +31,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 import pllava  # noqa: E402
 from oracle import load_oracle, oracle_embeds, oracle_inputs, oracle_logits, read_lora  # noqa: E402
 from pllava.generate import decode_one_token  # noqa: E402
+from pllava.model import quant  # noqa: E402
+from pllava.model.int4 import pack_int4  # noqa: E402
 from pllava.model.quant import Int8Linear  # noqa: E402
 from pllava.testing import make_tiny_checkpoint  # noqa: E402
 
@@ -49,6 +51,17 @@ class PlainHead(torch.nn.Linear):
 
 
 DECODE_STEPS = 16  # teacher-forced tokens a clip through the engine's cached decode steps
+
+
+def q4_0(w, name="weight"):
+    """int4 groups with llama.cpp's Q4_0 step alone, the ablation of the engine's search for each group's scale:
+    s = bf16(-m / 8) for the group's weight m of largest magnitude (the positive one of a tie), q fitted to it."""
+    n, k = w.shape
+    g = w.float().reshape(n, k // 32, 32)
+    a = g.abs().amax(-1)
+    s = torch.where((g == a[..., None]).any(-1), -a, a) / 8
+    s = torch.where(s == 0, torch.full_like(s, -1e-12), s).to(torch.bfloat16)
+    return pack_int4(torch.round(g / s.float()[..., None]).clamp(-8, 7).to(torch.int8)), s
 
 
 def main(clips=512, out_dir=None):
@@ -92,6 +105,14 @@ def main(clips=512, out_dir=None):
             e.model.language_model.lm_head = head
         return e
 
+    def q40_engine():  # the engine's int4 with q4_0's groups
+        real = quant.quantize_weight_int4
+        quant.quantize_weight_int4 = q4_0
+        try:
+            return engine("int4")
+        finally:
+            quant.quantize_weight_int4 = real
+
     bf16 = engine()  # lm_head: a HalfHead
     plain = PlainHead(bf16.model.language_model.lm_head.weight)  # the bf16 head without rescoring (bf16 logits)
     resid16 = engine("int8")
@@ -111,6 +132,7 @@ def main(clips=512, out_dir=None):
         "pllava-engine bf16 + w8a8 (prefill activations in int8)": engine("w8a8"),
         "pllava-engine fp32 + w8a8 (prefill activations in int8)": engine("w8a8", dtype=torch.float32),
         "pllava-engine bf16 + int4 (groups of 32)": engine("int4"),
+        "  ablation: int4 with Q4_0's step alone (no search for the scale)": q40_engine(),
         "pllava-engine fp32 + int4 (groups of 32)": engine("int4", dtype=torch.float32),
     }
     parts = ("prefill", "decode")

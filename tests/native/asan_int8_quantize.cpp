@@ -14,6 +14,21 @@
 #include "../../csrc/int8_quantize.h"
 #include "bf16_bits.h"
 
+// Runs body(isa, bf16, generic, src) on each vector path (capped to it) for w as fp32 and as bf16 bits (wb, filled
+// here): the six ways a weight reaches the passes.
+template <typename F>
+int each_path(const std::vector<float>& w, std::vector<uint16_t>& wb, F body) {
+  wb.resize(w.size());
+  for (size_t i = 0; i < w.size(); ++i) wb[i] = to_bf16(w[i]);
+  for (const char* isa : {"avx512", "avx2", "generic"}) for (int bf16 = 0; bf16 < 2; ++bf16) {
+    const bool generic = std::strcmp(isa, "generic") == 0;
+    pllava::set_isa_cap(generic ? "best" : isa);
+    const void* src = bf16 ? static_cast<const void*>(wb.data()) : static_cast<const void*>(w.data());
+    if (body(isa, bf16, generic, src) != 0) return 1;
+  }
+  return 0;
+}
+
 int main() {
   const int shapes[][2] = {{1, 1}, {3, 15}, {4, 17}, {5, 31}, {2, 64}, {7, 100}, {1, 4097}, {33, 9}};
   unsigned seed = 11;
@@ -25,12 +40,8 @@ int main() {
       const size_t span = static_cast<size_t>(n - 1) * ldw + k;  // the last row ends at w's end
       std::vector<float> w(span);
       for (auto& v : w) v = (static_cast<float>(rnd() % 2001) - 1000.0f) * 1e-3f;
-      std::vector<uint16_t> wb(span);
-      for (size_t i = 0; i < span; ++i) wb[i] = to_bf16(w[i]);
-      for (const char* isa : {"avx512", "avx2", "generic"}) for (int bf16 = 0; bf16 < 2; ++bf16) {
-        const bool generic = std::strcmp(isa, "generic") == 0;
-        pllava::set_isa_cap(generic ? "best" : isa);
-        const void* src = bf16 ? static_cast<const void*>(wb.data()) : static_cast<const void*>(w.data());
+      std::vector<uint16_t> wb;
+      if (each_path(w, wb, [&](const char* isa, int bf16, bool generic, const void* src) {
         auto at = [&](int r, int c) { return bf16 ? from_bf16(wb[static_cast<size_t>(r) * ldw + c]) : w[static_cast<size_t>(r) * ldw + c]; };
         std::vector<float> amax(n), scale(n), resid(static_cast<size_t>(n) * k);
         std::vector<int8_t> q(static_cast<size_t>(n) * k);
@@ -95,7 +106,9 @@ int main() {
             }
           }
         }
-      }
+        return 0;
+      }) != 0)
+        return 1;
     }
   }
   // int32_dequant_rows (w8a8): reads inside acc's rows of N (row stride lda), writes inside out's (row stride ldo),
@@ -173,12 +186,8 @@ int main() {
     for (int c = 0; c < 32 && g > 1; ++c) w[static_cast<size_t>(ldw) + c] = 0.0f;         // group 1: zeros
     if (g > 2) for (int c = 0; c < 32; ++c) w[2 * static_cast<size_t>(ldw) + c] *= 1e-13f;  // group 2: tiny
     if (g > 3) w[3 * static_cast<size_t>(ldw)] = 2.0f, w[3 * static_cast<size_t>(ldw) + 1] = -2.0f;  // a tie
-    std::vector<uint16_t> wb(span);
-    for (size_t i = 0; i < span; ++i) wb[i] = to_bf16(w[i]);
-    for (const char* isa : {"avx512", "avx2", "generic"}) for (int bf16 = 0; bf16 < 2; ++bf16) {
-      const bool generic = std::strcmp(isa, "generic") == 0;
-      pllava::set_isa_cap(generic ? "best" : isa);
-      const void* src = bf16 ? static_cast<const void*>(wb.data()) : static_cast<const void*>(w.data());
+    std::vector<uint16_t> wb;
+    if (each_path(w, wb, [&](const char* isa, int bf16, bool generic, const void* src) {
       std::vector<uint16_t> sc(g);
       std::vector<uint8_t> packed(static_cast<size_t>(g) * 16);
       pllava::int4_quantize_groups(src, bf16 != 0, g, ldw, sc.data(), packed.data(), 2, generic);
@@ -216,7 +225,9 @@ int main() {
           return 1;
         }
       }
-    }
+      return 0;
+    }) != 0)
+      return 1;
   }
   pllava::set_isa_cap("best");
   std::printf("asan int8 quantize: ok\n");
