@@ -282,32 +282,41 @@ void int4_generic(const Int4& d, int64_t n0, int64_t n1) { int4_run(d, n0, n1); 
 // or 2^-149) under 2^5 * 2^3 * 2^24 of them, and their sum under 2^37 of them: exact in fp64.
 constexpr float kInt4Divisors[] = {8.0f, 7.0f, 8.5f, 9.0f};
 
-// A block of kLanes groups at a time, a group a lane of GCC's vector types (compiled once per ISA like the loops
-// above), so a group's sums are lane-wise accumulations. 7B's (11008, 4096) MLP weight on 2 Zen 5 cores: 52 ms
-// (AVX-512), 115 (AVX2), 234 (portable); a group at a time (plain loops, horizontal sums) took ~2x as long, and
-// plain loops over a block, which the compiler left scalar, 6x.
-constexpr int kLanes = 8;
+// A block of L groups at a time, a group a lane of GCC's vector types (compiled once per ISA like the loops above),
+// so a group's sums are lane-wise accumulations: fp32 vectors of L lanes and fp64 ones of L, L = 8 on AVX-512 (ymm
+// and zmm), 4 elsewhere (xmm and ymm: on AVX2 8 lanes' fp64 type is split by the compiler, 148 ms against 4 lanes'
+// 106; AVX-512 with 4 lanes 74-81 ms). The whole quantization of 7B's (11008, 4096) MLP weight on 2 Zen 5 cores:
+// 52-56 ms (AVX-512), 103-106 (AVX2), 144 (portable); a group at a time (plain loops, horizontal sums) took ~2x as
+// long, and plain loops over a block, which the compiler left scalar, 6x.
 #pragma GCC diagnostic ignored "-Wpsabi"  // (the vector helpers are always inlined: no call passes a vector)
-typedef float fv __attribute__((vector_size(32)));
-typedef uint32_t uv __attribute__((vector_size(32)));
-typedef int32_t iv __attribute__((vector_size(32)));
-typedef double dv __attribute__((vector_size(64)));
+template <int L>
+struct Vec {
+  typedef float f __attribute__((vector_size(4 * L)));
+  typedef uint32_t u __attribute__((vector_size(4 * L)));
+  typedef int32_t i __attribute__((vector_size(4 * L)));
+  typedef double d __attribute__((vector_size(8 * L)));
+};
 
-__attribute__((always_inline)) inline fv splat(float v) { return fv{} + v; }
+template <typename FV>
+__attribute__((always_inline)) inline FV splat(float v) { return FV{} + v; }
 
-__attribute__((always_inline)) inline fv bf16_round(fv f) {  // to_bf16 lane-wise, as floats (finite values)
-  uv u = (uv)f;
+template <typename FV, typename UV>
+__attribute__((always_inline)) inline FV bf16_round(FV f) {  // to_bf16 lane-wise, as floats (finite values)
+  UV u = (UV)f;
   u = ((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16) << 16;
-  return (fv)u;
+  return (FV)u;
 }
 
-// Groups [0, n) of a block (n <= kLanes), group j at w + j * ldw -> its scale out[j] and its 16 bytes at
-// packed + 16 j.
-template <typename T>
+// Groups [0, n) of a block (n <= L), group j at w + j * ldw -> its scale out[j] and its 16 bytes at packed + 16 j.
+template <int L, typename T>
 __attribute__((always_inline)) inline void int4_block(const T* w, int64_t ldw, int n, uint16_t* out,
                                                     uint8_t* packed) {
-  float xs[32][kLanes];
-  for (int j = 0; j < kLanes; ++j)
+  typedef typename Vec<L>::f fv;
+  typedef typename Vec<L>::u uv;
+  typedef typename Vec<L>::i iv;
+  typedef typename Vec<L>::d dv;
+  float xs[32][L];
+  for (int j = 0; j < L; ++j)
     for (int k = 0; k < 32; ++k) xs[k][j] = j < n ? as_float(w[j * ldw + k]) : 0.0f;
   fv x[32];
   dv xd[32];
@@ -322,23 +331,23 @@ __attribute__((always_inline)) inline void int4_block(const T* w, int64_t ldw, i
   iv pos = {};
   for (int k = 0; k < 32; ++k) pos |= x[k] == amax;
   // the weight of largest magnitude positive (or a tie; or all 0): a negative scale
-  const fv sign = pos != 0 ? splat(-1.0f) : splat(1.0f);
+  const fv sign = pos != 0 ? splat<fv>(-1.0f) : splat<fv>(1.0f);
   constexpr int kC = sizeof kInt4Divisors / sizeof kInt4Divisors[0];
   dv a[kC];
   fv b[kC];
   for (int c = 0; c < kC; ++c) {
     fv mag = amax / kInt4Divisors[c];
-    mag = mag < 1e-12f ? splat(1e-12f) : mag;
-    const fv st = bf16_round(sign * mag);
+    mag = mag < 1e-12f ? splat<fv>(1e-12f) : mag;
+    const fv st = bf16_round<fv, uv>(sign * mag);
     fv bc = {};
     dv ac = {};
     for (int k = 0; k < 32; ++k) {
       fv v = x[k] / st;
-      v = v < -16.0f ? splat(-16.0f) : v;
-      v = v > 16.0f ? splat(16.0f) : v;
+      v = v < -16.0f ? splat<fv>(-16.0f) : v;
+      v = v > 16.0f ? splat<fv>(16.0f) : v;
       v = (v + kRound) - kRound;
-      v = v < -8.0f ? splat(-8.0f) : v;
-      const fv q = v > 7.0f ? splat(7.0f) : v;
+      v = v < -8.0f ? splat<fv>(-8.0f) : v;
+      const fv q = v > 7.0f ? splat<fv>(7.0f) : v;
       bc += q * q;  // (integers under 2^12: exact)
       ac += xd[k] * __builtin_convertvector(q, dv);
     }
@@ -383,23 +392,23 @@ struct Int4Groups {
   uint8_t* packed;
 };
 
-template <typename T>
+template <int L, typename T>
 __attribute__((always_inline)) inline void int4_groups_run(const Int4Groups& d, int64_t g0, int64_t g1) {
   const T* w = static_cast<const T*>(d.w);
-  for (int64_t g = g0; g < g1; g += kLanes)
-    int4_block(w + g * d.ldw, d.ldw, static_cast<int>(std::min<int64_t>(kLanes, g1 - g)), d.scale + g,
-               d.packed + 16 * g);
+  for (int64_t g = g0; g < g1; g += L)
+    int4_block<L>(w + g * d.ldw, d.ldw, static_cast<int>(std::min<int64_t>(L, g1 - g)), d.scale + g,
+                  d.packed + 16 * g);
 }
 
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void int4g_avx512(const Int4Groups& d, int64_t g0,
                                                                                int64_t g1) {
-  d.bf16 ? int4_groups_run<uint16_t>(d, g0, g1) : int4_groups_run<float>(d, g0, g1);
+  d.bf16 ? int4_groups_run<8, uint16_t>(d, g0, g1) : int4_groups_run<8, float>(d, g0, g1);
 }
 __attribute__((target("avx2,fma"))) void int4g_avx2(const Int4Groups& d, int64_t g0, int64_t g1) {
-  d.bf16 ? int4_groups_run<uint16_t>(d, g0, g1) : int4_groups_run<float>(d, g0, g1);
+  d.bf16 ? int4_groups_run<4, uint16_t>(d, g0, g1) : int4_groups_run<4, float>(d, g0, g1);
 }
 void int4g_generic(const Int4Groups& d, int64_t g0, int64_t g1) {
-  d.bf16 ? int4_groups_run<uint16_t>(d, g0, g1) : int4_groups_run<float>(d, g0, g1);
+  d.bf16 ? int4_groups_run<4, uint16_t>(d, g0, g1) : int4_groups_run<4, float>(d, g0, g1);
 }
 
 }  // namespace
