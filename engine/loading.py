@@ -26,6 +26,8 @@ from .prompt import build_prompt, check_image_token, default_conv_mode
 log = logging.getLogger("pllava")
 
 QUANTIZE_MODES = (None, "int8", "w8a8", "int4")  # Engine.from_pretrained(quantize=...), CLI --quantize
+INT4_DEVICES = ("cpu", "cuda")  # where quantize="int4" runs (pllava._C's GEMV; the Triton int4 kernel): the load
+# refuses it elsewhere, and the memory check offers it nowhere else
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32, "float16": torch.float16,
            "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -108,7 +110,7 @@ def load(model: str, device=None, dtype=None, num_frames=None, pooling_shape=Non
     if quantize == "w8a8" and device.type != "cpu":
         raise ConfigError(f"quantize='w8a8' runs on the CPU only (its int8 x int8 prefill GEMM is torch._int_mm's "
                           f"CPU kernel, not yet checked on {device.type}); use quantize='int8' there")
-    if quantize == "int4" and device.type not in ("cpu", "cuda"):
+    if quantize == "int4" and device.type not in INT4_DEVICES:
         raise ConfigError(f"quantize='int4' runs on the CPU (pllava._C's int4 GEMV) and on CUDA (the Triton int4 "
                           f"kernel), not on {device.type}")
     cfg = load_config(model_dir).with_overrides(num_frames=num_frames, pooling_shape=pooling_shape,
@@ -291,10 +293,12 @@ def check_weights_fit(net: PllavaModel, dt: torch.dtype, quantize: str | None, d
         log.warning("%s: the weights take %s of the %s %s as %s: little is left for the KV cache and activations",
                     where, human_bytes(need), human_bytes(have), source, name)
         return
-    # the smaller settings to offer: bf16, int8, both, and int4 (never one that drops the quantization already
-    # asked for; w8a8 asked for stays w8a8: the same bytes as int8)
+    # the smaller settings to offer: bf16, int8, both, and int4 where it runs (never one that drops the quantization
+    # already asked for; w8a8 asked for stays w8a8: the same bytes as int8)
     q8 = "int8" if quantize in (None, "int4") else quantize
-    cands = [(torch.bfloat16, None), (dt, q8), (torch.bfloat16, q8), (dt, "int4"), (torch.bfloat16, "int4")]
+    cands = [(torch.bfloat16, None), (dt, q8), (torch.bfloat16, q8)]
+    if device.type in INT4_DEVICES:
+        cands += [(dt, "int4"), (torch.bfloat16, "int4")]
     smaller = dict.fromkeys(m for m in cands if m != (dt, quantize) and (m[1] or not quantize))
     options = [(odt, oq, n) for odt, oq in smaller if (n := weight_bytes(net, odt, oq, device)) < need]
     msg = (f"{where}: its weights need {human_bytes(need)} on {device} as {name}, but {human_bytes(have)} is free "

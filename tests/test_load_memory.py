@@ -171,3 +171,18 @@ def test_a_kv_cache_past_the_host_memory_is_refused_and_the_engine_stays_usable(
     old, new = layer_bytes(cache), layer_bytes(lm.layers[0].self_attn.kv_cache)
     peak = len(lm.layers) * (new - old) + old  # layer by layer: every new one and the last old one at once
     assert f"needs {hb(peak)} more" in str(e.value), str(e.value)
+
+
+def test_int4_is_offered_only_where_it_runs(ckpts, monkeypatch):
+    """The memory check's offers come from the settings the load accepts: int4 on the CPU and CUDA
+    (loading.INT4_DEVICES), never on a device whose load would refuse it."""
+    from pllava.config import load_config
+    from pllava.model.pllava import PllavaModel
+
+    with torch.device("meta"):
+        net = PllavaModel(load_config(ckpts["pllava"]))
+    monkeypatch.setattr(memory, "available_bytes", lambda device: (1000, "the test's memory"))
+    for dev, offered in (("cpu", True), ("mps", False), ("xpu", False)):
+        with pytest.raises(pllava.MemoryBudgetError) as e:
+            loading.check_weights_fit(net, torch.float32, None, torch.device(dev), "ckpt")
+        assert ("quantize='int4'" in str(e.value)) == offered, (dev, str(e.value))
