@@ -95,7 +95,7 @@ def _quantize_native(w: torch.Tensor, scale_dtype: torch.dtype, resid: bool = Fa
     C.row_absmax(w.data_ptr(), bf16, n, k, w.stride(0), amax.data_ptr(), threads, generic)
     scale = _row_scale(amax).to(scale_dtype)
     sf = scale.float()
-    if not bool((torch.isfinite(sf) & (sf != 0)).all()):
+    if not bool((torch.isfinite(sf) & (sf > 0)).all()):
         return None
     q = torch.empty(n, k, dtype=torch.int8)
     r = torch.empty(n, k, dtype=torch.float32) if resid else None
