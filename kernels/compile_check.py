@@ -236,8 +236,8 @@ def compile_spec(spec, arch: str) -> dict:
 
 
 def launched_rows():
-    """pool_gelu, lora_linear, int8_linear, int4_linear and int4_dequant exactly as their launchers launch them (same config choice, same arguments, on
-    meta tensors), for the real shapes, with the checks each arch imposes."""
+    """pool_gelu, lora_linear, int8_linear, int4_linear and int4_dequant exactly as their launchers launch them (same
+    config choice, same arguments, on meta tensors), for the real shapes, with the checks each arch imposes."""
     import torch
 
     pp = importlib.import_module("pllava.kernels.pool_projector")
